@@ -1,0 +1,1 @@
+"""Entry points, each runnable as ``python -m jobs.<name>``."""

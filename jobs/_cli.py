@@ -1,0 +1,22 @@
+"""What every job's ``main`` shares: parse the config, start Ray, turn user errors into one line."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence, TypeVar
+
+from pipeline.config import parse_config
+from pipeline.errors import UserError
+
+C = TypeVar("C")
+
+
+def run_job(config_cls: type[C], description: str, body: Callable[[C], int | None],
+            argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` into ``config_cls`` (invalid options exit 2 before any work), then run ``body``."""
+    cfg = parse_config(config_cls, argv, description)
+    try:
+        return body(cfg) or 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,158 @@
+"""Typed job settings and the one way each job turns a command line into them.
+
+Every job has a dataclass whose fields are its options. ``field_help`` attaches the
+help text and, where the values are a closed set, the allowed choices; ``parse_config``
+builds an ``argparse`` parser from the dataclass so ``--help`` lists every option and
+``__post_init__`` validation runs before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import types
+import typing
+from typing import Any, Sequence, TypeVar
+
+from pipeline.errors import ConfigError
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+PREPROCESSINGS = ("auto", "torch", "caffe")
+NAMED_WEIGHTS = ("torchvision", "keras", "none")
+LAYOUTS = ("splits", "kaggle")
+
+T = TypeVar("T")
+
+
+def field_help(default: Any, help: str, choices: Sequence[str] | None = None, **kw: Any) -> Any:
+    """A dataclass field carrying its CLI help text and allowed choices."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices}, **kw)
+
+
+def check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    """Raise ConfigError naming the allowed values when ``value`` is not one of them."""
+    if value not in allowed:
+        raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def check_positive(name: str, value: float | None, allow_none: bool = False) -> None:
+    """Raise ConfigError unless ``value`` is > 0 (or None when allowed)."""
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ConfigError(f"--{name.replace('_', '-')} must be a positive number; got {value!r}")
+
+
+def check_range(name: str, value: float, low: float, high: float, open_low: bool = False, open_high: bool = False) -> None:
+    """Raise ConfigError unless ``value`` lies between ``low`` and ``high``."""
+    above = value > low if open_low else value >= low
+    below = value < high if open_high else value <= high
+    if not (above and below):
+        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        raise ConfigError(f"--{name.replace('_', '-')} must be in {interval}; got {value!r}")
+
+
+def check_output_location(name: str, value: str | None) -> None:
+    """Refuse an output location that is an existing regular file."""
+    if value and "://" not in value and os.path.isfile(value):
+        raise ConfigError(f"--{name.replace('_', '-')} must be a folder, but {value!r} is an existing file")
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """The non-None member of ``Optional[X]`` and whether None was allowed."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one option per dataclass field of ``cls``."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp, _ = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        choices = f.metadata.get("choices")
+        if choices:
+            help_text += f" (one of: {', '.join(choices)})"
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            # choices are checked in __post_init__ so that every invalid value, from
+            # the CLI or from Python, gets the same message.
+            parser.add_argument(flag, type=tp, default=f.default, help=help_text, metavar=f.name.upper())
+    return parser
+
+
+def parse_config(cls: type[T], argv: Sequence[str] | None, description: str) -> T:
+    """Parse ``argv`` into ``cls``; invalid values exit with status 2 and a message."""
+    parser = build_parser(cls, description)
+    args = parser.parse_args(argv)
+    try:
+        return cls(**vars(args))
+    except ConfigError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def die(message: str, status: int = 2) -> typing.NoReturn:
+    """Print an error for the user and exit without a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(status)
+
+
+@dataclasses.dataclass
+class ExtractConfig:
+    """Settings of ``jobs.extract_features``: image folders → VGG16 bottleneck features in Parquet."""
+
+    data_dir: str | None = field_help(None, "data root; default: the built-in synthetic set (proves the installation only)")
+    layout: str = field_help("splits", "splits: <root>/<split>/<class>/<image>; kaggle: flat <root>/cat.1.jpg", LAYOUTS)
+    validation_fraction: float = field_help(0.2, "fraction of files hashed into validation (kaggle layout)")
+    output_dir: str | None = field_help(None, "where the shards go (local path or URI); default outputs/features/<data name>")
+    image_size: int = field_help(150, "images are resized to this many pixels square (at least 32)")
+    weights: str = field_help("torchvision", "VGG16 weights: torchvision, keras, none, or a path to a Keras weights file")
+    preprocessing: str = field_help("auto", "pixel normalisation; auto follows the weights", PREPROCESSINGS)
+    precision: str = field_help("auto", "auto: bfloat16 where the hardware has it, else float32", PRECISIONS)
+    workers: int = field_help(1, "inference actors when the cluster has no GPUs (with GPUs: one per GPU)")
+    batch_size: int = field_help(32, "images per inference batch")
+    max_images_per_class: int | None = field_help(None, "use at most this many images per class and split (smoke tests)")
+    max_reject_fraction: float = field_help(0.05, "fail if more than this fraction of files cannot be decoded")
+    overwrite: bool = field_help(False, "redo the extraction even if a finished one with the same settings exists")
+
+    def __post_init__(self) -> None:
+        check_choice("layout", self.layout, LAYOUTS)
+        check_range("validation_fraction", self.validation_fraction, 0, 1, open_low=True, open_high=True)
+        if self.image_size is None or self.image_size < 32:
+            raise ConfigError(f"--image-size must be an integer of at least 32 (VGG16 halves it five times); got {self.image_size!r}")
+        check_weights(self.weights)
+        check_choice("preprocessing", self.preprocessing, PREPROCESSINGS)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_positive("workers", self.workers)
+        check_positive("batch_size", self.batch_size)
+        check_positive("max_images_per_class", self.max_images_per_class, allow_none=True)
+        check_range("max_reject_fraction", self.max_reject_fraction, 0, 1)
+        check_output_location("output_dir", self.output_dir)
+        if self.data_dir is not None and not os.path.isdir(self.data_dir):
+            raise ConfigError(f"--data-dir {self.data_dir!r} is not an existing folder")
+
+
+def check_weights(value: str) -> None:
+    """``--weights`` is one of the named sources or an existing file."""
+    if value not in NAMED_WEIGHTS and not os.path.isfile(value):
+        raise ConfigError(
+            f"--weights must be one of {', '.join(NAMED_WEIGHTS)} or a path to a Keras weights file; got {value!r}"
+        )

@@ -1,0 +1,139 @@
+"""The one preprocessing path from an image file to a fixed-size RGB uint8 array.
+
+Extraction, training and prediction all call ``load_image``/``decode_batch``; the
+weight-specific normalisation (torch or caffe style) lives inside the Keras models,
+so the arrays produced here are plain 0..255 RGB pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+# Truncated files must be rejected, never half-decoded into grey pixels.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+class DecodeError(Exception):
+    """A file that cannot become an image; ``reason`` is a short category for the rejects file."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def read_bytes(path: str) -> bytes:
+    """The raw bytes of a local path or a pyarrow filesystem URI (``s3://…``)."""
+    try:
+        if "://" in path and not path.startswith("file://"):
+            from pyarrow import fs as pafs
+
+            filesystem, inner = pafs.FileSystem.from_uri(path)
+            with filesystem.open_input_stream(inner) as f:
+                return f.read()
+        local = path[len("file://"):] if path.startswith("file://") else path
+        with open(local, "rb") as f:
+            return f.read()
+    except IsADirectoryError as exc:
+        raise DecodeError("not a file", str(exc)) from exc
+    except FileNotFoundError as exc:
+        raise DecodeError("missing", f"{exc.strerror} (a broken symlink or a file removed during the run)") from exc
+    except PermissionError as exc:
+        raise DecodeError("unreadable", str(exc)) from exc
+    except OSError as exc:
+        raise DecodeError("unreadable", str(exc)) from exc
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in _SIXTEEN_BIT_MODES:
+        # Pillow's convert("RGB") clips 16-bit values at 255 (a white image); scale instead.
+        arr = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if arr.max(initial=0) > 255 or im.mode != "I" else 255.0
+        im = Image.fromarray(np.clip(arr * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+    if im.mode in ("LA", "La", "PA", "RGBa"):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        background = Image.new("RGB", im.size, (255, 255, 255))
+        background.paste(im, mask=im.getchannel("A"))
+        return background
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return im
+
+
+def decode_image(data: bytes, image_size: int) -> np.ndarray:
+    """Decode image bytes to an ``(image_size, image_size, 3)`` uint8 RGB array.
+
+    EXIF orientation is applied, any mode becomes RGB (alpha composited on white,
+    16-bit scaled, first frame of an animation), and the image is resized to a
+    square like ``flow_from_directory`` does. JPEGs are decoded at a reduced DCT
+    scale when the target is much smaller (``Image.draft``), which is several
+    times cheaper and still leaves at least ``image_size`` pixels per side.
+    """
+    if not data:
+        raise DecodeError("empty file", "0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                im.draft("RGB", (image_size, image_size))
+                im = ImageOps.exif_transpose(im)
+                im.load()
+                rgb = _to_rgb(im)
+                if rgb.size != (image_size, image_size):
+                    rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
+                return np.asarray(rgb, dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError("too large", str(exc)) from exc
+    except Image.UnidentifiedImageError as exc:
+        raise DecodeError("not an image", "Pillow cannot identify the file format") from exc
+    except DecodeError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        message = str(exc) or type(exc).__name__
+        reason = "truncated" if "truncated" in message.lower() else "corrupt"
+        raise DecodeError(reason, message) from exc
+
+
+def load_image(path: str, image_size: int) -> np.ndarray:
+    """Read and decode one file (see ``decode_image``)."""
+    return decode_image(read_bytes(path), image_size)
+
+
+def decode_batch(batch: dict[str, Any], image_size: int) -> dict[str, Any]:
+    """Ray Data batch function: decode every ``path`` of a batch, never raising for one bad file.
+
+    Each row keeps its other columns and gains ``image`` (uint8, zeros when the file
+    failed), ``reason`` and ``error`` (empty strings when it decoded). Keeping failed
+    rows in the stream, instead of dropping them, is what lets the sink record every
+    reject and count that no row was lost.
+    """
+    paths = batch["path"]
+    n = len(paths)
+    images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    reasons = np.full(n, "", dtype=object)
+    errors = np.full(n, "", dtype=object)
+    for i, path in enumerate(paths):
+        try:
+            images[i] = load_image(str(path), image_size)
+        except DecodeError as exc:
+            reasons[i], errors[i] = exc.reason, exc.detail
+        except Exception as exc:  # noqa: BLE001 - one odd file must never fail the whole job
+            reasons[i], errors[i] = "corrupt", f"{type(exc).__name__}: {exc}"
+    out = dict(batch)
+    out["image"] = images
+    out["reason"] = reasons
+    out["error"] = errors
+    return out

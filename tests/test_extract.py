@@ -1,0 +1,227 @@
+"""Feature extraction end to end on a real Ray cluster, real photos, real VGG16 weights."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.extract_features import main as extract_main
+from pipeline import storage, weights
+from pipeline.config import ExtractConfig
+from pipeline.decode import load_image
+from pipeline.errors import ConfigError, DataError, OutputError, WeightsError
+from pipeline.extract import features_as_array, read_split, run_extraction
+from tests.conftest import real_images
+from tests.images import bad_files
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def torchvision_extraction(ray_cluster, real_root, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("features") / "real")
+    cfg = ExtractConfig(data_dir=real_root, output_dir=out, precision="float32", batch_size=8)
+    return cfg, run_extraction(cfg)
+
+
+def test_one_row_per_file_with_folder_labels(torchvision_extraction, real_root):
+    cfg, manifest = torchvision_extraction
+    assert manifest["classes"] == ["cats", "dogs"]
+    assert manifest["counts"] == {"train": {"cats": 10, "dogs": 10}, "validation": {"cats": 10, "dogs": 10}}
+    assert manifest["num_rejects"] == 0 and manifest["weights"]["source"] == "torchvision"
+    assert manifest["preprocessing"] == "torch" and manifest["feature_shape"] == [4, 4, 512]
+    for split in ("train", "validation"):
+        table = read_split(cfg.output_dir, split)
+        paths = table.column("path").to_pylist()
+        assert len(paths) == len(set(paths)) == 20
+        expected = sorted(os.path.relpath(os.path.join(dp, f), real_root)
+                          for dp, _, fs in os.walk(os.path.join(real_root, split)) for f in fs)
+        assert sorted(paths) == expected
+        for path, label, name in zip(paths, table.column("label").to_pylist(), table.column("class_name").to_pylist()):
+            assert path.split(os.sep)[1] == name == ["cats", "dogs"][label]
+
+
+def test_features_match_the_same_model_in_process(torchvision_extraction, real_root):
+    cfg, manifest = torchvision_extraction
+    from pipeline.models import feature_extractor
+
+    source = weights.resolve_weights("torchvision")
+    model = feature_extractor(150, weights.load_weight_arrays(source, 150), "torch", "float32")
+    table = read_split(cfg.output_dir, "validation")
+    stored = features_as_array(table, manifest["feature_shape"])
+    images = np.stack([load_image(os.path.join(real_root, p), 150) for p in table.column("path").to_pylist()])
+    direct = model.predict(images, batch_size=8, verbose=0)
+    np.testing.assert_allclose(stored, direct, rtol=1e-4, atol=1e-4)
+    assert stored.std() > 0.1, "real weights give informative features"
+
+
+def test_feature_column_is_plain_arrow(torchvision_extraction):
+    cfg, manifest = torchvision_extraction
+    shard = storage.list_parquet(os.path.join(cfg.output_dir, "train"))[0]
+    table = pq.read_table(shard)
+    assert str(table.schema.field("features").type) == "fixed_size_list<element: float>[8192]"
+    flat = table.column("features").combine_chunks().flatten().to_numpy()
+    assert flat.reshape(len(table), *manifest["feature_shape"]).shape[1:] == (4, 4, 512)
+    assert len(pq.read_table(os.path.join(cfg.output_dir, "rejects.parquet"))) == 0
+
+
+def test_finished_output_is_reused_and_overwrite_redoes_it(torchvision_extraction, capsys):
+    cfg, manifest = torchvision_extraction
+    again = run_extraction(cfg)
+    assert "reusing finished extraction" in capsys.readouterr().out
+    assert again["created_at"] == manifest["created_at"]
+
+
+def test_bad_files_are_listed_and_good_files_kept(ray_cluster, tmp_path):
+    root = tmp_path / "data"
+    for split in ("train", "validation"):
+        for cls in ("cats", "dogs"):
+            os.makedirs(root / split / cls)
+            for p in real_images(split, cls, 3):
+                shutil.copyfile(p, root / split / cls / os.path.basename(p))
+    shutil.copyfile(real_images("train", "cats", 1)[0], root / "train" / "cats" / "UPPER CASE ü.JPG")
+    expected = bad_files(str(root / "train" / "dogs"))
+    out = str(tmp_path / "out")
+    manifest = run_extraction(ExtractConfig(data_dir=str(root), output_dir=out, weights="none",
+                                            precision="float32", max_reject_fraction=0.5, batch_size=4))
+    rejects = pq.read_table(os.path.join(out, "rejects.parquet")).to_pylist()
+    got = {os.path.basename(r["path"]): r["reason"] for r in rejects}
+    assert got == expected
+    assert all(r["split"] == "train" and r["error"] for r in rejects)
+    assert manifest["counts"]["train"] == {"cats": 4, "dogs": 3}
+    assert manifest["num_rejects"] == len(expected)
+    paths = read_split(out, "train").column("path").to_pylist()
+    assert os.path.join("train", "cats", "UPPER CASE ü.JPG") in paths and len(paths) == len(set(paths)) == 7
+
+
+def test_too_many_rejects_fail_with_a_clear_message(ray_cluster, tmp_path):
+    root = tmp_path / "data"
+    for split in ("train", "validation"):
+        for cls in ("a", "b"):
+            os.makedirs(root / split / cls)
+            shutil.copyfile(real_images("train", "cats", 1)[0], root / split / cls / "ok.jpg")
+    bad_files(str(root / "train" / "a"))
+    with pytest.raises(DataError, match="could not be decoded, more than --max-reject-fraction"):
+        run_extraction(ExtractConfig(data_dir=str(root), output_dir=str(tmp_path / "o"), weights="none",
+                                     precision="float32"))
+    assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "o.partial")
+
+
+def test_kaggle_flat_layout(ray_cluster, tmp_path):
+    root = tmp_path / "flat"
+    os.makedirs(root)
+    for cls in ("cats", "dogs"):
+        for p in real_images("train", cls, 8):
+            shutil.copyfile(p, root / os.path.basename(p))
+    out = str(tmp_path / "out")
+    manifest = run_extraction(ExtractConfig(data_dir=str(root), layout="kaggle", validation_fraction=0.3,
+                                            output_dir=out, weights="none", precision="float32"))
+    assert manifest["classes"] == ["cat", "dog"]
+    assert sum(sum(c.values()) for c in manifest["counts"].values()) == 16
+    train = set(read_split(out, "train").column("path").to_pylist())
+    val = set(read_split(out, "validation").column("path").to_pylist())
+    assert not train & val and len(train | val) == 16 and val
+    from pipeline.discover import kaggle_split
+
+    assert all(kaggle_split(p, 0.3) == "validation" for p in val)
+
+
+def test_interrupted_leftovers_are_never_reused(ray_cluster, real_root, tmp_path):
+    out = tmp_path / "out"
+    partial = tmp_path / "out.partial"
+    os.makedirs(partial / "train")
+    (partial / "train" / "part-99999-0000.parquet").write_bytes(b"half-written")
+    manifest = run_extraction(ExtractConfig(data_dir=real_root, output_dir=str(out), weights="none",
+                                            precision="float32", max_images_per_class=2))
+    assert not partial.exists()
+    assert sum(manifest["counts"]["train"].values()) == 4
+    assert len(read_split(str(out), "train")) == 4
+
+
+def test_another_run_holding_the_output_is_refused(ray_cluster, real_root, tmp_path):
+    out = str(tmp_path / "out")
+    with storage.output_lock(out):
+        with pytest.raises(OutputError, match="being written by another run"):
+            run_extraction(ExtractConfig(data_dir=real_root, output_dir=out, weights="none", precision="float32"))
+
+
+def test_class_mismatch_is_a_clear_error(tmp_path):
+    from pipeline.discover import discover
+
+    for split, classes in (("train", ("cats", "dogs")), ("validation", ("cats", "horses"))):
+        for cls in classes:
+            os.makedirs(tmp_path / split / cls)
+            shutil.copyfile(real_images("train", "cats", 1)[0], tmp_path / split / cls / "x.jpg")
+    with pytest.raises(DataError, match=r"train has \[cats, dogs\] but validation has \[cats, horses\]"):
+        discover(str(tmp_path))
+
+
+def _fake_archive(path, member_bytes: bytes) -> None:
+    import io
+
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo(weights.LPIPS_MEMBER)
+        info.size = len(member_bytes)
+        tar.addfile(info, io.BytesIO(member_bytes))
+
+
+def test_weights_archive_with_wrong_sha256_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("RIC_CACHE_DIR", str(tmp_path))
+    _fake_archive(tmp_path / weights.LPIPS_ARCHIVE, pickle.dumps({"VGG16_0": {}}))
+    with pytest.raises(WeightsError, match="sha256 of .* is .*, expected a286e44c"):
+        weights.fetch_lpips_archive(str(tmp_path))
+    with pytest.raises(WeightsError, match="sha256"):
+        weights.read_lpips_vgg16(str(tmp_path / weights.LPIPS_ARCHIVE))
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WeightsError, match="refusing to unpickle .*system"):
+        weights.safe_unpickle(pickle.dumps({"VGG16_0": {"Conv_0": _RunsCode()}}))
+    assert not os.path.exists("pwned")
+    arrays = weights.safe_unpickle(pickle.dumps({"k": np.arange(6, dtype=np.float32).reshape(2, 3)}))
+    assert arrays["k"].shape == (2, 3)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--image-size", "0"], "--image-size must be an integer of at least 32"),
+    (["--weights", "imagenet21k"], "--weights must be one of torchvision, keras, none"),
+    (["--precision", "fp8"], "--precision must be one of auto, float32, bfloat16"),
+    (["--layout", "coco"], "--layout must be one of splits, kaggle"),
+    (["--batch-size", "-1"], "--batch-size must be a positive number"),
+    (["--max-reject-fraction", "2"], "--max-reject-fraction must be in [0, 1]"),
+    (["--data-dir", "/nonexistent/folder"], "is not an existing folder"),
+])
+def test_invalid_options_fail_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        extract_main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_output_path_that_is_a_file_is_refused(tmp_path):
+    target = tmp_path / "file.txt"
+    target.write_text("x")
+    with pytest.raises(ConfigError, match="is an existing file"):
+        ExtractConfig(output_dir=str(target))
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit):
+        extract_main(["--help"])
+    text = capsys.readouterr().out
+    import dataclasses
+
+    for f in dataclasses.fields(ExtractConfig):
+        assert "--" + f.name.replace("_", "-") in text
