@@ -1,4 +1,4 @@
-"""What every job's ``main`` shares: parse the config, start Ray, turn user errors into one line."""
+"""What every job's ``main`` shares: parse the config, attach to or start Ray, turn user errors into one line."""
 
 from __future__ import annotations
 
@@ -11,12 +11,16 @@ from pipeline.errors import UserError
 C = TypeVar("C")
 
 
-def run_job(config_cls: type[C], description: str, body: Callable[[C], int | None],
+def run_job(config_cls: type[C], description: str, body: Callable[[C], object],
             argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` into ``config_cls`` (invalid options exit 2 before any work), then run ``body``."""
     cfg = parse_config(config_cls, argv, description)
+    from pipeline.cluster import init_ray
+
     try:
-        return body(cfg) or 0
+        init_ray()
+        body(cfg)
+        return 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

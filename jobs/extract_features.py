@@ -6,13 +6,11 @@ import sys
 from typing import Sequence
 
 from jobs._cli import run_job
-from pipeline.cluster import init_ray
 from pipeline.config import ExtractConfig
 from pipeline.extract import run_extraction
 
 
 def _run(cfg: ExtractConfig) -> None:
-    init_ray()
     m = run_extraction(cfg)
     counts = ", ".join(f"{split} {sum(c.values())}" for split, c in m["counts"].items())
     print(f"extracted {m['num_images']} images ({counts}), {m['num_rejects']} rejected, "

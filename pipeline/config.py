@@ -22,6 +22,7 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 PREPROCESSINGS = ("auto", "torch", "caffe")
 NAMED_WEIGHTS = ("torchvision", "keras", "none")
 LAYOUTS = ("splits", "kaggle")
+SKIPPABLE = ("finetune", "scratch")
 
 T = TypeVar("T")
 
@@ -122,7 +123,7 @@ class ExtractConfig:
     data_dir: str | None = field_help(None, "data root; default: the built-in synthetic set (proves the installation only)")
     layout: str = field_help("splits", "splits: <root>/<split>/<class>/<image>; kaggle: flat <root>/cat.1.jpg", LAYOUTS)
     validation_fraction: float = field_help(0.2, "fraction of files hashed into validation (kaggle layout)")
-    output_dir: str | None = field_help(None, "where the shards go (local path or URI); default outputs/features/<data name>")
+    output_dir: str | None = field_help(None, "where the shards go (local path or URI); default outputs/<data folder name>/features")
     image_size: int = field_help(150, "images are resized to this many pixels square (at least 32)")
     weights: str = field_help("torchvision", "VGG16 weights: torchvision, keras, none, or a path to a Keras weights file")
     preprocessing: str = field_help("auto", "pixel normalisation; auto follows the weights", PREPROCESSINGS)
@@ -156,3 +157,129 @@ def check_weights(value: str) -> None:
         raise ConfigError(
             f"--weights must be one of {', '.join(NAMED_WEIGHTS)} or a path to a Keras weights file; got {value!r}"
         )
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings shared by the three training jobs."""
+
+    output_dir: str | None = field_help(None, "run folder; the job writes <output-dir>/<job>/ (default outputs/<data folder name>)")
+    num_workers: int = field_help(1, "Ray Train workers (data-parallel replicas)")
+    use_gpu: bool = field_help(False, "put each Ray Train worker on a GPU")
+    epochs: int = field_help(50, "training epochs")
+    batch_size: int = field_help(32, "global batch size (split evenly across workers)")
+    learning_rate: float | None = field_help(None, "default: rmsprop 1e-3 (top, scratch), SGD 1e-4 (finetune)")
+    dropout: float = field_help(0.5, "dropout rate before the output layer")
+    seed: int = field_help(0, "seed for initialisation, shuffling and augmentation")
+    precision: str = field_help("auto", "auto: mixed bfloat16 where the hardware has it", PRECISIONS)
+    max_failures: int = field_help(2, "worker-group restarts (from the last checkpoint) before giving up")
+    overwrite: bool = field_help(False, "retrain even if this job already finished in the output folder")
+
+    def __post_init__(self) -> None:
+        check_positive("num_workers", self.num_workers)
+        check_positive("epochs", self.epochs)
+        check_positive("batch_size", self.batch_size)
+        if self.batch_size < self.num_workers:
+            raise ConfigError(f"--batch-size ({self.batch_size}) must be at least --num-workers ({self.num_workers})")
+        check_positive("learning_rate", self.learning_rate, allow_none=True)
+        check_range("dropout", self.dropout, 0, 1, open_high=True)
+        check_choice("precision", self.precision, PRECISIONS)
+        if self.max_failures is None or self.max_failures < 0:
+            raise ConfigError(f"--max-failures must be 0 or more; got {self.max_failures!r}")
+        check_output_location("output_dir", self.output_dir)
+
+
+@dataclasses.dataclass
+class TrainTopConfig(TrainConfig):
+    """Settings of ``jobs.train_top``: the top MLP on VGG16 feature shards."""
+
+    features_dir: str | None = field_help(None, "output of jobs.extract_features; default: extract the built-in data set first")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.features_dir is not None and "://" not in self.features_dir and not os.path.isdir(self.features_dir):
+            raise ConfigError(f"--features-dir {self.features_dir!r} is not an existing folder")
+
+
+@dataclasses.dataclass
+class ImageTrainConfig(TrainConfig):
+    """Settings shared by the jobs that stream images (fine-tuning, the small CNN)."""
+
+    data_dir: str | None = field_help(None, "data root (default: the one the top model was trained on / the built-in set)")
+    layout: str = field_help("splits", "splits or kaggle (see jobs.extract_features)", LAYOUTS)
+    validation_fraction: float = field_help(0.2, "fraction hashed into validation (kaggle layout)")
+    max_images_per_class: int | None = field_help(None, "use at most this many images per class and split")
+    max_reject_fraction: float = field_help(0.05, "fail if more than this fraction of files cannot be decoded")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("layout", self.layout, LAYOUTS)
+        check_range("validation_fraction", self.validation_fraction, 0, 1, open_low=True, open_high=True)
+        check_positive("max_images_per_class", self.max_images_per_class, allow_none=True)
+        check_range("max_reject_fraction", self.max_reject_fraction, 0, 1)
+        if self.data_dir is not None and not os.path.isdir(self.data_dir):
+            raise ConfigError(f"--data-dir {self.data_dir!r} is not an existing folder")
+
+
+@dataclasses.dataclass
+class FinetuneConfig(ImageTrainConfig):
+    """Settings of ``jobs.finetune``: VGG16 block 5 + top, initialised from a train_top result."""
+
+    epochs: int = field_help(10, "training epochs")
+    top_model: str | None = field_help(None, "model.keras written by jobs.train_top (default <output-dir>/top/model.keras)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.top_model is not None and not os.path.isfile(self.top_model):
+            raise ConfigError(f"--top-model {self.top_model!r} is not an existing file; jobs.train_top writes one")
+
+
+@dataclasses.dataclass
+class ScratchConfig(ImageTrainConfig):
+    """Settings of ``jobs.train_scratch``: the small CNN trained from scratch with augmentation."""
+
+    image_size: int = field_help(150, "images are resized to this many pixels square (at least 32)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.image_size is None or self.image_size < 32:
+            raise ConfigError(f"--image-size must be an integer of at least 32; got {self.image_size!r}")
+
+
+@dataclasses.dataclass
+class RunAllConfig:
+    """Settings of ``jobs.run_all``: extraction → train_top → finetune → train_scratch → report.md."""
+
+    data_dir: str | None = field_help(None, "data root; default: the built-in synthetic set (proves the installation only)")
+    layout: str = field_help("splits", "splits or kaggle (see jobs.extract_features)", LAYOUTS)
+    validation_fraction: float = field_help(0.2, "fraction hashed into validation (kaggle layout)")
+    output_dir: str | None = field_help(None, "run folder (default outputs/<data folder name>)")
+    weights: str = field_help("torchvision", "VGG16 weights: torchvision, keras, none, or a Keras weights file")
+    precision: str = field_help("auto", "auto: bfloat16 where the hardware has it, else float32", PRECISIONS)
+    num_workers: int = field_help(1, "Ray Train workers for each training job")
+    use_gpu: bool = field_help(False, "put each Ray Train worker on a GPU")
+    epochs: int | None = field_help(None, "epochs for every training job (default: each job's own: 50, 10, 50)")
+    batch_size: int = field_help(32, "global batch size for training and inference")
+    max_images_per_class: int | None = field_help(None, "use at most this many images per class and split (smoke tests)")
+    seed: int = field_help(0, "seed for initialisation, shuffling and augmentation")
+    skip: str = field_help("", "comma-separated stages to skip: finetune, scratch")
+    overwrite: bool = field_help(False, "redo every stage even if finished results exist")
+
+    def __post_init__(self) -> None:
+        check_choice("layout", self.layout, LAYOUTS)
+        check_range("validation_fraction", self.validation_fraction, 0, 1, open_low=True, open_high=True)
+        check_weights(self.weights)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_positive("num_workers", self.num_workers)
+        check_positive("epochs", self.epochs, allow_none=True)
+        check_positive("batch_size", self.batch_size)
+        check_positive("max_images_per_class", self.max_images_per_class, allow_none=True)
+        for stage in filter(None, (s.strip() for s in self.skip.split(","))):
+            check_choice("skip", stage, SKIPPABLE)
+        check_output_location("output_dir", self.output_dir)
+        if self.data_dir is not None and not os.path.isdir(self.data_dir):
+            raise ConfigError(f"--data-dir {self.data_dir!r} is not an existing folder")
+
+    def skipped(self) -> set[str]:
+        """The stages named in ``--skip``."""
+        return {s.strip() for s in self.skip.split(",") if s.strip()}

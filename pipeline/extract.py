@@ -65,6 +65,20 @@ def decoded_images(rows: list[dict[str, Any]], image_size: int, batch_size: int,
                           batch_format="numpy", ray_remote_args_fn=lambda: {"num_cpus": decode_cpus})
 
 
+def find_rejects(rows: list[dict[str, Any]], image_size: int, batch_size: int) -> list[dict[str, str]]:
+    """Decode every row's file once with Ray Data and return the ones that fail (path, split, reason, error)."""
+    def reasons(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: batch[k] for k in ("relpath", "split", "reason", "error")}
+
+    ds = decoded_images(rows, image_size, batch_size, inference_plan(1).decode_cpus).map_batches(reasons, batch_format="numpy")
+    rejects = []
+    for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+        bad = batch["reason"] != ""
+        rejects += [{"path": str(p), "split": str(s), "reason": str(r), "error": str(e)} for p, s, r, e in
+                    zip(batch["relpath"][bad], batch["split"][bad], batch["reason"][bad], batch["error"][bad])]
+    return sorted(rejects, key=lambda r: (r["split"], r["path"]))
+
+
 def map_with_actors(ds: ray.data.Dataset, actor_cls: type, constructor_kwargs: dict[str, Any],
                     plan: InferencePlan, batch_size: int) -> ray.data.Dataset:
     """Run ``actor_cls`` over ``ds`` in a pool of ``plan.actors`` actors, each built once."""
@@ -189,9 +203,14 @@ def _fingerprint(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource
     return h.hexdigest()
 
 
+def run_name(data_dir: str) -> str:
+    """A run's name: the data folder's name."""
+    return os.path.basename(os.path.normpath(data_dir))
+
+
 def default_output_dir(data_dir: str) -> str:
-    """``outputs/features/<name of the data folder>``."""
-    return os.path.join("outputs", "features", os.path.basename(os.path.normpath(data_dir)))
+    """``outputs/<name of the data folder>/features``."""
+    return os.path.join("outputs", run_name(data_dir), "features")
 
 
 def _collect_rejects(staging: str) -> pa.Table:
@@ -227,11 +246,11 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
     Reuses a finished extraction with the same fingerprint (settings, weights and the
     size and mtime of every input file) unless ``cfg.overwrite``.
     """
-    from pipeline.synthetic import NOTE, default_data_dir
+    from pipeline.synthetic import NOTE, default_data_dir, is_synthetic
 
     started = time.time()
-    synthetic = cfg.data_dir is None
-    data_dir = default_data_dir() if synthetic else cfg.data_dir
+    data_dir = cfg.data_dir or default_data_dir()
+    synthetic = is_synthetic(data_dir)
     if synthetic:
         print(f"note: {NOTE}")
     output_dir = cfg.output_dir or default_output_dir(data_dir)

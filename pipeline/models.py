@@ -83,17 +83,18 @@ def _head(x, num_classes: int):
     return keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
 
 
-def top_classifier(input_shape: Sequence[int], num_classes: int, precision: str = "float32") -> keras.Model:
+def top_classifier(input_shape: Sequence[int], num_classes: int, precision: str = "float32",
+                   dropout: float = 0.5) -> keras.Model:
     """The seed's top: Flatten → Dense(256, relu) → Dropout(0.5) → class head."""
     with dtype_policy(precision):
         inputs = keras.Input(tuple(input_shape), name="features")
         x = keras.layers.Flatten(name="flatten")(inputs)
         x = keras.layers.Dense(256, activation="relu", name="fc1")(x)
-        x = keras.layers.Dropout(0.5, name="dropout")(x)
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
         return keras.Model(inputs, _head(x, num_classes), name="top")
 
 
-def scratch_cnn(image_size: int, num_classes: int, precision: str = "float32") -> keras.Model:
+def scratch_cnn(image_size: int, num_classes: int, precision: str = "float32", dropout: float = 0.5) -> keras.Model:
     """The seed's small CNN: Conv 32-32-64 with ReLU and max-pooling, Dense 64, Dropout 0.5."""
     with dtype_policy(precision):
         inputs = keras.Input((image_size, image_size, 3), name="image")
@@ -103,7 +104,7 @@ def scratch_cnn(image_size: int, num_classes: int, precision: str = "float32") -
             x = keras.layers.MaxPooling2D(2, name=f"pool{i}")(x)
         x = keras.layers.Flatten(name="flatten")(x)
         x = keras.layers.Dense(64, activation="relu", name="fc1")(x)
-        x = keras.layers.Dropout(0.5, name="dropout")(x)
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
         return keras.Model(inputs, _head(x, num_classes), name="scratch_cnn")
 
 

@@ -40,9 +40,18 @@ def _draw(rng: np.random.Generator, shape: str) -> Image.Image:
     return im
 
 
+def _root() -> str:
+    return os.path.join(cache_dir(), f"synthetic-{VERSION}")
+
+
+def is_synthetic(data_dir: str) -> bool:
+    """Whether ``data_dir`` is the built-in synthetic data set."""
+    return os.path.abspath(data_dir) == os.path.abspath(_root())
+
+
 def default_data_dir() -> str:
     """The synthetic data root, generated on first use into the cache folder."""
-    root = os.path.join(cache_dir(), f"synthetic-{VERSION}")
+    root = _root()
     if os.path.isdir(root):
         return root
     parent = os.path.dirname(root)

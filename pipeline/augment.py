@@ -1,0 +1,54 @@
+"""The seed's training-time augmentation: random shear, zoom and horizontal flip.
+
+Random parameters come from a numpy generator seeded by (seed, epoch, worker rank,
+step), so a run is reproducible from ``--seed`` and every epoch sees new variants.
+The warp itself is one batched TensorFlow projective transform with nearest-edge
+fill, as Keras' ``ImageDataGenerator`` does (``fill_mode="nearest"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Ranges of the random transforms; ``shear`` is a shear factor, ``zoom`` ±fraction."""
+
+    shear: float = 0.2
+    zoom: float = 0.2
+    horizontal_flip: bool = True
+
+
+def random_transforms(rng: np.random.Generator, n: int, size: int, aug: Augmentation) -> np.ndarray:
+    """``(n, 8)`` projective transforms mapping output pixels to input pixels."""
+    zoom = rng.uniform(1 - aug.zoom, 1 + aug.zoom, size=(n, 2))
+    shear = rng.uniform(-aug.shear, aug.shear, size=n)
+    flip = rng.random(n) < 0.5 if aug.horizontal_flip else np.zeros(n, bool)
+    c = (size - 1) / 2.0
+    out = np.zeros((n, 8), np.float32)
+    for i in range(n):
+        sx = -zoom[i, 0] if flip[i] else zoom[i, 0]
+        # output→input: x_in = sx*(x - c) + shear*sx*(y - c) + c; y_in = zy*(y - c) + c
+        m = np.array([[sx, shear[i] * zoom[i, 0], 0.0], [0.0, zoom[i, 1], 0.0], [0.0, 0.0, 1.0]])
+        center = np.array([[1, 0, c], [0, 1, c], [0, 0, 1]])
+        uncenter = np.array([[1, 0, -c], [0, 1, -c], [0, 0, 1]])
+        t = center @ m @ uncenter
+        out[i] = [t[0, 0], t[0, 1], t[0, 2], t[1, 0], t[1, 1], t[1, 2], 0.0, 0.0]
+    return out
+
+
+def augment_batch(images: np.ndarray, rng: np.random.Generator, aug: Augmentation = Augmentation()) -> np.ndarray:
+    """Randomly sheared, zoomed and flipped copies of ``images`` (uint8 NHWC) as float32 0..255."""
+    import tensorflow as tf
+
+    n, h, w, _ = images.shape
+    transforms = random_transforms(rng, n, h, aug)
+    warped = tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.convert_to_tensor(images, tf.float32), transforms=tf.convert_to_tensor(transforms),
+        output_shape=tf.constant([h, w], tf.int32), fill_value=tf.constant(0.0),
+        interpolation="BILINEAR", fill_mode="NEAREST",
+    )
+    return warped.numpy()

@@ -1,0 +1,123 @@
+"""Evaluation figures, metrics files, training curves and the run report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+# The seed's published validation accuracies ("image classification with very little data").
+SEED_FIGURES = {"scratch": "0.79–0.81", "top": "0.90–0.91", "finetune": "0.94"}
+MODEL_TITLES = {"top": "VGG16 bottleneck + top MLP", "finetune": "VGG16 fine-tuned (block 5 + top)",
+                "scratch": "small CNN from scratch"}
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    """Area under the ROC curve (Mann-Whitney U with tied ranks averaged); None with one class."""
+    labels = np.asarray(labels).astype(bool)
+    pos, neg = int(labels.sum()), int((~labels).sum())
+    if pos == 0 or neg == 0:
+        return None
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = np.asarray(scores)[order]
+    i = 0
+    while i < len(sorted_scores):
+        j = i
+        while j + 1 < len(sorted_scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1
+        i = j + 1
+    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def evaluate(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """Loss, accuracy, per-class precision/recall, confusion matrix and (two classes) ROC AUC."""
+    labels = np.asarray(labels, dtype=np.int64)
+    probs = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
+    n = len(classes)
+    predicted = probs.argmax(axis=1)
+    confusion = np.zeros((n, n), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    per_class = {}
+    for i, name in enumerate(classes):
+        tp = confusion[i, i]
+        predicted_i, actual_i = confusion[:, i].sum(), confusion[i, :].sum()
+        per_class[name] = {
+            "precision": float(tp / predicted_i) if predicted_i else None,
+            "recall": float(tp / actual_i) if actual_i else None,
+            "support": int(actual_i),
+        }
+    result = {
+        "num_samples": int(len(labels)),
+        "loss": float(-np.mean(np.log(probs[np.arange(len(labels)), labels]))) if len(labels) else None,
+        "accuracy": float((predicted == labels).mean()) if len(labels) else None,
+        "per_class": per_class,
+        "confusion_matrix": {"classes": list(classes), "rows_true_cols_predicted": confusion.tolist()},
+    }
+    if n == 2:
+        result["roc_auc"] = roc_auc(labels == 1, probs[:, 1])
+    return result
+
+
+def write_metrics_csv(history: list[dict[str, Any]], path: str) -> None:
+    """One row per epoch (epoch, loss, accuracy, val_loss, val_accuracy, …)."""
+    from pipeline import storage
+
+    if not history:
+        storage.write_text(path, "")
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0].keys()))
+    writer.writeheader()
+    writer.writerows(history)
+    storage.write_text(path, buf.getvalue())
+
+
+def plot_curves(history: list[dict[str, Any]], path: str, title: str) -> None:
+    """Loss and accuracy against epochs, train and validation, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        ax.plot(epochs, [h[key] for h in history], "o-", label="train")
+        ax.plot(epochs, [h[f"val_{key}"] for h in history], "s-", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(path: str, stages: list[dict[str, Any]], note: str | None, command: str) -> None:
+    """``report.md``: one table of each model's validation results next to the seed's figures."""
+    lines = ["# Run report", ""]
+    if note:
+        lines += [f"> **Note:** {note}", ""]
+    lines += [f"Command: `{command}`", "",
+              "| stage | model | val accuracy | val loss | seed's figure | epochs | time (s) | images/s |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for st in stages:
+        acc = f"{st['accuracy']:.4f}" if st.get("accuracy") is not None else "–"
+        loss = f"{st['loss']:.4f}" if st.get("loss") is not None else "–"
+        lines.append(f"| {st['stage']} | {MODEL_TITLES.get(st.get('kind'), '–')} | {acc} | {loss} | "
+                     f"{SEED_FIGURES.get(st.get('kind'), '–')} | {st.get('epochs', '–')} | "
+                     f"{st['seconds']:.1f} | {st.get('images_per_s', 0):.1f} |")
+    lines.append("")
+    for st in stages:
+        if st.get("curves"):
+            lines += [f"## {MODEL_TITLES[st['kind']]}", "", f"![curves]({st['curves']})", ""]
+    from pipeline import storage
+
+    storage.write_text(path, "\n".join(lines))

@@ -1,0 +1,51 @@
+"""The main job: extraction → top MLP → fine-tuning → small CNN, then ``report.md``."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from typing import Any
+
+from pipeline.config import ExtractConfig, FinetuneConfig, RunAllConfig, ScratchConfig, TrainTopConfig
+from pipeline.extract import run_extraction, run_name
+from pipeline.report import write_report
+from pipeline.synthetic import NOTE, default_data_dir
+from pipeline.trainjobs import finetune, train_scratch, train_top
+
+
+def run_all(cfg: RunAllConfig) -> str:
+    """Run every stage into ``<output-dir>`` and return the path of ``report.md``."""
+    synthetic = cfg.data_dir is None
+    data_dir = default_data_dir() if synthetic else cfg.data_dir
+    if synthetic:
+        print(f"note: {NOTE}")
+    output_dir = cfg.output_dir or os.path.join("outputs", run_name(data_dir))
+    epochs = {} if cfg.epochs is None else {"epochs": cfg.epochs}
+    common = dict(output_dir=output_dir, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, batch_size=cfg.batch_size,
+                  seed=cfg.seed, precision=cfg.precision, overwrite=cfg.overwrite, **epochs)
+    images = dict(data_dir=data_dir, layout=cfg.layout, validation_fraction=cfg.validation_fraction,
+                  max_images_per_class=cfg.max_images_per_class)
+    stages: list[dict[str, Any]] = []
+
+    manifest = run_extraction(ExtractConfig(
+        output_dir=os.path.join(output_dir, "features"), weights=cfg.weights, precision=cfg.precision,
+        batch_size=cfg.batch_size, overwrite=cfg.overwrite, **images))
+    stages.append({"stage": "extract_features", "seconds": manifest["elapsed_s"],
+                   "images_per_s": manifest["images_per_s"]})
+
+    def stage(name: str, fn, job_cfg) -> None:
+        summary = fn(job_cfg)
+        stages.append({"stage": name, **summary, "curves": os.path.relpath(summary["curves"], output_dir)})
+
+    stage("train_top", train_top, TrainTopConfig(features_dir=manifest["output_dir"], **common))
+    if "finetune" not in cfg.skipped():
+        stage("finetune", finetune, FinetuneConfig(top_model=os.path.join(output_dir, "top", "model.keras"),
+                                                   **images, **common))
+    if "scratch" not in cfg.skipped():
+        stage("train_scratch", train_scratch, ScratchConfig(image_size=manifest["image_size"], **images, **common))
+    report = os.path.join(output_dir, "report.md")
+    command = "python -m jobs.run_all " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    write_report(report, stages, NOTE if synthetic else None, command.strip())
+    print(f"report: {report}")
+    return report

@@ -1,0 +1,286 @@
+"""The three training jobs (top MLP, fine-tuned VGG16, small CNN): data in, Ray Train run,
+model file, metrics, evaluation and curves out, under ``<output-dir>/<job>/``::
+
+    model.keras        image → class model with its metadata (classes, image size, preprocessing…)
+    metrics.csv        one row per epoch (no duplicates after a resumed run)
+    evaluation.json    final validation loss, accuracy, per-class precision/recall,
+                       confusion matrix, ROC AUC (two classes)
+    curves.png         loss and accuracy against epochs, train and validation
+    summary.json       what the run report needs (accuracy, epochs, time, samples/s)
+    ray_train/         Ray Train's storage: checkpoints of the best and the last epoch
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Any
+
+import numpy as np
+import ray
+
+from pipeline import storage
+from pipeline.cluster import inference_plan
+from pipeline.config import ExtractConfig, FinetuneConfig, ScratchConfig, TrainConfig, TrainTopConfig
+from pipeline.discover import DatasetIndex, discover
+from pipeline.errors import DataError, UserError
+from pipeline.extract import decoded_images, find_rejects, read_split, run_extraction, run_name
+from pipeline.modelfile import load_classifier, read_metadata, save_classifier
+from pipeline.precision import resolve_precision
+from pipeline.report import MODEL_TITLES, evaluate, plot_curves, write_metrics_csv
+from pipeline.train import LoopSettings, default_learning_rate, fit, load_checkpoint_weights, read_checkpoint_state
+from pipeline.versions import library_versions
+
+JOB_DIRS = {"top": "top", "finetune": "finetune", "scratch": "scratch"}
+SUMMARY = "summary.json"
+
+
+class TrainingError(UserError):
+    """A Ray Train run that ended in an error (after its allowed restarts)."""
+
+
+def job_dir(output_dir: str, kind: str) -> str:
+    """``<output-dir>/<job>``."""
+    return os.path.join(output_dir, JOB_DIRS[kind])
+
+
+def finished_summary(directory: str) -> dict[str, Any] | None:
+    """The summary of a job that already finished in ``directory``, else None."""
+    path = os.path.join(directory, SUMMARY)
+    if os.path.exists(os.path.join(directory, "model.keras")) and os.path.exists(path):
+        return storage.read_json(path)
+    return None
+
+
+def _settings(kind: str, cfg: TrainConfig, precision: str, num_classes: int, **kw: Any) -> LoopSettings:
+    return LoopSettings(kind=kind, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                        learning_rate=cfg.learning_rate or default_learning_rate(kind), seed=cfg.seed,
+                        precision=precision, num_classes=num_classes, dropout=cfg.dropout, **kw)
+
+
+def _run(settings: LoopSettings, datasets: dict[str, Any], cfg: TrainConfig, directory: str):
+    """Fit and return (best checkpoint, full history, seconds, samples per second)."""
+    started = time.time()
+    result = fit(settings, datasets, cfg.num_workers, cfg.use_gpu, os.path.abspath(os.path.join(directory, "ray_train")),
+                 name="run", max_failures=cfg.max_failures)
+    if result.error is not None:
+        raise TrainingError(f"training failed after {cfg.max_failures} restart(s): {result.error}")
+    if result.checkpoint is None:
+        raise TrainingError("training finished without a checkpoint")
+    history = read_checkpoint_state(result.checkpoint)["history"]
+    best = max(result.best_checkpoints, key=lambda cm: (cm[1]["val_accuracy"], -cm[1]["val_loss"], cm[1]["epoch"]))
+    seconds = time.time() - started
+    samples = sum(h["train_samples"] for h in history)
+    return best[0], history, seconds, samples / max(seconds, 1e-9)
+
+
+def _finish(kind: str, directory: str, model, metadata: dict[str, Any], history: list[dict[str, Any]],
+            evaluation: dict[str, Any], seconds: float, samples_per_s: float) -> dict[str, Any]:
+    metadata = {**metadata, "kind": kind, "epochs": len(history), "validation_accuracy": evaluation["accuracy"],
+                "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": library_versions()}
+    save_classifier(model, os.path.join(directory, "model.keras"), metadata)
+    write_metrics_csv(history, os.path.join(directory, "metrics.csv"))
+    storage.write_json(os.path.join(directory, "evaluation.json"), evaluation)
+    plot_curves(history, os.path.join(directory, "curves.png"), MODEL_TITLES[kind])
+    summary = {"kind": kind, "accuracy": evaluation["accuracy"], "loss": evaluation["loss"],
+               "epochs": len(history), "seconds": round(seconds, 2), "images_per_s": round(samples_per_s, 2),
+               "model": os.path.join(directory, "model.keras"), "curves": os.path.join(directory, "curves.png")}
+    storage.write_json(os.path.join(directory, SUMMARY), summary)
+    print(f"{kind}: validation accuracy {evaluation['accuracy']:.4f}, loss {evaluation['loss']:.4f} "
+          f"after {len(history)} epochs, {seconds:.0f}s ({samples_per_s:.1f} samples/s) -> {directory}")
+    return summary
+
+
+def _prepare(directory: str, overwrite: bool) -> dict[str, Any] | None:
+    """Reuse a finished job unless ``overwrite``; an unfinished one resumes from its checkpoints."""
+    done = finished_summary(directory)
+    if done and not overwrite:
+        print(f"reusing finished {done['kind']} model in {directory} (--overwrite retrains)")
+        return done
+    if overwrite and os.path.isdir(directory):
+        shutil.rmtree(directory)
+    os.makedirs(directory, exist_ok=True)
+    return None
+
+
+def default_features(output_dir: str | None) -> str:
+    """Extract the built-in data set (reused when already extracted) and return its feature folder."""
+    cfg = ExtractConfig(output_dir=os.path.join(output_dir, "features") if output_dir else None)
+    return run_extraction(cfg)["output_dir"]
+
+
+def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
+    """Fit the top MLP on feature shards; export it joined to its VGG16 base as one image → class model."""
+    from pipeline import models
+    from pipeline.weights import load_weight_arrays, resolve_weights
+
+    features_dir = cfg.features_dir or default_features(cfg.output_dir)
+    manifest = storage.read_json(storage.join(features_dir, storage.MANIFEST))
+    output_dir = cfg.output_dir or os.path.join("outputs", run_name(manifest["data_dir"]))
+    directory = job_dir(output_dir, "top")
+    reused = _prepare(directory, cfg.overwrite)
+    if reused:
+        return reused
+    num_classes = len(manifest["classes"])
+    shape = tuple(manifest["feature_shape"])
+    precision = resolve_precision(cfg.precision, cfg.use_gpu)
+    datasets = {split: ray.data.read_parquet(storage.join(features_dir, split)).select_columns(["label", "features"])
+                for split in ("train", "validation")}
+    settings = _settings("top", cfg, precision, num_classes, feature_shape=shape)
+    best, history, seconds, rate = _run(settings, datasets, cfg, directory)
+
+    top = models.top_classifier(shape, num_classes, "float32", dropout=cfg.dropout)
+    load_checkpoint_weights(best, top)
+    val = read_split(features_dir, "validation")
+    from pipeline.extract import features_as_array
+
+    probs = models.probabilities(top.predict(features_as_array(val, shape), batch_size=256, verbose=0), num_classes)
+    evaluation = evaluate(val.column("label").to_numpy(), probs, manifest["classes"])
+
+    source = resolve_weights(manifest["weights"]["source"], manifest["preprocessing"])
+    if source.sha256 != manifest["weights"]["sha256"]:
+        raise DataError(f"the weights {source.name} (sha256 {source.sha256}) differ from those the features were "
+                        f"extracted with ({manifest['weights']['sha256']}); re-extract the features")
+    features = models.feature_extractor(manifest["image_size"], load_weight_arrays(source, manifest["image_size"]),
+                                        manifest["preprocessing"], "float32")
+    model = models.image_classifier(features, top, name="vgg16_bottleneck_classifier")
+    metadata = {"classes": manifest["classes"], "image_size": manifest["image_size"],
+                "weights": manifest["weights"], "preprocessing": manifest["preprocessing"],
+                "trained_precision": precision, "data_dir": manifest["data_dir"], "layout": manifest["layout"],
+                "validation_fraction": manifest["config"]["validation_fraction"], "features_dir": features_dir,
+                "synthetic": manifest.get("synthetic", False)}
+    return _finish("top", directory, model, metadata, history, evaluation, seconds, rate)
+
+
+def _good_rows(index: DatasetIndex, image_size: int, max_reject_fraction: float, directory: str,
+               batch_size: int) -> dict[str, list[dict[str, Any]]]:
+    """Rows of every decodable file per split; undecodable ones go to ``<job>/rejects.parquet``."""
+    import pyarrow as pa
+
+    from pipeline.extract import REJECT_SCHEMA
+
+    rows = [{"path": f.path, "relpath": f.relpath, "split": f.split, "label": f.label}
+            for f in index.all_files()]
+    rejects = find_rejects(rows, image_size, batch_size)
+    storage.write_parquet(os.path.join(directory, "rejects.parquet"),
+                          pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))
+    if len(rejects) > max_reject_fraction * len(rows) or len(rejects) == len(rows):
+        raise DataError(f"{len(rejects)} of {len(rows)} files could not be decoded, more than "
+                        f"--max-reject-fraction {max_reject_fraction}; see {directory}/rejects.parquet")
+    bad = {(r["split"], r["path"]) for r in rejects}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if (r["split"], r["relpath"]) not in bad:
+            out.setdefault(r["split"], []).append(r)
+    return out
+
+
+def _image_datasets(rows: dict[str, list[dict[str, Any]]], image_size: int, batch_size: int) -> dict[str, Any]:
+    plan = inference_plan(1)
+    return {split: decoded_images(rows[split], image_size, batch_size, plan.decode_cpus).select_columns(["image", "label"])
+            for split in ("train", "validation")}
+
+
+def _evaluate_model_file(path: str, rows: list[dict[str, Any]], classes: list[str], image_size: int,
+                         precision: str, batch_size: int) -> dict[str, Any]:
+    """Evaluate a saved classifier on image rows with the batch-prediction pipeline."""
+    from pipeline.predict import collect_probabilities, predictions_dataset
+
+    ds = predictions_dataset(path, [{"path": r["path"], "relpath": r["relpath"]} for r in rows], image_size,
+                             precision, inference_plan(1), batch_size)
+    paths, probs, rejects = collect_probabilities(ds)
+    if rejects:
+        raise DataError(f"{len(rejects)} validation files could not be decoded during evaluation: {rejects[:3]}")
+    label_of = {r["relpath"]: r["label"] for r in rows}
+    return evaluate(np.array([label_of[p] for p in paths]), probs, classes)
+
+
+def _image_job(kind: str, cfg: FinetuneConfig | ScratchConfig, index: DatasetIndex, directory: str,
+               image_size: int, precision: str, metadata: dict[str, Any], extras: dict[str, Any], model_fn) -> dict[str, Any]:
+    rows = _good_rows(index, image_size, cfg.max_reject_fraction, directory, cfg.batch_size)
+    datasets = _image_datasets(rows, image_size, cfg.batch_size)
+    settings = _settings(kind, cfg, precision, len(index.classes), image_size=image_size, augment=True,
+                         preprocessing=metadata.get("preprocessing", "unit"), extras=extras)
+    best, history, seconds, rate = _run(settings, datasets, cfg, directory)
+    model = model_fn()
+    load_checkpoint_weights(best, model)
+    # Save first, then evaluate the saved file: what is measured is what prediction will load.
+    tmp_path = os.path.join(directory, ".model-under-evaluation.keras")
+    save_classifier(model, tmp_path, {**metadata, "kind": kind, "classes": index.classes, "image_size": image_size})
+    try:
+        evaluation = _evaluate_model_file(tmp_path, rows["validation"], index.classes, image_size, precision,
+                                          cfg.batch_size)
+    finally:
+        os.remove(tmp_path)
+    return _finish(kind, directory, model, {**metadata, "classes": index.classes, "image_size": image_size},
+                   history, evaluation, seconds, rate)
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune VGG16's block 5 and the top, starting from a train_top model, on augmented images."""
+    from pipeline import models
+    from pipeline.train import freeze_below_block5
+
+    output_dir = cfg.output_dir
+    top_path = cfg.top_model or (job_dir(output_dir, "top") + "/model.keras" if output_dir else None)
+    if top_path is None or not os.path.isfile(top_path):
+        raise UserError(
+            f"fine-tuning needs a trained top model (from a random top the large gradients wreck the pretrained "
+            f"filters), and there is none at {top_path or '<output-dir>/top/model.keras'}; make one with "
+            f"`python -m jobs.train_top --output-dir {output_dir or 'OUTPUT_DIR'}` or pass --top-model"
+        )
+    meta = read_metadata(top_path)
+    if meta["kind"] != "top":
+        raise UserError(f"--top-model {top_path} is a {meta['kind']} model; fine-tuning starts from a train_top model")
+    data_dir = cfg.data_dir or meta["data_dir"]
+    output_dir = output_dir or os.path.dirname(os.path.dirname(os.path.abspath(top_path)))
+    directory = job_dir(output_dir, "finetune")
+    reused = _prepare(directory, cfg.overwrite)
+    if reused:
+        return reused
+    layout = meta.get("layout", cfg.layout) if cfg.data_dir is None else cfg.layout
+    fraction = meta.get("validation_fraction", cfg.validation_fraction) if cfg.data_dir is None else cfg.validation_fraction
+    index = discover(data_dir, layout, fraction, cfg.max_images_per_class)
+    if index.classes != meta["classes"]:
+        raise DataError(f"the top model knows classes {meta['classes']} but {data_dir} has {index.classes}")
+    top_model, _ = load_classifier(top_path)
+    features, top = top_model.get_layer("vgg16_features"), top_model.get_layer("top")
+    precision = resolve_precision(cfg.precision, cfg.use_gpu)
+    extras = {"base_weights": ray.put(features.get_weights()), "top_weights": ray.put(top.get_weights())}
+    image_size = meta["image_size"]
+    shape = tuple(models.feature_shape(image_size))
+
+    def export_model():
+        f = models.feature_extractor(image_size, None, meta["preprocessing"], "float32")
+        freeze_below_block5(f)
+        return models.image_classifier(f, models.top_classifier(shape, len(index.classes), "float32"),
+                                       name="vgg16_finetuned")
+
+    metadata = {"weights": meta["weights"], "preprocessing": meta["preprocessing"], "trained_precision": precision,
+                "data_dir": os.path.abspath(data_dir), "layout": layout, "validation_fraction": fraction,
+                "top_model": os.path.abspath(top_path), "synthetic": meta.get("synthetic", False)}
+    return _image_job("finetune", cfg, index, directory, image_size, precision, metadata, extras, export_model)
+
+
+def train_scratch(cfg: ScratchConfig) -> dict[str, Any]:
+    """Train the seed's small CNN from scratch on augmented images."""
+    from pipeline import models
+    from pipeline.synthetic import NOTE, default_data_dir, is_synthetic
+
+    data_dir = cfg.data_dir or default_data_dir()
+    synthetic = is_synthetic(data_dir)
+    if synthetic:
+        print(f"note: {NOTE}")
+    output_dir = cfg.output_dir or os.path.join("outputs", run_name(data_dir))
+    directory = job_dir(output_dir, "scratch")
+    reused = _prepare(directory, cfg.overwrite)
+    if reused:
+        return reused
+    index = discover(data_dir, cfg.layout, cfg.validation_fraction, cfg.max_images_per_class)
+    precision = resolve_precision(cfg.precision, cfg.use_gpu)
+    metadata = {"weights": None, "preprocessing": "unit", "trained_precision": precision,
+                "data_dir": os.path.abspath(data_dir), "layout": cfg.layout,
+                "validation_fraction": cfg.validation_fraction, "synthetic": synthetic}
+    return _image_job("scratch", cfg, index, directory, cfg.image_size, precision, metadata, {},
+                      lambda: models.scratch_cnn(cfg.image_size, len(index.classes), "float32", dropout=cfg.dropout))
