@@ -16,7 +16,7 @@ import types
 import typing
 from typing import Any, Sequence, TypeVar
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, UserError
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 PREPROCESSINGS = ("auto", "torch", "caffe")
@@ -85,7 +85,9 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
         choices = f.metadata.get("choices")
         if choices:
             help_text += f" (one of: {', '.join(choices)})"
-        if tp is bool:
+        if f.default is dataclasses.MISSING:
+            parser.add_argument(flag, type=tp, required=True, help=help_text, metavar=f.name.upper())
+        elif tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:
             # choices are checked in __post_init__ so that every invalid value, from
@@ -100,7 +102,7 @@ def parse_config(cls: type[T], argv: Sequence[str] | None, description: str) -> 
     args = parser.parse_args(argv)
     try:
         return cls(**vars(args))
-    except ConfigError as exc:
+    except UserError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits
 
@@ -283,3 +285,32 @@ class RunAllConfig:
     def skipped(self) -> set[str]:
         """The stages named in ``--skip``."""
         return {s.strip() for s in self.skip.split(",") if s.strip()}
+
+
+OUTPUT_FILE_SUFFIXES = (".parquet", ".csv")
+
+
+@dataclasses.dataclass
+class PredictConfig:
+    """Settings of ``jobs.predict``: a trained classifier over any image folder."""
+
+    model: str = field_help(dataclasses.MISSING, "model.keras written by jobs.train_top, jobs.finetune or jobs.train_scratch")
+    input: str = field_help(dataclasses.MISSING, "image folder (searched recursively) or a glob such as 'photos/**/*.jpg'")
+    output: str = field_help(dataclasses.MISSING, "file.parquet or file.csv (one file), or a folder / URI for Parquet shards")
+    precision: str = field_help("auto", "auto: bfloat16 where the hardware has it, else float32", PRECISIONS)
+    workers: int = field_help(1, "inference actors when the cluster has no GPUs (with GPUs: one per GPU)")
+    batch_size: int = field_help(32, "images per inference batch")
+    overwrite: bool = field_help(False, "replace an existing output")
+
+    def __post_init__(self) -> None:
+        from pipeline.modelfile import read_metadata
+
+        check_choice("precision", self.precision, PRECISIONS)
+        check_positive("workers", self.workers)
+        check_positive("batch_size", self.batch_size)
+        read_metadata(self.model)  # a missing or foreign model file fails here, before any work
+        if "://" not in self.output and os.path.isfile(self.output) and not self.overwrite:
+            raise ConfigError(f"--output {self.output!r} exists; pass --overwrite to replace it")
+        if not self.output.lower().endswith(OUTPUT_FILE_SUFFIXES) and "://" not in self.output \
+                and os.path.isfile(self.output):
+            raise ConfigError(f"--output {self.output!r} is an existing file; give a folder or a .parquet/.csv name")

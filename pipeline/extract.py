@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict
 from typing import Any, Iterable
@@ -60,9 +61,12 @@ def decoded_images(rows: list[dict[str, Any]], image_size: int, batch_size: int,
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     # A ray_remote_args_fn keeps Ray Data from fusing decoding into the inference
     # actors (it fuses ops whose remote args match), which would serialise decode
-    # and inference inside one process instead of overlapping them.
-    return ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size}, batch_size=batch_size,
-                          batch_format="numpy", ray_remote_args_fn=lambda: {"num_cpus": decode_cpus})
+    # and inference inside one process instead of overlapping them. Ray 2.60 (the
+    # pinned version) has no other switch for that; its deprecation notice is noise here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
+        return ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size}, batch_size=batch_size,
+                              batch_format="numpy", ray_remote_args_fn=lambda: {"num_cpus": decode_cpus})
 
 
 def find_rejects(rows: list[dict[str, Any]], image_size: int, batch_size: int) -> list[dict[str, str]]:
@@ -131,6 +135,21 @@ class FeatureActor:
         return batch
 
 
+def write_rejects_part(staging: str, name: str, batch: dict[str, np.ndarray]) -> np.ndarray:
+    """Write a batch's undecodable rows to ``<staging>/_rejects/<name>``; return the mask of good rows."""
+    ok = np.array([r == "" for r in batch["reason"]], dtype=bool)
+    bad = ~ok
+    if bad.any():
+        splits = batch["split"][bad] if "split" in batch else np.full(int(bad.sum()), "")
+        storage.write_parquet(storage.join(staging, REJECTS_DIR, name), pa.table({
+            "path": [str(p) for p in batch["relpath"][bad]],
+            "split": [str(s) for s in splits],
+            "reason": [str(r) for r in batch["reason"][bad]],
+            "error": [str(e) for e in batch["error"][bad]],
+        }, schema=REJECT_SCHEMA))
+    return ok
+
+
 class FeatureSink(Datasink):
     """Writes each block's good rows into ``<split>/`` shards and its rejects into ``_rejects/``.
 
@@ -152,15 +171,7 @@ class FeatureSink(Datasink):
             if len(batch["path"]) == 0:
                 continue
             name = f"part-{ctx.task_idx:05d}-{n:04d}.parquet"
-            ok = np.array([r == "" for r in batch["reason"]])
-            bad = ~ok
-            if bad.any():
-                storage.write_parquet(storage.join(self.staging, REJECTS_DIR, name), pa.table({
-                    "path": [str(p) for p in batch["relpath"][bad]],
-                    "split": [str(s) for s in batch["split"][bad]],
-                    "reason": [str(r) for r in batch["reason"][bad]],
-                    "error": [str(e) for e in batch["error"][bad]],
-                }, schema=REJECT_SCHEMA))
+            ok = write_rejects_part(self.staging, name, batch)
             splits = np.asarray([str(s) for s in batch["split"]])
             for split in sorted(set(splits[ok])):
                 rows = ok & (splits == split)
@@ -213,12 +224,14 @@ def default_output_dir(data_dir: str) -> str:
     return os.path.join("outputs", run_name(data_dir), "features")
 
 
-def _collect_rejects(staging: str) -> pa.Table:
+def collect_rejects(staging: str, target: str | None = None) -> pa.Table:
+    """Merge the ``_rejects/`` parts of a staging folder into one sorted table written to ``target``
+    (default ``<staging>/rejects.parquet``) and remove the parts."""
     table = storage.read_parquet_files(storage.list_parquet(storage.join(staging, REJECTS_DIR)))
     if table is None:
         table = REJECT_SCHEMA.empty_table()
     table = table.sort_by([("split", "ascending"), ("path", "ascending")])
-    storage.write_parquet(storage.join(staging, REJECTS_FILE), table)
+    storage.write_parquet(target or storage.join(staging, REJECTS_FILE), table)
     storage.delete_dir(storage.join(staging, REJECTS_DIR))
     return table
 
@@ -301,7 +314,7 @@ def _extract(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, pl
     }, plan, cfg.batch_size)
     storage.make_dir(staging)
     ds.write_datasink(FeatureSink(staging, dim))
-    rejects = _collect_rejects(staging)
+    rejects = collect_rejects(staging)
     total = len(rows)
     if len(rejects) > cfg.max_reject_fraction * total or len(rejects) == total:
         sample = "; ".join(f"{p} ({r})" for p, r in zip(rejects.column("path").to_pylist()[:5],

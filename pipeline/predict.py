@@ -4,15 +4,28 @@ run by an actor pool (one actor per GPU, or fractional-CPU actors), the model lo
 
 from __future__ import annotations
 
+import glob
+import io
 import os
 import tempfile
-from typing import Any, Iterator
+import time
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
 import ray
+from ray.data import Datasink
 
+from pipeline import storage
 from pipeline.cluster import InferencePlan, configure_tensorflow_devices
-from pipeline.extract import decoded_images, map_with_actors, run_model_on_good_rows
+from pipeline.config import OUTPUT_FILE_SUFFIXES, PredictConfig
+from pipeline.discover import discover_unlabeled, is_image_name
+from pipeline.errors import DataError, OutputError
+from pipeline.extract import (REJECTS_FILE, collect_rejects, decoded_images, map_with_actors,
+                              run_model_on_good_rows, write_rejects_part)
+
+PARTS_DIR = "predictions"
 
 
 class ClassifierActor:
@@ -75,3 +88,144 @@ def collect_probabilities(ds: ray.data.Dataset) -> tuple[list[str], np.ndarray, 
                     for p, r, e in zip(batch["relpath"][~ok], batch["reason"][~ok], batch["error"][~ok])]
     matrix = np.concatenate(probs) if probs else np.zeros((0, 0), np.float32)
     return paths, matrix, rejects
+
+
+PREDICTION_BASE = [("path", pa.string()), ("predicted_class", pa.string()), ("confidence", pa.float32())]
+
+
+def prediction_schema(classes: list[str]) -> pa.Schema:
+    """``path``, ``predicted_class``, ``confidence``, then ``prob_<class>`` per class."""
+    return pa.schema(PREDICTION_BASE + [(f"prob_{c}", pa.float32()) for c in classes])
+
+
+class PredictionSink(Datasink):
+    """Writes each block's predictions to ``part-*.parquet`` and its undecodable files to ``_rejects/``."""
+
+    def __init__(self, staging: str, classes: list[str]):
+        self.staging = staging
+        self.classes = classes
+
+    def write(self, blocks: Iterable[Any], ctx: Any) -> int:
+        from ray.data.block import BlockAccessor
+
+        written = 0
+        for n, block in enumerate(blocks):
+            batch = BlockAccessor.for_block(block).to_numpy()
+            if len(batch["relpath"]) == 0:
+                continue
+            name = f"part-{ctx.task_idx:05d}-{n:04d}.parquet"
+            ok = write_rejects_part(self.staging, name, batch)
+            if ok.any():
+                storage.write_parquet(storage.join(self.staging, PARTS_DIR, name),
+                                      prediction_table(batch["relpath"][ok], np.stack(batch["probs"][ok]), self.classes))
+                written += int(ok.sum())
+        return written
+
+
+def prediction_table(paths: Sequence[str], probs: np.ndarray, classes: list[str]) -> pa.Table:
+    """Rows of predictions: the most probable class, its probability, and every class's probability."""
+    probs = np.asarray(probs, dtype=np.float32)
+    best = probs.argmax(axis=1)
+    columns = {"path": [str(p) for p in paths], "predicted_class": [classes[i] for i in best],
+               "confidence": probs[np.arange(len(best)), best]}
+    for i, c in enumerate(classes):
+        columns[f"prob_{c}"] = probs[:, i]
+    return pa.table(columns, schema=prediction_schema(classes))
+
+
+def list_inputs(spec: str) -> tuple[str, list[str]]:
+    """(root, files) for a folder (recursive) or a glob; paths in the output are relative to root."""
+    if any(ch in spec for ch in "*?["):
+        root = spec
+        while any(ch in root for ch in "*?["):
+            root = os.path.dirname(root)
+        files = sorted(p for p in glob.glob(spec, recursive=True) if is_image_name(p) and not os.path.isdir(p))
+        if not files:
+            raise DataError(f"no image files match {spec!r}")
+        return root or ".", files
+    return spec, discover_unlabeled(spec)
+
+
+def _true_labels(paths: list[str], classes: list[str]) -> np.ndarray | None:
+    """Labels from the first folder of each path when every path sits under a class-named folder."""
+    index = {c: i for i, c in enumerate(classes)}
+    labels = []
+    for p in paths:
+        top = p.replace("\\", "/").split("/", 1)[0]
+        if top not in index or "/" not in p:
+            return None
+        labels.append(index[top])
+    return np.array(labels)
+
+
+def _output_targets(output: str) -> tuple[str, str, str]:
+    """(staging folder, final predictions location, final rejects file) for a file or folder output."""
+    stripped = output.rstrip("/")
+    if output.lower().endswith(OUTPUT_FILE_SUFFIXES):
+        stem, _ = os.path.splitext(stripped)
+        return f"{stem}.partial", stripped, f"{stem}.rejects.parquet"
+    return f"{stripped}.partial", stripped, storage.join(stripped, REJECTS_FILE)
+
+
+def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
+    """Classify every image under ``cfg.input`` and write one row per decodable file; returns a summary."""
+    from pipeline.cluster import inference_plan
+    from pipeline.modelfile import read_metadata
+    from pipeline.precision import resolve_precision
+    from pipeline.report import evaluate
+
+    started = time.time()
+    meta = read_metadata(cfg.model)
+    classes = meta["classes"]
+    root, files = list_inputs(cfg.input)
+    rows = [{"path": p, "relpath": os.path.relpath(p, root)} for p in files]
+    plan = inference_plan(cfg.workers)
+    precision = resolve_precision(cfg.precision, plan.uses_gpus)
+    staging, final, rejects_target = _output_targets(cfg.output)
+    single_file = final.lower().endswith(OUTPUT_FILE_SUFFIXES)
+    if storage.exists(final) and not cfg.overwrite:
+        raise OutputError(f"{final} exists; pass --overwrite to replace it")
+    with storage.output_lock(final):
+        storage.delete_dir(staging)  # never reuse what an interrupted run half-wrote
+        storage.make_dir(staging)
+        ds = predictions_dataset(cfg.model, rows, meta["image_size"], precision, plan, cfg.batch_size)
+        ds.write_datasink(PredictionSink(staging, classes))
+        table = storage.read_parquet_files(storage.list_parquet(storage.join(staging, PARTS_DIR)))
+        table = (table if table is not None else prediction_schema(classes).empty_table()).sort_by("path")
+        rejects = collect_rejects(staging).drop_columns(["split"])
+        storage.write_parquet(storage.join(staging, REJECTS_FILE), rejects)
+        paths = table.column("path").to_pylist()
+        done = set(paths) | set(rejects.column("path").to_pylist())
+        if len(paths) != len(set(paths)) or done != {r["relpath"] for r in rows}:
+            raise RuntimeError(f"prediction output is inconsistent: {len(paths) - len(set(paths))} duplicated, "
+                               f"{len(rows) - len(done)} lost rows")
+        summary: dict[str, Any] = {"model": cfg.model, "kind": meta["kind"], "input": cfg.input, "output": final,
+                                   "num_images": len(paths), "num_rejects": len(rejects), "precision": precision}
+        labels = _true_labels(paths, classes) if paths else None
+        if labels is not None:
+            probs = np.stack([table.column(f"prob_{c}").to_numpy() for c in classes], axis=1)
+            summary["evaluation"] = evaluate(labels, probs, classes)
+        _commit(staging, final, rejects_target, table, single_file)
+    elapsed = time.time() - started
+    summary.update(elapsed_s=round(elapsed, 2), images_per_s=round(len(rows) / max(elapsed, 1e-9), 2))
+    summary_path = (os.path.splitext(final)[0] + ".summary.json") if single_file else storage.join(final, "summary.json")
+    storage.write_json(summary_path, summary)
+    return summary
+
+
+def _commit(staging: str, final: str, rejects_target: str, table: pa.Table, single_file: bool) -> None:
+    """Put the finished predictions in place; a single file is written whole, then renamed."""
+    if not single_file:
+        storage.commit_dir(staging, final)
+        return
+    filesystem, path = storage.split_uri(final)
+    tmp = storage.join(staging, "output" + os.path.splitext(final)[1])
+    if final.lower().endswith(".csv"):
+        buf = io.BytesIO()
+        pacsv.write_csv(table, buf)
+        storage.write_bytes(tmp, buf.getvalue())
+    else:
+        storage.write_parquet(tmp, table)
+    storage.move_file(storage.join(staging, REJECTS_FILE), rejects_target)
+    storage.move_file(tmp, final)
+    storage.delete_dir(staging)

@@ -62,11 +62,23 @@ def make_dir(uri: str) -> None:
 
 def write_text(uri: str, text: str) -> None:
     """Write a small text file (JSON, CSV, markdown)."""
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a file's bytes."""
     filesystem, path = split_uri(uri)
-    parent = path.rsplit("/", 1)[0]
-    filesystem.create_dir(parent, recursive=True)
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with filesystem.open_output_stream(path) as f:
-        f.write(text.encode("utf-8"))
+        f.write(data)
+
+
+def move_file(src: str, dst: str) -> None:
+    """Move one file, replacing ``dst`` (a rename on local disks)."""
+    filesystem, src_path = split_uri(src)
+    _, dst_path = split_uri(dst)
+    filesystem.create_dir(dst_path.rsplit("/", 1)[0], recursive=True)
+    filesystem.move(src_path, dst_path)
 
 
 def read_text(uri: str) -> str:

@@ -44,7 +44,8 @@ class LoopSettings:
     augment: bool = False
     preprocessing: str = "torch"
     shuffle: bool = True
-    extras: dict[str, Any] = field(default_factory=dict)  # object refs: base/top weights for fine-tuning
+    # Object refs of the base/top weights for fine-tuning; "fault" (tests only) kills a worker.
+    extras: dict[str, Any] = field(default_factory=dict)
 
     def to_config(self) -> dict[str, Any]:
         """The dict form Ray Train passes to each worker."""
@@ -201,7 +202,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def distributed_eval(x, y):
         return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(eval_step, args=(x, y)), axis=None)
 
-    def run_epoch(shard, step_fn, drop_last: bool, shuffle_seed: int | None, augment_seed: list[int] | None):
+    def run_epoch(shard, step_fn, drop_last: bool, shuffle_seed: int | None, augment_seed: list[int] | None,
+                  fault=None):
         totals = np.zeros(3)
         it = _batches(shard, per_worker, drop_last, s, shuffle_seed) if shard is not None else iter(())
         step = 0
@@ -213,6 +215,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             x, y = batch_inputs(batch, s, rng)
             totals += step_fn(tf.convert_to_tensor(x), tf.convert_to_tensor(y)).numpy()
             step += 1
+            if fault is not None:
+                fault()
         # Drain a shard that still has rows (another worker ran out first), so the
         # next epoch's iterator starts clean.
         for _ in it:
@@ -224,7 +228,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(state["epoch"], s.epochs):
         shuffle_seed = (s.seed * 1_000_003 + epoch * 7919 + rank) % 2**31 if s.shuffle else None
         augment_seed = [s.seed, epoch, rank] if s.augment else None
-        tr = run_epoch(train_shard, distributed_train, True, shuffle_seed, augment_seed)
+        tr = run_epoch(train_shard, distributed_train, True, shuffle_seed, augment_seed,
+                       fault=_fault_hook(extras.get("fault"), epoch + 1, rank))
         va = run_epoch(val_shard, distributed_eval, False, None, None)
         row = {"epoch": epoch + 1,
                "loss": float(tr[0] / max(tr[2], 1)), "accuracy": float(tr[1] / max(tr[2], 1)),
@@ -237,6 +242,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 _save(tmp, model, optimizer, state)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(row, checkpoint=ckpt)
+
+
+def _fault_hook(fault: dict[str, Any] | None, epoch: int, rank: int):
+    """For fault-tolerance tests: a callable that kills this worker's process once, mid-epoch.
+
+    ``fault`` is ``{"kill_at_epoch": E, "rank": R, "marker": path}``; the marker file makes
+    the kill happen only once, so the restarted worker group can finish.
+    """
+    if not fault or fault["kill_at_epoch"] != epoch or fault["rank"] != rank or os.path.exists(fault["marker"]):
+        return None
+
+    def kill() -> None:
+        with open(fault["marker"], "w") as f:
+            f.write(f"killed rank {rank} in epoch {epoch}\n")
+        os._exit(1)
+
+    return kill
 
 
 def _get(ref):

@@ -1,0 +1,142 @@
+"""Batch prediction end to end: every model kind, odd folders and files, every output form."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.predict import main as predict_main
+from pipeline import models
+from pipeline.config import PredictConfig
+from pipeline.decode import load_image
+from pipeline.errors import DataError
+from pipeline.modelfile import load_classifier, save_classifier
+from pipeline.predict import run_prediction
+from tests.conftest import real_images
+from tests.images import bad_files
+
+pytestmark = pytest.mark.timeout(600)
+SIZE = 48
+CLASSES = ["cats", "dogs"]
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    """One small untrained model of each kind, saved the way the training jobs save them."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    folder = tmp_path_factory.mktemp("models")
+    shape = models.feature_shape(SIZE)
+    built = {
+        "top": models.image_classifier(models.feature_extractor(SIZE, None, "torch"),
+                                       models.top_classifier(shape, 2), name="vgg16_bottleneck_classifier"),
+        "finetune": models.image_classifier(models.feature_extractor(SIZE, None, "caffe"),
+                                            models.top_classifier(shape, 2), name="vgg16_finetuned"),
+        "scratch": models.scratch_cnn(SIZE, 2),
+    }
+    paths = {}
+    for kind, model in built.items():
+        paths[kind] = str(folder / f"{kind}.keras")
+        save_classifier(model, paths[kind], {"kind": kind, "classes": CLASSES, "image_size": SIZE})
+    return paths
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory):
+    """Class-named folders, nested, with odd names and bad files."""
+    root = tmp_path_factory.mktemp("photos")
+    for cls in CLASSES:
+        for i, src in enumerate(real_images("validation", cls, 4)):
+            sub = root / cls / ("nested/deeper" if i == 0 else "")
+            os.makedirs(sub, exist_ok=True)
+            name = {1: "UPPER.JPG", 2: "with space ñandú.jpg"}.get(i, os.path.basename(src))
+            shutil.copyfile(src, sub / name)
+    bad = bad_files(str(root / "dogs"))
+    os.makedirs(root / "cats" / "empty folder")
+    return str(root), {os.path.join("dogs", n) for n in bad}
+
+
+@pytest.mark.parametrize("kind", ["top", "finetune", "scratch"])
+def test_predictions_equal_in_process_predict(ray_cluster, model_files, photo_folder, tmp_path, kind):
+    root, bad = photo_folder
+    out = str(tmp_path / "pred.parquet")
+    summary = run_prediction(PredictConfig(model=model_files[kind], input=root, output=out, precision="float32",
+                                           batch_size=3))
+    table = pq.read_table(out)
+    paths = table.column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == 8 == summary["num_images"]
+    assert table.schema.names == ["path", "predicted_class", "confidence", "prob_cats", "prob_dogs"]
+    model, _ = load_classifier(model_files[kind])
+    images = np.stack([load_image(os.path.join(root, p), SIZE) for p in paths])
+    expected = models.probabilities(model.predict(images, verbose=0), 2)
+    got = np.stack([table.column("prob_cats").to_numpy(), table.column("prob_dogs").to_numpy()], axis=1)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert table.column("predicted_class").to_pylist() == [CLASSES[i] for i in expected.argmax(axis=1)]
+    np.testing.assert_allclose(table.column("confidence").to_numpy(), expected.max(axis=1), rtol=1e-5)
+    rejects = pq.read_table(str(tmp_path / "pred.rejects.parquet"))
+    assert set(rejects.column("path").to_pylist()) == bad
+
+
+def test_every_file_exactly_once_with_odd_names_and_accuracy(ray_cluster, model_files, photo_folder, tmp_path, capsys):
+    root, bad = photo_folder
+    out = str(tmp_path / "pred.csv")
+    assert predict_main(["--model", model_files["scratch"], "--input", root, "--output", out]) == 0
+    text = capsys.readouterr().out
+    assert "confusion matrix" in text and "images/s" in text and "accuracy" in text
+    table = pacsv.read_csv(out)
+    paths = table.column("path").to_pylist()
+    assert os.path.join("cats", "nested", "deeper", os.path.basename(real_images("validation", "cats", 1)[0])) in paths
+    assert os.path.join("dogs", "with space ñandú.jpg") in paths and os.path.join("cats", "UPPER.JPG") in paths
+    assert len(paths) == len(set(paths)) == 8 and not set(paths) & bad
+
+
+def test_folder_output_holds_parquet_shards(ray_cluster, model_files, photo_folder, tmp_path):
+    root, _ = photo_folder
+    out = str(tmp_path / "shards")
+    summary = run_prediction(PredictConfig(model=model_files["top"], input=os.path.join(root, "**", "*.jpg"),
+                                           output=out, precision="float32"))
+    table = pq.read_table(os.path.join(out, "predictions"))
+    # The glob is case-sensitive like the shell's: the UPPER.JPG files are not matched, the bad .jpg files are.
+    assert len(table) == summary["num_images"] == 6 and summary["num_rejects"] == 4
+    assert os.path.exists(os.path.join(out, "rejects.parquet")) and os.path.exists(os.path.join(out, "summary.json"))
+    assert not os.path.exists(out + ".partial")
+
+
+def test_empty_folder_is_a_clear_error(ray_cluster, model_files, tmp_path, capsys):
+    os.makedirs(tmp_path / "nothing" / "here")
+    assert predict_main(["--model", model_files["top"], "--input", str(tmp_path / "nothing"),
+                         "--output", str(tmp_path / "o.csv")]) == 2
+    assert "no image files" in capsys.readouterr().err
+
+
+def test_model_without_metadata_is_refused_before_any_work(tmp_path, capsys):
+    plain = str(tmp_path / "plain.keras")
+    models.scratch_cnn(SIZE, 2).save(plain)
+    with pytest.raises(SystemExit) as exit_info:
+        predict_main(["--model", plain, "--input", str(tmp_path), "--output", str(tmp_path / "o.csv")])
+    assert exit_info.value.code == 2
+    assert "without classifier metadata" in capsys.readouterr().err
+    (tmp_path / "fake.keras").write_text("not a zip")
+    with pytest.raises(SystemExit):
+        predict_main(["--model", str(tmp_path / "fake.keras"), "--input", str(tmp_path), "--output", str(tmp_path / "o.csv")])
+    assert "not a .keras model file" in capsys.readouterr().err
+
+
+def test_existing_output_needs_overwrite(model_files, tmp_path):
+    from pipeline.errors import ConfigError
+
+    (tmp_path / "o.csv").write_text("x")
+    with pytest.raises(ConfigError, match="--overwrite"):
+        PredictConfig(model=model_files["top"], input=str(tmp_path), output=str(tmp_path / "o.csv"))
+
+
+def test_no_match_for_a_glob(ray_cluster, model_files, tmp_path):
+    with pytest.raises(DataError, match="no image files match"):
+        run_prediction(PredictConfig(model=model_files["top"], input=str(tmp_path / "*.png"),
+                                     output=str(tmp_path / "o.csv")))

@@ -1,0 +1,127 @@
+"""Ray Train on a real local cluster: distributed correctness, checkpoints, resumption, the jobs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pipeline import models
+from pipeline.config import ExtractConfig, FinetuneConfig, TrainTopConfig
+from pipeline.errors import UserError
+from pipeline.extract import run_extraction
+from pipeline.train import LoopSettings, fit, load_checkpoint_weights, read_checkpoint_state
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def small_features(ray_cluster, real_root, tmp_path_factory):
+    """Features of the 40 real photos at 32 px with random weights: (1, 1, 512) per image, fast to train on."""
+    out = str(tmp_path_factory.mktemp("feat32") / "features")
+    return run_extraction(ExtractConfig(data_dir=real_root, output_dir=out, image_size=32, weights="none",
+                                        precision="float32"))
+
+
+def _datasets(features_dir: str):
+    import ray
+
+    return {split: ray.data.read_parquet(os.path.join(features_dir, split)).select_columns(["label", "features"])
+            for split in ("train", "validation")}
+
+
+def _top_weights(checkpoint, shape):
+    model = models.top_classifier(shape, 2, "float32", dropout=0.0)
+    load_checkpoint_weights(checkpoint, model)
+    return model.get_weights()
+
+
+def test_two_workers_give_the_weights_of_one(small_features, tmp_path):
+    """Full-batch steps: 20 rows, global batch 20. One worker computes the mean gradient over all
+    20; two workers each compute 10 and all-reduce. With the loss scaled by the global batch the
+    two runs take identical steps (the order of rows inside one batch does not change its mean)."""
+    shape = tuple(small_features["feature_shape"])
+    settings = LoopSettings(kind="top", epochs=3, batch_size=20, learning_rate=1e-3, seed=7, precision="float32",
+                            num_classes=2, feature_shape=shape, dropout=0.0, shuffle=False)
+    weights = []
+    for workers in (1, 2):
+        result = fit(settings, _datasets(small_features["output_dir"]), workers, False, str(tmp_path), f"w{workers}", 0)
+        assert result.error is None
+        history = read_checkpoint_state(result.checkpoint)["history"]
+        assert [h["epoch"] for h in history] == [1, 2, 3] and all(h["train_samples"] == 20 for h in history)
+        weights.append(_top_weights(result.checkpoint, shape))
+    initial = models.top_classifier(shape, 2, "float32", dropout=0.0)
+    moved = max(np.abs(a - b).max() for a, b in zip(weights[0], initial.get_weights()))
+    assert moved > 1e-4, "training must have changed the weights"
+    for one, two in zip(*weights):
+        np.testing.assert_allclose(one, two, rtol=1e-5, atol=1e-6)
+
+
+def test_stopped_run_resumes_from_its_latest_checkpoint(small_features, tmp_path):
+    shape = tuple(small_features["feature_shape"])
+
+    def settings(epochs, lr):
+        return LoopSettings(kind="top", epochs=epochs, batch_size=8, learning_rate=lr, seed=1, precision="float32",
+                            num_classes=2, feature_shape=shape)
+
+    first = fit(settings(2, 1e-3), _datasets(small_features["output_dir"]), 1, False, str(tmp_path), "run", 0)
+    h1 = read_checkpoint_state(first.checkpoint)["history"]
+    # Same run name and storage: resumes at epoch 3. The learning rate differs, so a run that
+    # started over instead would have a different history for epochs 1-2.
+    second = fit(settings(3, 5e-2), _datasets(small_features["output_dir"]), 1, False, str(tmp_path), "run", 0)
+    h2 = read_checkpoint_state(second.checkpoint)["history"]
+    assert [h["epoch"] for h in h2] == [1, 2, 3]
+    assert h2[:2] == h1
+
+
+def test_killed_worker_restarts_from_checkpoint_without_duplicate_epochs(small_features, tmp_path, monkeypatch):
+    shape = tuple(small_features["feature_shape"])
+    marker = tmp_path / "killed"
+    settings = LoopSettings(kind="top", epochs=3, batch_size=8, learning_rate=1e-3, seed=1, precision="float32",
+                            num_classes=2, feature_shape=shape,
+                            extras={"fault": {"kill_at_epoch": 2, "rank": 1, "marker": str(marker)}})
+    result = fit(settings, _datasets(small_features["output_dir"]), 2, False, str(tmp_path), "faulty", 2)
+    assert marker.exists(), "the fault hook must have killed a worker"
+    assert result.error is None
+    history = read_checkpoint_state(result.checkpoint)["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_train_top_job_writes_model_metrics_evaluation_and_curves(small_features, tmp_path):
+    from pipeline.modelfile import read_metadata
+    from pipeline.trainjobs import train_top
+
+    out = str(tmp_path / "run")
+    summary = train_top(TrainTopConfig(features_dir=small_features["output_dir"], output_dir=out, epochs=2,
+                                       batch_size=8, precision="float32"))
+    job = os.path.join(out, "top")
+    meta = read_metadata(os.path.join(job, "model.keras"))
+    assert meta["kind"] == "top" and meta["classes"] == ["cats", "dogs"] and meta["image_size"] == 32
+    assert meta["preprocessing"] == "torch" and meta["weights"]["source"] == "none"
+    with open(os.path.join(job, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= rows[0].keys()
+    with open(os.path.join(job, "evaluation.json")) as f:
+        evaluation = json.load(f)
+    assert evaluation["num_samples"] == 20 and evaluation["accuracy"] == summary["accuracy"]
+    assert evaluation["confusion_matrix"]["classes"] == ["cats", "dogs"]
+    assert np.array(evaluation["confusion_matrix"]["rows_true_cols_predicted"]).sum() == 20
+    assert 0 <= evaluation["roc_auc"] <= 1 and set(evaluation["per_class"]) == {"cats", "dogs"}
+    with open(os.path.join(job, "curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # The saved model is image → class: 32x32 RGB in, one sigmoid unit out.
+    from pipeline.modelfile import load_classifier
+
+    model, _ = load_classifier(os.path.join(job, "model.keras"))
+    assert model.input_shape == (None, 32, 32, 3) and model.output_shape == (None, 1)
+
+
+def test_finetune_refuses_to_start_without_a_top_model(tmp_path):
+    from pipeline.trainjobs import finetune
+
+    with pytest.raises(UserError, match="python -m jobs.train_top"):
+        finetune(FinetuneConfig(output_dir=str(tmp_path)))
