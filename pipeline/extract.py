@@ -110,6 +110,21 @@ def run_model_on_good_rows(predict_fn, images: np.ndarray, ok: np.ndarray, batch
     return np.concatenate(outputs)[: int(ok.sum())]
 
 
+def actor_identity() -> str:
+    """Which process and which GPUs an inference actor runs on, as JSON (recorded in the manifest)."""
+    return json.dumps({"node": ray.get_runtime_context().get_node_id()[:12], "pid": os.getpid(),
+                       "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                       "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}, sort_keys=True)
+
+
+def merge_actor_counts(write_returns: Iterable[dict[str, int]]) -> list[dict[str, Any]]:
+    """Rows handled per inference actor, from the sinks' write results."""
+    total: Counter[str] = Counter()
+    for counts in write_returns:
+        total.update(counts)
+    return [{**json.loads(identity), "rows": rows} for identity, rows in sorted(total.items())]
+
+
 class FeatureActor:
     """A Ray Data actor that holds one VGG16 feature extractor and turns image batches into features."""
 
@@ -122,6 +137,7 @@ class FeatureActor:
             weight_arrays = ray.get(weight_arrays)
         self.model = feature_extractor(image_size, weight_arrays, preprocessing, precision)
         self.batch_size = batch_size
+        self.identity = actor_identity()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch.pop("image")
@@ -132,6 +148,7 @@ class FeatureActor:
         if features is not None:
             out[ok] = features.reshape(len(features), dim)
         batch["features"] = out
+        batch["actor"] = np.full(len(out), self.identity, dtype=object)
         return batch
 
 
@@ -160,17 +177,22 @@ class FeatureSink(Datasink):
     def __init__(self, staging: str, dim: int):
         self.staging = staging
         self.dim = dim
+        self.actors: list[dict[str, Any]] = []
 
-    def write(self, blocks: Iterable[Any], ctx: Any) -> int:
+    def on_write_complete(self, write_result) -> None:
+        self.actors = merge_actor_counts(write_result.write_returns)
+
+    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, int]:
         from ray.data.block import BlockAccessor
 
-        written = 0
+        actors: Counter[str] = Counter()
         schema = feature_schema(self.dim)
         for n, block in enumerate(blocks):
             batch = BlockAccessor.for_block(block).to_numpy()
             if len(batch["path"]) == 0:
                 continue
             name = f"part-{ctx.task_idx:05d}-{n:04d}.parquet"
+            actors.update(str(a) for a in batch["actor"])
             ok = write_rejects_part(self.staging, name, batch)
             splits = np.asarray([str(s) for s in batch["split"]])
             for split in sorted(set(splits[ok])):
@@ -183,8 +205,7 @@ class FeatureSink(Datasink):
                     "features": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), self.dim),
                 }, schema=schema)
                 storage.write_parquet(storage.join(self.staging, split, name), table)
-                written += int(rows.sum())
-        return written
+        return dict(actors)
 
 
 def read_split(output_dir: str, split: str, columns: list[str] | None = None) -> pa.Table | None:
@@ -313,7 +334,8 @@ def _extract(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, pl
         "preprocessing": weights.preprocessing, "precision": precision, "batch_size": cfg.batch_size,
     }, plan, cfg.batch_size)
     storage.make_dir(staging)
-    ds.write_datasink(FeatureSink(staging, dim))
+    sink = FeatureSink(staging, dim)
+    ds.write_datasink(sink)
     rejects = collect_rejects(staging)
     total = len(rows)
     if len(rejects) > cfg.max_reject_fraction * total or len(rejects) == total:
@@ -340,6 +362,7 @@ def _extract(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, pl
         "feature_shape": list(shape),
         "feature_column": f"fixed_size_list<float32>[{dim}]",
         "inference": asdict(plan),
+        "inference_actors": sink.actors,
         "config": asdict(cfg),
         "versions": library_versions(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -1,0 +1,115 @@
+"""GPU ceilings for the product's inference path, for a machine with a GPU but no TensorFlow or Ray.
+
+Measures, on whatever machine it runs on:
+
+1. the VGG16 conv base (the project's own ``pipeline.models.feature_extractor``) with Keras 3
+   on the JAX backend, float32 vs mixed bfloat16, at the project's batch sizes: images/s and
+   peak GPU memory — the per-GPU ceiling of one inference actor;
+2. the project's own decode function (``pipeline.decode.load_image``: Pillow, draft mode,
+   EXIF, resize) on real JPEGs, on one core and on every core — the per-node decode ceiling,
+   i.e. how many GPUs one node's CPUs can keep fed.
+
+    KERAS_BACKEND=jax python bench/gpu_check.py --images DIR [--image-size 150]
+
+Prints a table and, on its final line, one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+
+from pipeline.decode import load_image  # noqa: E402
+
+
+def _decode_all(args: tuple[list[str], int, int]) -> int:
+    paths, size, repeats = args
+    for _ in range(repeats):
+        for p in paths:
+            load_image(p, size)
+    return len(paths) * repeats
+
+
+def decode_throughput(paths: list[str], size: int, processes: int, repeats: int) -> float:
+    """Images/s of the project's decode function over ``processes`` worker processes."""
+    chunks = [paths[i::processes] for i in range(processes)]
+    with mp.get_context("fork").Pool(processes) as pool:
+        pool.map(_decode_all, [(c, size, 1) for c in chunks])  # warm the page cache and imports
+        start = time.perf_counter()
+        done = sum(pool.map(_decode_all, [(c, size, repeats) for c in chunks]))
+    return done / (time.perf_counter() - start)
+
+
+def _model_throughput(args: tuple[int, str, int, float]) -> dict[str, float]:
+    size, precision, batch, seconds = args
+    import jax
+
+    from pipeline.models import feature_extractor
+
+    model = feature_extractor(size, None, "torch", precision)
+    x = np.random.default_rng(0).integers(0, 256, size=(batch, size, size, 3)).astype(np.float32)
+    model.predict_on_batch(x)  # compile
+    model.predict_on_batch(x)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        np.asarray(model.predict_on_batch(x))
+        n += batch
+    rate = n / (time.perf_counter() - start)
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"images_per_s": round(rate, 1), "peak_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2)}
+
+
+def model_throughput(size: int, precision: str, batch: int, seconds: float) -> dict[str, float]:
+    """Images/s and peak device memory of the VGG16 feature extractor at one batch size.
+
+    Each configuration runs in a fresh process, so its peak memory is its own.
+    """
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.map(_model_throughput, [(size, precision, batch, seconds)])[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", required=True, help="folder of real JPEGs for the decode measurement")
+    parser.add_argument("--image-size", type=int, default=150)
+    parser.add_argument("--batch-sizes", default="32,64,128,256")
+    parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds per configuration")
+    args = parser.parse_args()
+
+    figures: dict[str, object] = {"cpu_cores": os.cpu_count(), "image_size": args.image_size}
+    # Decode first: forking after JAX has started its threads can deadlock.
+    paths = sorted(os.path.join(args.images, f) for f in os.listdir(args.images))
+    one = decode_throughput(paths, args.image_size, 1, 2)
+    cores = os.cpu_count() or 1
+    every = decode_throughput(paths, args.image_size, cores, 4)
+    figures["decode_images_per_s_one_core"] = round(one, 1)
+    figures[f"decode_images_per_s_{cores}_cores"] = round(every, 1)
+    print(f"decode+resize to {args.image_size}px: {one:.0f} img/s on 1 core, {every:.0f} img/s on {cores} cores")
+
+    import jax
+
+    device = jax.devices()[0]
+    figures.update(device=str(getattr(device, "device_kind", device)), backend=jax.default_backend())
+    print(f"VGG16 conv base on {figures['device']} ({figures['backend']}):")
+    print(f"{'precision':>10} {'batch':>6} {'img/s':>9} {'peak GiB':>9}")
+    for precision in ("float32", "bfloat16"):
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
+            r = model_throughput(args.image_size, precision, batch, args.seconds)
+            figures[f"vgg16_{precision}_b{batch}"] = r
+            print(f"{precision:>10} {batch:>6} {r['images_per_s']:>9.1f} {r['peak_gib']:>9.2f}", flush=True)
+    best = max((v["images_per_s"] for k, v in figures.items() if k.startswith("vgg16_")), default=0)
+    figures["gpus_one_node_can_feed"] = round(every / best, 2) if best else None
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
