@@ -34,6 +34,7 @@ from pipeline.config import ExtractConfig
 from pipeline.decode import decode_batch
 from pipeline.discover import DatasetIndex, discover
 from pipeline.errors import DataError, OutputError
+from pipeline.faults import maybe_kill
 from pipeline.precision import resolve_precision
 from pipeline.versions import library_versions
 from pipeline.weights import WeightsSource, load_weight_arrays, resolve_weights
@@ -140,6 +141,7 @@ class FeatureActor:
         self.identity = actor_identity()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        maybe_kill("extract")
         images = batch.pop("image")
         ok = batch["reason"] == ""
         features = run_model_on_good_rows(self.model.predict_on_batch, images, ok, self.batch_size)

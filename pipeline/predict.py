@@ -22,6 +22,7 @@ from pipeline.cluster import InferencePlan, configure_tensorflow_devices
 from pipeline.config import OUTPUT_FILE_SUFFIXES, PredictConfig
 from pipeline.discover import discover_unlabeled, is_image_name
 from pipeline.errors import DataError, OutputError
+from pipeline.faults import maybe_kill
 from pipeline.extract import (REJECTS_FILE, collect_rejects, decoded_images, map_with_actors,
                               run_model_on_good_rows, write_rejects_part)
 
@@ -50,6 +51,7 @@ class ClassifierActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipeline.models import probabilities
 
+        maybe_kill("predict")
         images = batch.pop("image")
         ok = batch["reason"] == ""
         out = np.full((len(images), self.num_classes), np.nan, dtype=np.float32)

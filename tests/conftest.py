@@ -45,3 +45,30 @@ def make_real_root(root: str, per_class: int) -> str:
 def real_root(tmp_path_factory) -> str:
     """40 real photos: 10 cats and 10 dogs in each of train and validation."""
     return make_real_root(str(tmp_path_factory.mktemp("real")), 10)
+
+
+RELIABILITY_ROWS: list[dict] = []
+
+
+@pytest.fixture
+def record_case():
+    """Record one row of the reliability table printed at the end of the session."""
+    def record(case: str, expected: str, observed: str, rows_in: int, rows_out: int, duplicates: int, lost: int):
+        RELIABILITY_ROWS.append(dict(case=case, expected=expected, observed=observed, rows_in=rows_in,
+                                     rows_out=rows_out, duplicates=duplicates, lost=lost))
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the reliability matrix: case, expected, observed, rows in/out, duplicates, lost."""
+    if not RELIABILITY_ROWS:
+        return
+    cols = ["case", "expected", "observed", "rows_in", "rows_out", "duplicates", "lost"]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in RELIABILITY_ROWS)) for c in cols}
+    terminalreporter.write_sep("=", "reliability matrix")
+    terminalreporter.write_line("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in RELIABILITY_ROWS:
+        terminalreporter.write_line("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+    lost = sum(r["lost"] for r in RELIABILITY_ROWS)
+    dupes = sum(r["duplicates"] for r in RELIABILITY_ROWS)
+    terminalreporter.write_line(f"{len(RELIABILITY_ROWS)} cases, {dupes} duplicated rows, {lost} lost rows")

@@ -36,7 +36,34 @@ def s3_extract(data_dir: str, uri: str) -> dict:
     return {"num_images": manifest["num_images"], "output_dir": manifest["output_dir"]}
 
 
+def extract(data_dir: str, output_dir: str) -> dict:
+    """A plain extraction on a cluster of its own (the environment may carry RIC_FAULT_KILL)."""
+    import ray
+
+    from pipeline.config import ExtractConfig
+    from pipeline.extract import run_extraction
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    manifest = run_extraction(ExtractConfig(data_dir=data_dir, output_dir=output_dir, weights="none", image_size=32,
+                                            precision="float32", batch_size=2))
+    return {"num_images": manifest["num_images"], "counts": manifest["counts"]}
+
+
+def predict(model: str, input_dir: str, output: str) -> dict:
+    """A plain prediction on a cluster of its own (the environment may carry RIC_FAULT_KILL)."""
+    import ray
+
+    from pipeline.config import PredictConfig
+    from pipeline.predict import run_prediction
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    summary = run_prediction(PredictConfig(model=model, input=input_dir, output=output, precision="float32",
+                                           batch_size=2))
+    return {"num_images": summary["num_images"], "num_rejects": summary["num_rejects"]}
+
+
 if __name__ == "__main__":
     scenario, *args = sys.argv[1:]
-    result = {"logical_gpus": logical_gpus, "s3_extract": s3_extract}[scenario](*args)
+    result = {"logical_gpus": logical_gpus, "s3_extract": s3_extract, "extract": extract,
+              "predict": predict}[scenario](*args)
     print("RESULT " + json.dumps(result))

@@ -95,14 +95,41 @@ def test_bad_files_get_reasons(tmp_path):
     assert err.value.reason == "not a file"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files regardless of permissions")
-def test_unreadable_file(tmp_path):
-    path = tmp_path / "secret.jpg"
-    path.write_bytes(jpeg_bytes())
-    path.chmod(0)
-    with pytest.raises(DecodeError) as err:
-        load_image(str(path), SIZE)
-    assert err.value.reason == "unreadable"
+def test_file_without_read_permission():
+    """Root reads any file, so the read runs in a child process whose effective user is 'nobody'."""
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="ric-perm-", dir="/tmp")
+    try:
+        os.chmod(folder, 0o755)
+        path = os.path.join(folder, "secret.jpg")
+        with open(path, "wb") as f:
+            f.write(jpeg_bytes())
+        os.chmod(path, 0)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: drop privileges, try to decode, report the reason
+            os.close(read_end)
+            reason = b"decoded"
+            try:
+                if os.geteuid() == 0:
+                    os.seteuid(65534)
+                load_image(path, SIZE)
+            except DecodeError as exc:
+                reason = exc.reason.encode()
+            except BaseException as exc:  # noqa: BLE001 - report anything else to the parent
+                reason = repr(exc).encode()
+            os.write(write_end, reason)
+            os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as f:
+            reason = f.read().decode()
+        os.waitpid(pid, 0)
+        assert reason == "unreadable"
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_decode_batch_keeps_every_row(tmp_path):

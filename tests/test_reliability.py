@@ -1,0 +1,268 @@
+"""Reliability matrix: bad inputs and faults; every case records rows in/out, duplicates, lost.
+
+`python -m pytest tests/test_reliability.py` (or `python bench/reliability.py`) prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import storage
+from pipeline.config import ExtractConfig
+from pipeline.discover import discover, iter_image_files
+from pipeline.errors import DataError, OutputError
+from pipeline.extract import read_split, run_extraction
+from tests.conftest import REAL_DATA, real_images
+from tests.images import bad_files
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.timeout(600)
+
+
+def tally(expected: set[str], got: list[str]) -> tuple[int, int, int, int]:
+    """(rows in, rows out, duplicated, lost)."""
+    return len(expected), len(got), len(got) - len(set(got)), len(expected - set(got))
+
+
+def extracted_paths(out: str) -> list[str]:
+    paths = []
+    for split in ("train", "validation"):
+        table = read_split(out, split, columns=["path"])
+        paths += table.column("path").to_pylist() if table is not None else []
+    return paths
+
+
+def good_relpaths(root: str) -> set[str]:
+    return {os.path.relpath(p, root) for p in iter_image_files(root) if not os.path.basename(p).startswith("bad")}
+
+
+def test_dirty_photo_collection(ray_cluster, tmp_path, record_case):
+    """Every odd file decodes (good ones) or is a listed reject (bad ones); nothing else happens."""
+    from PIL import Image
+
+    from tests.images import half_split_image, jpeg_bytes, write
+
+    root = tmp_path / "data"
+    for split in ("train", "validation"):
+        for cls in ("cats", "dogs"):
+            os.makedirs(root / split / cls)
+            for p in real_images(split, cls, 2):
+                shutil.copyfile(p, root / split / cls / os.path.basename(p))
+    odd = root / "train" / "cats"
+    Image.new("RGBA", (30, 20), (0, 0, 255, 128)).save(odd / "alpha.png")
+    Image.new("P", (30, 20), 3).save(odd / "palette.gif")
+    Image.new("I;16", (30, 20), 40000).save(odd / "sixteen.png")
+    Image.new("L", (30, 20), 90).save(odd / "gray.jpg")
+    write(str(odd / "cmyk.jpg"), jpeg_bytes((0, 255, 255, 0), mode="CMYK"))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    half_split_image().save(odd / "rotated.jpg", exif=exif)
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(odd / "one pixel 'quoted' ü.png")
+    bad = {os.path.join("train", "dogs", n) for n in bad_files(str(root / "train" / "dogs"))}
+    expected = {os.path.relpath(p, root) for p in iter_image_files(str(root))} - bad
+    out = str(tmp_path / "out")
+    manifest = run_extraction(ExtractConfig(data_dir=str(root), output_dir=out, weights="none", image_size=32,
+                                            precision="float32", max_reject_fraction=0.5))
+    got = extracted_paths(out)
+    rejects = set(pq.read_table(os.path.join(out, "rejects.parquet")).column("path").to_pylist())
+    record_case("dirty photo collection", f"{len(bad)} rejects", f"{len(rejects)} rejects", *tally(expected, got))
+    assert rejects == bad and set(got) == expected and len(got) == len(set(got))
+    assert manifest["num_rejects"] == len(bad)
+
+
+@pytest.mark.parametrize("case, make, message", [
+    ("missing folder", lambda p: p / "nope", "does not exist"),
+    ("empty folder", lambda p: p, "must hold the split folders"),
+    ("one class only", "one_class", "need at least two class folders"),
+    ("split with no images", "empty_split", "holds no image files"),
+    ("classes differ between splits", "mismatch", "class folders differ between splits"),
+])
+def test_bad_data_roots_fail_before_cluster_work(tmp_path, case, make, message, record_case):
+    if callable(make):
+        root = make(tmp_path)
+    else:
+        root = tmp_path
+        layout = {"one_class": {"train": ["a"], "validation": ["a"]},
+                  "empty_split": {"train": ["a", "b"], "validation": ["a", "b"]},
+                  "mismatch": {"train": ["a", "b"], "validation": ["a", "c"]}}[make]
+        for split, classes in layout.items():
+            for cls in classes:
+                os.makedirs(root / split / cls)
+                if not (make == "empty_split" and split == "validation"):
+                    shutil.copyfile(real_images("train", "cats", 1)[0], root / split / cls / "x.jpg")
+    with pytest.raises(DataError, match=message):
+        discover(str(root))
+    record_case(f"data root: {case}", "clear error", "clear error", 0, 0, 0, 0)
+
+
+def test_thousands_of_files_in_one_folder(tmp_path, record_case):
+    from tests.images import jpeg_bytes
+
+    data = jpeg_bytes(size=(8, 8))
+    for split in ("train", "validation"):
+        for cls in ("a", "b"):
+            os.makedirs(tmp_path / split / cls)
+    for i in range(3000):
+        (tmp_path / "train" / "a" / f"img{i:05d}.jpg").write_bytes(data)
+    for path in ("train/b/x.jpg", "validation/a/x.jpg", "validation/b/x.jpg"):
+        (tmp_path / path).write_bytes(data)
+    index = discover(str(tmp_path))
+    paths = [f.relpath for f in index.splits["train"]]
+    record_case("3000 files in one folder", "all listed", f"{len(paths)} listed", 3001, len(paths),
+                len(paths) - len(set(paths)), 3001 - len(set(paths)))
+    assert len(set(paths)) == 3001
+
+
+def _isolated(scenario: str, *args: str, env_extra: dict) -> dict:
+    env = {**os.environ, **env_extra}
+    proc = subprocess.run([sys.executable, "-m", "tests.isolated", scenario, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=480)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_inference_actor_killed_mid_extraction(real_root, tmp_path, record_case):
+    marker = tmp_path / "killed"
+    out = str(tmp_path / "out")
+    _isolated("extract", real_root, out, env_extra={"RIC_FAULT_KILL": f"extract:3:{marker}"})
+    got = extracted_paths(out)
+    expected = good_relpaths(real_root)
+    record_case("inference actor killed (extraction)", "restart, all rows once",
+                "killed+restarted" if marker.exists() else "not killed", *tally(expected, got))
+    assert marker.exists() and set(got) == expected and len(got) == len(expected)
+
+
+def _small_model(path: str) -> str:
+    from pipeline import models
+    from pipeline.modelfile import save_classifier
+
+    save_classifier(models.scratch_cnn(32, 2), path, {"kind": "scratch", "classes": ["cats", "dogs"], "image_size": 32})
+    return path
+
+
+def test_inference_actor_killed_mid_prediction(real_root, tmp_path, record_case):
+    marker = tmp_path / "killed"
+    out = str(tmp_path / "pred.csv")
+    folder = os.path.join(real_root, "validation")
+    _isolated("predict", _small_model(str(tmp_path / "m.keras")), folder, out,
+              env_extra={"RIC_FAULT_KILL": f"predict:3:{marker}"})
+    got = pacsv.read_csv(out).column("path").to_pylist()
+    expected = good_relpaths(folder)
+    record_case("inference actor killed (prediction)", "restart, all rows once",
+                "killed+restarted" if marker.exists() else "not killed", *tally(expected, got))
+    assert marker.exists() and set(got) == expected and len(got) == len(expected)
+
+
+def _start_job(args: list[str], log) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, seconds: float = 300) -> None:
+    deadline = time.time() + seconds
+    while not predicate():
+        assert proc.poll() is None, "the job ended before the test could interrupt it"
+        assert time.time() < deadline, "timed out waiting for the job"
+        time.sleep(0.1)
+
+
+def _stop(proc: subprocess.Popen, sig: int) -> int:
+    os.killpg(proc.pid, sig)
+    try:
+        return proc.wait(timeout=120)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever the driver left of its local cluster
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_driver_interrupted_during_extraction_then_rerun(ray_cluster, real_root, tmp_path, sig, record_case):
+    """A second run into the same output is refused while the first holds it; the interrupted
+    first run leaves nothing that looks complete; the rerun finishes and reuses nothing half-written."""
+    out = str(tmp_path / "out")
+    args = ["jobs.extract_features", "--data-dir", real_root, "--output-dir", out, "--precision", "float32",
+            "--batch-size", "2"]
+    with open(tmp_path / "log", "w") as log:
+        proc = _start_job(args, log)
+        try:
+            _wait_for(lambda: storage.list_parquet(os.path.join(out + ".partial", "train")), proc)
+            with pytest.raises(OutputError, match="being written by another run"):
+                run_extraction(ExtractConfig(data_dir=real_root, output_dir=out, precision="float32", weights="none"))
+        finally:
+            code = _stop(proc, sig)
+    assert code != 0 and not os.path.exists(out), "an interrupted run must not leave a complete-looking output"
+    manifest = run_extraction(ExtractConfig(data_dir=real_root, output_dir=out, precision="float32", batch_size=2))
+    got = extracted_paths(out)
+    expected = good_relpaths(real_root)
+    record_case(f"driver {signal.Signals(sig).name} during extraction, rerun", "no output, then complete",
+                "no output, then complete" if manifest["num_images"] == 40 else "incomplete", *tally(expected, got))
+    assert set(got) == expected and len(got) == 40 and not os.path.exists(out + ".partial")
+
+
+def test_driver_interrupted_during_prediction_then_rerun(ray_cluster, real_root, tmp_path, record_case):
+    from pipeline.config import PredictConfig
+    from pipeline.predict import run_prediction
+
+    model = _small_model(str(tmp_path / "m.keras"))
+    out = str(tmp_path / "pred.parquet")
+    args = ["jobs.predict", "--model", model, "--input", real_root, "--output", out, "--batch-size", "1",
+            "--precision", "float32"]
+    with open(tmp_path / "log", "w") as log:
+        proc = _start_job(args, log)
+        try:
+            _wait_for(lambda: storage.list_parquet(os.path.join(str(tmp_path / "pred.partial"), "predictions")), proc)
+        finally:
+            code = _stop(proc, signal.SIGINT)
+    assert code != 0 and not os.path.exists(out)
+    summary = run_prediction(PredictConfig(model=model, input=real_root, output=out, precision="float32"))
+    got = pq.read_table(out).column("path").to_pylist()
+    expected = good_relpaths(real_root)
+    record_case("driver SIGINT during prediction, rerun", "no output, then complete",
+                "no output, then complete" if summary["num_images"] == 40 else "incomplete", *tally(expected, got))
+    assert set(got) == expected and len(got) == 40
+
+
+def test_training_worker_killed_resumes(ray_cluster, real_root, tmp_path, record_case):
+    """Covered in depth by tests/test_train.py; recorded here for the matrix with the metrics file."""
+    from pipeline.config import TrainTopConfig
+    from pipeline.trainjobs import train_top
+
+    features = run_extraction(ExtractConfig(data_dir=real_root, output_dir=str(tmp_path / "f"), weights="none",
+                                            image_size=32, precision="float32"))
+    import csv
+
+    from pipeline import train as train_module
+
+    marker = tmp_path / "killed"
+    original = train_module.LoopSettings.to_config
+
+    def with_fault(self):
+        config = original(self)
+        config["extras"] = {**config["extras"], "fault": {"kill_at_epoch": 2, "rank": 1, "marker": str(marker)}}
+        return config
+
+    train_module.LoopSettings.to_config = with_fault
+    try:
+        train_top(TrainTopConfig(features_dir=features["output_dir"], output_dir=str(tmp_path / "run"), epochs=3,
+                                 batch_size=8, num_workers=2, precision="float32", max_failures=2))
+    finally:
+        train_module.LoopSettings.to_config = original
+    with open(tmp_path / "run" / "top" / "metrics.csv") as f:
+        epochs = [int(r["epoch"]) for r in csv.DictReader(f)]
+    record_case("training worker killed in epoch 2", "resume, epochs 1-3 once",
+                "killed+resumed" if marker.exists() else "not killed", 3, len(epochs),
+                len(epochs) - len(set(epochs)), 3 - len(set(epochs)))
+    assert marker.exists() and epochs == [1, 2, 3]
