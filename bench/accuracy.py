@@ -1,0 +1,49 @@
+"""Accuracy of the three models on real photos against the seed's published figures.
+
+    python bench/accuracy.py [--data-dir ../shared/data/cats_vs_dogs_small] [--num-workers 2]
+
+Runs the main job (`jobs.run_all`, default settings; finished stages in the output folder are
+reused) and prints one row per model: validation accuracy, the seed's figure, epochs, minutes.
+Targets on cats_vs_dogs_small: bottleneck >= 0.95, fine-tuned >= 0.96, scratch >= 0.80.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from pipeline.cluster import init_ray  # noqa: E402
+from pipeline.config import RunAllConfig  # noqa: E402
+from pipeline.report import SEED_FIGURES  # noqa: E402
+from pipeline.runall import run_all  # noqa: E402
+
+TARGETS = {"top": 0.95, "finetune": 0.96, "scratch": 0.80}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=os.path.join("..", "shared", "data", "cats_vs_dogs_small"))
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--output-dir", default=None)
+    args = parser.parse_args()
+    init_ray()
+    report = run_all(RunAllConfig(data_dir=args.data_dir, num_workers=args.num_workers, output_dir=args.output_dir))
+    run_dir = os.path.dirname(report)
+    print(f"{'model':<10} {'val accuracy':>12} {'seed':>10} {'target':>7} {'epochs':>7} {'minutes':>8}")
+    figures = {}
+    for kind in ("top", "finetune", "scratch"):
+        with open(os.path.join(run_dir, kind, "summary.json")) as f:
+            s = json.load(f)
+        figures[kind] = {"accuracy": s["accuracy"], "epochs": s["epochs"], "minutes": round(s["seconds"] / 60, 1),
+                         "meets_target": s["accuracy"] >= TARGETS[kind]}
+        print(f"{kind:<10} {s['accuracy']:>12.4f} {SEED_FIGURES[kind]:>10} {TARGETS[kind]:>7} {s['epochs']:>7} "
+              f"{s['seconds'] / 60:>8.1f}")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
