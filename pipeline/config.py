@@ -260,7 +260,7 @@ class RunAllConfig:
     precision: str = field_help("auto", "auto: bfloat16 where the hardware has it, else float32", PRECISIONS)
     num_workers: int = field_help(1, "Ray Train workers for each training job")
     use_gpu: bool = field_help(False, "put each Ray Train worker on a GPU")
-    epochs: int | None = field_help(None, "epochs for every training job (default: each job's own: 50, 10, 50)")
+    epochs: int | None = field_help(None, "epochs for every training job (default: each job's own, 50, 10 and 50; 5 on the built-in data)")
     batch_size: int = field_help(32, "global batch size for training and inference")
     max_images_per_class: int | None = field_help(None, "use at most this many images per class and split (smoke tests)")
     seed: int = field_help(0, "seed for initialisation, shuffling and augmentation")

@@ -125,3 +125,13 @@ def test_finetune_refuses_to_start_without_a_top_model(tmp_path):
 
     with pytest.raises(UserError, match="python -m jobs.train_top"):
         finetune(FinetuneConfig(output_dir=str(tmp_path)))
+
+
+def test_finetune_refuses_a_top_model_of_the_wrong_kind(tmp_path):
+    from pipeline.modelfile import save_classifier
+    from pipeline.trainjobs import finetune
+
+    path = str(tmp_path / "scratch.keras")
+    save_classifier(models.scratch_cnn(32, 2), path, {"kind": "scratch", "classes": ["a", "b"], "image_size": 32})
+    with pytest.raises(UserError, match="is a scratch model; fine-tuning starts from a train_top model"):
+        finetune(FinetuneConfig(top_model=path, output_dir=str(tmp_path / "out")))
