@@ -119,12 +119,30 @@ def die(message: str, status: int = 2) -> typing.NoReturn:
 
 
 @dataclasses.dataclass
-class ExtractConfig:
-    """Settings of ``jobs.extract_features``: image folders → VGG16 bottleneck features in Parquet."""
+class DataOptions:
+    """Where the labelled images are and how they are read (shared by every job that reads a data root)."""
 
-    data_dir: str | None = field_help(None, "data root; default: the built-in synthetic set (proves the installation only)")
+    data_dir: str | None = field_help(None, "data root (default: the built-in synthetic set, which proves the installation "
+                                            "only; fine-tuning: the data of its top model)")
     layout: str = field_help("splits", "splits: <root>/<split>/<class>/<image>; kaggle: flat <root>/cat.1.jpg", LAYOUTS)
     validation_fraction: float = field_help(0.2, "fraction of files hashed into validation (kaggle layout)")
+    max_images_per_class: int | None = field_help(None, "use at most this many images per class and split (smoke tests)")
+    max_reject_fraction: float = field_help(0.05, "fail if more than this fraction of files cannot be decoded")
+
+    def check_data_options(self) -> None:
+        """Validate the data options (called from each job config's ``__post_init__``)."""
+        check_choice("layout", self.layout, LAYOUTS)
+        check_range("validation_fraction", self.validation_fraction, 0, 1, open_low=True, open_high=True)
+        check_positive("max_images_per_class", self.max_images_per_class, allow_none=True)
+        check_range("max_reject_fraction", self.max_reject_fraction, 0, 1)
+        if self.data_dir is not None and not os.path.isdir(self.data_dir):
+            raise ConfigError(f"--data-dir {self.data_dir!r} is not an existing folder")
+
+
+@dataclasses.dataclass
+class ExtractConfig(DataOptions):
+    """Settings of ``jobs.extract_features``: image folders → VGG16 bottleneck features in Parquet."""
+
     output_dir: str | None = field_help(None, "where the shards go (local path or URI); default outputs/<data folder name>/features")
     image_size: int = field_help(150, "images are resized to this many pixels square (at least 32)")
     weights: str = field_help("torchvision", "VGG16 weights: torchvision, keras, none, or a path to a Keras weights file")
@@ -132,13 +150,10 @@ class ExtractConfig:
     precision: str = field_help("auto", "auto: bfloat16 where the hardware has it, else float32", PRECISIONS)
     workers: int = field_help(1, "inference actors when the cluster has no GPUs (with GPUs: one per GPU)")
     batch_size: int = field_help(32, "images per inference batch")
-    max_images_per_class: int | None = field_help(None, "use at most this many images per class and split (smoke tests)")
-    max_reject_fraction: float = field_help(0.05, "fail if more than this fraction of files cannot be decoded")
     overwrite: bool = field_help(False, "redo the extraction even if a finished one with the same settings exists")
 
     def __post_init__(self) -> None:
-        check_choice("layout", self.layout, LAYOUTS)
-        check_range("validation_fraction", self.validation_fraction, 0, 1, open_low=True, open_high=True)
+        self.check_data_options()
         if self.image_size is None or self.image_size < 32:
             raise ConfigError(f"--image-size must be an integer of at least 32 (VGG16 halves it five times); got {self.image_size!r}")
         check_weights(self.weights)
@@ -146,11 +161,7 @@ class ExtractConfig:
         check_choice("precision", self.precision, PRECISIONS)
         check_positive("workers", self.workers)
         check_positive("batch_size", self.batch_size)
-        check_positive("max_images_per_class", self.max_images_per_class, allow_none=True)
-        check_range("max_reject_fraction", self.max_reject_fraction, 0, 1)
         check_output_location("output_dir", self.output_dir)
-        if self.data_dir is not None and not os.path.isdir(self.data_dir):
-            raise ConfigError(f"--data-dir {self.data_dir!r} is not an existing folder")
 
 
 def check_weights(value: str) -> None:
@@ -204,23 +215,12 @@ class TrainTopConfig(TrainConfig):
 
 
 @dataclasses.dataclass
-class ImageTrainConfig(TrainConfig):
+class ImageTrainConfig(DataOptions, TrainConfig):
     """Settings shared by the jobs that stream images (fine-tuning, the small CNN)."""
-
-    data_dir: str | None = field_help(None, "data root (default: the one the top model was trained on / the built-in set)")
-    layout: str = field_help("splits", "splits or kaggle (see jobs.extract_features)", LAYOUTS)
-    validation_fraction: float = field_help(0.2, "fraction hashed into validation (kaggle layout)")
-    max_images_per_class: int | None = field_help(None, "use at most this many images per class and split")
-    max_reject_fraction: float = field_help(0.05, "fail if more than this fraction of files cannot be decoded")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_choice("layout", self.layout, LAYOUTS)
-        check_range("validation_fraction", self.validation_fraction, 0, 1, open_low=True, open_high=True)
-        check_positive("max_images_per_class", self.max_images_per_class, allow_none=True)
-        check_range("max_reject_fraction", self.max_reject_fraction, 0, 1)
-        if self.data_dir is not None and not os.path.isdir(self.data_dir):
-            raise ConfigError(f"--data-dir {self.data_dir!r} is not an existing folder")
+        self.check_data_options()
 
 
 @dataclasses.dataclass
@@ -249,12 +249,9 @@ class ScratchConfig(ImageTrainConfig):
 
 
 @dataclasses.dataclass
-class RunAllConfig:
+class RunAllConfig(DataOptions):
     """Settings of ``jobs.run_all``: extraction → train_top → finetune → train_scratch → report.md."""
 
-    data_dir: str | None = field_help(None, "data root; default: the built-in synthetic set (proves the installation only)")
-    layout: str = field_help("splits", "splits or kaggle (see jobs.extract_features)", LAYOUTS)
-    validation_fraction: float = field_help(0.2, "fraction hashed into validation (kaggle layout)")
     output_dir: str | None = field_help(None, "run folder (default outputs/<data folder name>)")
     weights: str = field_help("torchvision", "VGG16 weights: torchvision, keras, none, or a Keras weights file")
     precision: str = field_help("auto", "auto: bfloat16 where the hardware has it, else float32", PRECISIONS)
@@ -262,25 +259,20 @@ class RunAllConfig:
     use_gpu: bool = field_help(False, "put each Ray Train worker on a GPU")
     epochs: int | None = field_help(None, "epochs for every training job (default: each job's own, 50, 10 and 50; 5 on the built-in data)")
     batch_size: int = field_help(32, "global batch size for training and inference")
-    max_images_per_class: int | None = field_help(None, "use at most this many images per class and split (smoke tests)")
     seed: int = field_help(0, "seed for initialisation, shuffling and augmentation")
     skip: str = field_help("", "comma-separated stages to skip: finetune, scratch")
     overwrite: bool = field_help(False, "redo every stage even if finished results exist")
 
     def __post_init__(self) -> None:
-        check_choice("layout", self.layout, LAYOUTS)
-        check_range("validation_fraction", self.validation_fraction, 0, 1, open_low=True, open_high=True)
+        self.check_data_options()
         check_weights(self.weights)
         check_choice("precision", self.precision, PRECISIONS)
         check_positive("num_workers", self.num_workers)
         check_positive("epochs", self.epochs, allow_none=True)
         check_positive("batch_size", self.batch_size)
-        check_positive("max_images_per_class", self.max_images_per_class, allow_none=True)
         for stage in filter(None, (s.strip() for s in self.skip.split(","))):
             check_choice("skip", stage, SKIPPABLE)
         check_output_location("output_dir", self.output_dir)
-        if self.data_dir is not None and not os.path.isdir(self.data_dir):
-            raise ConfigError(f"--data-dir {self.data_dir!r} is not an existing folder")
 
     def skipped(self) -> set[str]:
         """The stages named in ``--skip``."""

@@ -29,7 +29,7 @@ def run_all(cfg: RunAllConfig) -> str:
     common = dict(output_dir=output_dir, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, batch_size=cfg.batch_size,
                   seed=cfg.seed, precision=cfg.precision, overwrite=cfg.overwrite, **epochs)
     images = dict(data_dir=data_dir, layout=cfg.layout, validation_fraction=cfg.validation_fraction,
-                  max_images_per_class=cfg.max_images_per_class)
+                  max_images_per_class=cfg.max_images_per_class, max_reject_fraction=cfg.max_reject_fraction)
     stages: list[dict[str, Any]] = []
 
     manifest = run_extraction(ExtractConfig(
