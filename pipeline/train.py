@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
@@ -226,6 +227,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
     for epoch in range(state["epoch"], s.epochs):
+        epoch_started = time.time()
         shuffle_seed = (s.seed * 1_000_003 + epoch * 7919 + rank) % 2**31 if s.shuffle else None
         augment_seed = [s.seed, epoch, rank] if s.augment else None
         tr = run_epoch(train_shard, distributed_train, True, shuffle_seed, augment_seed,
@@ -234,7 +236,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         row = {"epoch": epoch + 1,
                "loss": float(tr[0] / max(tr[2], 1)), "accuracy": float(tr[1] / max(tr[2], 1)),
                "val_loss": float(va[0] / max(va[2], 1)), "val_accuracy": float(va[1] / max(va[2], 1)),
-               "train_samples": int(tr[2]), "val_samples": int(va[2])}
+               "train_samples": int(tr[2]), "val_samples": int(va[2]),
+               "seconds": round(time.time() - epoch_started, 2)}
         state = {"epoch": epoch + 1, "history": state["history"] + [row]}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None

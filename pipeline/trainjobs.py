@@ -60,8 +60,11 @@ def _settings(kind: str, cfg: TrainConfig, precision: str, num_classes: int, **k
 
 
 def _run(settings: LoopSettings, datasets: dict[str, Any], cfg: TrainConfig, directory: str):
-    """Fit and return (best checkpoint, full history, seconds, samples per second)."""
-    started = time.time()
+    """Fit and return (best checkpoint, full history, training seconds, samples per second).
+
+    Seconds and samples/s add up the epochs' own times, so a resumed run reports its whole
+    training, not only the part after the restart.
+    """
     result = fit(settings, datasets, cfg.num_workers, cfg.use_gpu, os.path.abspath(os.path.join(directory, "ray_train")),
                  name="run", max_failures=cfg.max_failures)
     if result.error is not None:
@@ -70,7 +73,7 @@ def _run(settings: LoopSettings, datasets: dict[str, Any], cfg: TrainConfig, dir
         raise TrainingError("training finished without a checkpoint")
     history = read_checkpoint_state(result.checkpoint)["history"]
     best = max(result.best_checkpoints, key=lambda cm: (cm[1]["val_accuracy"], -cm[1]["val_loss"], cm[1]["epoch"]))
-    seconds = time.time() - started
+    seconds = sum(h.get("seconds", 0.0) for h in history)
     samples = sum(h["train_samples"] for h in history)
     return best[0], history, seconds, samples / max(seconds, 1e-9)
 

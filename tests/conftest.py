@@ -16,7 +16,10 @@ def ray_cluster():
     import ray
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
+    # With the dashboard, Ray Train's placement-group cleaner can ask the state API about this
+    # cluster; without it, that query may reach another local Ray instance (a test's own
+    # cluster), find no controller there, and tear down a healthy training run.
+    ray.init(num_cpus=2, include_dashboard=True, configure_logging=False,
              runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
     yield ray
     ray.shutdown()
