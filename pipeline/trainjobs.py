@@ -128,8 +128,11 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     num_classes = len(manifest["classes"])
     shape = tuple(manifest["feature_shape"])
     precision = resolve_precision(cfg.precision, cfg.use_gpu)
+    # Shards hold one class after another; shuffling the (small) feature rows once, seeded,
+    # gives every batch both classes. The local shuffle buffer reorders them every epoch.
     datasets = {split: ray.data.read_parquet(storage.join(features_dir, split)).select_columns(["label", "features"])
                 for split in ("train", "validation")}
+    datasets["train"] = datasets["train"].random_shuffle(seed=cfg.seed)
     settings = _settings("top", cfg, precision, num_classes, feature_shape=shape)
     best, history, seconds, rate = _run(settings, datasets, cfg, directory)
 
@@ -179,9 +182,17 @@ def _good_rows(index: DatasetIndex, image_size: int, max_reject_fraction: float,
     return out
 
 
-def _image_datasets(rows: dict[str, list[dict[str, Any]]], image_size: int, batch_size: int) -> dict[str, Any]:
+def _image_datasets(rows: dict[str, list[dict[str, Any]]], image_size: int, batch_size: int,
+                    seed: int) -> dict[str, Any]:
+    """Decoded-image datasets; the training files in a seeded random order.
+
+    Files are listed class by class; streamed in that order, even a local shuffle buffer
+    yields batches of one class, and a small CNN trained on them collapses to a constant.
+    """
     plan = inference_plan(1)
-    return {split: decoded_images(rows[split], image_size, batch_size, plan.decode_cpus).select_columns(["image", "label"])
+    order = np.random.default_rng(seed).permutation(len(rows["train"]))
+    ordered = {"train": [rows["train"][i] for i in order], "validation": rows["validation"]}
+    return {split: decoded_images(ordered[split], image_size, batch_size, plan.decode_cpus).select_columns(["image", "label"])
             for split in ("train", "validation")}
 
 
@@ -202,7 +213,7 @@ def _evaluate_model_file(path: str, rows: list[dict[str, Any]], classes: list[st
 def _image_job(kind: str, cfg: FinetuneConfig | ScratchConfig, index: DatasetIndex, directory: str,
                image_size: int, precision: str, metadata: dict[str, Any], extras: dict[str, Any], model_fn) -> dict[str, Any]:
     rows = _good_rows(index, image_size, cfg.max_reject_fraction, directory, cfg.batch_size)
-    datasets = _image_datasets(rows, image_size, cfg.batch_size)
+    datasets = _image_datasets(rows, image_size, cfg.batch_size, cfg.seed)
     settings = _settings(kind, cfg, precision, len(index.classes), image_size=image_size, augment=True,
                          preprocessing=metadata.get("preprocessing", "unit"), extras=extras)
     best, history, seconds, rate = _run(settings, datasets, cfg, directory)
