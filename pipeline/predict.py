@@ -9,7 +9,7 @@ import io
 import os
 import tempfile
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -72,17 +72,13 @@ def predictions_dataset(model_path: str, rows: list[dict[str, Any]], image_size:
                                                  "batch_size": batch_size}, plan, batch_size)
 
 
-def iter_prediction_batches(ds: ray.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
-    """Stream a predictions dataset to the driver batch by batch (only paths and probabilities)."""
-    yield from ds.iter_batches(batch_size=256, batch_format="numpy")
-
-
 def collect_probabilities(ds: ray.data.Dataset) -> tuple[list[str], np.ndarray, list[dict[str, str]]]:
     """(paths of decoded files, their probabilities, rejects) from a predictions dataset."""
     paths: list[str] = []
     probs: list[np.ndarray] = []
     rejects: list[dict[str, str]] = []
-    for batch in iter_prediction_batches(ds):
+    # Streamed batch by batch: the driver keeps only paths and probabilities, never pixels.
+    for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
         ok = batch["reason"] == ""
         paths += [str(p) for p in batch["relpath"][ok]]
         probs.append(np.asarray(batch["probs"][ok], dtype=np.float32))

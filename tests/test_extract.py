@@ -17,7 +17,7 @@ from pipeline.config import ExtractConfig
 from pipeline.decode import load_image
 from pipeline.errors import ConfigError, DataError, OutputError, WeightsError
 from pipeline.extract import features_as_array, read_split, run_extraction
-from tests.conftest import real_images
+from tests.conftest import make_real_root, real_images
 from tests.images import bad_files
 
 pytestmark = pytest.mark.timeout(600)
@@ -80,11 +80,7 @@ def test_finished_output_is_reused_and_overwrite_redoes_it(torchvision_extractio
 
 def test_bad_files_are_listed_and_good_files_kept(ray_cluster, tmp_path):
     root = tmp_path / "data"
-    for split in ("train", "validation"):
-        for cls in ("cats", "dogs"):
-            os.makedirs(root / split / cls)
-            for p in real_images(split, cls, 3):
-                shutil.copyfile(p, root / split / cls / os.path.basename(p))
+    make_real_root(str(root), 3)
     shutil.copyfile(real_images("train", "cats", 1)[0], root / "train" / "cats" / "UPPER CASE ü.JPG")
     expected = bad_files(str(root / "train" / "dogs"))
     out = str(tmp_path / "out")

@@ -22,7 +22,7 @@ from pipeline.config import ExtractConfig
 from pipeline.discover import discover, iter_image_files
 from pipeline.errors import DataError, OutputError
 from pipeline.extract import read_split, run_extraction
-from tests.conftest import REAL_DATA, real_images
+from tests.conftest import make_real_root, real_images
 from tests.images import bad_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,11 +53,7 @@ def test_dirty_photo_collection(ray_cluster, tmp_path, record_case):
     from tests.images import half_split_image, jpeg_bytes, write
 
     root = tmp_path / "data"
-    for split in ("train", "validation"):
-        for cls in ("cats", "dogs"):
-            os.makedirs(root / split / cls)
-            for p in real_images(split, cls, 2):
-                shutil.copyfile(p, root / split / cls / os.path.basename(p))
+    make_real_root(str(root), 2)
     odd = root / "train" / "cats"
     Image.new("RGBA", (30, 20), (0, 0, 255, 128)).save(odd / "alpha.png")
     Image.new("P", (30, 20), 3).save(odd / "palette.gif")
