@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pipeline import models  # noqa: E402
+from pipeline import models, vgg16  # noqa: E402
 from pipeline.decode import load_image  # noqa: E402
 from pipeline.discover import discover  # noqa: E402
 from pipeline.precision import resolve_precision  # noqa: E402
@@ -116,7 +116,7 @@ def main() -> None:
         cos = [float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
                for s in decoded for a, b in zip(feats_f32[s], feats_fast[s])]
         figures["min_cosine_float32_vs_bf16"] = round(min(cos), 6)
-        shape = tuple(models.feature_shape(size))
+        shape = tuple(vgg16.feature_shape(size))
         acc32 = top_accuracy(feats_f32["train"], labels["train"], feats_f32["validation"], labels["validation"], shape)
         acc16 = top_accuracy(feats_fast["train"], labels["train"], feats_fast["validation"], labels["validation"], shape)
         figures["top_val_accuracy_float32"] = round(acc32, 4)

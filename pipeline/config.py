@@ -150,6 +150,8 @@ class ExtractConfig(DataOptions):
     precision: str = field_help("auto", "auto: bfloat16 where the hardware has it, else float32", PRECISIONS)
     workers: int = field_help(1, "inference actors when the cluster has no GPUs (with GPUs: one per GPU)")
     batch_size: int = field_help(32, "images per inference batch")
+    cache_block4: bool = field_help(False, "also write VGG16's block-4 outputs (training images: also of their mirror "
+                                           "image) under <output-dir>/block4/, for jobs.finetune --cache-block4")
     overwrite: bool = field_help(False, "redo the extraction even if a finished one with the same settings exists")
 
     def __post_init__(self) -> None:
@@ -229,11 +231,19 @@ class FinetuneConfig(ImageTrainConfig):
 
     epochs: int = field_help(10, "training epochs")
     top_model: str | None = field_help(None, "model.keras written by jobs.train_top (default <output-dir>/top/model.keras)")
+    cache_block4: bool = field_help(False, "train block 5 + top on cached block-4 outputs of the top model's feature "
+                                           "folder (added there if missing; augmentation: mirror images only) "
+                                           "instead of streaming images through blocks 1-4 every epoch; "
+                                           "writes <output-dir>/finetune_cached/")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.top_model is not None and not os.path.isfile(self.top_model):
             raise ConfigError(f"--top-model {self.top_model!r} is not an existing file; jobs.train_top writes one")
+        if self.cache_block4 and (self.data_dir is not None or self.max_images_per_class is not None):
+            raise ConfigError("--cache-block4 trains on the images the top model's features were extracted from; "
+                              "drop --data-dir and --max-images-per-class (extract other data with "
+                              "jobs.extract_features --cache-block4 and train a top model on it)")
 
 
 @dataclasses.dataclass
@@ -261,6 +271,7 @@ class RunAllConfig(DataOptions):
     batch_size: int = field_help(32, "global batch size for training and inference")
     seed: int = field_help(0, "seed for initialisation, shuffling and augmentation")
     skip: str = field_help("", "comma-separated stages to skip: finetune, scratch")
+    cache_block4: bool = field_help(False, "fine-tune on cached block-4 outputs (see jobs.finetune --cache-block4)")
     overwrite: bool = field_help(False, "redo every stage even if finished results exist")
 
     def __post_init__(self) -> None:

@@ -6,9 +6,12 @@ Output layout (``<output>/``)::
     rejects.parquet        path, split, reason, error of every file that could not be decoded
     train/part-*.parquet   path, label, class_name, features (fixed_size_list<float32>[H*W*C])
     validation/…, test/…
+    block4/<split>/…       with --cache-block4: path, label, class_name, block4, and for the
+                           train split block4_flipped (block-4 output of the mirrored image)
 
 ``features`` is a plain Arrow fixed-size list, so any Arrow reader opens it; its
-shape is ``manifest["feature_shape"]``.
+shape is ``manifest["feature_shape"]`` (``manifest["block4"]["shape"]`` for the cache).
+Rows are written in a seeded random order, so every shard mixes the classes.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import pyarrow as pa
 import ray
 from ray.data import Datasink
 
-from pipeline import storage
+from pipeline import storage, vgg16
 from pipeline.cluster import InferencePlan, configure_tensorflow_devices, inference_plan
 from pipeline.config import ExtractConfig
 from pipeline.decode import decode_batch
@@ -40,15 +43,19 @@ from pipeline.versions import library_versions
 from pipeline.weights import WeightsSource, load_weight_arrays, resolve_weights
 
 REJECTS_DIR = "_rejects"
+BLOCK4_DIR = "block4"
+# Only training rows get the mirrored copy: it is the augmentation of cached fine-tuning.
+FLIPPED_SPLIT = "train"
+ROW_ORDER_SEED = 0
 REJECTS_FILE = "rejects.parquet"
 REJECT_SCHEMA = pa.schema([("path", pa.string()), ("split", pa.string()), ("reason", pa.string()),
                            ("error", pa.string())])
 
 
-def feature_schema(dim: int) -> pa.Schema:
-    """The schema of a feature shard."""
-    return pa.schema([("path", pa.string()), ("label", pa.int32()), ("class_name", pa.string()),
-                      ("features", pa.list_(pa.float32(), dim))])
+def feature_schema(dim: int, columns: Iterable[str] = ("features",)) -> pa.Schema:
+    """The schema of a feature shard: path, label, class name and fixed-size float32 list columns."""
+    return pa.schema([("path", pa.string()), ("label", pa.int32()), ("class_name", pa.string())]
+                     + [(c, pa.list_(pa.float32(), dim)) for c in columns])
 
 
 def decoded_images(rows: list[dict[str, Any]], image_size: int, batch_size: int, decode_cpus: float) -> ray.data.Dataset:
@@ -98,17 +105,31 @@ def map_with_actors(ds: ray.data.Dataset, actor_cls: type, constructor_kwargs: d
     )
 
 
-def run_model_on_good_rows(predict_fn, images: np.ndarray, ok: np.ndarray, batch_size: int) -> np.ndarray | None:
-    """Call ``predict_fn`` on the decodable rows only, padded to ``batch_size`` so TF never retraces."""
+def run_model_on_good_rows(predict_fn, images: np.ndarray, ok: np.ndarray, batch_size: int):
+    """Call ``predict_fn`` on the rows where ``ok`` only, padded to ``batch_size`` so TF never retraces.
+
+    Returns None when no row is ok; else the output array, or a list of arrays for a
+    model with several outputs.
+    """
     good = images[ok]
     if len(good) == 0:
         return None
     pad = (-len(good)) % batch_size
     if pad:
         good = np.concatenate([good, np.zeros((pad, *good.shape[1:]), good.dtype)])
-    outputs = [np.asarray(predict_fn(good[i:i + batch_size]), dtype=np.float32)
-               for i in range(0, len(good), batch_size)]
-    return np.concatenate(outputs)[: int(ok.sum())]
+    chunks = [predict_fn(good[i:i + batch_size]) for i in range(0, len(good), batch_size)]
+    n = int(ok.sum())
+    if isinstance(chunks[0], (list, tuple)):
+        return [np.concatenate([np.asarray(c[k], dtype=np.float32) for c in chunks])[:n] for k in range(len(chunks[0]))]
+    return np.concatenate([np.asarray(c, dtype=np.float32) for c in chunks])[:n]
+
+
+def _rows_of(values: np.ndarray | None, ok: np.ndarray, dim: int) -> np.ndarray:
+    """``(len(ok), dim)`` float32 rows: ``values`` flattened where ``ok``, zeros elsewhere."""
+    out = np.zeros((len(ok), dim), dtype=np.float32)
+    if values is not None:
+        out[ok] = values.reshape(len(values), dim)
+    return out
 
 
 def actor_identity() -> str:
@@ -127,30 +148,45 @@ def merge_actor_counts(write_returns: Iterable[dict[str, int]]) -> list[dict[str
 
 
 class FeatureActor:
-    """A Ray Data actor that holds one VGG16 feature extractor and turns image batches into features."""
+    """A Ray Data actor that holds one VGG16 and turns image batches into bottleneck features.
+
+    With ``cache_block4`` it also returns the block-4 output of every image and, for
+    training rows, of the mirrored image (blocks 1–4 only: block 5 is not needed there).
+    """
 
     def __init__(self, image_size: int, weight_arrays: list[np.ndarray] | None, preprocessing: str,
-                 precision: str, batch_size: int):
+                 precision: str, batch_size: int, cache_block4: bool = False):
         configure_tensorflow_devices()
-        from pipeline.models import feature_extractor
+        from pipeline.models import block4_extractors, feature_extractor
 
         if isinstance(weight_arrays, ray.ObjectRef):
             weight_arrays = ray.get(weight_arrays)
-        self.model = feature_extractor(image_size, weight_arrays, preprocessing, precision)
+        if cache_block4:
+            self.model, self.block4_model = block4_extractors(image_size, weight_arrays, preprocessing, precision)
+        else:
+            self.model = feature_extractor(image_size, weight_arrays, preprocessing, precision)
+            self.block4_model = None
         self.batch_size = batch_size
+        self.feature_dim = int(np.prod(vgg16.feature_shape(image_size)))
+        self.block4_dim = int(np.prod(vgg16.block4_shape(image_size)))
         self.identity = actor_identity()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         maybe_kill("extract")
         images = batch.pop("image")
         ok = batch["reason"] == ""
-        features = run_model_on_good_rows(self.model.predict_on_batch, images, ok, self.batch_size)
-        dim = int(np.prod(self.model.output_shape[1:]))
-        out = np.zeros((len(images), dim), dtype=np.float32)
-        if features is not None:
-            out[ok] = features.reshape(len(features), dim)
-        batch["features"] = out
-        batch["actor"] = np.full(len(out), self.identity, dtype=object)
+        outputs = run_model_on_good_rows(self.model.predict_on_batch, images, ok, self.batch_size)
+        if self.block4_model is None:
+            batch["features"] = _rows_of(outputs, ok, self.feature_dim)
+        else:
+            block4, features = outputs if outputs is not None else (None, None)
+            batch["features"] = _rows_of(features, ok, self.feature_dim)
+            batch["block4"] = _rows_of(block4, ok, self.block4_dim)
+            train = ok & (np.asarray(batch["split"]) == FLIPPED_SPLIT)
+            flipped = run_model_on_good_rows(self.block4_model.predict_on_batch, images[:, :, ::-1], train,
+                                             self.batch_size)
+            batch["block4_flipped"] = _rows_of(flipped, train, self.block4_dim)
+        batch["actor"] = np.full(len(images), self.identity, dtype=object)
         return batch
 
 
@@ -170,15 +206,17 @@ def write_rejects_part(staging: str, name: str, batch: dict[str, np.ndarray]) ->
 
 
 class FeatureSink(Datasink):
-    """Writes each block's good rows into ``<split>/`` shards and its rejects into ``_rejects/``.
+    """Writes each block's good rows into ``<split>/`` shards and its rejects into ``_rejects/``;
+    with ``block4_dim`` also the block-4 cache into ``block4/<split>/``.
 
     File names come from the write task's index, so a task that Ray retries after a
     failure overwrites its own earlier files instead of adding duplicates.
     """
 
-    def __init__(self, staging: str, dim: int):
+    def __init__(self, staging: str, dim: int, block4_dim: int | None = None):
         self.staging = staging
         self.dim = dim
+        self.block4_dim = block4_dim
         self.actors: list[dict[str, Any]] = []
 
     def on_write_complete(self, write_result) -> None:
@@ -188,7 +226,6 @@ class FeatureSink(Datasink):
         from ray.data.block import BlockAccessor
 
         actors: Counter[str] = Counter()
-        schema = feature_schema(self.dim)
         for n, block in enumerate(blocks):
             batch = BlockAccessor.for_block(block).to_numpy()
             if len(batch["path"]) == 0:
@@ -199,15 +236,24 @@ class FeatureSink(Datasink):
             splits = np.asarray([str(s) for s in batch["split"]])
             for split in sorted(set(splits[ok])):
                 rows = ok & (splits == split)
-                features = np.ascontiguousarray(np.stack(batch["features"][rows]), dtype=np.float32)
-                table = pa.table({
-                    "path": [str(p) for p in batch["relpath"][rows]],
-                    "label": pa.array(batch["label"][rows].astype(np.int32)),
-                    "class_name": [str(c) for c in batch["class_name"][rows]],
-                    "features": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), self.dim),
-                }, schema=schema)
-                storage.write_parquet(storage.join(self.staging, split, name), table)
+                self._write(storage.join(self.staging, split, name), batch, rows, self.dim, ["features"])
+                if self.block4_dim is not None:
+                    columns = ["block4", "block4_flipped"] if split == FLIPPED_SPLIT else ["block4"]
+                    self._write(storage.join(self.staging, BLOCK4_DIR, split, name), batch, rows, self.block4_dim,
+                                columns)
         return dict(actors)
+
+    @staticmethod
+    def _write(uri: str, batch: dict[str, np.ndarray], rows: np.ndarray, dim: int, columns: list[str]) -> None:
+        data: dict[str, Any] = {
+            "path": [str(p) for p in batch["relpath"][rows]],
+            "label": pa.array(batch["label"][rows].astype(np.int32)),
+            "class_name": [str(c) for c in batch["class_name"][rows]],
+        }
+        for column in columns:
+            values = np.ascontiguousarray(np.stack(batch[column][rows]), dtype=np.float32)
+            data[column] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim)
+        storage.write_parquet(uri, pa.table(data, schema=feature_schema(dim, columns)))
 
 
 def read_split(output_dir: str, split: str, columns: list[str] | None = None) -> pa.Table | None:
@@ -259,20 +305,22 @@ def collect_rejects(staging: str, target: str | None = None) -> pa.Table:
     return table
 
 
-def _audit(staging: str, index: DatasetIndex, rejects: pa.Table) -> dict[str, dict[str, int]]:
-    """Check that every listed file is in exactly one place (a shard or the rejects); count per class."""
+def _audit(staging: str, index: DatasetIndex, rejects: pa.Table, block4: bool) -> dict[str, dict[str, int]]:
+    """Check that every listed file is in exactly one place (a shard or the rejects), in the
+    block-4 cache too when there is one; count per class."""
     counts: dict[str, dict[str, int]] = {}
     rejected = {(s, p) for s, p in zip(rejects.column("split").to_pylist(), rejects.column("path").to_pylist())}
     for split, files in index.splits.items():
-        table = read_split(staging, split, columns=["path", "class_name"])
-        paths = table.column("path").to_pylist() if table is not None else []
         expected = {f.relpath for f in files} - {p for s, p in rejected if s == split}
-        if len(paths) != len(set(paths)) or set(paths) != expected:
-            dupes = len(paths) - len(set(paths))
-            lost = len(expected - set(paths))
-            raise RuntimeError(f"extraction of split {split!r} is inconsistent: {dupes} duplicated and {lost} lost rows")
-        names = table.column("class_name").to_pylist() if table is not None else []
-        counts[split] = {c: names.count(c) for c in index.classes}
+        for folder in [split] + ([storage.join(BLOCK4_DIR, split)] if block4 else []):
+            table = read_split(staging, folder, columns=["path", "class_name"])
+            paths = table.column("path").to_pylist() if table is not None else []
+            if len(paths) != len(set(paths)) or set(paths) != expected:
+                dupes = len(paths) - len(set(paths))
+                lost = len(expected - set(paths))
+                raise RuntimeError(f"extraction of {folder!r} is inconsistent: {dupes} duplicated and {lost} lost rows")
+            names = table.column("class_name").to_pylist() if table is not None else []
+            counts[split] = {c: names.count(c) for c in index.classes}
     return counts
 
 
@@ -299,10 +347,14 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
     with storage.output_lock(output_dir):
         if storage.is_complete(output_dir):
             manifest = storage.read_json(storage.join(output_dir, storage.MANIFEST))
-            if manifest.get("fingerprint") == fingerprint and not cfg.overwrite:
+            same = manifest.get("fingerprint") == fingerprint
+            if same and not cfg.overwrite and (manifest.get("block4") or not cfg.cache_block4):
                 print(f"reusing finished extraction in {output_dir} (same settings and inputs; --overwrite redoes it)")
                 return manifest
-            if not cfg.overwrite:
+            if same and not cfg.overwrite:
+                # The same extraction plus the cache: redoing it replaces the folder with a superset.
+                print(f"re-extracting {output_dir} to add the block-4 cache (--cache-block4)")
+            elif not cfg.overwrite:
                 raise OutputError(
                     f"{output_dir} holds an extraction with other settings or inputs; "
                     f"pass --overwrite to replace it or choose another --output-dir"
@@ -323,20 +375,24 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
 
 def _extract(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, plan: InferencePlan,
              precision: str, staging: str) -> dict[str, Any]:
-    from pipeline.models import feature_shape
-
-    shape = feature_shape(cfg.image_size)
+    shape = vgg16.feature_shape(cfg.image_size)
     dim = int(np.prod(shape))
+    block4_shape = vgg16.block4_shape(cfg.image_size)
+    files = list(index.all_files())
+    # Listed class by class, the files would make one-class shards; a seeded order mixes
+    # them, so a reader that streams shards (cached fine-tuning) needs no global shuffle.
+    order = np.random.default_rng(ROW_ORDER_SEED).permutation(len(files))
     rows = [{"path": f.path, "relpath": f.relpath, "split": f.split, "label": f.label, "class_name": f.class_name}
-            for f in index.all_files()]
+            for f in (files[i] for i in order)]
     arrays = load_weight_arrays(weights, cfg.image_size)
     ds = decoded_images(rows, cfg.image_size, cfg.batch_size, plan.decode_cpus)
     ds = map_with_actors(ds, FeatureActor, {
         "image_size": cfg.image_size, "weight_arrays": ray.put(arrays) if arrays is not None else None,
         "preprocessing": weights.preprocessing, "precision": precision, "batch_size": cfg.batch_size,
+        "cache_block4": cfg.cache_block4,
     }, plan, cfg.batch_size)
     storage.make_dir(staging)
-    sink = FeatureSink(staging, dim)
+    sink = FeatureSink(staging, dim, int(np.prod(block4_shape)) if cfg.cache_block4 else None)
     ds.write_datasink(sink)
     rejects = collect_rejects(staging)
     total = len(rows)
@@ -348,7 +404,7 @@ def _extract(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, pl
             f"{len(rejects)} of {total} files could not be decoded, more than --max-reject-fraction "
             f"{cfg.max_reject_fraction}; e.g. {sample}"
         )
-    counts = _audit(staging, index, rejects)
+    counts = _audit(staging, index, rejects, cfg.cache_block4)
     return {
         "kind": "features",
         "classes": index.classes,
@@ -363,6 +419,8 @@ def _extract(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, pl
         "precision": precision,
         "feature_shape": list(shape),
         "feature_column": f"fixed_size_list<float32>[{dim}]",
+        "block4": {"dir": BLOCK4_DIR, "shape": list(block4_shape), "flipped_split": FLIPPED_SPLIT,
+                   "columns": ["block4", "block4_flipped"]} if cfg.cache_block4 else None,
         "inference": asdict(plan),
         "inference_actors": sink.actors,
         "config": asdict(cfg),

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 
 from pipeline.precision import dtype_policy
+from pipeline.vgg16 import BLOCK5_CONVS
 
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
@@ -50,14 +51,6 @@ class ImagePreprocessing(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
-def feature_shape(image_size: int) -> tuple[int, int, int]:
-    """VGG16's block-5 output shape for square inputs of ``image_size`` pixels."""
-    side = image_size
-    for _ in range(5):
-        side //= 2
-    return (side, side, 512)
-
-
 def vgg16_conv_base(image_size: int, weights: str | None = None) -> keras.Model:
     """``keras.applications.VGG16`` without its top; ``weights`` is None or a Keras weights file."""
     return keras.applications.VGG16(include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
@@ -67,13 +60,76 @@ def feature_extractor(image_size: int, weight_arrays: Sequence[np.ndarray] | Non
                       precision: str = "float32") -> keras.Model:
     """0..255 RGB images → VGG16 bottleneck features, with the weights' preprocessing inside."""
     with dtype_policy(precision):
-        base = vgg16_conv_base(image_size)
-        if weight_arrays is not None:
-            base.set_weights(list(weight_arrays))
+        base = _vgg16_with_weights(image_size, weight_arrays)
         inputs = keras.Input((image_size, image_size, 3), name="image")
-        x = ImagePreprocessing(preprocessing, name="preprocessing")(inputs)
-        outputs = base(x)
+        outputs = base(ImagePreprocessing(preprocessing, name="preprocessing")(inputs))
         return keras.Model(inputs, outputs, name="vgg16_features")
+
+
+def block4_extractors(image_size: int, weight_arrays: Sequence[np.ndarray] | None, preprocessing: str,
+                      precision: str = "float32") -> tuple[keras.Model, keras.Model]:
+    """Two models over one VGG16: images → (block-4 output, bottleneck features), and images → block-4 output.
+
+    The second runs blocks 1–4 only, which is all the flipped copy of a training image
+    needs for the block-4 cache of fine-tuning.
+    """
+    with dtype_policy(precision):
+        base = _vgg16_with_weights(image_size, weight_arrays)
+        block4 = keras.Model(base.input, base.get_layer("block4_pool").output, name="vgg16_blocks1to4")
+        inputs = keras.Input((image_size, image_size, 3), name="image")
+        b4 = block4(ImagePreprocessing(preprocessing, name="preprocessing")(inputs))
+        x = b4
+        for name in (*BLOCK5_CONVS, "block5_pool"):
+            x = base.get_layer(name)(x)
+        both = keras.Model(inputs, [b4, x], name="vgg16_block4_and_features")
+        only4 = keras.Model(inputs, b4, name="vgg16_block4")
+        return both, only4
+
+
+def _vgg16_with_weights(image_size: int, weight_arrays: Sequence[np.ndarray] | None) -> keras.Model:
+    base = vgg16_conv_base(image_size)
+    if weight_arrays is not None:
+        base.set_weights(list(weight_arrays))
+    return base
+
+
+def block5_classifier(block4_shape: Sequence[int], num_classes: int, precision: str = "float32",
+                      dropout: float = 0.5) -> keras.Model:
+    """Block-4 outputs → VGG16's block 5 → the top MLP: what fine-tuning on cached block-4 outputs trains.
+
+    The block-5 layers carry VGG16's names, so their weights move to and from a full
+    feature extractor with ``copy_block5``.
+    """
+    with dtype_policy(precision):
+        inputs = keras.Input(tuple(block4_shape), name="block4")
+        x = inputs
+        for name in BLOCK5_CONVS:
+            x = keras.layers.Conv2D(512, (3, 3), activation="relu", padding="same", name=name)(x)
+        x = keras.layers.MaxPooling2D((2, 2), strides=(2, 2), name="block5_pool")(x)
+        block5 = keras.Model(inputs, x, name="vgg16_block5")
+        top = top_classifier(block5.output_shape[1:], num_classes, precision, dropout=dropout)
+        return keras.Model(inputs, top(block5(inputs)), name="vgg16_block5_top")
+
+
+def _layers(model: keras.Model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _layers(layer)
+
+
+def block5_weights(model: keras.Model) -> list[np.ndarray]:
+    """The kernels and biases of VGG16's block-5 convolutions in ``model`` (found at any nesting depth)."""
+    layers = {layer.name: layer for layer in _layers(model)}
+    return [w for name in BLOCK5_CONVS for w in layers[name].get_weights()]
+
+
+def copy_block5(source: keras.Model, target: keras.Model) -> None:
+    """Set ``target``'s block-5 convolutions to ``source``'s."""
+    weights = block5_weights(source)
+    layers = {layer.name: layer for layer in _layers(target)}
+    for i, name in enumerate(BLOCK5_CONVS):
+        layers[name].set_weights(weights[2 * i:2 * i + 2])
 
 
 def _head(x, num_classes: int):

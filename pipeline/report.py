@@ -15,6 +15,11 @@ MODEL_TITLES = {"top": "VGG16 bottleneck + top MLP", "finetune": "VGG16 fine-tun
                 "scratch": "small CNN from scratch"}
 
 
+def model_title(kind: str, cached_block4: bool = False) -> str:
+    """A model's title in plots and reports."""
+    return MODEL_TITLES[kind] + (" on cached block-4 outputs" if cached_block4 else "")
+
+
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     """Area under the ROC curve (Mann-Whitney U with tied ranks averaged); None with one class."""
     labels = np.asarray(labels).astype(bool)
@@ -111,13 +116,13 @@ def write_report(path: str, stages: list[dict[str, Any]], note: str | None, comm
     for st in stages:
         acc = f"{st['accuracy']:.4f}" if st.get("accuracy") is not None else "–"
         loss = f"{st['loss']:.4f}" if st.get("loss") is not None else "–"
-        lines.append(f"| {st['stage']} | {MODEL_TITLES.get(st.get('kind'), '–')} | {acc} | {loss} | "
+        lines.append(f"| {st['stage']} | {model_title(st['kind'], st.get('cached_block4', False)) if st.get('kind') else '–'} | {acc} | {loss} | "
                      f"{SEED_FIGURES.get(st.get('kind'), '–')} | {st.get('epochs', '–')} | "
                      f"{st['seconds']:.1f} | {st.get('images_per_s', 0):.1f} |")
     lines.append("")
     for st in stages:
         if st.get("curves"):
-            lines += [f"## {MODEL_TITLES[st['kind']]}", "", f"![curves]({st['curves']})", ""]
+            lines += [f"## {model_title(st['kind'], st.get('cached_block4', False))}", "", f"![curves]({st['curves']})", ""]
     from pipeline import storage
 
     storage.write_text(path, "\n".join(lines))

@@ -34,7 +34,7 @@ def run_all(cfg: RunAllConfig) -> str:
 
     manifest = run_extraction(ExtractConfig(
         output_dir=os.path.join(output_dir, "features"), weights=cfg.weights, precision=cfg.precision,
-        batch_size=cfg.batch_size, overwrite=cfg.overwrite, **images))
+        batch_size=cfg.batch_size, cache_block4=cfg.cache_block4, overwrite=cfg.overwrite, **images))
     stages.append({"stage": "extract_features", "seconds": manifest["elapsed_s"],
                    "images_per_s": manifest["images_per_s"]})
 
@@ -44,8 +44,10 @@ def run_all(cfg: RunAllConfig) -> str:
 
     stage("train_top", train_top, TrainTopConfig(features_dir=manifest["output_dir"], **common))
     if "finetune" not in cfg.skipped():
+        # Cached fine-tuning reads the images' block-4 outputs from the extraction, not the images.
+        data = {"cache_block4": True} if cfg.cache_block4 else images
         stage("finetune", finetune, FinetuneConfig(top_model=os.path.join(output_dir, "top", "model.keras"),
-                                                   **images, **common))
+                                                   **data, **common))
     if "scratch" not in cfg.skipped():
         stage("train_scratch", train_scratch, ScratchConfig(image_size=manifest["image_size"], **images, **common))
     report = os.path.join(output_dir, "report.md")

@@ -41,11 +41,14 @@ class LoopSettings:
     num_classes: int
     image_size: int = 150
     feature_shape: tuple[int, ...] = (4, 4, 512)
+    # Fine-tuning on cached block-4 outputs (columns block4 / block4_flipped) instead of images.
+    cached_block4: bool = False
+    block4_shape: tuple[int, ...] = (9, 9, 512)
     dropout: float = 0.5
     augment: bool = False
     preprocessing: str = "torch"
     shuffle: bool = True
-    # Object refs of the base/top weights for fine-tuning; "fault" (tests only) kills a worker.
+    # Object refs of the base (or block-5) and top weights for fine-tuning; "fault" (tests only) kills a worker.
     extras: dict[str, Any] = field(default_factory=dict)
 
     def to_config(self) -> dict[str, Any]:
@@ -75,6 +78,12 @@ def build_model(s: LoopSettings, base_weights=None, top_weights=None):
         model = models.top_classifier(s.feature_shape, s.num_classes, s.precision, dropout=s.dropout)
     elif s.kind == "scratch":
         model = models.scratch_cnn(s.image_size, s.num_classes, s.precision, dropout=s.dropout)
+    elif s.cached_block4:
+        model = models.block5_classifier(s.block4_shape, s.num_classes, s.precision, dropout=s.dropout)
+        if base_weights is not None:
+            model.get_layer("vgg16_block5").set_weights(base_weights)
+        if top_weights is not None:
+            model.get_layer("top").set_weights(top_weights)
     else:
         features = models.feature_extractor(s.image_size, base_weights, s.preprocessing, s.precision)
         freeze_below_block5(features)
@@ -114,26 +123,36 @@ def batch_inputs(batch: dict[str, Any], s: LoopSettings, rng: np.random.Generato
 
     labels = np.asarray(batch["label"], dtype=np.int32)
     if s.kind == "top":
-        column = batch["features"]
-        if hasattr(column, "combine_chunks"):  # pyarrow: zero-copy flatten of the fixed-size list
-            flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        else:
-            flat = np.stack(column)
-        x = np.asarray(flat, dtype=np.float32).reshape(len(labels), *s.feature_shape)
+        x = _float_rows(batch["features"], len(labels), s.feature_shape)
+    elif s.cached_block4:
+        x = _float_rows(batch["block4"], len(labels), s.block4_shape)
+        if rng is not None:  # the cached augmentation: the mirrored image's block-4 output for a random half
+            mirrored = rng.random(len(labels)) < 0.5
+            x[mirrored] = _float_rows(batch["block4_flipped"], len(labels), s.block4_shape)[mirrored]
     else:
         images = np.asarray(batch["image"])
         x = augment_batch(images, rng) if rng is not None else images.astype(np.float32)
     return x, labels
 
 
+def _float_rows(column, n: int, shape: tuple[int, ...]) -> np.ndarray:
+    """A fixed-size-list column (pyarrow, or numpy rows) as a writable ``(n, *shape)`` float32 array."""
+    if hasattr(column, "combine_chunks"):  # pyarrow: flatten the fixed-size list without a per-row copy
+        flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    else:
+        flat = np.stack(column)
+    return np.array(flat, dtype=np.float32).reshape(n, *shape)
+
+
 def _batches(shard, batch_size: int, drop_last: bool, s: LoopSettings, seed: int | None) -> Iterator[dict]:
+    columnar = s.kind == "top" or s.cached_block4
     kwargs: dict[str, Any] = {"batch_size": batch_size, "drop_last": drop_last,
-                              "batch_format": "pyarrow" if s.kind == "top" else "numpy"}
+                              "batch_format": "pyarrow" if columnar else "numpy"}
     if seed is not None:
         kwargs.update(local_shuffle_buffer_size=max(4 * batch_size, 256), local_shuffle_seed=seed)
     for batch in shard.iter_batches(**kwargs):
-        if s.kind == "top":
-            yield {"label": batch.column("label").to_numpy(), "features": batch.column("features")}
+        if columnar:
+            yield {name: batch.column(name) for name in batch.column_names}
         else:
             yield batch
 
@@ -148,7 +167,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     config = dict(config)
     extras = config.pop("extras", {}) or {}
     s = LoopSettings(**config)
-    s.feature_shape = tuple(s.feature_shape)
+    s.feature_shape, s.block4_shape = tuple(s.feature_shape), tuple(s.block4_shape)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     configure_tensorflow_devices()

@@ -15,12 +15,13 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import ray
 
-from pipeline import storage
+from pipeline import storage, vgg16
 from pipeline.cluster import inference_plan
 from pipeline.config import ExtractConfig, FinetuneConfig, ScratchConfig, TrainConfig, TrainTopConfig
 from pipeline.discover import DatasetIndex, discover
@@ -28,11 +29,11 @@ from pipeline.errors import DataError, UserError
 from pipeline.extract import decoded_images, find_rejects, read_split, run_extraction, run_name
 from pipeline.modelfile import load_classifier, read_metadata, save_classifier
 from pipeline.precision import resolve_precision
-from pipeline.report import MODEL_TITLES, evaluate, plot_curves, write_metrics_csv
+from pipeline.report import evaluate, model_title, plot_curves, write_metrics_csv
 from pipeline.train import LoopSettings, default_learning_rate, fit, load_checkpoint_weights, read_checkpoint_state
 from pipeline.versions import library_versions
 
-JOB_DIRS = {"top": "top", "finetune": "finetune", "scratch": "scratch"}
+JOB_DIRS = {"top": "top", "finetune": "finetune", "finetune_cached": "finetune_cached", "scratch": "scratch"}
 SUMMARY = "summary.json"
 
 
@@ -59,8 +60,19 @@ def _settings(kind: str, cfg: TrainConfig, precision: str, num_classes: int, **k
                         precision=precision, num_classes=num_classes, dropout=cfg.dropout, **kw)
 
 
-def _run(settings: LoopSettings, datasets: dict[str, Any], cfg: TrainConfig, directory: str):
-    """Fit and return (best checkpoint, full history, training seconds, samples per second).
+@dataclass
+class TrainedRun:
+    """A finished Ray Train run: its best checkpoint (and that checkpoint's epoch), history and speed."""
+
+    best: Any
+    best_epoch: int
+    history: list[dict[str, Any]]
+    seconds: float
+    samples_per_s: float
+
+
+def _run(settings: LoopSettings, datasets: dict[str, Any], cfg: TrainConfig, directory: str) -> TrainedRun:
+    """Fit and return the run with its best checkpoint by validation accuracy.
 
     Seconds and samples/s add up the epochs' own times, so a resumed run reports its whole
     training, not only the part after the restart.
@@ -75,19 +87,22 @@ def _run(settings: LoopSettings, datasets: dict[str, Any], cfg: TrainConfig, dir
     best = max(result.best_checkpoints, key=lambda cm: (cm[1]["val_accuracy"], -cm[1]["val_loss"], cm[1]["epoch"]))
     seconds = sum(h.get("seconds", 0.0) for h in history)
     samples = sum(h["train_samples"] for h in history)
-    return best[0], history, seconds, samples / max(seconds, 1e-9)
+    return TrainedRun(best[0], int(best[1]["epoch"]), history, seconds, samples / max(seconds, 1e-9))
 
 
-def _finish(kind: str, directory: str, model, metadata: dict[str, Any], history: list[dict[str, Any]],
-            evaluation: dict[str, Any], seconds: float, samples_per_s: float) -> dict[str, Any]:
-    metadata = {**metadata, "kind": kind, "epochs": len(history), "validation_accuracy": evaluation["accuracy"],
+def _finish(kind: str, directory: str, model, metadata: dict[str, Any], run: TrainedRun,
+            evaluation: dict[str, Any]) -> dict[str, Any]:
+    history, seconds, samples_per_s = run.history, run.seconds, run.samples_per_s
+    metadata = {**metadata, "kind": kind, "epochs": len(history), "best_epoch": run.best_epoch,
+                "validation_accuracy": evaluation["accuracy"],
                 "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": library_versions()}
     save_classifier(model, os.path.join(directory, "model.keras"), metadata)
     write_metrics_csv(history, os.path.join(directory, "metrics.csv"))
     storage.write_json(os.path.join(directory, "evaluation.json"), evaluation)
-    plot_curves(history, os.path.join(directory, "curves.png"), MODEL_TITLES[kind])
-    summary = {"kind": kind, "accuracy": evaluation["accuracy"], "loss": evaluation["loss"],
-               "epochs": len(history), "seconds": round(seconds, 2), "images_per_s": round(samples_per_s, 2),
+    cached = bool(metadata.get("cached_block4"))
+    plot_curves(history, os.path.join(directory, "curves.png"), model_title(kind, cached))
+    summary = {"kind": kind, "cached_block4": cached, "accuracy": evaluation["accuracy"], "loss": evaluation["loss"],
+               "epochs": len(history), "best_epoch": run.best_epoch, "seconds": round(seconds, 2), "images_per_s": round(samples_per_s, 2),
                "model": os.path.join(directory, "model.keras"), "curves": os.path.join(directory, "curves.png")}
     storage.write_json(os.path.join(directory, SUMMARY), summary)
     print(f"{kind}: validation accuracy {evaluation['accuracy']:.4f}, loss {evaluation['loss']:.4f} "
@@ -134,10 +149,10 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
                 for split in ("train", "validation")}
     datasets["train"] = datasets["train"].random_shuffle(seed=cfg.seed)
     settings = _settings("top", cfg, precision, num_classes, feature_shape=shape)
-    best, history, seconds, rate = _run(settings, datasets, cfg, directory)
+    run = _run(settings, datasets, cfg, directory)
 
     top = models.top_classifier(shape, num_classes, "float32", dropout=cfg.dropout)
-    load_checkpoint_weights(best, top)
+    load_checkpoint_weights(run.best, top)
     val = read_split(features_dir, "validation")
     from pipeline.extract import features_as_array
 
@@ -156,7 +171,7 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
                 "trained_precision": precision, "data_dir": manifest["data_dir"], "layout": manifest["layout"],
                 "validation_fraction": manifest["config"]["validation_fraction"], "features_dir": features_dir,
                 "synthetic": manifest.get("synthetic", False)}
-    return _finish("top", directory, model, metadata, history, evaluation, seconds, rate)
+    return _finish("top", directory, model, metadata, run, evaluation)
 
 
 def _good_rows(index: DatasetIndex, image_size: int, max_reject_fraction: float, directory: str,
@@ -216,23 +231,36 @@ def _image_job(kind: str, cfg: FinetuneConfig | ScratchConfig, index: DatasetInd
     datasets = _image_datasets(rows, image_size, cfg.batch_size, cfg.seed)
     settings = _settings(kind, cfg, precision, len(index.classes), image_size=image_size, augment=True,
                          preprocessing=metadata.get("preprocessing", "unit"), extras=extras)
-    best, history, seconds, rate = _run(settings, datasets, cfg, directory)
-    model = model_fn()
-    load_checkpoint_weights(best, model)
+
+    def export(best):
+        model = model_fn()
+        load_checkpoint_weights(best, model)
+        return model
+
+    return _train_export_evaluate(kind, cfg, settings, datasets, directory, export,
+                                  {**metadata, "classes": index.classes, "image_size": image_size}, rows["validation"])
+
+
+def _train_export_evaluate(kind: str, cfg: TrainConfig, settings: LoopSettings, datasets: dict[str, Any],
+                           directory: str, export, metadata: dict[str, Any],
+                           validation_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Train, turn the best checkpoint into an image → class model (``export``), evaluate it, write the outputs."""
+    run = _run(settings, datasets, cfg, directory)
+    model = export(run.best)
     # Save first, then evaluate the saved file: what is measured is what prediction will load.
     tmp_path = os.path.join(directory, ".model-under-evaluation.keras")
-    save_classifier(model, tmp_path, {**metadata, "kind": kind, "classes": index.classes, "image_size": image_size})
+    save_classifier(model, tmp_path, {**metadata, "kind": kind})
     try:
-        evaluation = _evaluate_model_file(tmp_path, rows["validation"], index.classes, image_size, precision,
-                                          cfg.batch_size)
+        evaluation = _evaluate_model_file(tmp_path, validation_rows, metadata["classes"], metadata["image_size"],
+                                          settings.precision, cfg.batch_size)
     finally:
         os.remove(tmp_path)
-    return _finish(kind, directory, model, {**metadata, "classes": index.classes, "image_size": image_size},
-                   history, evaluation, seconds, rate)
+    return _finish(kind, directory, model, metadata, run, evaluation)
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Fine-tune VGG16's block 5 and the top, starting from a train_top model, on augmented images."""
+    """Fine-tune VGG16's block 5 and the top, starting from a train_top model, on augmented images
+    (or, with ``cache_block4``, on cached block-4 outputs of the top model's feature folder)."""
     from pipeline import models
     from pipeline.train import freeze_below_block5
 
@@ -247,34 +275,84 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     meta = read_metadata(top_path)
     if meta["kind"] != "top":
         raise UserError(f"--top-model {top_path} is a {meta['kind']} model; fine-tuning starts from a train_top model")
-    data_dir = cfg.data_dir or meta["data_dir"]
     output_dir = output_dir or os.path.dirname(os.path.dirname(os.path.abspath(top_path)))
-    directory = job_dir(output_dir, "finetune")
+    directory = job_dir(output_dir, "finetune_cached" if cfg.cache_block4 else "finetune")
     reused = _prepare(directory, cfg.overwrite)
     if reused:
         return reused
-    layout = meta.get("layout", cfg.layout) if cfg.data_dir is None else cfg.layout
-    fraction = meta.get("validation_fraction", cfg.validation_fraction) if cfg.data_dir is None else cfg.validation_fraction
-    index = discover(data_dir, layout, fraction, cfg.max_images_per_class)
-    if index.classes != meta["classes"]:
-        raise DataError(f"the top model knows classes {meta['classes']} but {data_dir} has {index.classes}")
     top_model, _ = load_classifier(top_path)
     features, top = top_model.get_layer("vgg16_features"), top_model.get_layer("top")
     precision = resolve_precision(cfg.precision, cfg.use_gpu)
-    extras = {"base_weights": ray.put(features.get_weights()), "top_weights": ray.put(top.get_weights())}
     image_size = meta["image_size"]
-    shape = tuple(models.feature_shape(image_size))
-
-    def export_model():
-        f = models.feature_extractor(image_size, None, meta["preprocessing"], "float32")
-        freeze_below_block5(f)
-        return models.image_classifier(f, models.top_classifier(shape, len(index.classes), "float32"),
-                                       name="vgg16_finetuned")
-
+    classes = meta["classes"]
+    shape = tuple(vgg16.feature_shape(image_size))
     metadata = {"weights": meta["weights"], "preprocessing": meta["preprocessing"], "trained_precision": precision,
-                "data_dir": os.path.abspath(data_dir), "layout": layout, "validation_fraction": fraction,
-                "top_model": os.path.abspath(top_path), "synthetic": meta.get("synthetic", False)}
-    return _image_job("finetune", cfg, index, directory, image_size, precision, metadata, extras, export_model)
+                "top_model": os.path.abspath(top_path), "synthetic": meta.get("synthetic", False),
+                "classes": classes, "image_size": image_size, "cached_block4": cfg.cache_block4}
+    base_weights = features.get_weights()
+
+    def image_model(block5_source=None):
+        f = models.feature_extractor(image_size, base_weights if block5_source else None, meta["preprocessing"],
+                                     "float32")
+        if block5_source is not None:
+            models.copy_block5(block5_source, f)
+        freeze_below_block5(f)
+        return models.image_classifier(f, models.top_classifier(shape, len(classes), "float32"), name="vgg16_finetuned")
+
+    if cfg.cache_block4:
+        manifest = ensure_block4_cache(meta)
+        block4_shape = tuple(manifest["block4"]["shape"])
+        cache = storage.join(manifest["output_dir"], manifest["block4"]["dir"])
+        # Shards already mix the classes (extraction writes rows in a seeded random order):
+        # a per-epoch shuffle of block order plus the local buffer replaces a global shuffle.
+        datasets = {"train": ray.data.read_parquet(storage.join(cache, "train"))
+                    .select_columns(["label", "block4", "block4_flipped"]).randomize_block_order(seed=cfg.seed),
+                    "validation": ray.data.read_parquet(storage.join(cache, "validation"))
+                    .select_columns(["label", "block4"])}
+        settings = _settings("finetune", cfg, precision, len(classes), image_size=image_size, augment=True,
+                             cached_block4=True, block4_shape=block4_shape, feature_shape=shape,
+                             extras={"base_weights": ray.put(models.block5_weights(features)),
+                                     "top_weights": ray.put(top.get_weights())})
+
+        def export(best):
+            trained = models.block5_classifier(block4_shape, len(classes), "float32")
+            load_checkpoint_weights(best, trained)
+            model = image_model(block5_source=trained)
+            model.get_layer("top").set_weights(trained.get_layer("top").get_weights())
+            return model
+
+        validation = read_split(cache, "validation", columns=["path", "label"])
+        rows = [{"path": os.path.join(manifest["data_dir"], p), "relpath": p, "label": y}
+                for p, y in zip(validation.column("path").to_pylist(), validation.column("label").to_pylist())]
+        metadata.update(data_dir=manifest["data_dir"], layout=manifest["layout"],
+                        validation_fraction=manifest["config"]["validation_fraction"],
+                        features_dir=manifest["output_dir"])
+        return _train_export_evaluate("finetune", cfg, settings, datasets, directory, export, metadata, rows)
+
+    data_dir = cfg.data_dir or meta["data_dir"]
+    layout = meta.get("layout", cfg.layout) if cfg.data_dir is None else cfg.layout
+    fraction = meta.get("validation_fraction", cfg.validation_fraction) if cfg.data_dir is None else cfg.validation_fraction
+    index = discover(data_dir, layout, fraction, cfg.max_images_per_class)
+    if index.classes != classes:
+        raise DataError(f"the top model knows classes {classes} but {data_dir} has {index.classes}")
+    extras = {"base_weights": ray.put(base_weights), "top_weights": ray.put(top.get_weights())}
+    metadata.update(data_dir=os.path.abspath(data_dir), layout=layout, validation_fraction=fraction)
+    return _image_job("finetune", cfg, index, directory, image_size, precision, metadata, extras, image_model)
+
+
+def ensure_block4_cache(meta: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of the top model's feature folder, with the block-4 cache added when it lacks one."""
+    features_dir = meta.get("features_dir")
+    if not features_dir or not storage.exists(storage.join(features_dir, storage.MANIFEST)):
+        raise DataError(f"--cache-block4 needs the feature folder the top model was trained on ({features_dir}), "
+                        f"which is gone; run jobs.extract_features --cache-block4 and jobs.train_top on it")
+    manifest = storage.read_json(storage.join(features_dir, storage.MANIFEST))
+    if manifest.get("block4"):
+        return manifest
+    # Same settings as the first extraction, so its fingerprint matches and the folder is redone with the cache.
+    settings = {k: v for k, v in manifest["config"].items() if k in ExtractConfig.__dataclass_fields__}
+    settings.update(output_dir=features_dir, cache_block4=True, overwrite=False, data_dir=manifest["data_dir"])
+    return run_extraction(ExtractConfig(**settings))
 
 
 def train_scratch(cfg: ScratchConfig) -> dict[str, Any]:

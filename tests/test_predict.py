@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.predict import main as predict_main
-from pipeline import models
+from pipeline import models, vgg16
 from pipeline.config import PredictConfig
 from pipeline.decode import load_image
 from pipeline.errors import DataError
@@ -32,7 +32,7 @@ def model_files(tmp_path_factory):
 
     keras.utils.set_random_seed(3)
     folder = tmp_path_factory.mktemp("models")
-    shape = models.feature_shape(SIZE)
+    shape = vgg16.feature_shape(SIZE)
     built = {
         "top": models.image_classifier(models.feature_extractor(SIZE, None, "torch"),
                                        models.top_classifier(shape, 2), name="vgg16_bottleneck_classifier"),
