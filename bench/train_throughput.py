@@ -55,7 +55,7 @@ def main() -> None:
     ray.init(include_dashboard=True, configure_logging=False, log_to_driver=False)
     figures: dict[str, object] = {"cpu_cores": os.cpu_count(), "epochs": args.epochs}
     # Built before any timing, so the one-off cache extraction is not in the figures.
-    ensure_block4_cache(read_metadata(args.top_model))
+    ensure_block4_cache(read_metadata(args.top_model)["features_dir"])
     with tempfile.TemporaryDirectory() as tmp:
         for workers in (1, 2):
             figures[f"top_{workers}w"] = measure(f"top MLP, {workers} worker(s)", train_top, TrainTopConfig(

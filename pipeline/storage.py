@@ -36,6 +36,11 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts]) if "://" in uri else os.path.join(uri, *parts)
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (so it still names the same folder from another working directory); URIs as they are."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
 def is_local(uri: str) -> bool:
     """Whether ``uri`` names the local filesystem."""
     return "://" not in uri or uri.startswith("file://")

@@ -169,7 +169,7 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     metadata = {"classes": manifest["classes"], "image_size": manifest["image_size"],
                 "weights": manifest["weights"], "preprocessing": manifest["preprocessing"],
                 "trained_precision": precision, "data_dir": manifest["data_dir"], "layout": manifest["layout"],
-                "validation_fraction": manifest["config"]["validation_fraction"], "features_dir": features_dir,
+                "validation_fraction": manifest["config"]["validation_fraction"], "features_dir": storage.absolute(features_dir),
                 "synthetic": manifest.get("synthetic", False)}
     return _finish("top", directory, model, metadata, run, evaluation)
 
@@ -300,9 +300,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         return models.image_classifier(f, models.top_classifier(shape, len(classes), "float32"), name="vgg16_finetuned")
 
     if cfg.cache_block4:
-        manifest = ensure_block4_cache(meta)
+        features_dir = meta.get("features_dir")
+        manifest = ensure_block4_cache(features_dir)
         block4_shape = tuple(manifest["block4"]["shape"])
-        cache = storage.join(manifest["output_dir"], manifest["block4"]["dir"])
+        cache = storage.join(features_dir, manifest["block4"]["dir"])
         # Shards already mix the classes (extraction writes rows in a seeded random order):
         # a per-epoch shuffle of block order plus the local buffer replaces a global shuffle.
         datasets = {"train": ray.data.read_parquet(storage.join(cache, "train"))
@@ -326,7 +327,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 for p, y in zip(validation.column("path").to_pylist(), validation.column("label").to_pylist())]
         metadata.update(data_dir=manifest["data_dir"], layout=manifest["layout"],
                         validation_fraction=manifest["config"]["validation_fraction"],
-                        features_dir=manifest["output_dir"])
+                        features_dir=features_dir)
         return _train_export_evaluate("finetune", cfg, settings, datasets, directory, export, metadata, rows)
 
     data_dir = cfg.data_dir or meta["data_dir"]
@@ -340,9 +341,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     return _image_job("finetune", cfg, index, directory, image_size, precision, metadata, extras, image_model)
 
 
-def ensure_block4_cache(meta: dict[str, Any]) -> dict[str, Any]:
-    """The manifest of the top model's feature folder, with the block-4 cache added when it lacks one."""
-    features_dir = meta.get("features_dir")
+def ensure_block4_cache(features_dir: str | None) -> dict[str, Any]:
+    """The manifest of a feature folder (a top model's), with the block-4 cache added when it lacks one."""
     if not features_dir or not storage.exists(storage.join(features_dir, storage.MANIFEST)):
         raise DataError(f"--cache-block4 needs the feature folder the top model was trained on ({features_dir}), "
                         f"which is gone; run jobs.extract_features --cache-block4 and jobs.train_top on it")

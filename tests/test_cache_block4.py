@@ -98,7 +98,7 @@ def test_finetune_on_the_cache_exports_the_model_it_trained(plain_then_cached, r
     assert summary["model"] == os.path.join(job, "model.keras") and os.path.isfile(os.path.join(job, "curves.png"))
     meta = read_metadata(summary["model"])
     assert meta["kind"] == "finetune" and meta["cached_block4"] and meta["image_size"] == SIZE
-    assert meta["features_dir"] == manifest["output_dir"]
+    assert meta["features_dir"] == os.path.abspath(manifest["output_dir"])
 
     # The exported image model must compute what the trained block-5 model (best epoch) computes on the cache.
     model, _ = load_classifier(summary["model"])
