@@ -7,9 +7,13 @@ Measures, on whatever machine it runs on:
    peak GPU memory — the per-GPU ceiling of one inference actor;
 2. the project's own decode function (``pipeline.decode.load_image``: Pillow, draft mode,
    EXIF, resize) on real JPEGs, on one core and on every core — the per-node decode ceiling,
-   i.e. how many GPUs one node's CPUs can keep fed.
+   i.e. how many GPUs one node's CPUs can keep fed;
+3. fine-tuning training steps (SGD, mixed bfloat16, the project's own models): the full image
+   model with blocks 1-4 frozen (streamed fine-tuning) against block 5 + top on block-4
+   inputs (``--cache-block4``), samples/s of training and of evaluation, and the per-epoch
+   speed-up they imply for 2000 training and 800 validation images.
 
-    KERAS_BACKEND=jax python bench/gpu_check.py --images DIR [--image-size 150]
+    KERAS_BACKEND=jax python bench/gpu_check.py --images DIR [--image-size 150] [--parts decode,inference,finetune]
 
 Prints a table and, on its final line, one JSON object with every figure.
 """
@@ -68,6 +72,43 @@ def _model_throughput(args: tuple[int, str, int, float]) -> dict[str, float]:
     return {"images_per_s": round(rate, 1), "peak_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2)}
 
 
+def _finetune_throughput(args: tuple[int, int, float, bool]) -> dict[str, float]:
+    size, batch, seconds, cached = args
+    import keras
+
+    from pipeline import models, vgg16
+
+    if cached:
+        model = models.block5_classifier(vgg16.block4_shape(size), 2, "bfloat16")
+        shape = vgg16.block4_shape(size)
+    else:
+        features = models.feature_extractor(size, None, "torch", "bfloat16")
+        for layer in features.get_layer("vgg16").layers:
+            layer.trainable = layer.name.startswith("block5")
+        model = models.image_classifier(features, models.top_classifier(vgg16.feature_shape(size), 2, "bfloat16"))
+        shape = (size, size, 3)
+    model.compile(optimizer=keras.optimizers.SGD(1e-4, momentum=0.9), loss="binary_crossentropy")
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255 if not cached else 4, size=(batch, *shape)).astype(np.float32)
+    y = rng.integers(0, 2, size=(batch, 1)).astype(np.float32)
+    rates = {}
+    for name, step in (("train", lambda: model.train_on_batch(x, y)), ("eval", lambda: model.predict_on_batch(x))):
+        step()  # compile
+        step()
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            np.asarray(step())
+            n += batch
+        rates[f"{name}_samples_per_s"] = round(n / (time.perf_counter() - start), 1)
+    return rates
+
+
+def finetune_throughput(size: int, batch: int, seconds: float, cached: bool) -> dict[str, float]:
+    """Training and evaluation samples/s of streamed or cached fine-tuning, in a fresh process."""
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.map(_finetune_throughput, [(size, batch, seconds, cached)])[0]
+
+
 def model_throughput(size: int, precision: str, batch: int, seconds: float) -> dict[str, float]:
     """Images/s and peak device memory of the VGG16 feature extractor at one batch size.
 
@@ -83,31 +124,48 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=150)
     parser.add_argument("--batch-sizes", default="32,64,128,256")
     parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds per configuration")
+    parser.add_argument("--parts", default="decode,inference,finetune", help="which measurements to run")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
 
     figures: dict[str, object] = {"cpu_cores": os.cpu_count(), "image_size": args.image_size}
-    # Decode first: forking after JAX has started its threads can deadlock.
-    paths = sorted(os.path.join(args.images, f) for f in os.listdir(args.images))
-    one = decode_throughput(paths, args.image_size, 1, 2)
-    cores = os.cpu_count() or 1
-    every = decode_throughput(paths, args.image_size, cores, 4)
-    figures["decode_images_per_s_one_core"] = round(one, 1)
-    figures[f"decode_images_per_s_{cores}_cores"] = round(every, 1)
-    print(f"decode+resize to {args.image_size}px: {one:.0f} img/s on 1 core, {every:.0f} img/s on {cores} cores")
+    every = None
+    if "decode" in parts:  # first: forking after JAX has started its threads can deadlock
+        paths = sorted(os.path.join(args.images, f) for f in os.listdir(args.images))
+        one = decode_throughput(paths, args.image_size, 1, 2)
+        cores = os.cpu_count() or 1
+        every = decode_throughput(paths, args.image_size, cores, 4)
+        figures["decode_images_per_s_one_core"] = round(one, 1)
+        figures[f"decode_images_per_s_{cores}_cores"] = round(every, 1)
+        print(f"decode+resize to {args.image_size}px: {one:.0f} img/s on 1 core, {every:.0f} img/s on {cores} cores")
 
     import jax
 
     device = jax.devices()[0]
     figures.update(device=str(getattr(device, "device_kind", device)), backend=jax.default_backend())
-    print(f"VGG16 conv base on {figures['device']} ({figures['backend']}):")
-    print(f"{'precision':>10} {'batch':>6} {'img/s':>9} {'peak GiB':>9}")
-    for precision in ("float32", "bfloat16"):
-        for batch in (int(b) for b in args.batch_sizes.split(",")):
-            r = model_throughput(args.image_size, precision, batch, args.seconds)
-            figures[f"vgg16_{precision}_b{batch}"] = r
-            print(f"{precision:>10} {batch:>6} {r['images_per_s']:>9.1f} {r['peak_gib']:>9.2f}", flush=True)
-    best = max((v["images_per_s"] for k, v in figures.items() if k.startswith("vgg16_")), default=0)
-    figures["gpus_one_node_can_feed"] = round(every / best, 2) if best else None
+    if "inference" in parts:
+        print(f"VGG16 conv base on {figures['device']} ({figures['backend']}):")
+        print(f"{'precision':>10} {'batch':>6} {'img/s':>9} {'peak GiB':>9}")
+        for precision in ("float32", "bfloat16"):
+            for batch in (int(b) for b in args.batch_sizes.split(",")):
+                r = model_throughput(args.image_size, precision, batch, args.seconds)
+                figures[f"vgg16_{precision}_b{batch}"] = r
+                print(f"{precision:>10} {batch:>6} {r['images_per_s']:>9.1f} {r['peak_gib']:>9.2f}", flush=True)
+        best = max((v["images_per_s"] for k, v in figures.items() if k.startswith("vgg16_")), default=0)
+        if every is not None and best:
+            figures["gpus_one_node_can_feed"] = round(every / best, 2)
+    if "finetune" in parts:
+        print(f"fine-tuning steps on {figures['device']}, bfloat16, batch 32 (samples/s):")
+        epoch = {}
+        for cached in (False, True):
+            mode = "cached" if cached else "streamed"
+            r = finetune_throughput(args.image_size, 32, args.seconds, cached)
+            figures[f"finetune_{mode}"] = r
+            epoch[mode] = 2000 / r["train_samples_per_s"] + 800 / r["eval_samples_per_s"]
+            print(f"{mode:>10}: train {r['train_samples_per_s']:>9.1f}  eval {r['eval_samples_per_s']:>9.1f}  "
+                  f"model time per epoch (2000 + 800) {epoch[mode]:.2f} s", flush=True)
+        figures["finetune_cached_speedup_model_time"] = round(epoch["streamed"] / epoch["cached"], 2)
+        print(f"cached fine-tuning: {figures['finetune_cached_speedup_model_time']}x less model time per epoch")
     print(json.dumps(figures))
 
 
