@@ -176,6 +176,37 @@ def test_weights_archive_with_wrong_sha256_is_refused(tmp_path, monkeypatch):
         weights.read_lpips_vgg16(str(tmp_path / weights.LPIPS_ARCHIVE))
 
 
+def test_weights_files_are_read_without_keras_in_both_formats(tmp_path):
+    """Keras 3 ``.weights.h5`` and Keras 2 HDF5 (the format of Keras' ImageNet download) give the
+    arrays Keras itself loads; a file of another network is refused by name."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    from pipeline.models import scratch_cnn, vgg16_conv_base
+
+    source = weights.resolve_weights("torchvision")
+    model = vgg16_conv_base(64)
+    model.load_weights(source.path)
+    expected = model.get_weights()
+    legacy = str(tmp_path / "legacy.h5")
+    with h5py.File(legacy, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+    for path in (source.path, legacy):
+        arrays = weights.read_vgg16_weights(path)
+        assert len(arrays) == len(expected) == 26
+        for got, want in zip(arrays, expected):
+            np.testing.assert_array_equal(got, want)
+
+    other = str(tmp_path / "scratch.weights.h5")
+    scratch_cnn(64, 2).save_weights(other)
+    with pytest.raises(WeightsError, match="not a VGG16 conv-base weights file: it has no layer 'block1_conv1'"):
+        weights.read_vgg16_weights(other)
+    text = tmp_path / "notes.weights.h5"
+    text.write_text("not hdf5")
+    with pytest.raises(WeightsError, match="is not an HDF5 weights file"):
+        weights.read_vgg16_weights(str(text))
+
+
 class _RunsCode:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
