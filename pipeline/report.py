@@ -116,7 +116,8 @@ def write_report(path: str, stages: list[dict[str, Any]], note: str | None, comm
     for st in stages:
         acc = f"{st['accuracy']:.4f}" if st.get("accuracy") is not None else "–"
         loss = f"{st['loss']:.4f}" if st.get("loss") is not None else "–"
-        lines.append(f"| {st['stage']} | {model_title(st['kind'], st.get('cached_block4', False)) if st.get('kind') else '–'} | {acc} | {loss} | "
+        title = model_title(st["kind"], st.get("cached_block4", False)) if st.get("kind") else "–"
+        lines.append(f"| {st['stage']} | {title} | {acc} | {loss} | "
                      f"{SEED_FIGURES.get(st.get('kind'), '–')} | {st.get('epochs', '–')} | "
                      f"{st['seconds']:.1f} | {st.get('images_per_s', 0):.1f} |")
     lines.append("")

@@ -6,9 +6,11 @@ replica computes the loss on its own shard's batch, scaled by the *global* batch
 size, and the optimizer all-reduces (sums) the gradients, so N workers at a per-worker
 batch of B/N take exactly the steps one worker takes at batch B.
 
-Before every step the workers agree (an all-reduced count) on whether all of them
-still have a batch, so shards of unequal length end the epoch together instead of
-leaving one worker waiting forever in a collective (tensorflow/tensorflow#35878).
+The workers agree on whether all of them still have a batch (an all-reduced count),
+so shards of unequal length end the epoch together instead of leaving one worker
+waiting forever in a collective (tensorflow/tensorflow#35878). That count rides in the
+all-reduce every step already makes of its loss and accuracy sums, so it costs no
+collective of its own except once at the start of an epoch.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ class LoopSettings:
     # Fine-tuning on cached block-4 outputs (columns block4 / block4_flipped) instead of images.
     cached_block4: bool = False
     block4_shape: tuple[int, ...] = (9, 9, 512)
+    # Columnar data (features, block-4 cache) small enough to hold: each worker reads its shard
+    # once and draws every later epoch from memory, in a fresh seeded order, instead of
+    # re-running the Ray Data pipeline (Parquet decoding, shuffling) every epoch.
+    hold_in_memory: bool = False
     dropout: float = 0.5
     augment: bool = False
     preprocessing: str = "torch"
@@ -139,9 +145,37 @@ def _float_rows(column, n: int, shape: tuple[int, ...]) -> np.ndarray:
     """A fixed-size-list column (pyarrow, or numpy rows) as a writable ``(n, *shape)`` float32 array."""
     if hasattr(column, "combine_chunks"):  # pyarrow: flatten the fixed-size list without a per-row copy
         flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    elif isinstance(column, np.ndarray) and column.dtype != object:  # rows held in memory
+        flat = column
     else:
         flat = np.stack(column)
     return np.array(flat, dtype=np.float32).reshape(n, *shape)
+
+
+def load_shard(shard) -> dict[str, np.ndarray]:
+    """A worker's whole dataset shard as numpy columns (fixed-size lists become 2-D float32 arrays)."""
+    import pyarrow as pa
+
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in shard.iter_batches(batch_size=1024, batch_format="pyarrow"):
+        for name in batch.column_names:
+            column = batch.column(name).combine_chunks()
+            if pa.types.is_fixed_size_list(column.type):
+                values = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
+            else:
+                values = column.to_numpy(zero_copy_only=False)
+            parts.setdefault(name, []).append(values)
+    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
+def _held_batches(columns: dict[str, np.ndarray], batch_size: int, drop_last: bool,
+                  seed: int | None) -> Iterator[dict]:
+    n = len(columns["label"]) if columns else 0
+    order = np.random.default_rng(seed).permutation(n) if seed is not None else np.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        rows = order[start:start + batch_size]
+        yield {name: values[rows] for name, values in columns.items()}
 
 
 def _batches(shard, batch_size: int, drop_last: bool, s: LoopSettings, seed: int | None) -> Iterator[dict]:
@@ -179,7 +213,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import keras
 
     keras.utils.set_random_seed(s.seed)  # identical initial weights on every worker
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    # One all-reduce for all gradients (packed) instead of one per variable: on CPUs each
+    # collective has a fixed latency that small, fast steps feel.
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=tf.distribute.experimental.CommunicationOptions(bytes_per_pack=64 * 2**20))
     base_weights = _get(extras.get("base_weights"))
     top_weights = _get(extras.get("top_weights"))
     with strategy.scope():
@@ -198,42 +235,57 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def workers_with_batch(flag):
         return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(tf.identity, args=(flag,)), axis=None)
 
-    def train_step(x, y):
+    def stats(y, out, losses, has_next):
+        correct = tf.reduce_sum(tf.cast(predicted_labels(out, s.num_classes) == y, tf.float32))
+        return tf.stack([tf.reduce_sum(losses), correct, tf.cast(tf.size(y), tf.float32), has_next])
+
+    def train_step(x, y, has_next):
         with tf.GradientTape() as tape:
             out = model(x, training=True)
             losses = loss_fn(_targets(y, s.num_classes), out)
             loss = tf.nn.compute_average_loss(losses, global_batch_size=s.batch_size)
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        correct = tf.reduce_sum(tf.cast(predicted_labels(out, s.num_classes) == y, tf.float32))
-        return tf.stack([tf.reduce_sum(losses), correct, tf.cast(tf.size(y), tf.float32)])
+        return stats(y, out, losses, has_next)
 
-    def eval_step(x, y):
+    def eval_step(x, y, has_next):
         out = model(x, training=False)
-        losses = loss_fn(_targets(y, s.num_classes), out)
-        correct = tf.reduce_sum(tf.cast(predicted_labels(out, s.num_classes) == y, tf.float32))
-        return tf.stack([tf.reduce_sum(losses), correct, tf.cast(tf.size(y), tf.float32)])
+        return stats(y, out, loss_fn(_targets(y, s.num_classes), out), has_next)
 
     @tf.function
-    def distributed_train(x, y):
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(train_step, args=(x, y)), axis=None)
+    def distributed_train(x, y, has_next):
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(train_step, args=(x, y, has_next)), axis=None)
 
     @tf.function(reduce_retracing=True)
-    def distributed_eval(x, y):
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(eval_step, args=(x, y)), axis=None)
+    def distributed_eval(x, y, has_next):
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(eval_step, args=(x, y, has_next)), axis=None)
 
-    def run_epoch(shard, step_fn, drop_last: bool, shuffle_seed: int | None, augment_seed: list[int] | None,
+    held: dict[str, dict[str, np.ndarray]] = {}
+
+    def run_epoch(split: str, step_fn, drop_last: bool, shuffle_seed: int | None, augment_seed: list[int] | None,
                   fault=None):
         totals = np.zeros(3)
-        it = _batches(shard, per_worker, drop_last, s, shuffle_seed) if shard is not None else iter(())
+        shard = ray.train.get_dataset_shard(split)
+        if shard is None:
+            it = iter(())
+        elif s.hold_in_memory:
+            if split not in held:
+                held[split] = load_shard(shard)
+            it = _held_batches(held[split], per_worker, drop_last, shuffle_seed)
+        else:
+            it = _batches(shard, per_worker, drop_last, s, shuffle_seed)
+        batch = next(it, None)
+        everyone_has_batch = int(workers_with_batch(tf.constant(0 if batch is None else 1))) == world
         step = 0
-        while True:
-            batch = next(it, None)
-            if int(workers_with_batch(tf.constant(0 if batch is None else 1))) < world:
-                break
+        while everyone_has_batch:
+            upcoming = next(it, None)
             rng = np.random.default_rng(augment_seed + [step]) if augment_seed is not None else None
             x, y = batch_inputs(batch, s, rng)
-            totals += step_fn(tf.convert_to_tensor(x), tf.convert_to_tensor(y)).numpy()
+            reduced = step_fn(tf.convert_to_tensor(x), tf.convert_to_tensor(y),
+                              tf.constant(0.0 if upcoming is None else 1.0)).numpy()
+            totals += reduced[:3]
+            everyone_has_batch = round(float(reduced[3])) == world
+            batch = upcoming
             step += 1
             if fault is not None:
                 fault()
@@ -243,15 +295,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             pass
         return totals
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("validation")
     for epoch in range(state["epoch"], s.epochs):
         epoch_started = time.time()
         shuffle_seed = (s.seed * 1_000_003 + epoch * 7919 + rank) % 2**31 if s.shuffle else None
         augment_seed = [s.seed, epoch, rank] if s.augment else None
-        tr = run_epoch(train_shard, distributed_train, True, shuffle_seed, augment_seed,
+        tr = run_epoch("train", distributed_train, True, shuffle_seed, augment_seed,
                        fault=_fault_hook(extras.get("fault"), epoch + 1, rank))
-        va = run_epoch(val_shard, distributed_eval, False, None, None)
+        va = run_epoch("validation", distributed_eval, False, None, None)
         row = {"epoch": epoch + 1,
                "loss": float(tr[0] / max(tr[2], 1)), "accuracy": float(tr[1] / max(tr[2], 1)),
                "val_loss": float(va[0] / max(va[2], 1)), "val_accuracy": float(va[1] / max(va[2], 1)),

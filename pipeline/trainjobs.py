@@ -54,6 +54,16 @@ def finished_summary(directory: str) -> dict[str, Any] | None:
     return None
 
 
+def fits_in_memory(nbytes: float) -> bool:
+    """Whether training data of ``nbytes`` may be held by the workers: at most a quarter of the
+    memory Ray may hand out across the cluster, so even uneven nodes keep room for the rest."""
+    return nbytes <= 0.25 * float(ray.cluster_resources().get("memory", 0))
+
+
+def _rows(manifest: dict[str, Any], split: str) -> int:
+    return sum(manifest["counts"].get(split, {}).values())
+
+
 def _settings(kind: str, cfg: TrainConfig, precision: str, num_classes: int, **kw: Any) -> LoopSettings:
     return LoopSettings(kind=kind, epochs=cfg.epochs, batch_size=cfg.batch_size,
                         learning_rate=cfg.learning_rate or default_learning_rate(kind), seed=cfg.seed,
@@ -102,7 +112,8 @@ def _finish(kind: str, directory: str, model, metadata: dict[str, Any], run: Tra
     cached = bool(metadata.get("cached_block4"))
     plot_curves(history, os.path.join(directory, "curves.png"), model_title(kind, cached))
     summary = {"kind": kind, "cached_block4": cached, "accuracy": evaluation["accuracy"], "loss": evaluation["loss"],
-               "epochs": len(history), "best_epoch": run.best_epoch, "seconds": round(seconds, 2), "images_per_s": round(samples_per_s, 2),
+               "epochs": len(history), "best_epoch": run.best_epoch, "seconds": round(seconds, 2),
+               "images_per_s": round(samples_per_s, 2),
                "model": os.path.join(directory, "model.keras"), "curves": os.path.join(directory, "curves.png")}
     storage.write_json(os.path.join(directory, SUMMARY), summary)
     print(f"{kind}: validation accuracy {evaluation['accuracy']:.4f}, loss {evaluation['loss']:.4f} "
@@ -143,12 +154,15 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     num_classes = len(manifest["classes"])
     shape = tuple(manifest["feature_shape"])
     precision = resolve_precision(cfg.precision, cfg.use_gpu)
-    # Shards hold one class after another; shuffling the (small) feature rows once, seeded,
-    # gives every batch both classes. The local shuffle buffer reorders them every epoch.
     datasets = {split: ray.data.read_parquet(storage.join(features_dir, split)).select_columns(["label", "features"])
                 for split in ("train", "validation")}
-    datasets["train"] = datasets["train"].random_shuffle(seed=cfg.seed)
-    settings = _settings("top", cfg, precision, num_classes, feature_shape=shape)
+    held = fits_in_memory((_rows(manifest, "train") + _rows(manifest, "validation")) * np.prod(shape) * 4)
+    if not held:
+        # Streamed every epoch: a seeded global shuffle gives every batch a mix of classes
+        # even from shards written class by class (older extractions); the local buffer
+        # reorders them every epoch. Held shards are reshuffled in memory every epoch.
+        datasets["train"] = datasets["train"].random_shuffle(seed=cfg.seed)
+    settings = _settings("top", cfg, precision, num_classes, feature_shape=shape, hold_in_memory=held)
     run = _run(settings, datasets, cfg, directory)
 
     top = models.top_classifier(shape, num_classes, "float32", dropout=cfg.dropout)
@@ -169,7 +183,8 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     metadata = {"classes": manifest["classes"], "image_size": manifest["image_size"],
                 "weights": manifest["weights"], "preprocessing": manifest["preprocessing"],
                 "trained_precision": precision, "data_dir": manifest["data_dir"], "layout": manifest["layout"],
-                "validation_fraction": manifest["config"]["validation_fraction"], "features_dir": storage.absolute(features_dir),
+                "validation_fraction": manifest["config"]["validation_fraction"],
+                "features_dir": storage.absolute(features_dir),
                 "synthetic": manifest.get("synthetic", False)}
     return _finish("top", directory, model, metadata, run, evaluation)
 
@@ -310,8 +325,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                     .select_columns(["label", "block4", "block4_flipped"]).randomize_block_order(seed=cfg.seed),
                     "validation": ray.data.read_parquet(storage.join(cache, "validation"))
                     .select_columns(["label", "block4"])}
+        held = fits_in_memory((2 * _rows(manifest, "train") + _rows(manifest, "validation")) * np.prod(block4_shape) * 4)
         settings = _settings("finetune", cfg, precision, len(classes), image_size=image_size, augment=True,
-                             cached_block4=True, block4_shape=block4_shape, feature_shape=shape,
+                             cached_block4=True, block4_shape=block4_shape, feature_shape=shape, hold_in_memory=held,
                              extras={"base_weights": ray.put(models.block5_weights(features)),
                                      "top_weights": ray.put(top.get_weights())})
 
