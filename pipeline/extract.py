@@ -261,10 +261,16 @@ def read_split(output_dir: str, split: str, columns: list[str] | None = None) ->
     return storage.read_parquet_files(storage.list_parquet(storage.join(output_dir, split)), columns)
 
 
+def list_rows(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A fixed-size-list column as a 2-D numpy array, one row per list (no per-row Python work)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
+
+
 def features_as_array(table: pa.Table, shape: Iterable[int]) -> np.ndarray:
     """The ``features`` column as an ``(n, *shape)`` float32 array."""
-    flat = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return flat.reshape(len(table), *shape).astype(np.float32, copy=False)
+    return list_rows(table.column("features")).reshape(len(table), *shape).astype(np.float32, copy=False)
 
 
 def _fingerprint(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, precision: str) -> str:
@@ -319,8 +325,9 @@ def _audit(staging: str, index: DatasetIndex, rejects: pa.Table, block4: bool) -
                 dupes = len(paths) - len(set(paths))
                 lost = len(expected - set(paths))
                 raise RuntimeError(f"extraction of {folder!r} is inconsistent: {dupes} duplicated and {lost} lost rows")
-            names = table.column("class_name").to_pylist() if table is not None else []
-            counts[split] = {c: names.count(c) for c in index.classes}
+            if folder == split:  # the cache holds the same paths, hence the same counts
+                names = table.column("class_name").to_pylist() if table is not None else []
+                counts[split] = {c: names.count(c) for c in index.classes}
     return counts
 
 

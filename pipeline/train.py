@@ -143,8 +143,10 @@ def batch_inputs(batch: dict[str, Any], s: LoopSettings, rng: np.random.Generato
 
 def _float_rows(column, n: int, shape: tuple[int, ...]) -> np.ndarray:
     """A fixed-size-list column (pyarrow, or numpy rows) as a writable ``(n, *shape)`` float32 array."""
-    if hasattr(column, "combine_chunks"):  # pyarrow: flatten the fixed-size list without a per-row copy
-        flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    from pipeline.extract import list_rows
+
+    if hasattr(column, "combine_chunks"):  # pyarrow
+        flat = list_rows(column)
     elif isinstance(column, np.ndarray) and column.dtype != object:  # rows held in memory
         flat = column
     else:
@@ -156,12 +158,14 @@ def load_shard(shard) -> dict[str, np.ndarray]:
     """A worker's whole dataset shard as numpy columns (fixed-size lists become 2-D float32 arrays)."""
     import pyarrow as pa
 
+    from pipeline.extract import list_rows
+
     parts: dict[str, list[np.ndarray]] = {}
     for batch in shard.iter_batches(batch_size=1024, batch_format="pyarrow"):
         for name in batch.column_names:
             column = batch.column(name).combine_chunks()
             if pa.types.is_fixed_size_list(column.type):
-                values = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
+                values = list_rows(column)
             else:
                 values = column.to_numpy(zero_copy_only=False)
             parts.setdefault(name, []).append(values)

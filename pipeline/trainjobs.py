@@ -319,8 +319,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         manifest = ensure_block4_cache(features_dir)
         block4_shape = tuple(manifest["block4"]["shape"])
         cache = storage.join(features_dir, manifest["block4"]["dir"])
-        # Shards already mix the classes (extraction writes rows in a seeded random order):
-        # a per-epoch shuffle of block order plus the local buffer replaces a global shuffle.
+        # Shards already mix the classes (extraction writes rows in a seeded random order): a
+        # cache that streams needs only a per-epoch block order plus the local shuffle buffer;
+        # one that is held is reshuffled in memory every epoch.
         datasets = {"train": ray.data.read_parquet(storage.join(cache, "train"))
                     .select_columns(["label", "block4", "block4_flipped"]).randomize_block_order(seed=cfg.seed),
                     "validation": ray.data.read_parquet(storage.join(cache, "validation"))
