@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from pipeline import models, vgg16  # noqa: E402
 from pipeline.decode import load_image  # noqa: E402
 from pipeline.discover import discover  # noqa: E402
-from pipeline.precision import resolve_precision  # noqa: E402
+from pipeline.precision import precision_for  # noqa: E402
 from pipeline.weights import load_weight_arrays, resolve_weights  # noqa: E402
 
 
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=150)
     args = parser.parse_args()
     size = args.image_size
-    best = resolve_precision("auto", False)
+    best = precision_for("auto", None)
     source = resolve_weights("torchvision")
     arrays = load_weight_arrays(source, size)
     f32 = models.feature_extractor(size, arrays, source.preprocessing, "float32")

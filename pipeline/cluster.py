@@ -2,19 +2,97 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 
+from pipeline.errors import UserError
 
-def init_ray() -> None:
-    """Attach to a running cluster (``RAY_ADDRESS`` or a local ``ray start``), else start one in-process."""
+log = logging.getLogger(__name__)
+# How long a recorded or given cluster address may take to accept a connection.
+CONNECT_TIMEOUT_S = 5.0
+
+
+class ClusterError(UserError):
+    """The Ray cluster to use cannot be reached, or cannot give what the job asked for."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check_reachable(address: str, where: str) -> None:
+    """Fail within seconds, naming ``address``, when nothing accepts connections there."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as exc:
+        raise ClusterError(
+            f"the Ray cluster at {address} ({where}) is not reachable: {exc}. If that cluster is gone (a head node "
+            f"killed without `ray stop` leaves its address recorded), run `ray stop` to clear the record, or set "
+            f"RAY_ADDRESS=local to start an in-process cluster; otherwise set RAY_ADDRESS to a live cluster"
+        ) from None
+
+
+def _target_address() -> str | None:
+    """The GCS address (host:port) this job will attach to, or None to start a cluster in-process.
+
+    Ray's own lookup, made explicit so that an address that answers nothing fails fast
+    instead of retrying for ever: ``RAY_ADDRESS``, else the cluster last started with
+    ``ray start`` on this machine (recorded in Ray's temp folder).
+    """
+    from ray._common.utils import get_ray_address_file
+    from ray._private.utils import read_ray_address
+
+    env = os.environ.get("RAY_ADDRESS", "")
+    if env == "local":
+        return None
+    if env and env != "auto":
+        if env.startswith(("ray://", "http://", "https://")):
+            return env  # Ray Client / dashboard addresses: Ray reports their errors itself
+        _check_reachable(env, "from RAY_ADDRESS")
+        return env
+    recorded = read_ray_address()
+    if not recorded:
+        return None
+    _check_reachable(recorded, f"recorded in {get_ray_address_file(None)}")
+    return recorded
+
+
+def init_ray(local: bool = False, env_vars: dict[str, str] | None = None, **start_options: Any) -> None:
+    """Attach to a running cluster (``RAY_ADDRESS`` or a local ``ray start``), else (or with
+    ``local``) start one in-process with ``start_options`` (``num_cpus``…).
+
+    Every process of the job (tasks, actors, Ray Train's controller and its placement-group
+    cleaner) gets ``RAY_ADDRESS`` set to this job's own cluster, besides ``env_vars``. Without
+    it, a helper that looks a cluster up by itself (the cleaner queries the state API) takes
+    the machine's most recently started one, which with two clusters on a machine may be the
+    other one, and tears down a healthy training run.
+    """
     if ray.is_initialized():
         return
-    # ray.init() with no address already prefers RAY_ADDRESS, then a cluster started
-    # with `ray start` on this machine, and only then starts a new local one.
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False)
+    address = None if local else _target_address()
+    env = dict(env_vars or {})
+    if address is None:
+        # In-process start: choose the GCS port up front, so the address is known before start.
+        port = _free_port()
+        env["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        try:
+            ray.init(address="local", runtime_env={"env_vars": env}, configure_logging=False, **start_options)
+        finally:
+            del os.environ["RAY_GCS_SERVER_PORT"]  # other clusters this process starts pick their own
+        return
+    if "://" not in address:
+        env["RAY_ADDRESS"] = address
+    ray.init(address=address, runtime_env={"env_vars": env} if env else None, configure_logging=False)
 
 
 @dataclass(frozen=True)
@@ -31,8 +109,9 @@ class InferencePlan:
         return self.num_gpus > 0
 
 
-def inference_plan(cpu_workers: int) -> InferencePlan:
-    """One actor per GPU when the cluster has GPUs; else ``cpu_workers`` fractional-CPU actors.
+def inference_plan(cpu_workers: int, gpus: int | None = None) -> InferencePlan:
+    """``gpus`` one-GPU actors when asked; else one per GPU of the cluster, or ``cpu_workers``
+    fractional-CPU actors when it has none.
 
     Actors that each reserve a whole CPU leave nothing for the decode tasks on a
     small machine and the pipeline stalls without a word, so CPU actors reserve a
@@ -40,12 +119,62 @@ def inference_plan(cpu_workers: int) -> InferencePlan:
     """
     resources = ray.cluster_resources()
     cpus = float(resources.get("CPU", 1))
-    gpus = int(resources.get("GPU", 0))
+    present = int(resources.get("GPU", 0))
     decode_cpus = 0.5 if cpus <= 4 else 1.0
-    actors = gpus if gpus > 0 else cpu_workers
+    gpu_actors = gpus if gpus is not None else present
+    actors = gpu_actors if gpu_actors > 0 else cpu_workers
     # At most a quarter of the cluster's CPUs go to inference actors' reservations.
     num_cpus = round(min(1.0, cpus / (4 * actors)), 3)
-    return InferencePlan(actors=actors, num_cpus=num_cpus, num_gpus=1.0 if gpus > 0 else 0.0, decode_cpus=decode_cpus)
+    return InferencePlan(actors=actors, num_cpus=num_cpus, num_gpus=1.0 if gpu_actors > 0 else 0.0,
+                         decode_cpus=decode_cpus)
+
+
+def wait_for_gpus(count: int, timeout_s: float, poll_s: float = 2.0) -> None:
+    """Ask the autoscaler for ``count`` GPUs and wait until the cluster has them.
+
+    Nodes that an autoscaler starts from zero take minutes to join; without asking, a
+    cluster with no GPU yet would never start one. Raises ClusterError after ``timeout_s``.
+    """
+    have = int(ray.cluster_resources().get("GPU", 0))
+    if have >= count:
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{"GPU": 1}] * count)
+    log.warning("waiting for %d GPU(s) to join the cluster (it has %d); an autoscaler starts GPU nodes on this "
+                "request, for up to %.0f s (--gpu-wait-s)", count, have, timeout_s)
+    deadline = time.monotonic() + timeout_s
+    next_note = time.monotonic() + 30
+    try:
+        while have < count:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"--gpus {count}: the cluster still has {have} GPU(s) after {timeout_s:.0f} s; "
+                                   f"check that it has GPU node types the autoscaler may start (cluster.yaml), "
+                                   f"or lower --gpus")
+            time.sleep(poll_s)
+            have = int(ray.cluster_resources().get("GPU", 0))
+            if time.monotonic() > next_note:
+                log.warning("still waiting: %d of %d GPU(s) up", have, count)
+                next_note += 30
+    finally:
+        # A standing request would keep GPU nodes up after the job; the actors hold them from here on.
+        request_resources(bundles=[])
+    log.warning("%d GPU(s) up", have)
+
+
+def pin_to_this_node(location: str) -> dict[str, Any]:
+    """Ray remote args that keep tasks reading or writing a local path on the driver's node.
+
+    Nothing else on a cluster without a shared filesystem can open a local path the driver
+    named; object-store URIs need no pinning.
+    """
+    from pipeline import storage
+
+    if not storage.is_local(location):
+        return {}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
 
 
 def configure_tensorflow_devices() -> None:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import types
 import typing
 from typing import Any, Sequence, TypeVar
 
 from pipeline.errors import ConfigError, UserError
 
-PRECISIONS = ("auto", "float32", "bfloat16")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 PREPROCESSINGS = ("auto", "torch", "caffe")
 NAMED_WEIGHTS = ("torchvision", "keras", "none")
 LAYOUTS = ("splits", "kaggle")
@@ -56,9 +55,25 @@ def check_range(name: str, value: float, low: float, high: float, open_low: bool
 
 
 def check_output_location(name: str, value: str | None) -> None:
-    """Refuse an output location that is an existing regular file."""
-    if value and "://" not in value and os.path.isfile(value):
+    """Refuse an output location that is an existing regular file, or on a bucket that does not exist."""
+    if not value:
+        return
+    from pipeline import storage
+
+    problem = storage.describe_output_problem(value)
+    if problem:
+        raise ConfigError(f"--{name.replace('_', '-')} {value!r} cannot be written: {problem}")
+    if storage.is_file(value):
         raise ConfigError(f"--{name.replace('_', '-')} must be a folder, but {value!r} is an existing file")
+
+
+def check_input_location(name: str, value: str | None, want: str = "folder") -> None:
+    """Refuse an input location (local path or URI) that is missing, of the wrong kind or unreadable."""
+    from pipeline import storage
+
+    problem = storage.describe_problem(value, want) if value is not None else None
+    if problem:
+        raise ConfigError(f"--{name.replace('_', '-')} {value!r} cannot be used: {problem}")
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -107,17 +122,6 @@ def parse_config(cls: type[T], argv: Sequence[str] | None, description: str) -> 
         raise  # unreachable: parser.error exits
 
 
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """A JSON-ready dict of a config dataclass."""
-    return dataclasses.asdict(cfg)
-
-
-def die(message: str, status: int = 2) -> typing.NoReturn:
-    """Print an error for the user and exit without a traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(status)
-
-
 @dataclasses.dataclass
 class DataOptions:
     """Where the labelled images are and how they are read (shared by every job that reads a data root)."""
@@ -135,21 +139,42 @@ class DataOptions:
         check_range("validation_fraction", self.validation_fraction, 0, 1, open_low=True, open_high=True)
         check_positive("max_images_per_class", self.max_images_per_class, allow_none=True)
         check_range("max_reject_fraction", self.max_reject_fraction, 0, 1)
-        if self.data_dir is not None and not os.path.isdir(self.data_dir):
-            raise ConfigError(f"--data-dir {self.data_dir!r} is not an existing folder")
+        check_input_location("data_dir", self.data_dir)
 
 
 @dataclasses.dataclass
-class ExtractConfig(DataOptions):
+class InferenceOptions:
+    """How the VGG16 / classifier actor pool of extraction and prediction is sized and run."""
+
+    precision: str = field_help("auto", "auto: decided by each inference actor from its device: bfloat16 on GPUs of "
+                                        "compute capability >= 8.0 and on bf16 CPUs, float16 on older GPUs, "
+                                        "else float32", PRECISIONS, kw_only=True)
+    workers: int = field_help(1, "inference actors when the cluster has no GPUs and --gpus is not given",
+                              kw_only=True)
+    gpus: int | None = field_help(None, "run this many one-GPU inference actors, asking the cluster (its autoscaler) "
+                                        "for the GPUs even when none is up yet; default: one per GPU present, "
+                                        "else --workers CPU actors", kw_only=True)
+    gpu_wait_s: float = field_help(900.0, "with --gpus: how long to wait for the GPUs to join the cluster",
+                                   kw_only=True)
+    batch_size: int = field_help(32, "images per inference batch", kw_only=True)
+
+    def check_inference_options(self) -> None:
+        """Validate the inference options (called from each job config's ``__post_init__``)."""
+        check_choice("precision", self.precision, PRECISIONS)
+        check_positive("workers", self.workers)
+        check_positive("gpus", self.gpus, allow_none=True)
+        check_positive("gpu_wait_s", self.gpu_wait_s)
+        check_positive("batch_size", self.batch_size)
+
+
+@dataclasses.dataclass
+class ExtractConfig(InferenceOptions, DataOptions):
     """Settings of ``jobs.extract_features``: image folders → VGG16 bottleneck features in Parquet."""
 
     output_dir: str | None = field_help(None, "where the shards go (local path or URI); default outputs/<data folder name>/features")
     image_size: int = field_help(150, "images are resized to this many pixels square (at least 32)")
     weights: str = field_help("torchvision", "VGG16 weights: torchvision, keras, none, or a path to a Keras weights file")
     preprocessing: str = field_help("auto", "pixel normalisation; auto follows the weights", PREPROCESSINGS)
-    precision: str = field_help("auto", "auto: bfloat16 where the hardware has it, else float32", PRECISIONS)
-    workers: int = field_help(1, "inference actors when the cluster has no GPUs (with GPUs: one per GPU)")
-    batch_size: int = field_help(32, "images per inference batch")
     cache_block4: bool = field_help(False, "also write VGG16's block-4 outputs (training images: also of their mirror "
                                            "image) under <output-dir>/block4/, for jobs.finetune --cache-block4")
     overwrite: bool = field_help(False, "redo the extraction even if a finished one with the same settings exists")
@@ -160,9 +185,7 @@ class ExtractConfig(DataOptions):
             raise ConfigError(f"--image-size must be an integer of at least 32 (VGG16 halves it five times); got {self.image_size!r}")
         check_weights(self.weights)
         check_choice("preprocessing", self.preprocessing, PREPROCESSINGS)
-        check_choice("precision", self.precision, PRECISIONS)
-        check_positive("workers", self.workers)
-        check_positive("batch_size", self.batch_size)
+        self.check_inference_options()
         check_output_location("output_dir", self.output_dir)
 
 
@@ -212,8 +235,7 @@ class TrainTopConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.features_dir is not None and "://" not in self.features_dir and not os.path.isdir(self.features_dir):
-            raise ConfigError(f"--features-dir {self.features_dir!r} is not an existing folder")
+        check_input_location("features_dir", self.features_dir)
 
 
 @dataclasses.dataclass
@@ -238,8 +260,7 @@ class FinetuneConfig(ImageTrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.top_model is not None and not os.path.isfile(self.top_model):
-            raise ConfigError(f"--top-model {self.top_model!r} is not an existing file; jobs.train_top writes one")
+        check_input_location("top_model", self.top_model, "file")
         if self.cache_block4 and (self.data_dir is not None or self.max_images_per_class is not None):
             raise ConfigError("--cache-block4 trains on the images the top model's features were extracted from; "
                               "drop --data-dir and --max-images-per-class (extract other data with "
@@ -272,10 +293,15 @@ class RunAllConfig(DataOptions):
     seed: int = field_help(0, "seed for initialisation, shuffling and augmentation")
     skip: str = field_help("", "comma-separated stages to skip: finetune, scratch")
     cache_block4: bool = field_help(False, "fine-tune on cached block-4 outputs (see jobs.finetune --cache-block4)")
+    gpus: int | None = field_help(None, "extraction: one-GPU inference actors to ask the cluster for (see "
+                                        "jobs.extract_features --gpus)")
+    gpu_wait_s: float = field_help(900.0, "with --gpus: how long to wait for the GPUs to join the cluster")
     overwrite: bool = field_help(False, "redo every stage even if finished results exist")
 
     def __post_init__(self) -> None:
         self.check_data_options()
+        check_positive("gpus", self.gpus, allow_none=True)
+        check_positive("gpu_wait_s", self.gpu_wait_s)
         check_weights(self.weights)
         check_choice("precision", self.precision, PRECISIONS)
         check_positive("num_workers", self.num_workers)
@@ -294,26 +320,28 @@ OUTPUT_FILE_SUFFIXES = (".parquet", ".csv")
 
 
 @dataclasses.dataclass
-class PredictConfig:
+class PredictConfig(InferenceOptions):
     """Settings of ``jobs.predict``: a trained classifier over any image folder."""
 
-    model: str = field_help(dataclasses.MISSING, "model.keras written by jobs.train_top, jobs.finetune or jobs.train_scratch")
-    input: str = field_help(dataclasses.MISSING, "image folder (searched recursively) or a glob such as 'photos/**/*.jpg'")
-    output: str = field_help(dataclasses.MISSING, "file.parquet or file.csv (one file), or a folder / URI for Parquet shards")
-    precision: str = field_help("auto", "auto: bfloat16 where the hardware has it, else float32", PRECISIONS)
-    workers: int = field_help(1, "inference actors when the cluster has no GPUs (with GPUs: one per GPU)")
-    batch_size: int = field_help(32, "images per inference batch")
+    model: str = field_help(dataclasses.MISSING, "model.keras written by jobs.train_top, jobs.finetune or "
+                                                 "jobs.train_scratch (local path or URI)")
+    input: str = field_help(dataclasses.MISSING, "image folder (searched recursively) or a glob such as "
+                                                 "'photos/**/*.jpg' (local path or URI)")
+    output: str = field_help(dataclasses.MISSING, "file.parquet or file.csv (one file), or a folder for Parquet "
+                                                  "shards (local path or URI)")
     overwrite: bool = field_help(False, "replace an existing output")
 
     def __post_init__(self) -> None:
+        from pipeline import storage
         from pipeline.modelfile import read_metadata
 
-        check_choice("precision", self.precision, PRECISIONS)
-        check_positive("workers", self.workers)
-        check_positive("batch_size", self.batch_size)
+        self.check_inference_options()
         read_metadata(self.model)  # a missing or foreign model file fails here, before any work
-        if "://" not in self.output and os.path.isfile(self.output) and not self.overwrite:
+        is_file = storage.is_file(self.output)
+        if is_file and not self.overwrite:
             raise ConfigError(f"--output {self.output!r} exists; pass --overwrite to replace it")
-        if not self.output.lower().endswith(OUTPUT_FILE_SUFFIXES) and "://" not in self.output \
-                and os.path.isfile(self.output):
+        if is_file and not self.output.lower().endswith(OUTPUT_FILE_SUFFIXES):
             raise ConfigError(f"--output {self.output!r} is an existing file; give a folder or a .parquet/.csv name")
+        problem = storage.describe_output_problem(self.output)
+        if problem:
+            raise ConfigError(f"--output {self.output!r} cannot be written: {problem}")

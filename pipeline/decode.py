@@ -31,20 +31,14 @@ class DecodeError(Exception):
 
 def read_bytes(path: str) -> bytes:
     """The raw bytes of a local path or a pyarrow filesystem URI (``s3://…``)."""
-    try:
-        if "://" in path and not path.startswith("file://"):
-            from pyarrow import fs as pafs
+    from pipeline import storage
 
-            filesystem, inner = pafs.FileSystem.from_uri(path)
-            with filesystem.open_input_stream(inner) as f:
-                return f.read()
-        local = path[len("file://"):] if path.startswith("file://") else path
-        with open(local, "rb") as f:
-            return f.read()
+    try:
+        return storage.read_bytes(path)
     except IsADirectoryError as exc:
         raise DecodeError("not a file", str(exc)) from exc
     except FileNotFoundError as exc:
-        raise DecodeError("missing", f"{exc.strerror} (a broken symlink or a file removed during the run)") from exc
+        raise DecodeError("missing", f"{exc.strerror or exc} (a broken symlink or a file removed during the run)") from exc
     except PermissionError as exc:
         raise DecodeError("unreadable", str(exc)) from exc
     except OSError as exc:

@@ -1,7 +1,9 @@
-"""Finding image files and their labels under a data root.
+"""Finding image files and their labels under a data root: a local folder or any URI
+that ``pipeline.storage`` reads (``s3://bucket/photos``).
 
 Only paths are listed here (never pixels), so the driver's memory grows with the
-number of files, not with their contents.
+number of files, not with their contents. Each file's path is a local path or a full
+URI, so a decode task on any node of a cluster can open it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from pipeline import storage
 from pipeline.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
@@ -28,6 +31,8 @@ class LabeledFile:
     split: str
     label: int
     class_name: str
+    # size:mtime_ns when listed ("missing" for a broken link): what the extraction fingerprints.
+    stamp: str = ""
 
 
 @dataclass
@@ -58,31 +63,28 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def iter_image_files(root: str) -> Iterator[str]:
-    """Image file paths under ``root``, recursively, sorted, hidden files and folders skipped.
+def iter_image_files(root: str) -> Iterator[tuple[str, str, str]]:
+    """``(path, path relative to root, stamp)`` of every image file under ``root`` (a local path
+    or URI), recursively, sorted, hidden files and folders skipped.
 
     Symlinks to files are listed even when broken, so that decoding records them as
     rejects rather than letting them vanish; a folder whose name ends in ``.jpg`` is
     a folder and is descended into, never listed.
     """
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and is_image_name(name):
-                yield os.path.join(dirpath, name)
+    for rel, stamp in storage.walk_files(root):
+        if is_image_name(rel):
+            yield storage.join(root, rel), rel, stamp
 
 
-def _check_root(root: str) -> None:
-    if not os.path.exists(root):
-        raise DataError(f"data folder {root!r} does not exist")
-    if not os.path.isdir(root):
-        raise DataError(f"data folder {root!r} is not a folder")
+def check_root(root: str) -> None:
+    """Raise DataError naming ``root`` and what is wrong when it is not a readable folder."""
+    problem = storage.describe_problem(root, "folder")
+    if problem:
+        raise DataError(f"data folder {root!r} cannot be used: {problem}")
 
 
 def _class_dirs(split_dir: str) -> list[str]:
-    return sorted(
-        d for d in os.listdir(split_dir) if not d.startswith(".") and os.path.isdir(os.path.join(split_dir, d))
-    )
+    return storage.list_dirs(split_dir)
 
 
 def _limit(files: list[LabeledFile], max_per_class: int | None) -> list[LabeledFile]:
@@ -99,17 +101,17 @@ def _limit(files: list[LabeledFile], max_per_class: int | None) -> list[LabeledF
 
 def discover_splits(root: str, max_per_class: int | None = None) -> DatasetIndex:
     """Index ``<root>/<split>/<class>/<image>`` with splits train, validation and optional test."""
-    _check_root(root)
-    present = [s for s in REQUIRED_SPLITS + OPTIONAL_SPLITS if os.path.isdir(os.path.join(root, s))]
+    check_root(root)
+    found = storage.list_dirs(root)
+    present = [s for s in REQUIRED_SPLITS + OPTIONAL_SPLITS if s in found]
     missing = [s for s in REQUIRED_SPLITS if s not in present]
     if missing:
-        found = sorted(d for d in os.listdir(root) if not d.startswith("."))
         raise DataError(
             f"data folder {root!r} must hold the split folders {', '.join(REQUIRED_SPLITS)} "
             f"(and optionally test), each with one folder per class; missing: {', '.join(missing)}; "
             f"found: {', '.join(found) or 'nothing'}. For a flat folder of cat.1.jpg-style files use --layout kaggle"
         )
-    class_sets = {s: _class_dirs(os.path.join(root, s)) for s in present}
+    class_sets = {s: _class_dirs(storage.join(root, s)) for s in present}
     reference = class_sets["train"]
     for split, names in class_sets.items():
         if names != reference:
@@ -119,16 +121,16 @@ def discover_splits(root: str, max_per_class: int | None = None) -> DatasetIndex
             )
     if len(reference) < 2:
         raise DataError(
-            f"need at least two class folders under {os.path.join(root, 'train')!r}; "
+            f"need at least two class folders under {storage.join(root, 'train')!r}; "
             f"found [{', '.join(reference)}]"
         )
     index = DatasetIndex(root=root, layout="splits", classes=reference)
     for split in present:
         files = []
         for label, name in enumerate(reference):
-            class_dir = os.path.join(root, split, name)
-            for path in iter_image_files(class_dir):
-                files.append(LabeledFile(path, os.path.relpath(path, root), split, label, name))
+            class_dir = storage.join(root, split, name)
+            for path, rel, stamp in iter_image_files(class_dir):
+                files.append(LabeledFile(path, "/".join((split, name, rel)), split, label, name, stamp))
         files = _limit(files, max_per_class)
         if not files:
             raise DataError(f"split {split!r} under {root!r} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -159,14 +161,13 @@ def kaggle_split(relpath: str, validation_fraction: float) -> str:
 
 def discover_kaggle(root: str, validation_fraction: float, max_per_class: int | None = None) -> DatasetIndex:
     """Index Kaggle's flat layout (``cat.123.jpg``): label = file-name prefix, split by path hash."""
-    _check_root(root)
+    check_root(root)
     entries = []
     unlabeled = []
-    for path in iter_image_files(root):
-        rel = os.path.relpath(path, root)
+    for path, rel, stamp in iter_image_files(root):
         label = _kaggle_label(rel)
         if label:
-            entries.append((path, rel, label))
+            entries.append((path, rel, label, stamp))
         else:
             unlabeled.append(rel)
     if unlabeled:
@@ -176,15 +177,15 @@ def discover_kaggle(root: str, validation_fraction: float, max_per_class: int | 
         )
     if not entries:
         raise DataError(f"data folder {root!r} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    classes = sorted({label for _, _, label in entries})
+    classes = sorted({label for _, _, label, _ in entries})
     if len(classes) < 2:
         raise DataError(f"need at least two classes; every file in {root!r} is labelled {classes[0]!r}")
     label_of = {name: i for i, name in enumerate(classes)}
     index = DatasetIndex(root=root, layout="kaggle", classes=classes)
     by_split: dict[str, list[LabeledFile]] = {"train": [], "validation": []}
-    for path, rel, label in entries:
+    for path, rel, label, stamp in entries:
         split = kaggle_split(rel, validation_fraction)
-        by_split[split].append(LabeledFile(path, rel, split, label_of[label], label))
+        by_split[split].append(LabeledFile(path, rel, split, label_of[label], label, stamp))
     for split, files in by_split.items():
         files.sort(key=lambda f: (f.label, f.relpath))
         files = _limit(files, max_per_class)
@@ -203,10 +204,11 @@ def discover(root: str, layout: str = "splits", validation_fraction: float = 0.2
     return discover_splits(root, max_per_class)
 
 
-def discover_unlabeled(root: str) -> list[str]:
-    """Every image file under ``root`` (for prediction: any nesting, no labels needed)."""
-    _check_root(root)
-    files = list(iter_image_files(root))
+def discover_unlabeled(root: str) -> list[tuple[str, str]]:
+    """``(path, path relative to root)`` of every image file under ``root`` (for prediction:
+    any nesting, no labels needed)."""
+    check_root(root)
+    files = [(path, rel) for path, rel, _ in iter_image_files(root)]
     if not files:
         raise DataError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root!r}")
     return files

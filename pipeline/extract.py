@@ -32,13 +32,14 @@ import ray
 from ray.data import Datasink
 
 from pipeline import storage, vgg16
-from pipeline.cluster import InferencePlan, configure_tensorflow_devices, inference_plan
-from pipeline.config import ExtractConfig
+from pipeline.cluster import (InferencePlan, configure_tensorflow_devices, inference_plan, pin_to_this_node,
+                              wait_for_gpus)
+from pipeline.config import ExtractConfig, InferenceOptions
 from pipeline.decode import decode_batch
 from pipeline.discover import DatasetIndex, discover
 from pipeline.errors import DataError, OutputError
 from pipeline.faults import maybe_kill
-from pipeline.precision import resolve_precision
+from pipeline.precision import device_precision
 from pipeline.versions import library_versions
 from pipeline.weights import WeightsSource, load_weight_arrays, resolve_weights
 
@@ -58,23 +59,32 @@ def feature_schema(dim: int, columns: Iterable[str] = ("features",)) -> pa.Schem
                      + [(c, pa.list_(pa.float32(), dim)) for c in columns])
 
 
+def _decode_here(batch: dict[str, Any], image_size: int) -> dict[str, Any]:
+    out = decode_batch(batch, image_size)
+    out["decode_node"] = np.full(len(out["image"]), ray.get_runtime_context().get_node_id()[:12], dtype=object)
+    return out
+
+
 def decoded_images(rows: list[dict[str, Any]], image_size: int, batch_size: int, decode_cpus: float) -> ray.data.Dataset:
-    """A Ray dataset of ``rows`` (each with a ``path``) plus decoded ``image``, ``reason``, ``error``.
+    """A Ray dataset of ``rows`` (each with a ``path``) plus decoded ``image``, ``reason``, ``error``
+    and the ``decode_node`` that decoded it.
 
     Decoding runs in parallel Ray tasks, one file at a time inside each batch, so a
     bad file becomes a reject row instead of failing its block (unlike
-    ``ray.data.read_images``).
+    ``ray.data.read_images``). Local paths are decoded on the driver's node, the only
+    one sure to have them; URIs anywhere.
     """
     blocks = max(1, math.ceil(len(rows) / batch_size))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    remote_args = {"num_cpus": decode_cpus, **(pin_to_this_node(rows[0]["path"]) if rows else {})}
     # A ray_remote_args_fn keeps Ray Data from fusing decoding into the inference
     # actors (it fuses ops whose remote args match), which would serialise decode
     # and inference inside one process instead of overlapping them. Ray 2.60 (the
     # pinned version) has no other switch for that; its deprecation notice is noise here.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
-        return ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size}, batch_size=batch_size,
-                              batch_format="numpy", ray_remote_args_fn=lambda: {"num_cpus": decode_cpus})
+        return ds.map_batches(_decode_here, fn_kwargs={"image_size": image_size}, batch_size=batch_size,
+                              batch_format="numpy", ray_remote_args_fn=lambda: remote_args)
 
 
 def find_rejects(rows: list[dict[str, Any]], image_size: int, batch_size: int) -> list[dict[str, str]]:
@@ -132,19 +142,37 @@ def _rows_of(values: np.ndarray | None, ok: np.ndarray, dim: int) -> np.ndarray:
     return out
 
 
-def actor_identity() -> str:
-    """Which process and which GPUs an inference actor runs on, as JSON (recorded in the manifest)."""
+def actor_identity(precision: str) -> str:
+    """Which node, process and GPUs an inference actor runs on, and the precision it chose, as JSON
+    (recorded in the manifest)."""
     return json.dumps({"node": ray.get_runtime_context().get_node_id()[:12], "pid": os.getpid(),
                        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-                       "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}, sort_keys=True)
+                       "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "precision": precision},
+                      sort_keys=True)
 
 
-def merge_actor_counts(write_returns: Iterable[dict[str, int]]) -> list[dict[str, Any]]:
-    """Rows handled per inference actor, from the sinks' write results."""
-    total: Counter[str] = Counter()
-    for counts in write_returns:
-        total.update(counts)
-    return [{**json.loads(identity), "rows": rows} for identity, rows in sorted(total.items())]
+def tally_batch(batch: dict[str, np.ndarray]) -> dict[str, Counter[str]]:
+    """Rows of a written batch per inference actor and per decoding node (a sink's write result)."""
+    return {"actors": Counter(str(a) for a in batch["actor"]),
+            "decode_nodes": Counter(str(n) for n in batch["decode_node"])}
+
+
+def merge_tallies(write_returns: Iterable[dict[str, Counter[str]]]) -> dict[str, Any]:
+    """Rows per inference actor (with its node, GPUs and precision) and per decoding node,
+    from the sinks' write results."""
+    actors: Counter[str] = Counter()
+    nodes: Counter[str] = Counter()
+    for tally in write_returns:
+        actors.update(tally["actors"])
+        nodes.update(tally["decode_nodes"])
+    return {"actors": [{**json.loads(identity), "rows": rows} for identity, rows in sorted(actors.items())],
+            "decode_nodes": dict(sorted(nodes.items()))}
+
+
+def actors_precision(actors: list[dict[str, Any]], requested: str) -> str:
+    """The precision the inference actors ran at: theirs when they agree, ``mixed`` when they do not."""
+    chosen = {a["precision"] for a in actors}
+    return chosen.pop() if len(chosen) == 1 else ("mixed" if chosen else requested)
 
 
 class FeatureActor:
@@ -159,6 +187,7 @@ class FeatureActor:
         configure_tensorflow_devices()
         from pipeline.models import block4_extractors, feature_extractor
 
+        precision = device_precision(precision)
         if isinstance(weight_arrays, ray.ObjectRef):
             weight_arrays = ray.get(weight_arrays)
         if cache_block4:
@@ -169,7 +198,7 @@ class FeatureActor:
         self.batch_size = batch_size
         self.feature_dim = int(np.prod(vgg16.feature_shape(image_size)))
         self.block4_dim = int(np.prod(vgg16.block4_shape(image_size)))
-        self.identity = actor_identity()
+        self.identity = actor_identity(precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         maybe_kill("extract")
@@ -217,21 +246,22 @@ class FeatureSink(Datasink):
         self.staging = staging
         self.dim = dim
         self.block4_dim = block4_dim
-        self.actors: list[dict[str, Any]] = []
+        self.tally: dict[str, Any] = {"actors": [], "decode_nodes": {}}
 
     def on_write_complete(self, write_result) -> None:
-        self.actors = merge_actor_counts(write_result.write_returns)
+        self.tally = merge_tallies(write_result.write_returns)
 
-    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, int]:
+    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Counter[str]]:
         from ray.data.block import BlockAccessor
 
-        actors: Counter[str] = Counter()
+        tally: dict[str, Counter[str]] = {"actors": Counter(), "decode_nodes": Counter()}
         for n, block in enumerate(blocks):
             batch = BlockAccessor.for_block(block).to_numpy()
             if len(batch["path"]) == 0:
                 continue
             name = f"part-{ctx.task_idx:05d}-{n:04d}.parquet"
-            actors.update(str(a) for a in batch["actor"])
+            for key, counts in tally_batch(batch).items():
+                tally[key].update(counts)
             ok = write_rejects_part(self.staging, name, batch)
             splits = np.asarray([str(s) for s in batch["split"]])
             for split in sorted(set(splits[ok])):
@@ -241,7 +271,7 @@ class FeatureSink(Datasink):
                     columns = ["block4", "block4_flipped"] if split == FLIPPED_SPLIT else ["block4"]
                     self._write(storage.join(self.staging, BLOCK4_DIR, split, name), batch, rows, self.block4_dim,
                                 columns)
-        return dict(actors)
+        return tally
 
     @staticmethod
     def _write(uri: str, batch: dict[str, np.ndarray], rows: np.ndarray, dim: int, columns: list[str]) -> None:
@@ -273,25 +303,29 @@ def features_as_array(table: pa.Table, shape: Iterable[int]) -> np.ndarray:
     return list_rows(table.column("features")).reshape(len(table), *shape).astype(np.float32, copy=False)
 
 
-def _fingerprint(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, precision: str) -> str:
+def _fingerprint(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource) -> str:
     h = hashlib.sha256()
+    # The requested precision: with "auto" each actor chooses from its device, and the same
+    # request on other hardware is the same extraction.
     settings = {"layout": cfg.layout, "validation_fraction": cfg.validation_fraction, "image_size": cfg.image_size,
-                "weights_sha256": weights.sha256, "preprocessing": weights.preprocessing, "precision": precision,
+                "weights_sha256": weights.sha256, "preprocessing": weights.preprocessing, "precision": cfg.precision,
                 "max_images_per_class": cfg.max_images_per_class}
     h.update(json.dumps(settings, sort_keys=True).encode())
     for f in index.all_files():
-        try:
-            st = os.stat(f.path)
-            stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        except OSError:
-            stamp = "missing"
-        h.update(f"{f.split}\0{f.relpath}\0{f.label}\0{stamp}\n".encode())
+        h.update(f"{f.split}\0{f.relpath}\0{f.label}\0{f.stamp}\n".encode())
     return h.hexdigest()
 
 
 def run_name(data_dir: str) -> str:
-    """A run's name: the data folder's name."""
-    return os.path.basename(os.path.normpath(data_dir))
+    """A run's name: the data folder's name (the last part of a URI)."""
+    return storage.basename(data_dir)
+
+
+def plan_inference(options: InferenceOptions) -> InferencePlan:
+    """The actor pool for ``options``; with ``--gpus``, once the cluster has those GPUs."""
+    if options.gpus:
+        wait_for_gpus(options.gpus, options.gpu_wait_s)
+    return inference_plan(options.workers, options.gpus)
 
 
 def default_output_dir(data_dir: str) -> str:
@@ -347,9 +381,7 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
     output_dir = cfg.output_dir or default_output_dir(data_dir)
     index = discover(data_dir, cfg.layout, cfg.validation_fraction, cfg.max_images_per_class)
     weights = resolve_weights(cfg.weights, cfg.preprocessing)
-    plan = inference_plan(cfg.workers)
-    precision = resolve_precision(cfg.precision, plan.uses_gpus)
-    fingerprint = _fingerprint(cfg, index, weights, precision)
+    fingerprint = _fingerprint(cfg, index, weights)
 
     with storage.output_lock(output_dir):
         if storage.is_complete(output_dir):
@@ -370,8 +402,8 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
             raise OutputError(f"{output_dir} exists but is not a finished extraction; pass --overwrite or choose another --output-dir")
         staging = output_dir.rstrip("/") + ".partial"
         storage.delete_dir(staging)  # leftovers of an interrupted run are never reused
-        manifest = _extract(cfg, index, weights, plan, precision, staging)
-        manifest.update(fingerprint=fingerprint, synthetic=synthetic, data_dir=os.path.abspath(data_dir),
+        manifest = _extract(cfg, index, weights, plan_inference(cfg), staging)
+        manifest.update(fingerprint=fingerprint, synthetic=synthetic, data_dir=storage.absolute(data_dir),
                         output_dir=output_dir)
         manifest["elapsed_s"] = round(time.time() - started, 2)
         manifest["images_per_s"] = round(manifest["num_images"] / max(manifest["elapsed_s"], 1e-9), 2)
@@ -381,7 +413,7 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
 
 
 def _extract(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, plan: InferencePlan,
-             precision: str, staging: str) -> dict[str, Any]:
+             staging: str) -> dict[str, Any]:
     shape = vgg16.feature_shape(cfg.image_size)
     dim = int(np.prod(shape))
     block4_shape = vgg16.block4_shape(cfg.image_size)
@@ -395,12 +427,12 @@ def _extract(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, pl
     ds = decoded_images(rows, cfg.image_size, cfg.batch_size, plan.decode_cpus)
     ds = map_with_actors(ds, FeatureActor, {
         "image_size": cfg.image_size, "weight_arrays": ray.put(arrays) if arrays is not None else None,
-        "preprocessing": weights.preprocessing, "precision": precision, "batch_size": cfg.batch_size,
+        "preprocessing": weights.preprocessing, "precision": cfg.precision, "batch_size": cfg.batch_size,
         "cache_block4": cfg.cache_block4,
     }, plan, cfg.batch_size)
     storage.make_dir(staging)
     sink = FeatureSink(staging, dim, int(np.prod(block4_shape)) if cfg.cache_block4 else None)
-    ds.write_datasink(sink)
+    ds.write_datasink(sink, ray_remote_args=pin_to_this_node(staging))
     rejects = collect_rejects(staging)
     total = len(rows)
     if len(rejects) > cfg.max_reject_fraction * total or len(rejects) == total:
@@ -423,13 +455,15 @@ def _extract(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, pl
         "image_size": cfg.image_size,
         "weights": {"source": weights.name, "sha256": weights.sha256},
         "preprocessing": weights.preprocessing,
-        "precision": precision,
+        "precision": actors_precision(sink.tally["actors"], cfg.precision),
+        "precision_requested": cfg.precision,
         "feature_shape": list(shape),
         "feature_column": f"fixed_size_list<float32>[{dim}]",
         "block4": {"dir": BLOCK4_DIR, "shape": list(block4_shape), "flipped_split": FLIPPED_SPLIT,
                    "columns": ["block4", "block4_flipped"]} if cfg.cache_block4 else None,
         "inference": asdict(plan),
-        "inference_actors": sink.actors,
+        "inference_actors": sink.tally["actors"],
+        "decode_nodes": sink.tally["decode_nodes"],
         "config": asdict(cfg),
         "versions": library_versions(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -3,21 +3,25 @@
 The metadata (class names, image size, weights source, preprocessing, kind) is
 stored as ``classifier.json`` inside the ``.keras`` zip archive, beside Keras' own
 files, so one file is all that prediction needs. Models are always loaded in Keras'
-safe mode (no arbitrary code from lambdas).
+safe mode (no arbitrary code from lambdas). A model file may be a local path or any
+URI ``pipeline.storage`` reads and writes (``s3://bucket/runs/1/top/model.keras``).
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import tempfile
 import zipfile
 from typing import Any
 
+from pipeline import storage
 from pipeline.errors import UserError
 
 METADATA_NAME = "classifier.json"
+MODEL_FILE = "model.keras"
 MODEL_KINDS = ("top", "finetune", "scratch")
 # Layers pinned to float32 on purpose (input normalisation, the output probabilities).
 _FLOAT32_LAYERS = {"preprocessing", "predictions"}
@@ -28,30 +32,26 @@ class ModelFileError(UserError):
 
 
 def save_classifier(model, path: str, metadata: dict[str, Any]) -> None:
-    """Save ``model`` (built under float32) to ``path`` with ``metadata`` inside, atomically."""
+    """Save ``model`` (built under float32) to ``path`` (local or URI) with ``metadata`` inside;
+    the file appears whole or not at all."""
     missing = {"kind", "classes", "image_size"} - metadata.keys()
     if missing:
         raise ValueError(f"classifier metadata lacks {sorted(missing)}")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".keras")
-    os.close(fd)
-    try:
+    with tempfile.TemporaryDirectory(prefix="ric-model-") as tmp_dir:
+        tmp = os.path.join(tmp_dir, MODEL_FILE)
         model.save(tmp, overwrite=True)
         with zipfile.ZipFile(tmp, "a") as z:
             z.writestr(METADATA_NAME, json.dumps(metadata, indent=2))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        storage.upload_file(tmp, path)
 
 
 def read_metadata(path: str) -> dict[str, Any]:
-    """The classifier metadata of a ``.keras`` file; a clear error when it is not one of ours."""
-    if not os.path.isfile(path):
-        raise ModelFileError(f"model file {path!r} does not exist")
+    """The classifier metadata of a ``.keras`` file (local or URI); a clear error when it is not one of ours."""
+    problem = storage.describe_problem(path, "file")
+    if problem:
+        raise ModelFileError(f"model file {path!r} cannot be used: {problem}")
     try:
-        with zipfile.ZipFile(path) as z:
+        with zipfile.ZipFile(io.BytesIO(storage.read_bytes(path))) as z:
             if METADATA_NAME not in z.namelist():
                 raise ModelFileError(
                     f"{path} is a Keras file without classifier metadata ({METADATA_NAME}); use a model "
@@ -88,19 +88,22 @@ def _with_policy(config: Any, policy: str) -> Any:
 
 
 def load_classifier(path: str, precision: str = "float32"):
-    """Load a classifier in safe mode; ``bfloat16`` rebuilds it under ``mixed_bfloat16``.
+    """Load a classifier (local or URI) in safe mode; ``bfloat16``/``float16`` rebuild it under
+    Keras' mixed policy of that type.
 
     Returns ``(model, metadata)``.
     """
     import keras
 
     import pipeline.models  # noqa: F401 - registers ImagePreprocessing for deserialisation
+    from pipeline.precision import keras_policy
 
     meta = read_metadata(path)
-    if precision != "bfloat16":
-        return keras.saving.load_model(path, safe_mode=True, compile=False), meta
-    with zipfile.ZipFile(path) as z:
-        config = json.loads(z.read("config.json"))
-    model = keras.saving.deserialize_keras_object(_with_policy(config, "mixed_bfloat16"), safe_mode=True)
-    model.load_weights(path)
+    with storage.local_copy(path, ".keras") as local:
+        if precision not in ("bfloat16", "float16"):
+            return keras.saving.load_model(local, safe_mode=True, compile=False), meta
+        with zipfile.ZipFile(local) as z:
+            config = json.loads(z.read("config.json"))
+        model = keras.saving.deserialize_keras_object(_with_policy(config, keras_policy(precision)), safe_mode=True)
+        model.load_weights(local)
     return model, meta

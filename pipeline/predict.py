@@ -7,8 +7,9 @@ from __future__ import annotations
 import glob
 import io
 import os
-import tempfile
+import re
 import time
+from collections import Counter
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -18,13 +19,14 @@ import ray
 from ray.data import Datasink
 
 from pipeline import storage
-from pipeline.cluster import InferencePlan, configure_tensorflow_devices
+from pipeline.cluster import InferencePlan, configure_tensorflow_devices, pin_to_this_node
 from pipeline.config import OUTPUT_FILE_SUFFIXES, PredictConfig
-from pipeline.discover import discover_unlabeled, is_image_name
+from pipeline.discover import check_root, discover_unlabeled, is_image_name
 from pipeline.errors import DataError, OutputError
 from pipeline.faults import maybe_kill
-from pipeline.extract import (REJECTS_FILE, collect_rejects, decoded_images, map_with_actors,
-                              run_model_on_good_rows, write_rejects_part)
+from pipeline.extract import (REJECTS_FILE, actor_identity, actors_precision, collect_rejects, decoded_images,
+                              map_with_actors, merge_tallies, plan_inference, run_model_on_good_rows, tally_batch,
+                              write_rejects_part)
 
 PARTS_DIR = "predictions"
 
@@ -33,20 +35,25 @@ class ClassifierActor:
     """A Ray Data actor holding one classifier; adds a ``probs`` column (n, classes) to each batch."""
 
     def __init__(self, model_bytes: bytes, precision: str, batch_size: int):
+        import tempfile
+
         configure_tensorflow_devices()
-        from pipeline.modelfile import load_classifier
+        from pipeline.modelfile import MODEL_FILE, load_classifier
+        from pipeline.precision import device_precision
 
         if isinstance(model_bytes, ray.ObjectRef):
             model_bytes = ray.get(model_bytes)
+        precision = device_precision(precision)
         # The model travels as bytes through the object store: actors on other nodes
         # cannot see the driver's file system.
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "model.keras")
+        with tempfile.TemporaryDirectory(prefix="ric-") as tmp:
+            path = os.path.join(tmp, MODEL_FILE)
             with open(path, "wb") as f:
                 f.write(model_bytes)
             self.model, meta = load_classifier(path, precision)
         self.num_classes = len(meta["classes"])
         self.batch_size = batch_size
+        self.identity = actor_identity(precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipeline.models import probabilities
@@ -59,14 +66,14 @@ class ClassifierActor:
         if raw is not None:
             out[ok] = probabilities(raw, self.num_classes)
         batch["probs"] = out
+        batch["actor"] = np.full(len(images), self.identity, dtype=object)
         return batch
 
 
 def predictions_dataset(model_path: str, rows: list[dict[str, Any]], image_size: int, precision: str,
                         plan: InferencePlan, batch_size: int) -> ray.data.Dataset:
     """A dataset of ``rows`` plus ``probs``, ``reason`` and ``error`` (rows keep their other columns)."""
-    with open(model_path, "rb") as f:
-        model_ref = ray.put(f.read())
+    model_ref = ray.put(storage.read_bytes(model_path))
     ds = decoded_images(rows, image_size, batch_size, plan.decode_cpus)
     return map_with_actors(ds, ClassifierActor, {"model_bytes": model_ref, "precision": precision,
                                                  "batch_size": batch_size}, plan, batch_size)
@@ -102,22 +109,27 @@ class PredictionSink(Datasink):
     def __init__(self, staging: str, classes: list[str]):
         self.staging = staging
         self.classes = classes
+        self.tally: dict[str, Any] = {"actors": [], "decode_nodes": {}}
 
-    def write(self, blocks: Iterable[Any], ctx: Any) -> int:
+    def on_write_complete(self, write_result) -> None:
+        self.tally = merge_tallies(write_result.write_returns)
+
+    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Counter[str]]:
         from ray.data.block import BlockAccessor
 
-        written = 0
+        tally: dict[str, Counter[str]] = {"actors": Counter(), "decode_nodes": Counter()}
         for n, block in enumerate(blocks):
             batch = BlockAccessor.for_block(block).to_numpy()
             if len(batch["relpath"]) == 0:
                 continue
             name = f"part-{ctx.task_idx:05d}-{n:04d}.parquet"
+            for key, counts in tally_batch(batch).items():
+                tally[key].update(counts)
             ok = write_rejects_part(self.staging, name, batch)
             if ok.any():
                 storage.write_parquet(storage.join(self.staging, PARTS_DIR, name),
                                       prediction_table(batch["relpath"][ok], np.stack(batch["probs"][ok]), self.classes))
-                written += int(ok.sum())
-        return written
+        return tally
 
 
 def prediction_table(paths: Sequence[str], probs: np.ndarray, classes: list[str]) -> pa.Table:
@@ -131,17 +143,42 @@ def prediction_table(paths: Sequence[str], probs: np.ndarray, classes: list[str]
     return pa.table(columns, schema=prediction_schema(classes))
 
 
-def list_inputs(spec: str) -> tuple[str, list[str]]:
-    """(root, files) for a folder (recursive) or a glob; paths in the output are relative to root."""
-    if any(ch in spec for ch in "*?["):
-        root = spec
-        while any(ch in root for ch in "*?["):
-            root = os.path.dirname(root)
+def list_inputs(spec: str) -> tuple[str, list[tuple[str, str]]]:
+    """(root, [(path, path relative to root)]) for a folder (recursive) or a glob, local or URI;
+    paths in the output are relative to root."""
+    if not any(ch in spec for ch in "*?["):
+        return spec, discover_unlabeled(spec)
+    parts = spec.split("/")
+    first = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
+    root = "/".join(parts[:first]) or "."
+    if storage.is_local(root):
         files = sorted(p for p in glob.glob(spec, recursive=True) if is_image_name(p) and not os.path.isdir(p))
-        if not files:
-            raise DataError(f"no image files match {spec!r}")
-        return root or ".", files
-    return spec, discover_unlabeled(spec)
+        files = [(p, os.path.relpath(p, root)) for p in files]
+    else:
+        check_root(root)
+        pattern = _glob_regex("/".join(parts[first:]))
+        files = [(storage.join(root, rel), rel) for rel, _ in storage.walk_files(root)
+                 if is_image_name(rel) and pattern.fullmatch(rel)]
+    if not files:
+        raise DataError(f"no image files match {spec!r}")
+    return root, files
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """A glob over '/'-separated paths as a regex: ``**`` spans folders, ``*``, ``?`` and ``[…]``
+    stay within one (as ``glob.glob(recursive=True)`` does on local folders)."""
+    parts = pattern.split("/")
+    out = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            out.append(".*" if last else "(?:[^/]+/)*")
+            continue
+        for token in re.findall(r"\[[^\]]*\]|.", part):
+            out.append({"*": "[^/]*", "?": "[^/]"}.get(token, token if token.startswith("[") and len(token) > 1
+                                                        else re.escape(token)))
+        out.append("" if last else "/")
+    return re.compile("".join(out))
 
 
 def _true_labels(paths: list[str], classes: list[str]) -> np.ndarray | None:
@@ -167,18 +204,15 @@ def _output_targets(output: str) -> tuple[str, str, str]:
 
 def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
     """Classify every image under ``cfg.input`` and write one row per decodable file; returns a summary."""
-    from pipeline.cluster import inference_plan
     from pipeline.modelfile import read_metadata
-    from pipeline.precision import resolve_precision
     from pipeline.report import evaluate
 
     started = time.time()
     meta = read_metadata(cfg.model)
     classes = meta["classes"]
-    root, files = list_inputs(cfg.input)
-    rows = [{"path": p, "relpath": os.path.relpath(p, root)} for p in files]
-    plan = inference_plan(cfg.workers)
-    precision = resolve_precision(cfg.precision, plan.uses_gpus)
+    _, files = list_inputs(cfg.input)
+    rows = [{"path": p, "relpath": rel} for p, rel in files]
+    plan = plan_inference(cfg)
     staging, final, rejects_target = _output_targets(cfg.output)
     single_file = final.lower().endswith(OUTPUT_FILE_SUFFIXES)
     if storage.exists(final) and not cfg.overwrite:
@@ -186,8 +220,9 @@ def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
     with storage.output_lock(final):
         storage.delete_dir(staging)  # never reuse what an interrupted run half-wrote
         storage.make_dir(staging)
-        ds = predictions_dataset(cfg.model, rows, meta["image_size"], precision, plan, cfg.batch_size)
-        ds.write_datasink(PredictionSink(staging, classes))
+        ds = predictions_dataset(cfg.model, rows, meta["image_size"], cfg.precision, plan, cfg.batch_size)
+        sink = PredictionSink(staging, classes)
+        ds.write_datasink(sink, ray_remote_args=pin_to_this_node(staging))
         table = storage.read_parquet_files(storage.list_parquet(storage.join(staging, PARTS_DIR)))
         table = (table if table is not None else prediction_schema(classes).empty_table()).sort_by("path")
         rejects = collect_rejects(staging).drop_columns(["split"])
@@ -198,7 +233,9 @@ def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
             raise RuntimeError(f"prediction output is inconsistent: {len(paths) - len(set(paths))} duplicated, "
                                f"{len(rows) - len(done)} lost rows")
         summary: dict[str, Any] = {"model": cfg.model, "kind": meta["kind"], "input": cfg.input, "output": final,
-                                   "num_images": len(paths), "num_rejects": len(rejects), "precision": precision}
+                                   "num_images": len(paths), "num_rejects": len(rejects),
+                                   "precision": actors_precision(sink.tally["actors"], cfg.precision),
+                                   "inference_actors": sink.tally["actors"], "decode_nodes": sink.tally["decode_nodes"]}
         labels = _true_labels(paths, classes) if paths else None
         if labels is not None:
             probs = np.stack([table.column(f"prob_{c}").to_numpy() for c in classes], axis=1)

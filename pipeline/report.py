@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -100,9 +99,12 @@ def plot_curves(history: list[dict[str, Any]], path: str, title: str) -> None:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    from pipeline import storage
+
+    storage.write_bytes(path, buf.getvalue())
 
 
 def write_report(path: str, stages: list[dict[str, Any]], note: str | None, command: str) -> None:

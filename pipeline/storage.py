@@ -1,5 +1,11 @@
-"""Output locations: local folders or any pyarrow filesystem URI, written so that a
-half-finished run never looks finished.
+"""Where data lives: local folders or any pyarrow filesystem URI (``s3://``, ``gs://``, ``file://``),
+read and written so that a half-finished run never looks finished.
+
+Every input and output of the project goes through this module, so a job reads its
+photos from a bucket and writes its features, models and reports to another with the
+same code as on a laptop. Credentials and endpoints come from the usual environment
+variables (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``…),
+which pyarrow reads itself.
 
 A run writes into ``<output>.partial``; only when everything is there does it move
 the folder to ``<output>`` (a rename on local disks; copy-then-delete on object stores,
@@ -10,9 +16,15 @@ two runs from writing the same output at once.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import json
 import os
 import socket
+import tempfile
+import threading
+import time
+import uuid
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -22,34 +34,116 @@ from pyarrow import fs as pafs
 from pipeline.errors import OutputError
 
 MANIFEST = "manifest.json"
+# A remote lock whose holder has not renewed it for this long is stale and taken over.
+LOCK_LEASE_S = 120.0
+LOCK_HEARTBEAT_S = 30.0
 
 
-def split_uri(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem and in-filesystem path of a local path, ``file://``, ``s3://``… URI."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
-
-
-def join(uri: str, *parts: str) -> str:
-    """Join path parts onto a local path or URI."""
-    return "/".join([uri.rstrip("/"), *parts]) if "://" in uri else os.path.join(uri, *parts)
-
-
-def absolute(uri: str) -> str:
-    """A local path made absolute (so it still names the same folder from another working directory); URIs as they are."""
-    return uri if "://" in uri else os.path.abspath(uri)
+def is_uri(location: str) -> bool:
+    """Whether ``location`` is a URI (``scheme://…``) rather than a plain local path."""
+    return "://" in location
 
 
 def is_local(uri: str) -> bool:
     """Whether ``uri`` names the local filesystem."""
-    return "://" not in uri or uri.startswith("file://")
+    return not is_uri(uri) or uri.startswith("file://")
+
+
+@functools.lru_cache(maxsize=32)
+def _filesystem(prefix: str, endpoint: str | None) -> pafs.FileSystem:
+    # One filesystem object per bucket (and endpoint) and process: building one resolves
+    # credentials and the region, far too slow to repeat for every file a decode task reads.
+    return pafs.FileSystem.from_uri(prefix)[0]
+
+
+def split_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and in-filesystem path of a local path, ``file://``, ``s3://``… URI."""
+    if not is_uri(uri):
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    scheme, rest = uri.split("://", 1)
+    if scheme == "file":
+        return pafs.LocalFileSystem(), os.path.abspath(rest)
+    if scheme in ("s3", "gs", "gcs"):
+        bucket = rest.split("/", 1)[0]
+        return _filesystem(f"{scheme}://{bucket}", os.environ.get("AWS_ENDPOINT_URL")), rest.rstrip("/")
+    return pafs.FileSystem.from_uri(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI."""
+    return "/".join([uri.rstrip("/"), *parts]) if is_uri(uri) else os.path.join(uri, *parts)
+
+
+def parent(uri: str) -> str:
+    """The folder that holds ``uri``."""
+    return uri.rstrip("/").rsplit("/", 1)[0] if is_uri(uri) else os.path.dirname(os.path.abspath(uri))
+
+
+def basename(uri: str) -> str:
+    """The last component of a path or URI (``s3://b/photos/`` → ``photos``)."""
+    return uri.rstrip("/").rsplit("/", 1)[-1] if is_uri(uri) else os.path.basename(os.path.normpath(uri))
+
+
+def relative(uri: str, root: str) -> str:
+    """``uri`` relative to the folder ``root`` (both local paths, or both URIs)."""
+    if is_uri(uri):
+        return uri[len(root.rstrip("/")) + 1:] if uri.startswith(root.rstrip("/") + "/") else uri
+    return os.path.relpath(uri, root)
+
+
+def absolute(uri: str) -> str:
+    """A local path made absolute (so it still names the same folder from another working directory); URIs as they are."""
+    return uri if is_uri(uri) else os.path.abspath(uri)
+
+
+def describe_problem(uri: str, want: str = "folder") -> str | None:
+    """Why ``uri`` cannot be read as a ``want`` ("folder" or "file"), or None when it can.
+
+    Distinguishes a missing bucket, a missing path, the wrong kind of entry, and a store
+    that refuses the request (credentials, endpoint), so the message says what to fix.
+    """
+    try:
+        filesystem, path = split_uri(uri)
+        info = filesystem.get_file_info(path)
+        if info.type == pafs.FileType.NotFound and not isinstance(filesystem, pafs.LocalFileSystem):
+            bucket = path.split("/", 1)[0]
+            if filesystem.get_file_info(bucket).type == pafs.FileType.NotFound:
+                return f"its bucket {bucket!r} does not exist (or these credentials cannot see it)"
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        return f"it cannot be read: {exc} (check the credentials and endpoint in AWS_*/GOOGLE_* variables)"
+    if info.type == pafs.FileType.NotFound:
+        return "it does not exist"
+    if want == "folder" and info.type != pafs.FileType.Directory:
+        return "it is a file, not a folder"
+    if want == "file" and info.type != pafs.FileType.File:
+        return "it is a folder, not a file"
+    return None
+
+
+def describe_output_problem(uri: str) -> str | None:
+    """Why nothing can be written under ``uri`` (a missing bucket, an unreachable store), or None."""
+    if is_local(uri):
+        return None
+    try:
+        filesystem, path = split_uri(uri)
+        bucket = path.split("/", 1)[0]
+        if filesystem.get_file_info(bucket).type == pafs.FileType.NotFound:
+            return f"its bucket {bucket!r} does not exist (or these credentials cannot see it)"
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        return f"the store cannot be reached: {exc} (check the credentials and endpoint in AWS_*/GOOGLE_* variables)"
+    return None
 
 
 def exists(uri: str) -> bool:
     """Whether anything (file or folder) is at ``uri``."""
     filesystem, path = split_uri(uri)
     return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_file(uri: str) -> bool:
+    """Whether ``uri`` is a file."""
+    filesystem, path = split_uri(uri)
+    return filesystem.get_file_info(path).type == pafs.FileType.File
 
 
 def delete_dir(uri: str) -> None:
@@ -59,10 +153,66 @@ def delete_dir(uri: str) -> None:
         filesystem.delete_dir(path)
 
 
+def delete_file(uri: str) -> None:
+    """Remove one file, if it exists."""
+    filesystem, path = split_uri(uri)
+    if filesystem.get_file_info(path).type == pafs.FileType.File:
+        filesystem.delete_file(path)
+
+
 def make_dir(uri: str) -> None:
     """Create a folder and its parents."""
     filesystem, path = split_uri(uri)
     filesystem.create_dir(path, recursive=True)
+
+
+def walk_files(root: str) -> Iterator[tuple[str, str]]:
+    """``(path relative to root, stamp)`` of every file under ``root``, recursively, sorted,
+    hidden files and folders skipped; ``stamp`` is ``size:mtime_ns`` (``missing`` for a broken link).
+
+    Streams folder by folder, so a listing of a million objects holds one folder's names
+    at a time. Locally, symlinks are followed and broken ones listed (decoding records them
+    as rejects rather than letting them vanish).
+    """
+    filesystem, base = split_uri(root)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(n for n in filenames if not n.startswith(".")):
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(path)
+                    stamp = f"{st.st_size}:{st.st_mtime_ns}"
+                except OSError:
+                    stamp = "missing"
+                yield os.path.relpath(path, base), stamp
+        return
+    yield from _walk_remote(filesystem, base, len(base) + 1)
+
+
+def _walk_remote(filesystem: pafs.FileSystem, folder: str, cut: int) -> Iterator[tuple[str, str]]:
+    infos = filesystem.get_file_info(pafs.FileSelector(folder, recursive=False, allow_not_found=True))
+    files = sorted((i.path, f"{i.size}:{i.mtime_ns}") for i in infos
+                   if i.type == pafs.FileType.File and not i.base_name.startswith("."))
+    folders = sorted(i.path for i in infos if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
+    del infos
+    for path, stamp in files:
+        yield path[cut:], stamp
+    for sub in folders:
+        yield from _walk_remote(filesystem, sub, cut)
+
+
+def list_dirs(uri: str) -> list[str]:
+    """Names of the (non-hidden) folders directly in ``uri``, sorted."""
+    filesystem, path = split_uri(uri)
+    infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
+
+
+def is_dir(uri: str) -> bool:
+    """Whether ``uri`` is a folder (on object stores: a prefix that holds objects)."""
+    filesystem, path = split_uri(uri)
+    return filesystem.get_file_info(path).type == pafs.FileType.Directory
 
 
 def write_text(uri: str, text: str) -> None:
@@ -71,11 +221,32 @@ def write_text(uri: str, text: str) -> None:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write a file's bytes."""
+    """Write a file's bytes (locally under a temporary name, then renamed into place)."""
     filesystem, path = split_uri(uri)
     filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
     with filesystem.open_output_stream(path) as f:
         f.write(data)
+
+
+def read_bytes(uri: str) -> bytes:
+    """The bytes of a file."""
+    filesystem, path = split_uri(uri)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        with open(path, "rb") as f:
+            return f.read()
+    with filesystem.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_text(uri: str) -> str:
+    """Read a small text file."""
+    return read_bytes(uri).decode("utf-8")
 
 
 def move_file(src: str, dst: str) -> None:
@@ -86,11 +257,27 @@ def move_file(src: str, dst: str) -> None:
     filesystem.move(src_path, dst_path)
 
 
-def read_text(uri: str) -> str:
-    """Read a small text file."""
+def upload_file(local_path: str, uri: str) -> None:
+    """Copy a local file to ``uri``; the copy appears whole (renamed into place locally, one PUT remotely)."""
     filesystem, path = split_uri(uri)
-    with filesystem.open_input_stream(path) as f:
-        return f.read().decode("utf-8")
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    tmp = f"{path}.tmp-{os.getpid()}" if isinstance(filesystem, pafs.LocalFileSystem) else path
+    pafs.copy_files(local_path, tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
+    if tmp != path:
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def local_copy(uri: str, suffix: str = "") -> Iterator[str]:
+    """A local path holding the file at ``uri``: the file itself when local, else a temporary download."""
+    if is_local(uri):
+        yield split_uri(uri)[1]
+        return
+    with tempfile.TemporaryDirectory(prefix="ric-") as tmp:
+        path = os.path.join(tmp, "file" + suffix)
+        with open(path, "wb") as f:
+            f.write(read_bytes(uri))
+        yield path
 
 
 def write_json(uri: str, obj: Any) -> None:
@@ -106,8 +293,8 @@ def read_json(uri: str) -> Any:
 def write_parquet(uri: str, table: pa.Table) -> None:
     """Write one Parquet file; on local disks under a temporary name then renamed into place."""
     filesystem, path = split_uri(uri)
-    parent = path.rsplit("/", 1)[0]
-    filesystem.create_dir(parent, recursive=True)
+    parent_path = path.rsplit("/", 1)[0]
+    filesystem.create_dir(parent_path, recursive=True)
     if isinstance(filesystem, pafs.LocalFileSystem):
         tmp = f"{path}.tmp-{os.getpid()}"
         pq.write_table(table, tmp)
@@ -160,51 +347,106 @@ def is_complete(uri: str) -> bool:
     return exists(join(uri, MANIFEST))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def output_lock(uri: str) -> Iterator[None]:
     """Hold ``<uri>.lock`` for the duration of a run; a second run refuses with a clear message.
 
-    A lock left by a process on this host that no longer exists is stale and taken over.
-    Object stores have no atomic create-if-absent, so remote outputs are not locked.
+    Local folders: an ``fcntl.flock`` on the lock file, which the kernel releases when its
+    holder dies, so a lock of a dead run is simply taken. Object stores: a lease (see
+    ``_remote_lock``).
     """
+    lock = uri.rstrip("/") + ".lock"
     if not is_local(uri):
-        yield
+        with _remote_lock(lock, uri):
+            yield
         return
-    _, path = split_uri(uri)
-    lock = path.rstrip("/") + ".lock"
-    os.makedirs(os.path.dirname(lock) or ".", exist_ok=True)
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                with open(lock) as f:
-                    holder = json.load(f)
-            except (OSError, ValueError):
-                holder = {}
-            if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
-                os.remove(lock)
-                continue
-            raise OutputError(
-                f"{uri} is being written by another run (pid {holder.get('pid', '?')} on "
-                f"{holder.get('host', '?')}); wait for it to finish, or remove {lock} if that run is gone"
-            ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
+    _, path = split_uri(lock)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    f = _flock(path, uri)
     try:
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(_me()))
+        f.flush()
         yield
     finally:
         with contextlib.suppress(FileNotFoundError):
-            os.remove(lock)
+            os.remove(path)
+        f.close()  # closing releases the flock
+
+
+def _flock(path: str, uri: str):
+    """The lock file at ``path``, opened and exclusively flocked; OutputError if another process holds it."""
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = _parse_holder(f.read())
+            f.close()
+            raise OutputError(
+                f"{uri} is being written by another run (pid {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')}); wait for it to finish"
+            ) from None
+        # The holder we waited on may have removed the file between our open and our lock:
+        # only a lock on the file that is still at ``path`` counts.
+        try:
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                return f
+        except FileNotFoundError:
+            pass
+        f.close()
+
+
+def _me() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "owner": uuid.uuid4().hex, "heartbeat": time.time()}
+
+
+def _parse_holder(text: str) -> dict[str, Any]:
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+@contextlib.contextmanager
+def _remote_lock(lock: str, uri: str) -> Iterator[None]:
+    """A lease on an object store: the lock object names its owner and a heartbeat that a
+    thread renews every ``LOCK_HEARTBEAT_S``; one not renewed for ``LOCK_LEASE_S`` is stale.
+
+    Not atomic: object stores offer pyarrow no create-if-absent, so this writes the lock,
+    reads it back and proceeds only if it is still its own. Two runs that start within the
+    same moment can both pass; a run that starts while another holds a live lease is refused.
+    """
+    if exists(lock):
+        holder = _parse_holder(read_text(lock))
+        age = time.time() - float(holder.get("heartbeat", 0))
+        if age < LOCK_LEASE_S:
+            raise OutputError(
+                f"{uri} is being written by another run (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
+                f"last heartbeat {age:.0f}s ago); wait for it, or for its lease to lapse ({LOCK_LEASE_S:.0f}s "
+                f"without a heartbeat) if that run is gone"
+            )
+    me = _me()
+    write_json(lock, me)
+    if _parse_holder(read_text(lock)).get("owner") != me["owner"]:
+        raise OutputError(f"{uri} was just locked by another run; wait for it to finish")
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(LOCK_HEARTBEAT_S):
+            with contextlib.suppress(OSError):
+                write_json(lock, {**me, "heartbeat": time.time()})
+
+    thread = threading.Thread(target=renew, name="output-lock-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        with contextlib.suppress(OSError, ValueError):
+            if _parse_holder(read_text(lock)).get("owner") == me["owner"]:
+                delete_file(lock)

@@ -46,7 +46,7 @@ def _root() -> str:
 
 def is_synthetic(data_dir: str) -> bool:
     """Whether ``data_dir`` is the built-in synthetic data set."""
-    return os.path.abspath(data_dir) == os.path.abspath(_root())
+    return "://" not in data_dir and os.path.abspath(data_dir) == os.path.abspath(_root())
 
 
 def default_data_dir() -> str:

@@ -202,9 +202,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from pipeline.cluster import configure_tensorflow_devices
 
+    from pipeline.precision import device_precision
+
     config = dict(config)
     extras = config.pop("extras", {}) or {}
     s = LoopSettings(**config)
+    s.precision = device_precision(s.precision, allow_float16=False)
     s.feature_shape, s.block4_shape = tuple(s.feature_shape), tuple(s.block4_shape)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -310,7 +313,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                "loss": float(tr[0] / max(tr[2], 1)), "accuracy": float(tr[1] / max(tr[2], 1)),
                "val_loss": float(va[0] / max(va[2], 1)), "val_accuracy": float(va[1] / max(va[2], 1)),
                "train_samples": int(tr[2]), "val_samples": int(va[2]),
-               "seconds": round(time.time() - epoch_started, 2)}
+               "seconds": round(time.time() - epoch_started, 2), "precision": s.precision}
         state = {"epoch": epoch + 1, "history": state["history"] + [row]}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None

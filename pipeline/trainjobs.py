@@ -12,8 +12,9 @@ model file, metrics, evaluation and curves out, under ``<output-dir>/<job>/``::
 
 from __future__ import annotations
 
+import logging
 import os
-import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,14 +28,14 @@ from pipeline.config import ExtractConfig, FinetuneConfig, ScratchConfig, TrainC
 from pipeline.discover import DatasetIndex, discover
 from pipeline.errors import DataError, UserError
 from pipeline.extract import decoded_images, find_rejects, read_split, run_extraction, run_name
-from pipeline.modelfile import load_classifier, read_metadata, save_classifier
-from pipeline.precision import resolve_precision
+from pipeline.modelfile import MODEL_FILE, load_classifier, read_metadata, save_classifier
 from pipeline.report import evaluate, model_title, plot_curves, write_metrics_csv
 from pipeline.train import LoopSettings, default_learning_rate, fit, load_checkpoint_weights, read_checkpoint_state
 from pipeline.versions import library_versions
 
 JOB_DIRS = {"top": "top", "finetune": "finetune", "finetune_cached": "finetune_cached", "scratch": "scratch"}
 SUMMARY = "summary.json"
+log = logging.getLogger(__name__)
 
 
 class TrainingError(UserError):
@@ -43,13 +44,13 @@ class TrainingError(UserError):
 
 def job_dir(output_dir: str, kind: str) -> str:
     """``<output-dir>/<job>``."""
-    return os.path.join(output_dir, JOB_DIRS[kind])
+    return storage.join(output_dir, JOB_DIRS[kind])
 
 
 def finished_summary(directory: str) -> dict[str, Any] | None:
-    """The summary of a job that already finished in ``directory``, else None."""
-    path = os.path.join(directory, SUMMARY)
-    if os.path.exists(os.path.join(directory, "model.keras")) and os.path.exists(path):
+    """The summary of a job that already finished in ``directory`` (written last), else None."""
+    path = storage.join(directory, SUMMARY)
+    if storage.exists(storage.join(directory, MODEL_FILE)) and storage.exists(path):
         return storage.read_json(path)
     return None
 
@@ -87,7 +88,11 @@ def _run(settings: LoopSettings, datasets: dict[str, Any], cfg: TrainConfig, dir
     Seconds and samples/s add up the epochs' own times, so a resumed run reports its whole
     training, not only the part after the restart.
     """
-    result = fit(settings, datasets, cfg.num_workers, cfg.use_gpu, os.path.abspath(os.path.join(directory, "ray_train")),
+    if storage.is_local(directory) and len([n for n in ray.nodes() if n["Alive"]]) > 1:
+        log.warning("training checkpoints go to the local folder %s, but the cluster has several nodes: Ray Train "
+                    "needs storage that every node reaches (a shared filesystem, or an s3:// or gs:// --output-dir)",
+                    directory)
+    result = fit(settings, datasets, cfg.num_workers, cfg.use_gpu, storage.absolute(storage.join(directory, "ray_train")),
                  name="run", max_failures=cfg.max_failures)
     if result.error is not None:
         raise TrainingError(f"training failed after {cfg.max_failures} restart(s): {result.error}")
@@ -104,18 +109,18 @@ def _finish(kind: str, directory: str, model, metadata: dict[str, Any], run: Tra
             evaluation: dict[str, Any]) -> dict[str, Any]:
     history, seconds, samples_per_s = run.history, run.seconds, run.samples_per_s
     metadata = {**metadata, "kind": kind, "epochs": len(history), "best_epoch": run.best_epoch,
-                "validation_accuracy": evaluation["accuracy"],
+                "trained_precision": history[-1].get("precision"), "validation_accuracy": evaluation["accuracy"],
                 "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": library_versions()}
-    save_classifier(model, os.path.join(directory, "model.keras"), metadata)
-    write_metrics_csv(history, os.path.join(directory, "metrics.csv"))
-    storage.write_json(os.path.join(directory, "evaluation.json"), evaluation)
+    save_classifier(model, storage.join(directory, MODEL_FILE), metadata)
+    write_metrics_csv(history, storage.join(directory, "metrics.csv"))
+    storage.write_json(storage.join(directory, "evaluation.json"), evaluation)
     cached = bool(metadata.get("cached_block4"))
-    plot_curves(history, os.path.join(directory, "curves.png"), model_title(kind, cached))
+    plot_curves(history, storage.join(directory, "curves.png"), model_title(kind, cached))
     summary = {"kind": kind, "cached_block4": cached, "accuracy": evaluation["accuracy"], "loss": evaluation["loss"],
                "epochs": len(history), "best_epoch": run.best_epoch, "seconds": round(seconds, 2),
                "images_per_s": round(samples_per_s, 2),
-               "model": os.path.join(directory, "model.keras"), "curves": os.path.join(directory, "curves.png")}
-    storage.write_json(os.path.join(directory, SUMMARY), summary)
+               "model": storage.join(directory, MODEL_FILE), "curves": storage.join(directory, "curves.png")}
+    storage.write_json(storage.join(directory, SUMMARY), summary)
     print(f"{kind}: validation accuracy {evaluation['accuracy']:.4f}, loss {evaluation['loss']:.4f} "
           f"after {len(history)} epochs, {seconds:.0f}s ({samples_per_s:.1f} samples/s) -> {directory}")
     return summary
@@ -127,15 +132,15 @@ def _prepare(directory: str, overwrite: bool) -> dict[str, Any] | None:
     if done and not overwrite:
         print(f"reusing finished {done['kind']} model in {directory} (--overwrite retrains)")
         return done
-    if overwrite and os.path.isdir(directory):
-        shutil.rmtree(directory)
-    os.makedirs(directory, exist_ok=True)
+    if overwrite:
+        storage.delete_dir(directory)
+    storage.make_dir(directory)
     return None
 
 
 def default_features(output_dir: str | None) -> str:
     """Extract the built-in data set (reused when already extracted) and return its feature folder."""
-    cfg = ExtractConfig(output_dir=os.path.join(output_dir, "features") if output_dir else None)
+    cfg = ExtractConfig(output_dir=storage.join(output_dir, "features") if output_dir else None)
     return run_extraction(cfg)["output_dir"]
 
 
@@ -151,9 +156,15 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     reused = _prepare(directory, cfg.overwrite)
     if reused:
         return reused
+    # The weights the exported model will carry must be the ones the features came from:
+    # checked before training, not after it.
+    source = resolve_weights(manifest["weights"]["source"], manifest["preprocessing"])
+    if source.sha256 != manifest["weights"]["sha256"]:
+        raise DataError(f"the weights {source.name} (sha256 {source.sha256}) differ from those the features were "
+                        f"extracted with ({manifest['weights']['sha256']}); re-extract the features")
     num_classes = len(manifest["classes"])
     shape = tuple(manifest["feature_shape"])
-    precision = resolve_precision(cfg.precision, cfg.use_gpu)
+    precision = cfg.precision
     datasets = {split: ray.data.read_parquet(storage.join(features_dir, split)).select_columns(["label", "features"])
                 for split in ("train", "validation")}
     held = fits_in_memory((_rows(manifest, "train") + _rows(manifest, "validation")) * np.prod(shape) * 4)
@@ -173,16 +184,12 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     probs = models.probabilities(top.predict(features_as_array(val, shape), batch_size=256, verbose=0), num_classes)
     evaluation = evaluate(val.column("label").to_numpy(), probs, manifest["classes"])
 
-    source = resolve_weights(manifest["weights"]["source"], manifest["preprocessing"])
-    if source.sha256 != manifest["weights"]["sha256"]:
-        raise DataError(f"the weights {source.name} (sha256 {source.sha256}) differ from those the features were "
-                        f"extracted with ({manifest['weights']['sha256']}); re-extract the features")
     features = models.feature_extractor(manifest["image_size"], load_weight_arrays(source, manifest["image_size"]),
                                         manifest["preprocessing"], "float32")
     model = models.image_classifier(features, top, name="vgg16_bottleneck_classifier")
     metadata = {"classes": manifest["classes"], "image_size": manifest["image_size"],
                 "weights": manifest["weights"], "preprocessing": manifest["preprocessing"],
-                "trained_precision": precision, "data_dir": manifest["data_dir"], "layout": manifest["layout"],
+                "data_dir": manifest["data_dir"], "layout": manifest["layout"],
                 "validation_fraction": manifest["config"]["validation_fraction"],
                 "features_dir": storage.absolute(features_dir),
                 "synthetic": manifest.get("synthetic", False)}
@@ -199,7 +206,7 @@ def _good_rows(index: DatasetIndex, image_size: int, max_reject_fraction: float,
     rows = [{"path": f.path, "relpath": f.relpath, "split": f.split, "label": f.label}
             for f in index.all_files()]
     rejects = find_rejects(rows, image_size, batch_size)
-    storage.write_parquet(os.path.join(directory, "rejects.parquet"),
+    storage.write_parquet(storage.join(directory, "rejects.parquet"),
                           pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))
     if len(rejects) > max_reject_fraction * len(rows) or len(rejects) == len(rows):
         raise DataError(f"{len(rejects)} of {len(rows)} files could not be decoded, more than "
@@ -263,13 +270,11 @@ def _train_export_evaluate(kind: str, cfg: TrainConfig, settings: LoopSettings, 
     run = _run(settings, datasets, cfg, directory)
     model = export(run.best)
     # Save first, then evaluate the saved file: what is measured is what prediction will load.
-    tmp_path = os.path.join(directory, ".model-under-evaluation.keras")
-    save_classifier(model, tmp_path, {**metadata, "kind": kind})
-    try:
+    with tempfile.TemporaryDirectory(prefix="ric-eval-") as tmp:
+        tmp_path = os.path.join(tmp, MODEL_FILE)
+        save_classifier(model, tmp_path, {**metadata, "kind": kind})
         evaluation = _evaluate_model_file(tmp_path, validation_rows, metadata["classes"], metadata["image_size"],
                                           settings.precision, cfg.batch_size)
-    finally:
-        os.remove(tmp_path)
     return _finish(kind, directory, model, metadata, run, evaluation)
 
 
@@ -280,8 +285,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from pipeline.train import freeze_below_block5
 
     output_dir = cfg.output_dir
-    top_path = cfg.top_model or (job_dir(output_dir, "top") + "/model.keras" if output_dir else None)
-    if top_path is None or not os.path.isfile(top_path):
+    top_path = cfg.top_model or (storage.join(job_dir(output_dir, "top"), MODEL_FILE) if output_dir else None)
+    if top_path is None or not storage.is_file(top_path):
         raise UserError(
             f"fine-tuning needs a trained top model (from a random top the large gradients wreck the pretrained "
             f"filters), and there is none at {top_path or '<output-dir>/top/model.keras'}; make one with "
@@ -290,19 +295,19 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     meta = read_metadata(top_path)
     if meta["kind"] != "top":
         raise UserError(f"--top-model {top_path} is a {meta['kind']} model; fine-tuning starts from a train_top model")
-    output_dir = output_dir or os.path.dirname(os.path.dirname(os.path.abspath(top_path)))
+    output_dir = output_dir or storage.parent(storage.parent(storage.absolute(top_path)))
     directory = job_dir(output_dir, "finetune_cached" if cfg.cache_block4 else "finetune")
     reused = _prepare(directory, cfg.overwrite)
     if reused:
         return reused
     top_model, _ = load_classifier(top_path)
     features, top = top_model.get_layer("vgg16_features"), top_model.get_layer("top")
-    precision = resolve_precision(cfg.precision, cfg.use_gpu)
+    precision = cfg.precision
     image_size = meta["image_size"]
     classes = meta["classes"]
     shape = tuple(vgg16.feature_shape(image_size))
-    metadata = {"weights": meta["weights"], "preprocessing": meta["preprocessing"], "trained_precision": precision,
-                "top_model": os.path.abspath(top_path), "synthetic": meta.get("synthetic", False),
+    metadata = {"weights": meta["weights"], "preprocessing": meta["preprocessing"],
+                "top_model": storage.absolute(top_path), "synthetic": meta.get("synthetic", False),
                 "classes": classes, "image_size": image_size, "cached_block4": cfg.cache_block4}
     base_weights = features.get_weights()
 
@@ -340,7 +345,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             return model
 
         validation = read_split(cache, "validation", columns=["path", "label"])
-        rows = [{"path": os.path.join(manifest["data_dir"], p), "relpath": p, "label": y}
+        rows = [{"path": storage.join(manifest["data_dir"], p), "relpath": p, "label": y}
                 for p, y in zip(validation.column("path").to_pylist(), validation.column("label").to_pylist())]
         metadata.update(data_dir=manifest["data_dir"], layout=manifest["layout"],
                         validation_fraction=manifest["config"]["validation_fraction"],
@@ -354,7 +359,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if index.classes != classes:
         raise DataError(f"the top model knows classes {classes} but {data_dir} has {index.classes}")
     extras = {"base_weights": ray.put(base_weights), "top_weights": ray.put(top.get_weights())}
-    metadata.update(data_dir=os.path.abspath(data_dir), layout=layout, validation_fraction=fraction)
+    metadata.update(data_dir=storage.absolute(data_dir), layout=layout, validation_fraction=fraction)
     return _image_job("finetune", cfg, index, directory, image_size, precision, metadata, extras, image_model)
 
 
@@ -387,9 +392,9 @@ def train_scratch(cfg: ScratchConfig) -> dict[str, Any]:
     if reused:
         return reused
     index = discover(data_dir, cfg.layout, cfg.validation_fraction, cfg.max_images_per_class)
-    precision = resolve_precision(cfg.precision, cfg.use_gpu)
-    metadata = {"weights": None, "preprocessing": "unit", "trained_precision": precision,
-                "data_dir": os.path.abspath(data_dir), "layout": cfg.layout,
+    precision = cfg.precision
+    metadata = {"weights": None, "preprocessing": "unit",
+                "data_dir": storage.absolute(data_dir), "layout": cfg.layout,
                 "validation_fraction": cfg.validation_fraction, "synthetic": synthetic}
     return _image_job("scratch", cfg, index, directory, cfg.image_size, precision, metadata, {},
                       lambda: models.scratch_cnn(cfg.image_size, len(index.classes), "float32", dropout=cfg.dropout))

@@ -15,12 +15,13 @@ def ray_cluster():
     """A real local Ray cluster, started once for the whole session."""
     import ray
 
+    from pipeline.cluster import init_ray
+
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    # With the dashboard, Ray Train's placement-group cleaner can ask the state API about this
-    # cluster; without it, that query may reach another local Ray instance (a test's own
-    # cluster), find no controller there, and tear down a healthy training run.
-    ray.init(num_cpus=2, include_dashboard=True, configure_logging=False,
-             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
+    # The product's own start: its processes address this cluster, not the machine's latest
+    # (tests start other clusters while this one runs). With the dashboard, Ray Train's
+    # placement-group cleaner can ask the state API about it.
+    init_ray(local=True, num_cpus=2, include_dashboard=True, env_vars={"TF_CPP_MIN_LOG_LEVEL": "2"})
     yield ray
     ray.shutdown()
 

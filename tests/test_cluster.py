@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,15 +12,9 @@ import time
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.dirname(sys.executable)
+from tests.clusters import BIN, REPO, cluster_env, free_port, local_cluster, s3_server, submit
+
 pytestmark = pytest.mark.timeout(600)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_cluster_yaml_validates_against_rays_schema():
@@ -44,61 +35,20 @@ def test_cluster_yaml_validates_against_rays_schema():
         jsonschema.validate(broken, schema)
 
 
-def _kill_node(session: subprocess.Popen, temp_dir: str) -> None:
-    """Stop exactly the processes of the head node this test started (never `ray stop`, which stops all)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(session.pid, sig)
-        except ProcessLookupError:
-            pass
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if temp_dir.encode() in f.read():
-                        os.kill(int(pid), sig)
-            except (OSError, ProcessLookupError):
-                continue
-        time.sleep(2)
-
-
 @pytest.fixture
 def head_node():
     """A real local head node started with `ray start --head` and token authentication, stopped after."""
     temp_dir = tempfile.mkdtemp(prefix="ric", dir="/tmp")
-    port, dashboard = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
-    env.pop("RAY_ADDRESS", None)
-    start = subprocess.Popen(
-        [os.path.join(BIN, "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
-         "--num-cpus=2", f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats",
-         # Every agent port of its own: another Ray instance on this machine (the tests'
-         # in-process cluster) already holds the default ones.
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"],
-        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        out, _ = start.communicate(timeout=120)
-        assert start.returncode == 0, out
-        yield {"address": f"http://127.0.0.1:{dashboard}", "env": env}
-    finally:
-        _kill_node(start, temp_dir)
+    env = cluster_env()
+    with local_cluster(temp_dir, env) as cluster:
+        yield {**cluster, "env": env}
 
 
 def test_ray_job_submit_runs_extraction_on_a_local_head_node(head_node, real_root, tmp_path):
     out = str(tmp_path / "features")
-    cmd = [os.path.join(BIN, "ray"), "job", "submit", "--address", head_node["address"], "--working-dir", REPO,
-           "--", "python", "-m", "jobs.extract_features", "--data-dir", real_root, "--weights", "none",
-           "--image-size", "32", "--precision", "float32", "--output-dir", out]
-    deadline = time.time() + 120
-    while True:
-        proc = subprocess.run(cmd, env=head_node["env"], cwd=REPO, capture_output=True, text=True, timeout=480)
-        # A fresh head node refuses jobs until its dashboard agent has registered.
-        if "No available agent" not in proc.stderr or time.time() > deadline:
-            break
-        time.sleep(3)
+    proc = submit(head_node["address"], head_node["env"], [
+        "python", "-m", "jobs.extract_features", "--data-dir", real_root, "--weights", "none", "--image-size", "32",
+        "--precision", "float32", "--output-dir", out], timeout=480)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in (proc.stdout + proc.stderr).lower()
     from pipeline.extract import read_split
@@ -131,39 +81,52 @@ def test_one_inference_actor_per_logical_gpu(real_root, tmp_path):
 
 
 @pytest.fixture
-def s3_server():
-    """moto's S3 server on a loopback port, with one bucket; stopped after the test."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        import boto3
-
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
-                     aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="shards")
-        yield env
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+def s3_env():
+    """moto's S3 server on a loopback port with a bucket ``shards``; stopped after the test."""
+    with s3_server(("shards",)) as aws:
+        yield {**os.environ, **aws}
 
 
-def test_extraction_writes_shards_to_s3(s3_server, real_root):
-    result = _isolated("s3_extract", real_root, "s3://shards/runs/1", env=s3_server)
+def test_extraction_writes_shards_to_s3(s3_env, real_root):
+    result = _isolated("s3_extract", real_root, "s3://shards/runs/1", env=s3_env)
     assert result["num_images"] == 40
     import pyarrow.parquet as pq
     from pyarrow import fs
 
     s3 = fs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1", scheme="http",
-                         endpoint_override=s3_server["AWS_ENDPOINT_URL"].split("://")[1])
+                         endpoint_override=s3_env["AWS_ENDPOINT_URL"].split("://")[1])
     assert len(pq.read_table("shards/runs/1/train", filesystem=s3)) == 20
     with s3.open_input_stream("shards/runs/1/manifest.json") as f:
         assert json.loads(f.read())["counts"]["validation"] == {"cats": 10, "dogs": 10}
     assert s3.get_file_info("shards/runs/1.partial").type == fs.FileType.NotFound
+
+
+@pytest.mark.parametrize("where", ["recorded by ray start", "RAY_ADDRESS"])
+def test_an_unreachable_cluster_fails_fast_naming_it(tmp_path, where):
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if where == "RAY_ADDRESS":
+        env["RAY_ADDRESS"] = address
+    else:
+        # A head node killed without `ray stop` leaves its address in Ray's temp folder.
+        (tmp_path / "ray").mkdir()
+        (tmp_path / "ray" / "ray_current_cluster").write_text(address)
+        env["RAY_TMPDIR"] = str(tmp_path)
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "jobs.extract_features", "--weights", "none",
+                           "--output-dir", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert address in proc.stderr and "ray stop" in proc.stderr and "RAY_ADDRESS=local" in proc.stderr
+    assert time.time() - started < 60
+
+
+def test_gpus_that_never_join_are_a_clear_error(ray_cluster, real_root, tmp_path):
+    from pipeline.cluster import ClusterError
+    from pipeline.config import ExtractConfig
+    from pipeline.extract import run_extraction
+
+    out = tmp_path / "out"
+    with pytest.raises(ClusterError, match=r"--gpus 1: the cluster still has 0 GPU\(s\) after 3 s"):
+        run_extraction(ExtractConfig(data_dir=real_root, output_dir=str(out), weights="none", gpus=1, gpu_wait_s=3))
+    assert not out.exists()

@@ -224,11 +224,11 @@ def test_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["--image-size", "0"], "--image-size must be an integer of at least 32"),
     (["--weights", "imagenet21k"], "--weights must be one of torchvision, keras, none"),
-    (["--precision", "fp8"], "--precision must be one of auto, float32, bfloat16"),
+    (["--precision", "fp8"], "--precision must be one of auto, float32, bfloat16, float16"),
     (["--layout", "coco"], "--layout must be one of splits, kaggle"),
     (["--batch-size", "-1"], "--batch-size must be a positive number"),
     (["--max-reject-fraction", "2"], "--max-reject-fraction must be in [0, 1]"),
-    (["--data-dir", "/nonexistent/folder"], "is not an existing folder"),
+    (["--data-dir", "/nonexistent/folder"], "--data-dir '/nonexistent/folder' cannot be used: it does not exist"),
 ])
 def test_invalid_options_fail_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

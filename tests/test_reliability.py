@@ -19,7 +19,7 @@ import pytest
 
 from pipeline import storage
 from pipeline.config import ExtractConfig
-from pipeline.discover import discover, iter_image_files
+from pipeline.discover import discover
 from pipeline.errors import DataError, OutputError
 from pipeline.extract import read_split, run_extraction
 from tests.conftest import make_real_root, real_images
@@ -42,8 +42,13 @@ def extracted_paths(out: str) -> list[str]:
     return paths
 
 
+def all_relpaths(root: str) -> set[str]:
+    """Every file under ``root``, listed with os.walk (independently of the product's discovery)."""
+    return {os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files}
+
+
 def good_relpaths(root: str) -> set[str]:
-    return {os.path.relpath(p, root) for p in iter_image_files(root) if not os.path.basename(p).startswith("bad")}
+    return {p for p in all_relpaths(root) if not os.path.basename(p).startswith("bad")}
 
 
 def test_dirty_photo_collection(ray_cluster, tmp_path, record_case):
@@ -65,7 +70,7 @@ def test_dirty_photo_collection(ray_cluster, tmp_path, record_case):
     half_split_image().save(odd / "rotated.jpg", exif=exif)
     Image.new("RGB", (1, 1), (9, 9, 9)).save(odd / "one pixel 'quoted' ü.png")
     bad = {os.path.join("train", "dogs", n) for n in bad_files(str(root / "train" / "dogs"))}
-    expected = {os.path.relpath(p, root) for p in iter_image_files(str(root))} - bad
+    expected = all_relpaths(str(root)) - bad
     out = str(tmp_path / "out")
     manifest = run_extraction(ExtractConfig(data_dir=str(root), output_dir=out, weights="none", image_size=32,
                                             precision="float32", max_reject_fraction=0.5))

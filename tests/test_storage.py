@@ -1,0 +1,136 @@
+"""Every input and output as a URI: discovery, inputs, outputs and locks on a real S3 server
+(moto on loopback), compared with the same trees on local disk. No Ray cluster needed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+
+from pipeline import storage
+from pipeline.config import ExtractConfig, PredictConfig
+from pipeline.discover import discover
+from pipeline.errors import ConfigError, DataError, OutputError
+from pipeline.precision import precision_for
+from tests.clusters import s3_client, s3_server, upload_tree
+from tests.conftest import make_real_root, real_images
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """An S3 server with bucket ``data`` holding a real-photo root (splits layout) and a Kaggle-style flat folder."""
+    local = make_real_root(str(tmp_path_factory.mktemp("root")), 2)
+    flat = tmp_path_factory.mktemp("flat")
+    for i, path in enumerate(real_images("train", "cats", 3) + real_images("train", "dogs", 3)):
+        shutil.copyfile(path, flat / f"{'cat' if i < 3 else 'dog'}.{i}.jpg")
+    with s3_server(("data",)) as aws:
+        saved = {k: os.environ.get(k) for k in aws}
+        os.environ.update(aws)
+        try:
+            upload_tree(aws, local, "data", "photos")
+            upload_tree(aws, str(flat), "data", "flat")
+            s3_client(aws).put_object(Bucket="data", Key="photos/.hidden/x.jpg", Body=b"hidden")
+            yield {"local": local, "flat": str(flat), "aws": aws}
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _summary(index):
+    return index.classes, {split: [(f.relpath, f.label) for f in files] for split, files in index.splits.items()}
+
+
+def test_discovery_on_s3_equals_discovery_on_disk(s3):
+    remote = discover("s3://data/photos")
+    assert _summary(remote) == _summary(discover(s3["local"]))
+    assert all(f.path == f"s3://data/photos/{f.relpath}" for f in remote.all_files())
+    assert all(f.stamp.split(":")[0] == str(os.path.getsize(os.path.join(s3["local"], f.relpath)))
+               for f in remote.all_files())
+    kaggle = discover("s3://data/flat", layout="kaggle", validation_fraction=0.5)
+    assert _summary(kaggle) == _summary(discover(s3["flat"], layout="kaggle", validation_fraction=0.5))
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("s3://no-such-bucket/photos", "its bucket 'no-such-bucket' does not exist"),
+    ("s3://data/nothing-here", "it does not exist"),
+    ("s3://data/photos/train/cats/cat.1.jpg", "it is a file, not a folder"),
+])
+def test_unusable_data_uris_are_named_before_any_work(s3, uri, message):
+    with pytest.raises(ConfigError, match=f"--data-dir '{uri}' cannot be used: {message}"):
+        ExtractConfig(data_dir=uri)
+    with pytest.raises(DataError, match=message):
+        discover(uri)
+
+
+def test_outputs_on_a_missing_bucket_are_refused_before_any_work(s3):
+    with pytest.raises(ConfigError, match="--output-dir 's3://nope/x' cannot be written: its bucket 'nope' does not exist"):
+        ExtractConfig(data_dir="s3://data/photos", output_dir="s3://nope/x")
+
+
+def test_prediction_globs_on_s3_match_like_local_globs(s3):
+    from pipeline.predict import list_inputs
+
+    for pattern in ("**/*.jpg", "train/*/cat.*.jpg", "validation/dogs/dog.100?.jpg"):
+        root, remote = list_inputs(f"s3://data/photos/{pattern}")
+        local_root, local = list_inputs(os.path.join(s3["local"], pattern))
+        # Paths are relative to the part of the pattern before its first wildcard.
+        assert root == "s3://data/photos" + local_root[len(s3["local"]):], pattern
+        assert remote and [r for _, r in remote] == [r for _, r in local], pattern
+        assert all(p == f"{root}/{r}" for p, r in remote)
+
+
+def test_files_written_and_read_back_through_uris(s3):
+    storage.write_json("s3://data/out/a/b.json", {"x": 1})
+    assert json.loads(s3_client(s3["aws"]).get_object(Bucket="data", Key="out/a/b.json")["Body"].read()) == {"x": 1}
+    assert storage.read_json("s3://data/out/a/b.json") == {"x": 1}
+    with storage.local_copy("s3://data/out/a/b.json", ".json") as path:
+        assert json.load(open(path)) == {"x": 1}
+    assert not os.path.exists(path), "a downloaded copy is removed after use"
+
+
+def test_a_live_lease_refuses_a_second_run_and_a_lapsed_one_is_taken_over(s3, monkeypatch):
+    with storage.output_lock("s3://data/runs/1"):
+        holder = storage.read_json("s3://data/runs/1.lock")
+        with pytest.raises(OutputError, match="being written by another run .* last heartbeat"):
+            with storage.output_lock("s3://data/runs/1"):
+                pass
+    assert not storage.exists("s3://data/runs/1.lock"), "released at the end"
+    # A run that died leaves its lock; once its heartbeat is older than the lease, it is stale.
+    storage.write_json("s3://data/runs/1.lock", {**holder, "heartbeat": time.time() - storage.LOCK_LEASE_S - 1})
+    with storage.output_lock("s3://data/runs/1"):
+        assert storage.read_json("s3://data/runs/1.lock")["owner"] != holder["owner"]
+
+
+def test_a_lease_is_renewed_while_its_run_lasts(s3, monkeypatch):
+    monkeypatch.setattr(storage, "LOCK_HEARTBEAT_S", 0.2)
+    with storage.output_lock("s3://data/runs/2"):
+        first = storage.read_json("s3://data/runs/2.lock")["heartbeat"]
+        time.sleep(1.0)
+        assert storage.read_json("s3://data/runs/2.lock")["heartbeat"] > first
+
+
+def test_a_model_file_on_s3_is_read_like_a_local_one(s3, tmp_path):
+    from pipeline.modelfile import ModelFileError, read_metadata
+
+    s3_client(s3["aws"]).put_object(Bucket="data", Key="models/not-a-model.keras", Body=b"plain text")
+    with pytest.raises(ModelFileError, match="not a .keras model file"):
+        read_metadata("s3://data/models/not-a-model.keras")
+    with pytest.raises(ModelFileError, match="model file 's3://data/models/missing.keras' cannot be used: it does not exist"):
+        PredictConfig(model="s3://data/models/missing.keras", input="s3://data/photos", output="s3://data/p")
+
+
+@pytest.mark.parametrize("capability, training, expected", [
+    ((9, 0), False, "bfloat16"), ((8, 0), False, "bfloat16"), ((7, 5), False, "float16"),
+    ((7, 0), False, "float16"), ((7, 5), True, "float32"), ((6, 1), False, "float32"),
+])
+def test_auto_precision_follows_the_gpu(capability, training, expected):
+    assert precision_for("auto", capability, allow_float16=not training) == expected
+    assert precision_for("float32", capability) == "float32"
