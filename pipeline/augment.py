@@ -1,4 +1,4 @@
-"""The seed's training-time augmentation: random shear, zoom and horizontal flip.
+"""The reference article's training-time augmentation: random shear, zoom and horizontal flip.
 
 Random parameters come from a numpy generator seeded by (seed, epoch, worker rank,
 step), so a run is reproducible from ``--seed`` and every epoch sees new variants.

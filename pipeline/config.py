@@ -76,6 +76,19 @@ def check_input_location(name: str, value: str | None, want: str = "folder") -> 
         raise ConfigError(f"--{name.replace('_', '-')} {value!r} cannot be used: {problem}")
 
 
+def check_workers_divide_batch(num_workers: int, batch_size: int) -> None:
+    """Every Ray Train worker takes an equal share of each global batch, so N workers step exactly
+    like one: refuse a worker count that does not divide the batch, naming the nearest that do."""
+    if batch_size % num_workers == 0:
+        return
+    divisors = [n for n in range(1, batch_size + 1) if batch_size % n == 0]
+    nearest = [max(n for n in divisors if n < num_workers)] + [n for n in divisors if n > num_workers][:1]
+    batches = [b for b in (batch_size - batch_size % num_workers, batch_size + num_workers - batch_size % num_workers) if b > 0]
+    raise ConfigError(f"--num-workers {num_workers} does not divide --batch-size {batch_size} (each worker takes an "
+                      f"equal share of every batch): use --num-workers {' or '.join(map(str, nearest))}, or "
+                      f"--batch-size {' or '.join(map(str, batches))}")
+
+
 def _base_type(tp: Any) -> tuple[Any, bool]:
     """The non-None member of ``Optional[X]`` and whether None was allowed."""
     origin = typing.get_origin(tp)
@@ -217,8 +230,7 @@ class TrainConfig:
         check_positive("num_workers", self.num_workers)
         check_positive("epochs", self.epochs)
         check_positive("batch_size", self.batch_size)
-        if self.batch_size < self.num_workers:
-            raise ConfigError(f"--batch-size ({self.batch_size}) must be at least --num-workers ({self.num_workers})")
+        check_workers_divide_batch(self.num_workers, self.batch_size)
         check_positive("learning_rate", self.learning_rate, allow_none=True)
         check_range("dropout", self.dropout, 0, 1, open_high=True)
         check_choice("precision", self.precision, PRECISIONS)
@@ -307,6 +319,7 @@ class RunAllConfig(DataOptions):
         check_positive("num_workers", self.num_workers)
         check_positive("epochs", self.epochs, allow_none=True)
         check_positive("batch_size", self.batch_size)
+        check_workers_divide_batch(self.num_workers, self.batch_size)
         for stage in filter(None, (s.strip() for s in self.skip.split(","))):
             check_choice("skip", stage, SKIPPABLE)
         check_output_location("output_dir", self.output_dir)

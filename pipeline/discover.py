@@ -9,6 +9,7 @@ URI, so a decode task on any node of a cluster can open it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -51,6 +52,13 @@ class DatasetIndex:
             c = Counter(f.class_name for f in files)
             out[split] = {name: c.get(name, 0) for name in self.classes}
         return out
+
+    def fingerprint(self) -> str:
+        """A hash of the classes and every file's split, path, label, size and modification time."""
+        h = hashlib.sha256(json.dumps([self.layout, self.classes]).encode())
+        for f in self.all_files():
+            h.update(f"{f.split}\0{f.relpath}\0{f.label}\0{f.stamp}\n".encode())
+        return h.hexdigest()
 
     def all_files(self) -> Iterator[LabeledFile]:
         """Every file of every split, in a fixed order."""

@@ -16,7 +16,6 @@ Rows are written in a seeded random order, so every shard mixes the classes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -40,6 +39,7 @@ from pipeline.discover import DatasetIndex, discover
 from pipeline.errors import DataError, OutputError
 from pipeline.faults import maybe_kill
 from pipeline.precision import device_precision
+from pipeline.reuse import fingerprint, job_settings, require_same
 from pipeline.versions import library_versions
 from pipeline.weights import WeightsSource, load_weight_arrays, resolve_weights
 
@@ -303,17 +303,15 @@ def features_as_array(table: pa.Table, shape: Iterable[int]) -> np.ndarray:
     return list_rows(table.column("features")).reshape(len(table), *shape).astype(np.float32, copy=False)
 
 
-def _fingerprint(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource) -> str:
-    h = hashlib.sha256()
-    # The requested precision: with "auto" each actor chooses from its device, and the same
-    # request on other hardware is the same extraction.
-    settings = {"layout": cfg.layout, "validation_fraction": cfg.validation_fraction, "image_size": cfg.image_size,
-                "weights_sha256": weights.sha256, "preprocessing": weights.preprocessing, "precision": cfg.precision,
-                "max_images_per_class": cfg.max_images_per_class}
-    h.update(json.dumps(settings, sort_keys=True).encode())
-    for f in index.all_files():
-        h.update(f"{f.split}\0{f.relpath}\0{f.label}\0{f.stamp}\n".encode())
-    return h.hexdigest()
+def extraction_settings(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource) -> dict[str, Any]:
+    """What decides an extraction's output: its options (the requested precision: with "auto" each
+    actor chooses from its device, and the same request on other hardware is the same extraction),
+    the weights' checksum and the files under the data root. The block-4 cache is not among them:
+    an output with it is a superset of one without."""
+    return job_settings(cfg, drop=("data_dir", "weights", "cache_block4", "workers", "gpus", "batch_size",
+                                   "max_reject_fraction"),
+                        weights_sha256=weights.sha256, preprocessing=weights.preprocessing,
+                        inputs=index.fingerprint())
 
 
 def run_name(data_dir: str) -> str:
@@ -368,8 +366,9 @@ def _audit(staging: str, index: DatasetIndex, rejects: pa.Table, block4: bool) -
 def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
     """Extract features for every image of the data root and return the manifest.
 
-    Reuses a finished extraction with the same fingerprint (settings, weights and the
-    size and mtime of every input file) unless ``cfg.overwrite``.
+    Reuses a finished extraction with the same settings (options, weights, and the size and
+    modification time of every input file) and refuses one with other settings, naming them,
+    unless ``cfg.overwrite``.
     """
     from pipeline.synthetic import NOTE, default_data_dir, is_synthetic
 
@@ -381,30 +380,24 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
     output_dir = cfg.output_dir or default_output_dir(data_dir)
     index = discover(data_dir, cfg.layout, cfg.validation_fraction, cfg.max_images_per_class)
     weights = resolve_weights(cfg.weights, cfg.preprocessing)
-    fingerprint = _fingerprint(cfg, index, weights)
+    settings = extraction_settings(cfg, index, weights)
 
     with storage.output_lock(output_dir):
-        if storage.is_complete(output_dir):
+        if storage.is_complete(output_dir) and not cfg.overwrite:
             manifest = storage.read_json(storage.join(output_dir, storage.MANIFEST))
-            same = manifest.get("fingerprint") == fingerprint
-            if same and not cfg.overwrite and (manifest.get("block4") or not cfg.cache_block4):
+            require_same(output_dir, "an extraction", manifest.get("settings"), settings)
+            if manifest.get("block4") or not cfg.cache_block4:
                 print(f"reusing finished extraction in {output_dir} (same settings and inputs; --overwrite redoes it)")
                 return manifest
-            if same and not cfg.overwrite:
-                # The same extraction plus the cache: redoing it replaces the folder with a superset.
-                print(f"re-extracting {output_dir} to add the block-4 cache (--cache-block4)")
-            elif not cfg.overwrite:
-                raise OutputError(
-                    f"{output_dir} holds an extraction with other settings or inputs; "
-                    f"pass --overwrite to replace it or choose another --output-dir"
-                )
-        elif storage.exists(output_dir) and not cfg.overwrite:
+            # The same extraction plus the cache: redoing it replaces the folder with a superset.
+            print(f"re-extracting {output_dir} to add the block-4 cache (--cache-block4)")
+        elif storage.exists(output_dir) and not storage.is_complete(output_dir) and not cfg.overwrite:
             raise OutputError(f"{output_dir} exists but is not a finished extraction; pass --overwrite or choose another --output-dir")
         staging = output_dir.rstrip("/") + ".partial"
         storage.delete_dir(staging)  # leftovers of an interrupted run are never reused
         manifest = _extract(cfg, index, weights, plan_inference(cfg), staging)
-        manifest.update(fingerprint=fingerprint, synthetic=synthetic, data_dir=storage.absolute(data_dir),
-                        output_dir=output_dir)
+        manifest.update(settings=settings, fingerprint=fingerprint(settings), synthetic=synthetic,
+                        data_dir=storage.absolute(data_dir), output_dir=output_dir)
         manifest["elapsed_s"] = round(time.time() - started, 2)
         manifest["images_per_s"] = round(manifest["num_images"] / max(manifest["elapsed_s"], 1e-9), 2)
         storage.write_json(storage.join(staging, storage.MANIFEST), manifest)

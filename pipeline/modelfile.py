@@ -22,6 +22,7 @@ from pipeline.errors import UserError
 
 METADATA_NAME = "classifier.json"
 MODEL_FILE = "model.keras"
+SAVED_MODEL_DIR = "saved_model"
 MODEL_KINDS = ("top", "finetune", "scratch")
 # Layers pinned to float32 on purpose (input normalisation, the output probabilities).
 _FLOAT32_LAYERS = {"preprocessing", "predictions"}
@@ -43,6 +44,22 @@ def save_classifier(model, path: str, metadata: dict[str, Any]) -> None:
         with zipfile.ZipFile(tmp, "a") as z:
             z.writestr(METADATA_NAME, json.dumps(metadata, indent=2))
         storage.upload_file(tmp, path)
+
+
+def export_saved_model(model, uri: str, image_size: int) -> None:
+    """Export ``model`` as a TensorFlow SavedModel at ``uri`` for serving (TF Serving, ``tf.saved_model.load``):
+    its ``serve`` signature takes ``images``, uint8 of shape (n, image_size, image_size, 3), and returns
+    what the model returns (class probabilities)."""
+    import keras
+    import tensorflow as tf
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(name="serve", fn=lambda images: model(tf.cast(images, tf.float32), training=False),
+                         input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.uint8, name="images")])
+    with tempfile.TemporaryDirectory(prefix="ric-export-") as tmp:
+        archive.write_out(os.path.join(tmp, "saved_model"), verbose=False)
+        storage.upload_dir(os.path.join(tmp, "saved_model"), uri)
 
 
 def read_metadata(path: str) -> dict[str, Any]:
@@ -75,7 +92,7 @@ def _with_policy(config: Any, policy: str) -> Any:
             dtype = cfg.get("dtype") if isinstance(cfg, dict) else None
             if isinstance(dtype, dict) and dtype.get("class_name") == "DTypePolicy" \
                     and cfg.get("name") not in _FLOAT32_LAYERS \
-                    and node.get("class_name") not in ("InputLayer", "ImagePreprocessing"):
+                    and node.get("class_name") != "InputLayer":
                 cfg["dtype"] = {**dtype, "config": {**dtype.get("config", {}), "name": policy}}
             for value in node.values():
                 visit(value)
@@ -95,7 +112,6 @@ def load_classifier(path: str, precision: str = "float32"):
     """
     import keras
 
-    import pipeline.models  # noqa: F401 - registers ImagePreprocessing for deserialisation
     from pipeline.precision import keras_policy
 
     meta = read_metadata(path)

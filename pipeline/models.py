@@ -1,8 +1,8 @@
 """Keras model builders: the VGG16 conv base, the top MLP, the small CNN, and their joins.
 
-Pixel normalisation lives inside the models (``ImagePreprocessing``), so every model
-takes plain 0..255 RGB arrays from ``pipeline.decode`` and a saved model carries its
-own preprocessing.
+Pixel normalisation lives inside the models (a built-in ``Normalization`` or ``Rescaling``
+layer), so every model takes plain 0..255 RGB arrays from ``pipeline.decode``, a saved model
+carries its own preprocessing, and plain Keras loads it without this project.
 """
 
 from __future__ import annotations
@@ -21,34 +21,24 @@ CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 PREPROCESSING_MODES = ("torch", "caffe", "unit")
 
 
-@keras.saving.register_keras_serializable(package="ric")
-class ImagePreprocessing(keras.layers.Layer):
-    """0..255 RGB pixels to what a network's weights expect.
+def preprocessing_layer(mode: str) -> keras.layers.Layer:
+    """0..255 RGB pixels to what a network's weights expect, as a built-in Keras layer (so a saved
+    model loads in plain Keras), always computed in float32.
 
-    ``torch``: /255 then ImageNet mean/std (torchvision weights); ``caffe``: RGB→BGR
-    minus the ImageNet mean (Keras' weights); ``unit``: /255 (the small CNN).
-    Always computed in float32, even under mixed precision.
+    ``torch``: /255 then ImageNet mean/std (torchvision weights); ``caffe``: minus the ImageNet
+    mean (Keras' weights, whose first convolution ``load_weight_arrays`` turns from BGR to RGB
+    input, so no channel flip is needed here); ``unit``: /255 (the small CNN).
     """
-
-    def __init__(self, mode: str = "torch", **kwargs):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        if mode not in PREPROCESSING_MODES:
-            raise ValueError(f"mode must be one of {PREPROCESSING_MODES}; got {mode!r}")
-        self.mode = mode
-
-    def call(self, x):
-        x = keras.ops.cast(x, "float32")
-        if self.mode == "torch":
-            mean = keras.ops.convert_to_tensor(np.array(IMAGENET_MEAN_RGB, np.float32) * 255.0)
-            std = keras.ops.convert_to_tensor(np.array(IMAGENET_STD_RGB, np.float32) * 255.0)
-            return (x - mean) / std
-        if self.mode == "caffe":
-            return keras.ops.flip(x, axis=-1) - keras.ops.convert_to_tensor(np.array(CAFFE_MEAN_BGR, np.float32))
-        return x / 255.0
-
-    def get_config(self):
-        return {**super().get_config(), "mode": self.mode}
+    if mode == "torch":
+        return keras.layers.Normalization(mean=[m * 255.0 for m in IMAGENET_MEAN_RGB],
+                                          variance=[(s * 255.0) ** 2 for s in IMAGENET_STD_RGB],
+                                          dtype="float32", name="preprocessing")
+    if mode == "caffe":
+        return keras.layers.Normalization(mean=list(CAFFE_MEAN_BGR[::-1]), variance=[1.0, 1.0, 1.0], dtype="float32",
+                                          name="preprocessing")
+    if mode == "unit":
+        return keras.layers.Rescaling(1.0 / 255.0, dtype="float32", name="preprocessing")
+    raise ValueError(f"mode must be one of {PREPROCESSING_MODES}; got {mode!r}")
 
 
 def vgg16_conv_base(image_size: int, weights: str | None = None) -> keras.Model:
@@ -62,7 +52,7 @@ def feature_extractor(image_size: int, weight_arrays: Sequence[np.ndarray] | Non
     with dtype_policy(precision):
         base = _vgg16_with_weights(image_size, weight_arrays)
         inputs = keras.Input((image_size, image_size, 3), name="image")
-        outputs = base(ImagePreprocessing(preprocessing, name="preprocessing")(inputs))
+        outputs = base(preprocessing_layer(preprocessing)(inputs))
         return keras.Model(inputs, outputs, name="vgg16_features")
 
 
@@ -77,7 +67,7 @@ def block4_extractors(image_size: int, weight_arrays: Sequence[np.ndarray] | Non
         base = _vgg16_with_weights(image_size, weight_arrays)
         block4 = keras.Model(base.input, base.get_layer("block4_pool").output, name="vgg16_blocks1to4")
         inputs = keras.Input((image_size, image_size, 3), name="image")
-        b4 = block4(ImagePreprocessing(preprocessing, name="preprocessing")(inputs))
+        b4 = block4(preprocessing_layer(preprocessing)(inputs))
         x = b4
         for name in (*BLOCK5_CONVS, "block5_pool"):
             x = base.get_layer(name)(x)
@@ -141,7 +131,7 @@ def _head(x, num_classes: int):
 
 def top_classifier(input_shape: Sequence[int], num_classes: int, precision: str = "float32",
                    dropout: float = 0.5) -> keras.Model:
-    """The seed's top: Flatten → Dense(256, relu) → Dropout(0.5) → class head."""
+    """The reference article's top: Flatten → Dense(256, relu) → Dropout(0.5) → class head."""
     with dtype_policy(precision):
         inputs = keras.Input(tuple(input_shape), name="features")
         x = keras.layers.Flatten(name="flatten")(inputs)
@@ -151,10 +141,10 @@ def top_classifier(input_shape: Sequence[int], num_classes: int, precision: str 
 
 
 def scratch_cnn(image_size: int, num_classes: int, precision: str = "float32", dropout: float = 0.5) -> keras.Model:
-    """The seed's small CNN: Conv 32-32-64 with ReLU and max-pooling, Dense 64, Dropout 0.5."""
+    """The reference article's small CNN: Conv 32-32-64 with ReLU and max-pooling, Dense 64, Dropout 0.5."""
     with dtype_policy(precision):
         inputs = keras.Input((image_size, image_size, 3), name="image")
-        x = ImagePreprocessing("unit", name="preprocessing")(inputs)
+        x = preprocessing_layer("unit")(inputs)
         for i, filters in enumerate((32, 32, 64), start=1):
             x = keras.layers.Conv2D(filters, 3, activation="relu", name=f"conv{i}")(x)
             x = keras.layers.MaxPooling2D(2, name=f"pool{i}")(x)

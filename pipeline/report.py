@@ -8,8 +8,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-# The seed's published validation accuracies ("image classification with very little data").
-SEED_FIGURES = {"scratch": "0.79–0.81", "top": "0.90–0.91", "finetune": "0.94"}
+# The reference article's published validation accuracies ("image classification with very little data").
+REFERENCE_FIGURES = {"scratch": "0.79–0.81", "top": "0.90–0.91", "finetune": "0.94"}
 MODEL_TITLES = {"top": "VGG16 bottleneck + top MLP", "finetune": "VGG16 fine-tuned (block 5 + top)",
                 "scratch": "small CNN from scratch"}
 
@@ -108,19 +108,19 @@ def plot_curves(history: list[dict[str, Any]], path: str, title: str) -> None:
 
 
 def write_report(path: str, stages: list[dict[str, Any]], note: str | None, command: str) -> None:
-    """``report.md``: one table of each model's validation results next to the seed's figures."""
+    """``report.md``: one table of each model's validation results next to the reference article's figures."""
     lines = ["# Run report", ""]
     if note:
         lines += [f"> **Note:** {note}", ""]
     lines += [f"Command: `{command}`", "",
-              "| stage | model | val accuracy | val loss | seed's figure | epochs | time (s) | images/s |",
+              "| stage | model | val accuracy | val loss | reference article | epochs | time (s) | images/s |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for st in stages:
         acc = f"{st['accuracy']:.4f}" if st.get("accuracy") is not None else "–"
         loss = f"{st['loss']:.4f}" if st.get("loss") is not None else "–"
         title = model_title(st["kind"], st.get("cached_block4", False)) if st.get("kind") else "–"
         lines.append(f"| {st['stage']} | {title} | {acc} | {loss} | "
-                     f"{SEED_FIGURES.get(st.get('kind'), '–')} | {st.get('epochs', '–')} | "
+                     f"{REFERENCE_FIGURES.get(st.get('kind'), '–')} | {st.get('epochs', '–')} | "
                      f"{st['seconds']:.1f} | {st.get('images_per_s', 0):.1f} |")
     lines.append("")
     for st in stages:

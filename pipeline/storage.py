@@ -209,11 +209,6 @@ def list_dirs(uri: str) -> list[str]:
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
 
 
-def is_dir(uri: str) -> bool:
-    """Whether ``uri`` is a folder (on object stores: a prefix that holds objects)."""
-    filesystem, path = split_uri(uri)
-    return filesystem.get_file_info(path).type == pafs.FileType.Directory
-
 
 def write_text(uri: str, text: str) -> None:
     """Write a small text file (JSON, CSV, markdown)."""
@@ -265,6 +260,14 @@ def upload_file(local_path: str, uri: str) -> None:
     pafs.copy_files(local_path, tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
     if tmp != path:
         os.replace(tmp, path)
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Replace the folder at ``uri`` with a copy of the local folder ``local_dir``."""
+    delete_dir(uri)
+    filesystem, path = split_uri(uri)
+    filesystem.create_dir(path, recursive=True)
+    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
 
 
 @contextlib.contextmanager

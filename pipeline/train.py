@@ -4,7 +4,8 @@ Each worker runs under ``tf.distribute.MultiWorkerMirroredStrategy`` with a cust
 loop (Keras 3 ``model.fit`` fails under that strategy with two workers): every
 replica computes the loss on its own shard's batch, scaled by the *global* batch
 size, and the optimizer all-reduces (sums) the gradients, so N workers at a per-worker
-batch of B/N take exactly the steps one worker takes at batch B.
+batch of B/N take exactly the steps one worker takes at batch B (N must divide B: the
+job configs refuse other worker counts).
 
 The workers agree on whether all of them still have a batch (an all-reduced count),
 so shards of unequal length end the epoch together instead of leaving one worker
@@ -24,7 +25,6 @@ from typing import Any, Iterator
 
 import numpy as np
 
-KINDS = ("top", "finetune", "scratch")
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "model.weights.h5"
 OPTIMIZER_FILE = "optimizer.npz"
@@ -63,7 +63,7 @@ class LoopSettings:
 
 
 def default_learning_rate(kind: str) -> float:
-    """The seed's optimizers: rmsprop (Keras default 1e-3) for top and scratch, SGD 1e-4 for fine-tuning."""
+    """The reference article's optimizers: rmsprop (Keras default 1e-3) for top and scratch, SGD 1e-4 for fine-tuning."""
     return 1e-4 if kind == "finetune" else 1e-3
 
 
@@ -236,7 +236,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             state = _restore(d, model, optimizer)
 
-    per_worker = max(1, s.batch_size // world)
+    per_worker = s.batch_size // world  # exact: the configs refuse worker counts that do not divide the batch
 
     @tf.function
     def workers_with_batch(flag):

@@ -12,6 +12,7 @@ model file, metrics, evaluation and curves out, under ``<output-dir>/<job>/``::
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -28,13 +29,15 @@ from pipeline.config import ExtractConfig, FinetuneConfig, ScratchConfig, TrainC
 from pipeline.discover import DatasetIndex, discover
 from pipeline.errors import DataError, UserError
 from pipeline.extract import decoded_images, find_rejects, read_split, run_extraction, run_name
-from pipeline.modelfile import MODEL_FILE, load_classifier, read_metadata, save_classifier
+from pipeline.modelfile import (MODEL_FILE, SAVED_MODEL_DIR, export_saved_model, load_classifier, read_metadata,
+                                save_classifier)
+from pipeline.reuse import job_settings, require_same
 from pipeline.report import evaluate, model_title, plot_curves, write_metrics_csv
 from pipeline.train import LoopSettings, default_learning_rate, fit, load_checkpoint_weights, read_checkpoint_state
 from pipeline.versions import library_versions
 
-JOB_DIRS = {"top": "top", "finetune": "finetune", "finetune_cached": "finetune_cached", "scratch": "scratch"}
 SUMMARY = "summary.json"
+SETTINGS = "settings.json"
 log = logging.getLogger(__name__)
 
 
@@ -43,8 +46,8 @@ class TrainingError(UserError):
 
 
 def job_dir(output_dir: str, kind: str) -> str:
-    """``<output-dir>/<job>``."""
-    return storage.join(output_dir, JOB_DIRS[kind])
+    """``<output-dir>/<job>``: the job's folder is named after it (``top``, ``finetune``, ``finetune_cached``, ``scratch``)."""
+    return storage.join(output_dir, kind)
 
 
 def finished_summary(directory: str) -> dict[str, Any] | None:
@@ -108,10 +111,12 @@ def _run(settings: LoopSettings, datasets: dict[str, Any], cfg: TrainConfig, dir
 def _finish(kind: str, directory: str, model, metadata: dict[str, Any], run: TrainedRun,
             evaluation: dict[str, Any]) -> dict[str, Any]:
     history, seconds, samples_per_s = run.history, run.seconds, run.samples_per_s
-    metadata = {**metadata, "kind": kind, "epochs": len(history), "best_epoch": run.best_epoch,
+    settings = storage.read_json(storage.join(directory, SETTINGS))
+    metadata = {**metadata, "kind": kind, "settings": settings, "epochs": len(history), "best_epoch": run.best_epoch,
                 "trained_precision": history[-1].get("precision"), "validation_accuracy": evaluation["accuracy"],
                 "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": library_versions()}
     save_classifier(model, storage.join(directory, MODEL_FILE), metadata)
+    export_saved_model(model, storage.join(directory, SAVED_MODEL_DIR), metadata["image_size"])
     write_metrics_csv(history, storage.join(directory, "metrics.csv"))
     storage.write_json(storage.join(directory, "evaluation.json"), evaluation)
     cached = bool(metadata.get("cached_block4"))
@@ -119,22 +124,32 @@ def _finish(kind: str, directory: str, model, metadata: dict[str, Any], run: Tra
     summary = {"kind": kind, "cached_block4": cached, "accuracy": evaluation["accuracy"], "loss": evaluation["loss"],
                "epochs": len(history), "best_epoch": run.best_epoch, "seconds": round(seconds, 2),
                "images_per_s": round(samples_per_s, 2),
-               "model": storage.join(directory, MODEL_FILE), "curves": storage.join(directory, "curves.png")}
+               "model": storage.join(directory, MODEL_FILE), "curves": storage.join(directory, "curves.png"),
+               "settings": settings}
     storage.write_json(storage.join(directory, SUMMARY), summary)
     print(f"{kind}: validation accuracy {evaluation['accuracy']:.4f}, loss {evaluation['loss']:.4f} "
           f"after {len(history)} epochs, {seconds:.0f}s ({samples_per_s:.1f} samples/s) -> {directory}")
     return summary
 
 
-def _prepare(directory: str, overwrite: bool) -> dict[str, Any] | None:
-    """Reuse a finished job unless ``overwrite``; an unfinished one resumes from its checkpoints."""
-    done = finished_summary(directory)
-    if done and not overwrite:
-        print(f"reusing finished {done['kind']} model in {directory} (--overwrite retrains)")
-        return done
+def _prepare(directory: str, kind: str, settings: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """The one reuse rule: a finished job with the same settings is reused (its summary returned),
+    an unfinished one resumes from its checkpoints; one with other settings is refused, naming
+    them. ``overwrite`` starts afresh."""
     if overwrite:
         storage.delete_dir(directory)
-    storage.make_dir(directory)
+    recorded_at = storage.join(directory, SETTINGS)
+    if storage.exists(recorded_at):
+        require_same(directory, f"a {kind} run", storage.read_json(recorded_at), settings)
+        done = finished_summary(directory)
+        if done:
+            print(f"reusing finished {kind} model in {directory} (same settings and inputs; --overwrite retrains)")
+            return done
+        print(f"resuming the unfinished {kind} run in {directory} from its last checkpoint")
+        return None
+    if storage.exists(directory) and (finished_summary(directory) or storage.exists(storage.join(directory, "ray_train"))):
+        require_same(directory, f"a {kind} run", None, settings)
+    storage.write_json(recorded_at, settings)
     return None
 
 
@@ -153,7 +168,9 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     manifest = storage.read_json(storage.join(features_dir, storage.MANIFEST))
     output_dir = cfg.output_dir or os.path.join("outputs", run_name(manifest["data_dir"]))
     directory = job_dir(output_dir, "top")
-    reused = _prepare(directory, cfg.overwrite)
+    reused = _prepare(directory, "top", job_settings(cfg, drop=("features_dir",), features=manifest["fingerprint"],
+                                                    learning_rate=cfg.learning_rate or default_learning_rate("top")),
+                      cfg.overwrite)
     if reused:
         return reused
     # The weights the exported model will carry must be the ones the features came from:
@@ -297,7 +314,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         raise UserError(f"--top-model {top_path} is a {meta['kind']} model; fine-tuning starts from a train_top model")
     output_dir = output_dir or storage.parent(storage.parent(storage.absolute(top_path)))
     directory = job_dir(output_dir, "finetune_cached" if cfg.cache_block4 else "finetune")
-    reused = _prepare(directory, cfg.overwrite)
+    manifest, index = _finetune_data(cfg, meta)
+    data_input = manifest["fingerprint"] if manifest else index.fingerprint()
+    recorded = job_settings(cfg, drop=("top_model", "data_dir"), data=data_input,
+                            top_model_sha256=hashlib.sha256(storage.read_bytes(top_path)).hexdigest(),
+                            learning_rate=cfg.learning_rate or default_learning_rate("finetune"))
+    reused = _prepare(directory, "finetune", recorded, cfg.overwrite)
     if reused:
         return reused
     top_model, _ = load_classifier(top_path)
@@ -321,7 +343,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     if cfg.cache_block4:
         features_dir = meta.get("features_dir")
-        manifest = ensure_block4_cache(features_dir)
         block4_shape = tuple(manifest["block4"]["shape"])
         cache = storage.join(features_dir, manifest["block4"]["dir"])
         # Shards already mix the classes (extraction writes rows in a seeded random order): a
@@ -352,15 +373,29 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                         features_dir=features_dir)
         return _train_export_evaluate("finetune", cfg, settings, datasets, directory, export, metadata, rows)
 
-    data_dir = cfg.data_dir or meta["data_dir"]
-    layout = meta.get("layout", cfg.layout) if cfg.data_dir is None else cfg.layout
-    fraction = meta.get("validation_fraction", cfg.validation_fraction) if cfg.data_dir is None else cfg.validation_fraction
-    index = discover(data_dir, layout, fraction, cfg.max_images_per_class)
-    if index.classes != classes:
-        raise DataError(f"the top model knows classes {classes} but {data_dir} has {index.classes}")
     extras = {"base_weights": ray.put(base_weights), "top_weights": ray.put(top.get_weights())}
-    metadata.update(data_dir=storage.absolute(data_dir), layout=layout, validation_fraction=fraction)
+    metadata.update(data_dir=storage.absolute(index.root), layout=index.layout,
+                    validation_fraction=_data_options(cfg, meta)[2])
     return _image_job("finetune", cfg, index, directory, image_size, precision, metadata, extras, image_model)
+
+
+def _finetune_data(cfg: FinetuneConfig, meta: dict[str, Any]) -> tuple[dict[str, Any] | None, DatasetIndex | None]:
+    """What fine-tuning trains on: the top model's feature folder with its block-4 cache (its
+    manifest), or the image files (their index: ``--data-dir``, else the top model's data)."""
+    if cfg.cache_block4:
+        return ensure_block4_cache(meta.get("features_dir")), None
+    data_dir, layout, fraction = _data_options(cfg, meta)
+    index = discover(data_dir, layout, fraction, cfg.max_images_per_class)
+    if index.classes != meta["classes"]:
+        raise DataError(f"the top model knows classes {meta['classes']} but {data_dir} has {index.classes}")
+    return None, index
+
+
+def _data_options(cfg: FinetuneConfig, meta: dict[str, Any]) -> tuple[str, str, float]:
+    """(data root, layout, validation fraction): ``--data-dir``'s, else those the top model was trained on."""
+    if cfg.data_dir is not None:
+        return cfg.data_dir, cfg.layout, cfg.validation_fraction
+    return meta["data_dir"], meta.get("layout", cfg.layout), meta.get("validation_fraction", cfg.validation_fraction)
 
 
 def ensure_block4_cache(features_dir: str | None) -> dict[str, Any]:
@@ -378,7 +413,7 @@ def ensure_block4_cache(features_dir: str | None) -> dict[str, Any]:
 
 
 def train_scratch(cfg: ScratchConfig) -> dict[str, Any]:
-    """Train the seed's small CNN from scratch on augmented images."""
+    """Train the reference article's small CNN from scratch on augmented images."""
     from pipeline import models
     from pipeline.synthetic import NOTE, default_data_dir, is_synthetic
 
@@ -388,10 +423,12 @@ def train_scratch(cfg: ScratchConfig) -> dict[str, Any]:
         print(f"note: {NOTE}")
     output_dir = cfg.output_dir or os.path.join("outputs", run_name(data_dir))
     directory = job_dir(output_dir, "scratch")
-    reused = _prepare(directory, cfg.overwrite)
+    index = discover(data_dir, cfg.layout, cfg.validation_fraction, cfg.max_images_per_class)
+    settings = job_settings(cfg, drop=("data_dir",), data=index.fingerprint(),
+                            learning_rate=cfg.learning_rate or default_learning_rate("scratch"))
+    reused = _prepare(directory, "scratch", settings, cfg.overwrite)
     if reused:
         return reused
-    index = discover(data_dir, cfg.layout, cfg.validation_fraction, cfg.max_images_per_class)
     precision = cfg.precision
     metadata = {"weights": None, "preprocessing": "unit",
                 "data_dir": storage.absolute(data_dir), "layout": cfg.layout,

@@ -218,7 +218,12 @@ def load_weight_arrays(source: WeightsSource, image_size: int) -> list[np.ndarra
         raise WeightsError(f"VGG16 needs images of at least 32 pixels; got {image_size}")
     if source.path is None:
         return None
-    return read_vgg16_weights(source.path)
+    arrays = read_vgg16_weights(source.path)
+    if source.preprocessing == "caffe":
+        # Caffe-style weights expect BGR input: reversing the first kernel's input channels
+        # makes them take RGB, so the model needs no channel flip of its own.
+        arrays[0] = np.ascontiguousarray(arrays[0][:, :, ::-1, :])
+    return arrays
 
 
 def read_vgg16_weights(path: str) -> list[np.ndarray]:

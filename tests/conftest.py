@@ -29,7 +29,8 @@ def ray_cluster():
 def real_images(split: str, cls: str, count: int, start: int = 0) -> list[str]:
     """Paths of ``count`` real photos of one class from the shared data set."""
     if not os.path.isdir(REAL_DATA):
-        pytest.skip(f"shared data set not found at {REAL_DATA}")
+        # A missing data set must fail the run: skipped, most of the suite would pass without testing.
+        pytest.fail(f"shared data set not found at {REAL_DATA}; the tests need ../shared/data/cats_vs_dogs_small")
     folder = os.path.join(REAL_DATA, split, cls)
     names = sorted(os.listdir(folder))[start:start + count]
     return [os.path.join(folder, n) for n in names]

@@ -128,6 +128,26 @@ def test_kaggle_flat_layout(ray_cluster, tmp_path):
     assert all(kaggle_split(p, 0.3) == "validation" for p in val)
 
 
+def test_an_extraction_with_other_settings_or_inputs_is_refused_naming_them(ray_cluster, real_root, tmp_path):
+    out = str(tmp_path / "out")
+
+    def extract(root=real_root, **changes):
+        return run_extraction(ExtractConfig(**{"data_dir": root, "output_dir": out, "weights": "none",
+                                               "precision": "float32", "max_images_per_class": 2, "image_size": 32,
+                                               **changes}))
+
+    first = extract()
+    assert first["settings"]["image_size"] == 32 and extract()["created_at"] == first["created_at"]
+    with pytest.raises(OutputError, match=r"holds an extraction made with other settings.*image_size: 32 → 64"):
+        extract(image_size=64)
+    # The same settings over changed files: a new photo under the data root changes the inputs.
+    changed = tmp_path / "root"
+    shutil.copytree(real_root, changed)
+    shutil.copyfile(real_images("train", "cats", 1, start=20)[0], changed / "train" / "cats" / "a-new.jpg")
+    with pytest.raises(OutputError, match=r"other settings or inputs \(inputs: '\w+' → '\w+'\)"):
+        extract(root=str(changed))
+
+
 def test_interrupted_leftovers_are_never_reused(ray_cluster, real_root, tmp_path):
     out = tmp_path / "out"
     partial = tmp_path / "out.partial"
@@ -252,3 +272,19 @@ def test_help_lists_every_option(capsys):
 
     for f in dataclasses.fields(ExtractConfig):
         assert "--" + f.name.replace("_", "-") in text
+
+
+def test_caffe_preprocessing_in_built_in_layers_equals_bgr_minus_mean(tmp_path):
+    """Caffe-style weights take BGR minus the ImageNet mean. The model does it with a built-in
+    Normalization on RGB and the first kernel's input channels reversed; same features."""
+    from pipeline.models import CAFFE_MEAN_BGR, feature_extractor, vgg16_conv_base
+
+    path = weights.resolve_weights("torchvision").path
+    source = weights.resolve_weights(path)  # a weights file: caffe preprocessing by default
+    assert source.preprocessing == "caffe"
+    ours = feature_extractor(32, weights.load_weight_arrays(source, 32), "caffe", "float32")
+    reference = vgg16_conv_base(32)
+    reference.set_weights(weights.read_vgg16_weights(path))
+    images = np.stack([load_image(p, 32) for p in real_images("train", "cats", 2)]).astype(np.float32)
+    expected = reference.predict(images[..., ::-1] - np.array(CAFFE_MEAN_BGR, np.float32), verbose=0)
+    np.testing.assert_allclose(ours.predict(images, verbose=0), expected, rtol=1e-4, atol=1e-4)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 from pipeline.config import PredictConfig, RunAllConfig
@@ -12,6 +15,32 @@ from pipeline.runall import run_all
 from pipeline.synthetic import CLASSES, default_data_dir
 
 pytestmark = pytest.mark.timeout(900)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Loads a model file with plain Keras and its SavedModel with plain TensorFlow, in a process that
+# cannot import this project, on two photos decoded with Pillow alone.
+PLAIN_KERAS = """
+import sys
+import numpy as np
+
+class NoProject:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("pipeline", "jobs", "tests"):
+            raise ImportError(name + " is this project's: a model file must not need it")
+
+sys.meta_path.insert(0, NoProject())
+sys.path = [p for p in sys.path if p.rstrip("/") != REPO]
+import keras
+import tensorflow as tf
+from PIL import Image
+
+model_file, saved_model, out, *photos = sys.argv[1:]
+model = keras.saving.load_model(model_file)
+size = model.input_shape[1]
+images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size))) for p in photos]).astype(np.uint8)
+served = tf.saved_model.load(saved_model).serve(images).numpy()
+np.savez(out, images=images, keras=model.predict(images.astype(np.float32), verbose=0), served=served)
+""".replace("REPO", repr(REPO))
 
 
 def test_run_all_on_the_builtin_data_then_predict_with_each_model(ray_cluster, tmp_path):
@@ -30,3 +59,19 @@ def test_run_all_on_the_builtin_data_then_predict_with_each_model(ray_cluster, t
                                                output=str(tmp_path / f"{kind}.csv"), precision="float32"))
         assert summary["num_images"] == 2 * 16 and summary["num_rejects"] == 0
         assert summary["evaluation"]["confusion_matrix"]["classes"] == list(CLASSES)
+        _same_predictions_without_the_project(os.path.join(out, kind), validation, tmp_path / f"{kind}.npz")
+
+
+def _same_predictions_without_the_project(job_dir: str, validation: str, result) -> None:
+    from pipeline.modelfile import load_classifier
+
+    photos = [os.path.join(validation, c, sorted(os.listdir(os.path.join(validation, c)))[0]) for c in CLASSES]
+    proc = subprocess.run([sys.executable, "-c", PLAIN_KERAS, os.path.join(job_dir, "model.keras"),
+                           os.path.join(job_dir, "saved_model"), str(result), *photos],
+                          cwd=str(result.parent), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain = np.load(result)
+    model, _ = load_classifier(os.path.join(job_dir, "model.keras"))
+    ours = model.predict(plain["images"].astype(np.float32), verbose=0)
+    np.testing.assert_allclose(plain["keras"], ours, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(plain["served"], ours, rtol=1e-5, atol=1e-6)

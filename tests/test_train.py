@@ -11,7 +11,7 @@ import pytest
 
 from pipeline import models
 from pipeline.config import ExtractConfig, FinetuneConfig, TrainTopConfig
-from pipeline.errors import UserError
+from pipeline.errors import ConfigError, OutputError, UserError
 from pipeline.extract import run_extraction
 from pipeline.train import LoopSettings, fit, load_checkpoint_weights, read_checkpoint_state
 
@@ -118,6 +118,35 @@ def test_train_top_job_writes_model_metrics_evaluation_and_curves(small_features
 
     model, _ = load_classifier(os.path.join(job, "model.keras"))
     assert model.input_shape == (None, 32, 32, 3) and model.output_shape == (None, 1)
+    # The full settings and the input's fingerprint are recorded with the model and the summary.
+    assert meta["settings"] == summary["settings"]
+    assert summary["settings"]["epochs"] == 2 and summary["settings"]["batch_size"] == 8
+    assert summary["settings"]["learning_rate"] == 1e-3 and summary["settings"]["dropout"] == 0.5
+    assert summary["settings"]["features"] == small_features["fingerprint"]
+
+
+def test_one_reuse_rule_for_training_jobs(small_features, tmp_path, capsys):
+    """Same settings: the finished model is reused. Other settings: refused, naming what differs."""
+    from pipeline.trainjobs import train_top
+
+    def run(**changes):
+        options = {"epochs": 1, "batch_size": 8, "precision": "float32", **changes}
+        return train_top(TrainTopConfig(features_dir=small_features["output_dir"], output_dir=str(tmp_path), **options))
+
+    first = run()
+    assert run() == first and "reusing finished top model" in capsys.readouterr().out
+    with pytest.raises(OutputError, match=r"holds a top run made with other settings.*epochs: 1 → 2.*--overwrite"):
+        run(epochs=2)
+    with pytest.raises(OutputError, match=r"learning_rate: 0\.001 → 0\.01"):
+        run(learning_rate=0.01)
+    assert run(epochs=2, overwrite=True)["epochs"] == 2
+
+
+def test_worker_counts_that_do_not_divide_the_batch_are_refused_naming_valid_ones():
+    with pytest.raises(ConfigError, match=r"--num-workers 3 does not divide --batch-size 32 .* use --num-workers 2 or 4, "
+                                          r"or --batch-size 30 or 33"):
+        TrainTopConfig(num_workers=3, batch_size=32)
+    assert TrainTopConfig(num_workers=4, batch_size=32).num_workers == 4
 
 
 def test_finetune_refuses_to_start_without_a_top_model(tmp_path):

@@ -1,0 +1,47 @@
+"""One rule for every job's output folder: the same settings and inputs reuse a finished result
+(or resume an unfinished one); anything else is refused with a message that names what differs.
+
+"Settings" are every option that changes what a job computes, plus fingerprints of its inputs
+(the files under a data root, a feature folder's manifest, a model file's bytes); where a
+job's outputs go and whether to overwrite them are not settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+from pipeline.errors import OutputError
+
+# Options that say where results go or how failures are retried, not what is computed.
+NOT_SETTINGS = frozenset({"output_dir", "overwrite", "max_failures", "gpu_wait_s"})
+
+
+def job_settings(cfg: Any, drop: tuple[str, ...] = (), **inputs: Any) -> dict[str, Any]:
+    """The settings of a job config, JSON-normalised: its options (less ``NOT_SETTINGS`` and
+    ``drop``, typically input paths whose fingerprint is given instead) plus ``inputs``."""
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SETTINGS and k not in drop}
+    return json.loads(json.dumps({**options, **inputs}, sort_keys=True))
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    """A short stable hash of settings."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def differences(recorded: dict[str, Any] | None, settings: dict[str, Any]) -> list[str]:
+    """``name: recorded → now`` for every setting that differs (all of them when none were recorded)."""
+    if recorded is None:
+        return ["settings: not recorded (made by an older version of this project)"]
+    return [f"{key}: {recorded.get(key)!r} → {settings.get(key)!r}"
+            for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
+
+
+def require_same(location: str, what: str, recorded: dict[str, Any] | None, settings: dict[str, Any]) -> None:
+    """Raise OutputError naming each difference when ``location``'s ``recorded`` settings are not ``settings``."""
+    diff = differences(recorded, settings)
+    if diff:
+        raise OutputError(f"{location} holds {what} made with other settings or inputs ({'; '.join(diff)}); "
+                          f"pass --overwrite to replace it, or choose another output folder")
