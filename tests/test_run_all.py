@@ -38,7 +38,8 @@ model_file, saved_model, out, *photos = sys.argv[1:]
 model = keras.saving.load_model(model_file)
 size = model.input_shape[1]
 images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size))) for p in photos]).astype(np.uint8)
-served = tf.saved_model.load(saved_model).serve(images).numpy()
+loaded = tf.saved_model.load(saved_model)  # kept: a collected SavedModel deletes the variables it serves with
+served = loaded.serve(images).numpy()
 np.savez(out, images=images, keras=model.predict(images.astype(np.float32), verbose=0), served=served)
 """.replace("REPO", repr(REPO))
 
