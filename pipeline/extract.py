@@ -457,6 +457,7 @@ def _extract(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, pl
         "inference": asdict(plan),
         "inference_actors": sink.tally["actors"],
         "decode_nodes": sink.tally["decode_nodes"],
+        "driver_node": ray.get_runtime_context().get_node_id()[:12],
         "config": asdict(cfg),
         "versions": library_versions(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -235,7 +235,8 @@ def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
         summary: dict[str, Any] = {"model": cfg.model, "kind": meta["kind"], "input": cfg.input, "output": final,
                                    "num_images": len(paths), "num_rejects": len(rejects),
                                    "precision": actors_precision(sink.tally["actors"], cfg.precision),
-                                   "inference_actors": sink.tally["actors"], "decode_nodes": sink.tally["decode_nodes"]}
+                                   "inference_actors": sink.tally["actors"], "decode_nodes": sink.tally["decode_nodes"],
+                                   "driver_node": ray.get_runtime_context().get_node_id()[:12]}
         labels = _true_labels(paths, classes) if paths else None
         if labels is not None:
             probs = np.stack([table.column(f"prob_{c}").to_numpy() for c in classes], axis=1)

@@ -91,13 +91,14 @@ def test_jobs_run_on_both_nodes_with_every_path_on_s3(two_nodes):
     manifest = json.loads(s3_read(aws, "runs", "r1/features/manifest.json"))
     actors = manifest["inference_actors"]
     # A pool of two one-GPU actors, so every actor that ran holds a GPU and sits on the only node
-    # that has them (on 12 photos one actor may take every batch); decoding also ran on the other.
+    # that has them (on 12 photos one actor may take every batch); the driver ran on the head.
     assert manifest["inference"]["actors"] == 2 and manifest["inference"]["num_gpus"] == 1.0
     assert actors and all(a["gpu_ids"] in (["0"], ["1"]) for a in actors), actors
     assert sum(a["rows"] for a in actors) == 4 * PER_CLASS
     gpu_node = {a["node"] for a in actors}
     assert len(gpu_node) == 1
-    assert set(manifest["decode_nodes"]) - gpu_node, manifest["decode_nodes"]
+    assert manifest["driver_node"] not in gpu_node and sum(manifest["decode_nodes"].values()) == 4 * PER_CLASS
+    assert set(manifest["decode_nodes"]) <= gpu_node | {manifest["driver_node"]}, manifest["decode_nodes"]
     assert all(a["precision"] in ("bfloat16", "float32") for a in actors)
     # Every photo exactly once, compared with the keys uploaded (not with the product's own listing).
     rows = [p for split in ("train", "validation") for p in _s3_table(aws, "runs", f"r1/features/{split}").column("path").to_pylist()]
@@ -128,7 +129,8 @@ def test_jobs_run_on_both_nodes_with_every_path_on_s3(two_nodes):
     leftovers = {f for f in _files_under(two_nodes["tmp"], skip=(os.path.join(two_nodes["tmp"], "ray"),))
                  if not re.fullmatch(scratch, f)}
     assert leftovers == set(), leftovers
-    assert set(os.listdir(two_nodes["home"])) - home_before - {".cache", ".keras"} == set()
+    # Libraries' own cache and config folders (Keras, matplotlib's font cache) are allowed there.
+    assert set(os.listdir(two_nodes["home"])) - home_before - {".cache", ".keras", ".config"} == set()
 
 
 def test_training_beside_another_cluster_keeps_to_its_own(two_nodes, tmp_path):
