@@ -169,6 +169,26 @@ def merge_tallies(write_returns: Iterable[dict[str, Counter[str]]]) -> dict[str,
             "decode_nodes": dict(sorted(nodes.items()))}
 
 
+class TallyingSink(Datasink):
+    """A Datasink whose write tasks return ``tally_batch`` counts, merged into ``self.tally`` at the end."""
+
+    tally: dict[str, Any] = {"actors": [], "decode_nodes": {}}
+
+    def on_write_complete(self, write_result) -> None:
+        self.tally = merge_tallies(write_result.write_returns)
+
+    @staticmethod
+    def empty_tally() -> dict[str, Counter[str]]:
+        """What a write task returns before it has written a batch."""
+        return {"actors": Counter(), "decode_nodes": Counter()}
+
+    @staticmethod
+    def count(tally: dict[str, Counter[str]], batch: dict[str, np.ndarray]) -> None:
+        """Add a written batch's rows to a write task's ``tally``."""
+        for key, counts in tally_batch(batch).items():
+            tally[key].update(counts)
+
+
 def actors_precision(actors: list[dict[str, Any]], requested: str) -> str:
     """The precision the inference actors ran at: theirs when they agree, ``mixed`` when they do not."""
     chosen = {a["precision"] for a in actors}
@@ -234,7 +254,7 @@ def write_rejects_part(staging: str, name: str, batch: dict[str, np.ndarray]) ->
     return ok
 
 
-class FeatureSink(Datasink):
+class FeatureSink(TallyingSink):
     """Writes each block's good rows into ``<split>/`` shards and its rejects into ``_rejects/``;
     with ``block4_dim`` also the block-4 cache into ``block4/<split>/``.
 
@@ -246,22 +266,17 @@ class FeatureSink(Datasink):
         self.staging = staging
         self.dim = dim
         self.block4_dim = block4_dim
-        self.tally: dict[str, Any] = {"actors": [], "decode_nodes": {}}
-
-    def on_write_complete(self, write_result) -> None:
-        self.tally = merge_tallies(write_result.write_returns)
 
     def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Counter[str]]:
         from ray.data.block import BlockAccessor
 
-        tally: dict[str, Counter[str]] = {"actors": Counter(), "decode_nodes": Counter()}
+        tally = self.empty_tally()
         for n, block in enumerate(blocks):
             batch = BlockAccessor.for_block(block).to_numpy()
             if len(batch["path"]) == 0:
                 continue
             name = f"part-{ctx.task_idx:05d}-{n:04d}.parquet"
-            for key, counts in tally_batch(batch).items():
-                tally[key].update(counts)
+            self.count(tally, batch)
             ok = write_rejects_part(self.staging, name, batch)
             splits = np.asarray([str(s) for s in batch["split"]])
             for split in sorted(set(splits[ok])):
@@ -383,7 +398,8 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
     settings = extraction_settings(cfg, index, weights)
 
     with storage.output_lock(output_dir):
-        if storage.is_complete(output_dir) and not cfg.overwrite:
+        complete = storage.is_complete(output_dir)
+        if complete and not cfg.overwrite:
             manifest = storage.read_json(storage.join(output_dir, storage.MANIFEST))
             require_same(output_dir, "an extraction", manifest.get("settings"), settings)
             if manifest.get("block4") or not cfg.cache_block4:
@@ -391,7 +407,7 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
                 return manifest
             # The same extraction plus the cache: redoing it replaces the folder with a superset.
             print(f"re-extracting {output_dir} to add the block-4 cache (--cache-block4)")
-        elif storage.exists(output_dir) and not storage.is_complete(output_dir) and not cfg.overwrite:
+        elif not complete and storage.exists(output_dir) and not cfg.overwrite:
             raise OutputError(f"{output_dir} exists but is not a finished extraction; pass --overwrite or choose another --output-dir")
         staging = output_dir.rstrip("/") + ".partial"
         storage.delete_dir(staging)  # leftovers of an interrupted run are never reused

@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import ray
-from ray.data import Datasink
 
 from pipeline import storage
 from pipeline.cluster import InferencePlan, configure_tensorflow_devices, pin_to_this_node
@@ -25,7 +24,7 @@ from pipeline.discover import check_root, discover_unlabeled, is_image_name
 from pipeline.errors import DataError, OutputError
 from pipeline.faults import maybe_kill
 from pipeline.extract import (REJECTS_FILE, actor_identity, actors_precision, collect_rejects, decoded_images,
-                              map_with_actors, merge_tallies, plan_inference, run_model_on_good_rows, tally_batch,
+                              map_with_actors, plan_inference, run_model_on_good_rows, TallyingSink,
                               write_rejects_part)
 
 PARTS_DIR = "predictions"
@@ -103,28 +102,23 @@ def prediction_schema(classes: list[str]) -> pa.Schema:
     return pa.schema(PREDICTION_BASE + [(f"prob_{c}", pa.float32()) for c in classes])
 
 
-class PredictionSink(Datasink):
+class PredictionSink(TallyingSink):
     """Writes each block's predictions to ``part-*.parquet`` and its undecodable files to ``_rejects/``."""
 
     def __init__(self, staging: str, classes: list[str]):
         self.staging = staging
         self.classes = classes
-        self.tally: dict[str, Any] = {"actors": [], "decode_nodes": {}}
-
-    def on_write_complete(self, write_result) -> None:
-        self.tally = merge_tallies(write_result.write_returns)
 
     def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Counter[str]]:
         from ray.data.block import BlockAccessor
 
-        tally: dict[str, Counter[str]] = {"actors": Counter(), "decode_nodes": Counter()}
+        tally = self.empty_tally()
         for n, block in enumerate(blocks):
             batch = BlockAccessor.for_block(block).to_numpy()
             if len(batch["relpath"]) == 0:
                 continue
             name = f"part-{ctx.task_idx:05d}-{n:04d}.parquet"
-            for key, counts in tally_batch(batch).items():
-                tally[key].update(counts)
+            self.count(tally, batch)
             ok = write_rejects_part(self.staging, name, batch)
             if ok.any():
                 storage.write_parquet(storage.join(self.staging, PARTS_DIR, name),
