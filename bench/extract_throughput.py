@@ -84,9 +84,9 @@ def main() -> None:
     print(f"1. seed's way (image_dataset_from_directory + predict, float32): {seed_rate:.1f} images/s over {n}")
 
     index = discover(args.data_dir)
-    files = {s: index.splits[s] for s in ("train", "validation")}
-    decoded = {s: np.stack([load_image(f.path, size) for f in fs]) for s, fs in files.items()}
-    labels = {s: np.array([f.label for f in fs], np.float32) for s, fs in files.items()}
+    files = {s: index.rows(s) for s in ("train", "validation")}
+    decoded = {s: np.stack([load_image(f["path"], size) for f in fs]) for s, fs in files.items()}
+    labels = {s: np.array([f["label"] for f in fs], np.float32) for s, fs in files.items()}
     feats_fast, rates = {}, []
     for s in decoded:
         feats_fast[s], rate = features(fast, decoded[s])

@@ -1,19 +1,23 @@
 """Finding image files and their labels under a data root: a local folder or any URI
 that ``pipeline.storage`` reads (``s3://bucket/photos``).
 
-Only paths are listed here (never pixels), so the driver's memory grows with the
-number of files, not with their contents. Each file's path is a local path or a full
-URI, so a decode task on any node of a cluster can open it.
+Only paths are listed here (never pixels), and they are held as Arrow columns (one
+string per file, no Python object per file), so the driver's memory grows with the
+total length of the paths and nothing else: about 60 bytes a file, 60 MB at a million.
+A file's full location is ``root`` joined with its ``relpath``, made where it is read.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import itertools
 import os
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import storage
 from pipeline.errors import DataError
@@ -21,49 +25,80 @@ from pipeline.errors import DataError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
 REQUIRED_SPLITS = ("train", "validation")
 OPTIONAL_SPLITS = ("test",)
-
-
-@dataclass(frozen=True)
-class LabeledFile:
-    """One image file: where it is, where it sits under the data root, its split and label."""
-
-    path: str
-    relpath: str
-    split: str
-    label: int
-    class_name: str
-    # size:mtime_ns when listed ("missing" for a broken link): what the extraction fingerprints.
-    stamp: str = ""
+# ``stamp`` is size:mtime_ns when listed ("missing" for a broken link): what tells a changed file.
+FILE_SCHEMA = pa.schema([("relpath", pa.string()), ("split", pa.string()), ("label", pa.int32()),
+                         ("class_name", pa.string()), ("stamp", pa.string())])
+# Listing is turned into Arrow this many files at a time, so Python strings never pile up.
+CHUNK_FILES = 8192
 
 
 @dataclass
 class DatasetIndex:
-    """Every image file of a data root, by split, with the sorted class names."""
+    """Every image file of a data root: one ``FILE_SCHEMA`` row per file, split by split in a
+    fixed order (class by class, then by path), and the sorted class names."""
 
     root: str
     layout: str
     classes: list[str]
-    splits: dict[str, list[LabeledFile]] = field(default_factory=dict)
+    files: pa.Table
+
+    @property
+    def split_names(self) -> list[str]:
+        """The splits present, in the order their files are listed."""
+        return list(dict.fromkeys(self.files.column("split").unique().to_pylist()))
+
+    def split(self, name: str) -> pa.Table:
+        """The files of one split."""
+        return self.files.filter(pc.equal(self.files.column("split"), name))
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Number of files per split and class."""
-        out = {}
-        for split, files in self.splits.items():
-            c = Counter(f.class_name for f in files)
-            out[split] = {name: c.get(name, 0) for name in self.classes}
-        return out
+        grouped = self.files.group_by(["split", "class_name"]).aggregate([("relpath", "count")]).to_pylist()
+        found = {(g["split"], g["class_name"]): g["relpath_count"] for g in grouped}
+        return {split: {name: found.get((split, name), 0) for name in self.classes} for split in self.split_names}
 
     def fingerprint(self) -> str:
-        """A hash of the classes and every file's split, path, label, size and modification time."""
-        h = hashlib.sha256(json.dumps([self.layout, self.classes]).encode())
-        for f in self.all_files():
-            h.update(f"{f.split}\0{f.relpath}\0{f.label}\0{f.stamp}\n".encode())
-        return h.hexdigest()
+        """A hash of the classes and every file's split, path, label and stamp."""
+        return fingerprint_files(self.files, (self.layout, self.classes))
 
-    def all_files(self) -> Iterator[LabeledFile]:
-        """Every file of every split, in a fixed order."""
-        for split in self.splits:
-            yield from self.splits[split]
+    def path(self, relpath: str) -> str:
+        """Where a file of the index is (a local path or a URI)."""
+        return storage.join(self.root, relpath)
+
+    def rows(self, split: str | None = None) -> list[dict[str, Any]]:
+        """The files (of one split, or all) as dicts with their full ``path``: for the small file
+        lists of training, never for a whole large root."""
+        table = self.files if split is None else self.split(split)
+        return [{**r, "path": self.path(r["relpath"])} for r in table.to_pylist()]
+
+
+def fingerprint_files(files: pa.Table, *extra: Any) -> str:
+    """A hash of ``extra`` and every column of ``files``, row by row."""
+    h = hashlib.sha256(repr(extra).encode())
+    for batch in files.to_batches(CHUNK_FILES):
+        for column in batch.columns:
+            h.update("\0".join(map(str, column.to_pylist())).encode() + b"\n")
+    return h.hexdigest()
+
+
+def columnar(rows: Iterable[tuple], schema: pa.Schema = FILE_SCHEMA) -> pa.Table:
+    """A table of ``schema`` from tuples in its column order, converted ``CHUNK_FILES`` at a time."""
+    chunks = []
+    rows = iter(rows)
+    while chunk := list(itertools.islice(rows, CHUNK_FILES)):
+        chunks.append(pa.Table.from_arrays([_column(c, f.type) for c, f in zip(zip(*chunk), schema)], schema=schema))
+    return pa.concat_tables(chunks) if chunks else schema.empty_table()
+
+
+def _column(values: tuple, type_: pa.DataType) -> pa.Array:
+    if type_ != pa.string():
+        return pa.array(values, type=type_)
+    # Strings go in as one joined buffer: pa.array() over Python strings keeps its builders'
+    # growth slack, which doubled the driver's memory for the paths of a million files.
+    encoded = [v.encode() for v in values]
+    offsets = np.zeros(len(encoded) + 1, np.int32)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    return pa.StringArray.from_buffers(len(encoded), pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded)))
 
 
 def is_image_name(name: str) -> bool:
@@ -71,17 +106,15 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def iter_image_files(root: str) -> Iterator[tuple[str, str, str]]:
-    """``(path, path relative to root, stamp)`` of every image file under ``root`` (a local path
-    or URI), recursively, sorted, hidden files and folders skipped.
+def iter_image_files(root: str) -> Iterator[tuple[str, str]]:
+    """``(path relative to root, stamp)`` of every image file under ``root`` (a local path or
+    URI), recursively, sorted, hidden files and folders skipped.
 
     Symlinks to files are listed even when broken, so that decoding records them as
     rejects rather than letting them vanish; a folder whose name ends in ``.jpg`` is
     a folder and is descended into, never listed.
     """
-    for rel, stamp in storage.walk_files(root):
-        if is_image_name(rel):
-            yield storage.join(root, rel), rel, stamp
+    return ((rel, stamp) for rel, stamp in storage.walk_files(root) if is_image_name(rel))
 
 
 def check_root(root: str) -> None:
@@ -89,22 +122,6 @@ def check_root(root: str) -> None:
     problem = storage.describe_problem(root, "folder")
     if problem:
         raise DataError(f"data folder {root!r} cannot be used: {problem}")
-
-
-def _class_dirs(split_dir: str) -> list[str]:
-    return storage.list_dirs(split_dir)
-
-
-def _limit(files: list[LabeledFile], max_per_class: int | None) -> list[LabeledFile]:
-    if max_per_class is None:
-        return files
-    seen: Counter[str] = Counter()
-    kept = []
-    for f in files:
-        if seen[f.class_name] < max_per_class:
-            seen[f.class_name] += 1
-            kept.append(f)
-    return kept
 
 
 def discover_splits(root: str, max_per_class: int | None = None) -> DatasetIndex:
@@ -119,7 +136,7 @@ def discover_splits(root: str, max_per_class: int | None = None) -> DatasetIndex
             f"(and optionally test), each with one folder per class; missing: {', '.join(missing)}; "
             f"found: {', '.join(found) or 'nothing'}. For a flat folder of cat.1.jpg-style files use --layout kaggle"
         )
-    class_sets = {s: _class_dirs(storage.join(root, s)) for s in present}
+    class_sets = {s: storage.list_dirs(storage.join(root, s)) for s in present}
     reference = class_sets["train"]
     for split, names in class_sets.items():
         if names != reference:
@@ -132,17 +149,18 @@ def discover_splits(root: str, max_per_class: int | None = None) -> DatasetIndex
             f"need at least two class folders under {storage.join(root, 'train')!r}; "
             f"found [{', '.join(reference)}]"
         )
-    index = DatasetIndex(root=root, layout="splits", classes=reference)
+
+    def rows() -> Iterator[tuple]:
+        for split in present:
+            for label, name in enumerate(reference):
+                listed = iter_image_files(storage.join(root, split, name))
+                for rel, stamp in itertools.islice(listed, max_per_class):
+                    yield f"{split}/{name}/{rel}", split, label, name, stamp
+
+    index = DatasetIndex(root=root, layout="splits", classes=reference, files=columnar(rows()))
     for split in present:
-        files = []
-        for label, name in enumerate(reference):
-            class_dir = storage.join(root, split, name)
-            for path, rel, stamp in iter_image_files(class_dir):
-                files.append(LabeledFile(path, "/".join((split, name, rel)), split, label, name, stamp))
-        files = _limit(files, max_per_class)
-        if not files:
+        if split not in index.split_names:
             raise DataError(f"split {split!r} under {root!r} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-        index.splits[split] = files
     _require_every_class(index)
     return index
 
@@ -170,36 +188,40 @@ def kaggle_split(relpath: str, validation_fraction: float) -> str:
 def discover_kaggle(root: str, validation_fraction: float, max_per_class: int | None = None) -> DatasetIndex:
     """Index Kaggle's flat layout (``cat.123.jpg``): label = file-name prefix, split by path hash."""
     check_root(root)
-    entries = []
-    unlabeled = []
-    for path, rel, stamp in iter_image_files(root):
-        label = _kaggle_label(rel)
-        if label:
-            entries.append((path, rel, label, stamp))
-        else:
-            unlabeled.append(rel)
+    unlabeled: list[str] = []
+
+    def rows() -> Iterator[tuple]:
+        for rel, stamp in iter_image_files(root):
+            label = _kaggle_label(rel)
+            if not label:
+                unlabeled.append(rel)
+            elif not unlabeled:
+                yield rel, kaggle_split(rel, validation_fraction), 0, label, stamp
+
+    files = columnar(rows())
     if unlabeled:
         raise DataError(
             f"--layout kaggle needs file names like 'cat.123.jpg' (label, dot, id); "
             f"{len(unlabeled)} file(s) have no label prefix, e.g. {unlabeled[0]!r}"
         )
-    if not entries:
+    if not len(files):
         raise DataError(f"data folder {root!r} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    classes = sorted({label for _, _, label, _ in entries})
+    classes = sorted(files.column("class_name").unique().to_pylist())
     if len(classes) < 2:
         raise DataError(f"need at least two classes; every file in {root!r} is labelled {classes[0]!r}")
-    label_of = {name: i for i, name in enumerate(classes)}
-    index = DatasetIndex(root=root, layout="kaggle", classes=classes)
-    by_split: dict[str, list[LabeledFile]] = {"train": [], "validation": []}
-    for path, rel, label, stamp in entries:
-        split = kaggle_split(rel, validation_fraction)
-        by_split[split].append(LabeledFile(path, rel, split, label_of[label], label, stamp))
-    for split, files in by_split.items():
-        files.sort(key=lambda f: (f.label, f.relpath))
-        files = _limit(files, max_per_class)
-        if not files:
+    labels = pc.index_in(files.column("class_name"), value_set=pa.array(classes)).cast(pa.int32())
+    files = files.set_column(2, "label", labels)
+    parts = []
+    for split in REQUIRED_SPLITS:
+        chosen = files.filter(pc.equal(files.column("split"), split)).sort_by([("label", "ascending"),
+                                                                              ("relpath", "ascending")])
+        if max_per_class is not None:
+            chosen = pa.concat_tables(chosen.filter(pc.equal(chosen.column("label"), i)).slice(0, max_per_class)
+                                      for i in range(len(classes)))
+        if not len(chosen):
             raise DataError(f"split {split!r} is empty; adjust --validation-fraction")
-        index.splits[split] = files
+        parts.append(chosen)
+    index = DatasetIndex(root=root, layout="kaggle", classes=classes, files=pa.concat_tables(parts))
     _require_every_class(index)
     return index
 
@@ -212,11 +234,14 @@ def discover(root: str, layout: str = "splits", validation_fraction: float = 0.2
     return discover_splits(root, max_per_class)
 
 
-def discover_unlabeled(root: str) -> list[tuple[str, str]]:
-    """``(path, path relative to root)`` of every image file under ``root`` (for prediction:
-    any nesting, no labels needed)."""
+UNLABELED_SCHEMA = pa.schema([("relpath", pa.string()), ("stamp", pa.string())])
+
+
+def discover_unlabeled(root: str) -> pa.Table:
+    """``relpath`` and ``stamp`` of every image file under ``root`` (for prediction: any nesting,
+    no labels needed)."""
     check_root(root)
-    files = [(path, rel) for path, rel, _ in iter_image_files(root)]
-    if not files:
+    files = columnar(iter_image_files(root), UNLABELED_SCHEMA)
+    if not len(files):
         raise DataError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root!r}")
     return files

@@ -2,7 +2,11 @@
 
 Output layout (``<output>/``)::
 
-    manifest.json          classes, counts, rejects, weights, preprocessing, precision, timings
+    manifest.json          classes, counts, rejects, weights, preprocessing, precision, timings,
+                           what the last run added, changed, removed and reused; written last:
+                           an output without it is unfinished (or being updated)
+    run.json               the settings every run into this output must share
+    ledger.parquet         every input file once: its stamp, its part, its reject reason if any
     rejects.parquet        path, split, reason, error of every file that could not be decoded
     train/part-*.parquet   path, label, class_name, features (fixed_size_list<float32>[H*W*C])
     validation/…, test/…
@@ -12,38 +16,38 @@ Output layout (``<output>/``)::
 ``features`` is a plain Arrow fixed-size list, so any Arrow reader opens it; its
 shape is ``manifest["feature_shape"]`` (``manifest["block4"]["shape"]`` for the cache).
 Rows are written in a seeded random order, so every shard mixes the classes.
+
+A run commits block by block (``pipeline.ledger``): an interrupted run is resumed by the
+next one with the same settings, and a rerun over a changed data root extracts only the
+added and changed files and drops the rows of removed ones.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
-import warnings
 from collections import Counter
 from dataclasses import asdict
 from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
-from ray.data import Datasink
 
-from pipeline import storage, vgg16
-from pipeline.cluster import (InferencePlan, configure_tensorflow_devices, inference_plan, pin_to_this_node,
-                              wait_for_gpus)
-from pipeline.config import ExtractConfig, InferenceOptions
-from pipeline.decode import decode_batch
-from pipeline.discover import DatasetIndex, discover
-from pipeline.errors import DataError, OutputError
-from pipeline.faults import maybe_kill
+from pipeline import ledger, storage, vgg16
+from pipeline.cluster import InferencePlan, configure_tensorflow_devices, pin_to_this_node
+from pipeline.config import ExtractConfig
+from pipeline.discover import OPTIONAL_SPLITS, REQUIRED_SPLITS, DatasetIndex, discover
+from pipeline.faults import maybe_fail
+from pipeline.inference import (TallyingSink, actor_identity, actors_precision, check_reject_fraction, decoded_images,
+                                map_with_actors,
+                                plan_inference, run_model_on_good_rows, write_args)
 from pipeline.precision import device_precision
-from pipeline.reuse import fingerprint, job_settings, require_same
+from pipeline.reuse import fingerprint, job_settings
 from pipeline.versions import library_versions
 from pipeline.weights import WeightsSource, load_weight_arrays, resolve_weights
 
-REJECTS_DIR = "_rejects"
 BLOCK4_DIR = "block4"
 # Only training rows get the mirrored copy: it is the augmentation of cached fine-tuning.
 FLIPPED_SPLIT = "train"
@@ -51,6 +55,7 @@ ROW_ORDER_SEED = 0
 REJECTS_FILE = "rejects.parquet"
 REJECT_SCHEMA = pa.schema([("path", pa.string()), ("split", pa.string()), ("reason", pa.string()),
                            ("error", pa.string())])
+SPLITS = list(REQUIRED_SPLITS + OPTIONAL_SPLITS)
 
 
 def feature_schema(dim: int, columns: Iterable[str] = ("features",)) -> pa.Schema:
@@ -59,140 +64,12 @@ def feature_schema(dim: int, columns: Iterable[str] = ("features",)) -> pa.Schem
                      + [(c, pa.list_(pa.float32(), dim)) for c in columns])
 
 
-def _decode_here(batch: dict[str, Any], image_size: int) -> dict[str, Any]:
-    out = decode_batch(batch, image_size)
-    out["decode_node"] = np.full(len(out["image"]), ray.get_runtime_context().get_node_id()[:12], dtype=object)
-    return out
-
-
-def decoded_images(rows: list[dict[str, Any]], image_size: int, batch_size: int, decode_cpus: float) -> ray.data.Dataset:
-    """A Ray dataset of ``rows`` (each with a ``path``) plus decoded ``image``, ``reason``, ``error``
-    and the ``decode_node`` that decoded it.
-
-    Decoding runs in parallel Ray tasks, one file at a time inside each batch, so a
-    bad file becomes a reject row instead of failing its block (unlike
-    ``ray.data.read_images``). Local paths are decoded on the driver's node, the only
-    one sure to have them; URIs anywhere.
-    """
-    blocks = max(1, math.ceil(len(rows) / batch_size))
-    ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    remote_args = {"num_cpus": decode_cpus, **(pin_to_this_node(rows[0]["path"]) if rows else {})}
-    # A ray_remote_args_fn keeps Ray Data from fusing decoding into the inference
-    # actors (it fuses ops whose remote args match), which would serialise decode
-    # and inference inside one process instead of overlapping them. Ray 2.60 (the
-    # pinned version) has no other switch for that; its deprecation notice is noise here.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
-        return ds.map_batches(_decode_here, fn_kwargs={"image_size": image_size}, batch_size=batch_size,
-                              batch_format="numpy", ray_remote_args_fn=lambda: remote_args)
-
-
-def find_rejects(rows: list[dict[str, Any]], image_size: int, batch_size: int) -> list[dict[str, str]]:
-    """Decode every row's file once with Ray Data and return the ones that fail (path, split, reason, error)."""
-    def reasons(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {k: batch[k] for k in ("relpath", "split", "reason", "error")}
-
-    ds = decoded_images(rows, image_size, batch_size, inference_plan(1).decode_cpus).map_batches(reasons, batch_format="numpy")
-    rejects = []
-    for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
-        bad = batch["reason"] != ""
-        rejects += [{"path": str(p), "split": str(s), "reason": str(r), "error": str(e)} for p, s, r, e in
-                    zip(batch["relpath"][bad], batch["split"][bad], batch["reason"][bad], batch["error"][bad])]
-    return sorted(rejects, key=lambda r: (r["split"], r["path"]))
-
-
-def map_with_actors(ds: ray.data.Dataset, actor_cls: type, constructor_kwargs: dict[str, Any],
-                    plan: InferencePlan, batch_size: int) -> ray.data.Dataset:
-    """Run ``actor_cls`` over ``ds`` in a pool of ``plan.actors`` actors, each built once."""
-    return ds.map_batches(
-        actor_cls,
-        fn_constructor_kwargs=constructor_kwargs,
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=plan.actors),
-        num_cpus=plan.num_cpus,
-        num_gpus=plan.num_gpus,
-    )
-
-
-def run_model_on_good_rows(predict_fn, images: np.ndarray, ok: np.ndarray, batch_size: int):
-    """Call ``predict_fn`` on the rows where ``ok`` only, padded to ``batch_size`` so TF never retraces.
-
-    Returns None when no row is ok; else the output array, or a list of arrays for a
-    model with several outputs.
-    """
-    good = images[ok]
-    if len(good) == 0:
-        return None
-    pad = (-len(good)) % batch_size
-    if pad:
-        good = np.concatenate([good, np.zeros((pad, *good.shape[1:]), good.dtype)])
-    chunks = [predict_fn(good[i:i + batch_size]) for i in range(0, len(good), batch_size)]
-    n = int(ok.sum())
-    if isinstance(chunks[0], (list, tuple)):
-        return [np.concatenate([np.asarray(c[k], dtype=np.float32) for c in chunks])[:n] for k in range(len(chunks[0]))]
-    return np.concatenate([np.asarray(c, dtype=np.float32) for c in chunks])[:n]
-
-
 def _rows_of(values: np.ndarray | None, ok: np.ndarray, dim: int) -> np.ndarray:
     """``(len(ok), dim)`` float32 rows: ``values`` flattened where ``ok``, zeros elsewhere."""
     out = np.zeros((len(ok), dim), dtype=np.float32)
     if values is not None:
         out[ok] = values.reshape(len(values), dim)
     return out
-
-
-def actor_identity(precision: str) -> str:
-    """Which node, process and GPUs an inference actor runs on, and the precision it chose, as JSON
-    (recorded in the manifest)."""
-    return json.dumps({"node": ray.get_runtime_context().get_node_id()[:12], "pid": os.getpid(),
-                       "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-                       "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "precision": precision},
-                      sort_keys=True)
-
-
-def tally_batch(batch: dict[str, np.ndarray]) -> dict[str, Counter[str]]:
-    """Rows of a written batch per inference actor and per decoding node (a sink's write result)."""
-    return {"actors": Counter(str(a) for a in batch["actor"]),
-            "decode_nodes": Counter(str(n) for n in batch["decode_node"])}
-
-
-def merge_tallies(write_returns: Iterable[dict[str, Counter[str]]]) -> dict[str, Any]:
-    """Rows per inference actor (with its node, GPUs and precision) and per decoding node,
-    from the sinks' write results."""
-    actors: Counter[str] = Counter()
-    nodes: Counter[str] = Counter()
-    for tally in write_returns:
-        actors.update(tally["actors"])
-        nodes.update(tally["decode_nodes"])
-    return {"actors": [{**json.loads(identity), "rows": rows} for identity, rows in sorted(actors.items())],
-            "decode_nodes": dict(sorted(nodes.items()))}
-
-
-class TallyingSink(Datasink):
-    """A Datasink whose write tasks return ``tally_batch`` counts, merged into ``self.tally`` at the end."""
-
-    tally: dict[str, Any] = {"actors": [], "decode_nodes": {}}
-
-    def on_write_complete(self, write_result) -> None:
-        self.tally = merge_tallies(write_result.write_returns)
-
-    @staticmethod
-    def empty_tally() -> dict[str, Counter[str]]:
-        """What a write task returns before it has written a batch."""
-        return {"actors": Counter(), "decode_nodes": Counter()}
-
-    @staticmethod
-    def count(tally: dict[str, Counter[str]], batch: dict[str, np.ndarray]) -> None:
-        """Add a written batch's rows to a write task's ``tally``."""
-        for key, counts in tally_batch(batch).items():
-            tally[key].update(counts)
-
-
-def actors_precision(actors: list[dict[str, Any]], requested: str) -> str:
-    """The precision the inference actors ran at: theirs when they agree, ``mixed`` when they do not."""
-    chosen = {a["precision"] for a in actors}
-    return chosen.pop() if len(chosen) == 1 else ("mixed" if chosen else requested)
 
 
 class FeatureActor:
@@ -221,7 +98,7 @@ class FeatureActor:
         self.identity = actor_identity(precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        maybe_kill("extract")
+        maybe_fail("extract")
         images = batch.pop("image")
         ok = batch["reason"] == ""
         outputs = run_model_on_good_rows(self.model.predict_on_batch, images, ok, self.batch_size)
@@ -239,31 +116,17 @@ class FeatureActor:
         return batch
 
 
-def write_rejects_part(staging: str, name: str, batch: dict[str, np.ndarray]) -> np.ndarray:
-    """Write a batch's undecodable rows to ``<staging>/_rejects/<name>``; return the mask of good rows."""
-    ok = np.array([r == "" for r in batch["reason"]], dtype=bool)
-    bad = ~ok
-    if bad.any():
-        splits = batch["split"][bad] if "split" in batch else np.full(int(bad.sum()), "")
-        storage.write_parquet(storage.join(staging, REJECTS_DIR, name), pa.table({
-            "path": [str(p) for p in batch["relpath"][bad]],
-            "split": [str(s) for s in splits],
-            "reason": [str(r) for r in batch["reason"][bad]],
-            "error": [str(e) for e in batch["error"][bad]],
-        }, schema=REJECT_SCHEMA))
-    return ok
-
-
 class FeatureSink(TallyingSink):
-    """Writes each block's good rows into ``<split>/`` shards and its rejects into ``_rejects/``;
-    with ``block4_dim`` also the block-4 cache into ``block4/<split>/``.
+    """Commits each block: its good rows into ``<split>/<part>.parquet`` (with ``block4_dim``
+    also the block-4 cache into ``block4/<split>/``), then its ledger entry, rejects included.
 
-    File names come from the write task's index, so a task that Ray retries after a
-    failure overwrites its own earlier files instead of adding duplicates.
+    Part names come from the run and the write task's index, so a task that Ray retries
+    after a failure overwrites its own earlier files instead of adding duplicates.
     """
 
-    def __init__(self, staging: str, dim: int, block4_dim: int | None = None):
-        self.staging = staging
+    def __init__(self, output: str, run_id: str, dim: int, block4_dim: int | None = None):
+        self.output = output
+        self.run_id = run_id
         self.dim = dim
         self.block4_dim = block4_dim
 
@@ -273,19 +136,20 @@ class FeatureSink(TallyingSink):
         tally = self.empty_tally()
         for n, block in enumerate(blocks):
             batch = BlockAccessor.for_block(block).to_numpy()
-            if len(batch["path"]) == 0:
+            if len(batch["relpath"]) == 0:
                 continue
-            name = f"part-{ctx.task_idx:05d}-{n:04d}.parquet"
+            part = ledger.part_name(self.run_id, ctx.task_idx, n)
             self.count(tally, batch)
-            ok = write_rejects_part(self.staging, name, batch)
+            ok = batch["reason"] == ""
             splits = np.asarray([str(s) for s in batch["split"]])
             for split in sorted(set(splits[ok])):
                 rows = ok & (splits == split)
-                self._write(storage.join(self.staging, split, name), batch, rows, self.dim, ["features"])
+                self._write(storage.join(self.output, split, f"{part}.parquet"), batch, rows, self.dim, ["features"])
                 if self.block4_dim is not None:
                     columns = ["block4", "block4_flipped"] if split == FLIPPED_SPLIT else ["block4"]
-                    self._write(storage.join(self.staging, BLOCK4_DIR, split, name), batch, rows, self.block4_dim,
-                                columns)
+                    self._write(storage.join(self.output, BLOCK4_DIR, split, f"{part}.parquet"), batch, rows,
+                                self.block4_dim, columns)
+            ledger.write_entry(self.output, part, batch)
         return tally
 
     @staticmethod
@@ -318,15 +182,15 @@ def features_as_array(table: pa.Table, shape: Iterable[int]) -> np.ndarray:
     return list_rows(table.column("features")).reshape(len(table), *shape).astype(np.float32, copy=False)
 
 
-def extraction_settings(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource) -> dict[str, Any]:
-    """What decides an extraction's output: its options (the requested precision: with "auto" each
-    actor chooses from its device, and the same request on other hardware is the same extraction),
-    the weights' checksum and the files under the data root. The block-4 cache is not among them:
-    an output with it is a superset of one without."""
+def extraction_settings(cfg: ExtractConfig, weights: WeightsSource) -> dict[str, Any]:
+    """What decides an extraction's rows: its options (the requested precision: with "auto" each
+    actor chooses from its device, and the same request on other hardware is the same extraction)
+    and the weights' checksum. The files under the data root are not among them: a rerun over
+    changed files updates the output. Nor is the block-4 cache: an output with it is a superset
+    of one without."""
     return job_settings(cfg, drop=("data_dir", "weights", "cache_block4", "workers", "gpus", "batch_size",
-                                   "max_reject_fraction"),
-                        weights_sha256=weights.sha256, preprocessing=weights.preprocessing,
-                        inputs=index.fingerprint())
+                                   "block_files", "max_reject_fraction"),
+                        weights_sha256=weights.sha256, preprocessing=weights.preprocessing)
 
 
 def run_name(data_dir: str) -> str:
@@ -334,56 +198,31 @@ def run_name(data_dir: str) -> str:
     return storage.basename(data_dir)
 
 
-def plan_inference(options: InferenceOptions) -> InferencePlan:
-    """The actor pool for ``options``; with ``--gpus``, once the cluster has those GPUs."""
-    if options.gpus:
-        wait_for_gpus(options.gpus, options.gpu_wait_s)
-    return inference_plan(options.workers, options.gpus)
-
-
 def default_output_dir(data_dir: str) -> str:
     """``outputs/<name of the data folder>/features``."""
     return os.path.join("outputs", run_name(data_dir), "features")
 
 
-def collect_rejects(staging: str, target: str | None = None) -> pa.Table:
-    """Merge the ``_rejects/`` parts of a staging folder into one sorted table written to ``target``
-    (default ``<staging>/rejects.parquet``) and remove the parts."""
-    table = storage.read_parquet_files(storage.list_parquet(storage.join(staging, REJECTS_DIR)))
-    if table is None:
-        table = REJECT_SCHEMA.empty_table()
-    table = table.sort_by([("split", "ascending"), ("path", "ascending")])
-    storage.write_parquet(target or storage.join(staging, REJECTS_FILE), table)
-    storage.delete_dir(storage.join(staging, REJECTS_DIR))
-    return table
-
-
-def _audit(staging: str, index: DatasetIndex, rejects: pa.Table, block4: bool) -> dict[str, dict[str, int]]:
-    """Check that every listed file is in exactly one place (a shard or the rejects), in the
-    block-4 cache too when there is one; count per class."""
-    counts: dict[str, dict[str, int]] = {}
-    rejected = {(s, p) for s, p in zip(rejects.column("split").to_pylist(), rejects.column("path").to_pylist())}
-    for split, files in index.splits.items():
-        expected = {f.relpath for f in files} - {p for s, p in rejected if s == split}
-        for folder in [split] + ([storage.join(BLOCK4_DIR, split)] if block4 else []):
-            table = read_split(staging, folder, columns=["path", "class_name"])
-            paths = table.column("path").to_pylist() if table is not None else []
-            if len(paths) != len(set(paths)) or set(paths) != expected:
-                dupes = len(paths) - len(set(paths))
-                lost = len(expected - set(paths))
-                raise RuntimeError(f"extraction of {folder!r} is inconsistent: {dupes} duplicated and {lost} lost rows")
-            if folder == split:  # the cache holds the same paths, hence the same counts
-                names = table.column("class_name").to_pylist() if table is not None else []
-                counts[split] = {c: names.count(c) for c in index.classes}
-    return counts
+def _begin(output_dir: str, settings: dict[str, Any], cfg: ExtractConfig) -> tuple[dict[str, Any] | None, bool]:
+    """(the finished manifest, if any; whether to write the block-4 cache) for a run into
+    ``output_dir``, after refusing an output made with other settings."""
+    record, manifest = ledger.open_output(output_dir, "an extraction", settings, cfg.overwrite)
+    if record is None:
+        return None, cfg.cache_block4
+    if cfg.cache_block4 and not record["cache_block4"]:
+        # The same extraction plus the cache: redoing it replaces the folder with a superset.
+        print(f"re-extracting {output_dir} to add the block-4 cache (--cache-block4)")
+        storage.delete_dir(output_dir)
+        return None, True
+    return manifest, record["cache_block4"]
 
 
 def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
-    """Extract features for every image of the data root and return the manifest.
+    """Extract features for every image of the data root into ``cfg.output_dir``; return the manifest.
 
-    Reuses a finished extraction with the same settings (options, weights, and the size and
-    modification time of every input file) and refuses one with other settings, naming them,
-    unless ``cfg.overwrite``.
+    A finished output with the same settings is reused when the data root is unchanged and
+    updated when it changed; an unfinished one is resumed; one with other settings is
+    refused, naming them, unless ``cfg.overwrite``.
     """
     from pipeline.synthetic import NOTE, default_data_dir, is_synthetic
 
@@ -394,88 +233,95 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
         print(f"note: {NOTE}")
     output_dir = cfg.output_dir or default_output_dir(data_dir)
     index = discover(data_dir, cfg.layout, cfg.validation_fraction, cfg.max_images_per_class)
+    listed_s = time.time() - started
+    print(f"listed {len(index.files)} files under {data_dir} in {listed_s:.1f}s")
     weights = resolve_weights(cfg.weights, cfg.preprocessing)
-    settings = extraction_settings(cfg, index, weights)
-
+    settings = extraction_settings(cfg, weights)
+    inputs = index.fingerprint()
     with storage.output_lock(output_dir):
-        complete = storage.is_complete(output_dir)
-        if complete and not cfg.overwrite:
-            manifest = storage.read_json(storage.join(output_dir, storage.MANIFEST))
-            require_same(output_dir, "an extraction", manifest.get("settings"), settings)
-            if manifest.get("block4") or not cfg.cache_block4:
-                print(f"reusing finished extraction in {output_dir} (same settings and inputs; --overwrite redoes it)")
-                return manifest
-            # The same extraction plus the cache: redoing it replaces the folder with a superset.
-            print(f"re-extracting {output_dir} to add the block-4 cache (--cache-block4)")
-        elif not complete and storage.exists(output_dir) and not cfg.overwrite:
-            raise OutputError(f"{output_dir} exists but is not a finished extraction; pass --overwrite or choose another --output-dir")
-        staging = output_dir.rstrip("/") + ".partial"
-        storage.delete_dir(staging)  # leftovers of an interrupted run are never reused
-        manifest = _extract(cfg, index, weights, plan_inference(cfg), staging)
-        manifest.update(settings=settings, fingerprint=fingerprint(settings), synthetic=synthetic,
-                        data_dir=storage.absolute(data_dir), output_dir=output_dir)
+        previous, cache = _begin(output_dir, settings, cfg)
+        if previous is not None and previous.get("inputs") == inputs:
+            print(f"reusing finished extraction in {output_dir} (same settings and inputs; --overwrite redoes it)")
+            return previous
+        ledger.start(output_dir, {"settings": settings, "cache_block4": cache})
+        manifest = _extract(cfg, index, weights, output_dir, cache, previous)
+        manifest.update(settings=settings, inputs=inputs, fingerprint=fingerprint({**settings, "inputs": inputs}),
+                        synthetic=synthetic, data_dir=storage.absolute(data_dir), output_dir=output_dir,
+                        listing_s=round(listed_s, 2))
         manifest["elapsed_s"] = round(time.time() - started, 2)
-        manifest["images_per_s"] = round(manifest["num_images"] / max(manifest["elapsed_s"], 1e-9), 2)
-        storage.write_json(storage.join(staging, storage.MANIFEST), manifest)
-        storage.commit_dir(staging, output_dir)
+        manifest["images_per_s"] = round(manifest["processed"] / max(manifest["elapsed_s"], 1e-9), 2)
+        storage.write_json(storage.join(output_dir, storage.MANIFEST), manifest)
     return manifest
 
 
-def _extract(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, plan: InferencePlan,
-             staging: str) -> dict[str, Any]:
-    shape = vgg16.feature_shape(cfg.image_size)
-    dim = int(np.prod(shape))
-    block4_shape = vgg16.block4_shape(cfg.image_size)
-    files = list(index.all_files())
-    # Listed class by class, the files would make one-class shards; a seeded order mixes
-    # them, so a reader that streams shards (cached fine-tuning) needs no global shuffle.
-    order = np.random.default_rng(ROW_ORDER_SEED).permutation(len(files))
-    rows = [{"path": f.path, "relpath": f.relpath, "split": f.split, "label": f.label, "class_name": f.class_name}
-            for f in (files[i] for i in order)]
-    arrays = load_weight_arrays(weights, cfg.image_size)
-    ds = decoded_images(rows, cfg.image_size, cfg.batch_size, plan.decode_cpus)
-    ds = map_with_actors(ds, FeatureActor, {
-        "image_size": cfg.image_size, "weight_arrays": ray.put(arrays) if arrays is not None else None,
-        "preprocessing": weights.preprocessing, "precision": cfg.precision, "batch_size": cfg.batch_size,
-        "cache_block4": cfg.cache_block4,
-    }, plan, cfg.batch_size)
-    storage.make_dir(staging)
-    sink = FeatureSink(staging, dim, int(np.prod(block4_shape)) if cfg.cache_block4 else None)
-    ds.write_datasink(sink, ray_remote_args=pin_to_this_node(staging))
-    rejects = collect_rejects(staging)
-    total = len(rows)
-    if len(rejects) > cfg.max_reject_fraction * total or len(rejects) == total:
-        sample = "; ".join(f"{p} ({r})" for p, r in zip(rejects.column("path").to_pylist()[:5],
-                                                       rejects.column("reason").to_pylist()[:5]))
-        storage.delete_dir(staging)
-        raise DataError(
-            f"{len(rejects)} of {total} files could not be decoded, more than --max-reject-fraction "
-            f"{cfg.max_reject_fraction}; e.g. {sample}"
-        )
-    counts = _audit(staging, index, rejects, cfg.cache_block4)
+def _extract(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, output: str, cache: bool,
+             previous: dict[str, Any] | None) -> dict[str, Any]:
+    """Bring ``output`` up to date with ``index``: drop what is stale, extract what is missing,
+    audit, and return the manifest (less the settings)."""
+    folders = SPLITS + ([storage.join(BLOCK4_DIR, s) for s in SPLITS] if cache else [])
+    live, update, done = ledger.refresh(
+        output, index.files, folders, "updating extraction" if previous else "resuming extraction",
+        lambda todo, run_id: _infer(cfg, index.root, todo, weights, output, cache, run_id))
+    plan, tally = done or (None, TallyingSink.tally)
+    rejects, counts = _audit(output, index, live, cache)
+    check_reject_fraction(rejects, len(index.files), cfg.max_reject_fraction,
+                          "The output stays unfinished: fix or remove the files and rerun (only they are redone), "
+                          "or raise --max-reject-fraction")
+    storage.write_parquet(storage.join(output, REJECTS_FILE), rejects)
+    ledger.consolidate(output, live)
+    shape, block4_shape = vgg16.feature_shape(cfg.image_size), vgg16.block4_shape(cfg.image_size)
     return {
-        "kind": "features",
-        "classes": index.classes,
-        "layout": index.layout,
-        "counts": counts,
-        "num_images": sum(sum(c.values()) for c in counts.values()),
-        "num_rejects": len(rejects),
+        "kind": "features", "classes": index.classes, "layout": index.layout, "counts": counts,
+        "num_images": sum(sum(c.values()) for c in counts.values()), "num_rejects": len(rejects),
         "rejects_by_reason": dict(Counter(rejects.column("reason").to_pylist())),
-        "image_size": cfg.image_size,
-        "weights": {"source": weights.name, "sha256": weights.sha256},
+        "update": update.counts, "processed": tally["rows"],
+        "image_size": cfg.image_size, "weights": {"source": weights.name, "sha256": weights.sha256},
         "preprocessing": weights.preprocessing,
-        "precision": actors_precision(sink.tally["actors"], cfg.precision),
+        "precision": actors_precision(tally["actors"], (previous or {}).get("precision", cfg.precision)),
         "precision_requested": cfg.precision,
-        "feature_shape": list(shape),
-        "feature_column": f"fixed_size_list<float32>[{dim}]",
+        "feature_shape": list(shape), "feature_column": f"fixed_size_list<float32>[{int(np.prod(shape))}]",
         "block4": {"dir": BLOCK4_DIR, "shape": list(block4_shape), "flipped_split": FLIPPED_SPLIT,
-                   "columns": ["block4", "block4_flipped"]} if cfg.cache_block4 else None,
-        "inference": asdict(plan),
-        "inference_actors": sink.tally["actors"],
-        "decode_nodes": sink.tally["decode_nodes"],
-        "driver_node": ray.get_runtime_context().get_node_id()[:12],
-        "config": asdict(cfg),
-        "versions": library_versions(),
+                   "columns": ["block4", "block4_flipped"]} if cache else None,
+        "inference": asdict(plan) if plan else None, "inference_actors": tally["actors"],
+        "decode_nodes": tally["decode_nodes"], "driver_node": ray.get_runtime_context().get_node_id()[:12],
+        "config": asdict(cfg), "versions": library_versions(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
+
+def _infer(cfg: ExtractConfig, root: str, todo: pa.Table, weights: WeightsSource, output: str, cache: bool,
+           run_id: str) -> tuple[InferencePlan, dict[str, Any]]:
+    """Decode and run VGG16 over the ``todo`` files, committing block by block into ``output``."""
+    plan = plan_inference(cfg)
+    # Listed class by class, the files would make one-class shards; a seeded order mixes
+    # them, so a reader that streams shards (cached fine-tuning) needs no global shuffle.
+    order = np.random.default_rng(ROW_ORDER_SEED).permutation(len(todo))
+    # The weights (59 MB) go into the object store from a task on this node, not from the
+    # driver, whose memory stays that of the paths.
+    arrays = ray.remote(load_weight_arrays).options(num_cpus=0, **pin_to_this_node(".")).remote(weights, cfg.image_size)
+    ds = decoded_images(todo, root, cfg.image_size, plan.decode_cpus, cfg.block_files, order)
+    ds = map_with_actors(ds, FeatureActor, {
+        "image_size": cfg.image_size, "weight_arrays": arrays,
+        "preprocessing": weights.preprocessing, "precision": cfg.precision, "batch_size": cfg.batch_size,
+        "cache_block4": cache,
+    }, plan, cfg.batch_size)
+    dim, block4_dim = (int(np.prod(s)) for s in (vgg16.feature_shape(cfg.image_size), vgg16.block4_shape(cfg.image_size)))
+    sink = FeatureSink(output, run_id, dim, block4_dim if cache else None)
+    ds.write_datasink(sink, ray_remote_args=write_args(output))
+    return plan, sink.tally
+
+
+def _audit(output: str, index: DatasetIndex, live: pa.Table, cache: bool) -> tuple[pa.Table, dict[str, dict[str, int]]]:
+    """Check that every decoded file of the ledger (which ``ledger.refresh`` checked against the
+    listing) is in exactly one shard, in the block-4 cache too when there is one; return the
+    rejects and the counts per split and class."""
+    folders = {split: split for split in index.split_names}
+    if cache:
+        folders.update({storage.join(BLOCK4_DIR, split): split for split in index.split_names})
+    ledger.check_shards(output, live, folders)
+    good = live.filter(pc.equal(live.column("reason"), ""))
+    kept = index.files.join(good.select(["relpath", "split"]), ["relpath", "split"], join_type="left semi")
+    grouped = kept.group_by(["split", "class_name"]).aggregate([("relpath", "count")]).to_pylist()
+    found = {(g["split"], g["class_name"]): g["relpath_count"] for g in grouped}
+    counts = {s: {c: found.get((s, c), 0) for c in index.classes} for s in index.split_names}
+    return ledger.rejects(live).cast(REJECT_SCHEMA), counts

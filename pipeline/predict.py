@@ -5,6 +5,7 @@ run by an actor pool (one actor per GPU, or fractional-CPU actors), the model lo
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import os
 import re
@@ -17,15 +18,15 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import ray
 
-from pipeline import storage
-from pipeline.cluster import InferencePlan, configure_tensorflow_devices, pin_to_this_node
+from pipeline import ledger, storage
+from pipeline.cluster import InferencePlan, configure_tensorflow_devices
 from pipeline.config import OUTPUT_FILE_SUFFIXES, PredictConfig
-from pipeline.discover import check_root, discover_unlabeled, is_image_name
+from pipeline.discover import UNLABELED_SCHEMA, check_root, columnar, discover_unlabeled, is_image_name
 from pipeline.errors import DataError, OutputError
-from pipeline.faults import maybe_kill
-from pipeline.extract import (REJECTS_FILE, actor_identity, actors_precision, collect_rejects, decoded_images,
-                              map_with_actors, plan_inference, run_model_on_good_rows, TallyingSink,
-                              write_rejects_part)
+from pipeline.extract import REJECTS_FILE
+from pipeline.faults import maybe_fail
+from pipeline.inference import (BLOCK_ROWS, TallyingSink, actor_identity, actors_precision, decoded_images, map_with_actors,
+                                plan_inference, run_model_on_good_rows, write_args)
 
 PARTS_DIR = "predictions"
 
@@ -57,7 +58,7 @@ class ClassifierActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipeline.models import probabilities
 
-        maybe_kill("predict")
+        maybe_fail("predict")
         images = batch.pop("image")
         ok = batch["reason"] == ""
         out = np.full((len(images), self.num_classes), np.nan, dtype=np.float32)
@@ -69,11 +70,12 @@ class ClassifierActor:
         return batch
 
 
-def predictions_dataset(model_path: str, rows: list[dict[str, Any]], image_size: int, precision: str,
-                        plan: InferencePlan, batch_size: int) -> ray.data.Dataset:
-    """A dataset of ``rows`` plus ``probs``, ``reason`` and ``error`` (rows keep their other columns)."""
-    model_ref = ray.put(storage.read_bytes(model_path))
-    ds = decoded_images(rows, image_size, batch_size, plan.decode_cpus)
+def predictions_dataset(model: str | bytes, files: pa.Table, root: str, image_size: int, precision: str,
+                        plan: InferencePlan, batch_size: int, block_files: int = BLOCK_ROWS) -> ray.data.Dataset:
+    """A dataset of ``files`` (``relpath`` under ``root``, and any other columns, which rows keep)
+    plus ``probs``, ``reason`` and ``error``; ``model`` is a model file's location or bytes."""
+    model_ref = ray.put(model if isinstance(model, bytes) else storage.read_bytes(model))
+    ds = decoded_images(files, root, image_size, plan.decode_cpus, block_files)
     return map_with_actors(ds, ClassifierActor, {"model_bytes": model_ref, "precision": precision,
                                                  "batch_size": batch_size}, plan, batch_size)
 
@@ -103,10 +105,12 @@ def prediction_schema(classes: list[str]) -> pa.Schema:
 
 
 class PredictionSink(TallyingSink):
-    """Writes each block's predictions to ``part-*.parquet`` and its undecodable files to ``_rejects/``."""
+    """Commits each block: its predictions to ``predictions/<part>.parquet``, then its ledger entry
+    (undecodable files included)."""
 
-    def __init__(self, staging: str, classes: list[str]):
-        self.staging = staging
+    def __init__(self, output: str, run_id: str, classes: list[str]):
+        self.output = output
+        self.run_id = run_id
         self.classes = classes
 
     def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Counter[str]]:
@@ -117,12 +121,13 @@ class PredictionSink(TallyingSink):
             batch = BlockAccessor.for_block(block).to_numpy()
             if len(batch["relpath"]) == 0:
                 continue
-            name = f"part-{ctx.task_idx:05d}-{n:04d}.parquet"
+            part = ledger.part_name(self.run_id, ctx.task_idx, n)
             self.count(tally, batch)
-            ok = write_rejects_part(self.staging, name, batch)
+            ok = batch["reason"] == ""
             if ok.any():
-                storage.write_parquet(storage.join(self.staging, PARTS_DIR, name),
+                storage.write_parquet(storage.join(self.output, PARTS_DIR, f"{part}.parquet"),
                                       prediction_table(batch["relpath"][ok], np.stack(batch["probs"][ok]), self.classes))
+            ledger.write_entry(self.output, part, batch)
         return tally
 
 
@@ -137,23 +142,23 @@ def prediction_table(paths: Sequence[str], probs: np.ndarray, classes: list[str]
     return pa.table(columns, schema=prediction_schema(classes))
 
 
-def list_inputs(spec: str) -> tuple[str, list[tuple[str, str]]]:
-    """(root, [(path, path relative to root)]) for a folder (recursive) or a glob, local or URI;
-    paths in the output are relative to root."""
+def list_inputs(spec: str) -> tuple[str, pa.Table]:
+    """(root, files) for a folder (recursive) or a glob, local or URI: ``relpath`` (relative to
+    root) and ``stamp`` of every image file."""
     if not any(ch in spec for ch in "*?["):
         return spec, discover_unlabeled(spec)
     parts = spec.split("/")
     first = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
     root = "/".join(parts[:first]) or "."
     if storage.is_local(root):
-        files = sorted(p for p in glob.glob(spec, recursive=True) if is_image_name(p) and not os.path.isdir(p))
-        files = [(p, os.path.relpath(p, root)) for p in files]
+        found = sorted(p for p in glob.glob(spec, recursive=True) if is_image_name(p) and not os.path.isdir(p))
+        files = columnar(((os.path.relpath(p, root), storage.local_stamp(p)) for p in found), UNLABELED_SCHEMA)
     else:
         check_root(root)
         pattern = _glob_regex("/".join(parts[first:]))
-        files = [(storage.join(root, rel), rel) for rel, _ in storage.walk_files(root)
-                 if is_image_name(rel) and pattern.fullmatch(rel)]
-    if not files:
+        files = columnar(((rel, stamp) for rel, stamp in storage.walk_files(root)
+                          if is_image_name(rel) and pattern.fullmatch(rel)), UNLABELED_SCHEMA)
+    if not len(files):
         raise DataError(f"no image files match {spec!r}")
     return root, files
 
@@ -187,75 +192,114 @@ def _true_labels(paths: list[str], classes: list[str]) -> np.ndarray | None:
     return np.array(labels)
 
 
-def _output_targets(output: str) -> tuple[str, str, str]:
-    """(staging folder, final predictions location, final rejects file) for a file or folder output."""
+SUMMARY = "summary.json"
+
+
+def _output_targets(output: str) -> tuple[str, str, bool]:
+    """(folder the run commits into, final location, whether that is one file). A folder output
+    is its own work folder; a single file is assembled from ``<stem>.partial/`` at the end."""
     stripped = output.rstrip("/")
-    if output.lower().endswith(OUTPUT_FILE_SUFFIXES):
-        stem, _ = os.path.splitext(stripped)
-        return f"{stem}.partial", stripped, f"{stem}.rejects.parquet"
-    return f"{stripped}.partial", stripped, storage.join(stripped, REJECTS_FILE)
+    if stripped.lower().endswith(OUTPUT_FILE_SUFFIXES):
+        return f"{os.path.splitext(stripped)[0]}.partial", stripped, True
+    return stripped, stripped, False
+
+
+def _side_file(final: str, suffix: str) -> str:
+    """``<stem><suffix>`` beside a single-file output."""
+    return os.path.splitext(final)[0] + suffix
 
 
 def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
-    """Classify every image under ``cfg.input`` and write one row per decodable file; returns a summary."""
+    """Classify every image under ``cfg.input`` and write one row per decodable file; returns a summary.
+
+    Commits block by block: a rerun into the same output with the same model and input resumes
+    an interrupted run; into a finished folder output it predicts only the added and changed
+    files and drops the removed ones (a finished single file is replaced only with --overwrite).
+    """
+    from pipeline.discover import fingerprint_files
     from pipeline.modelfile import read_metadata
-    from pipeline.report import evaluate
 
     started = time.time()
     meta = read_metadata(cfg.model)
-    classes = meta["classes"]
-    _, files = list_inputs(cfg.input)
-    rows = [{"path": p, "relpath": rel} for p, rel in files]
-    plan = plan_inference(cfg)
-    staging, final, rejects_target = _output_targets(cfg.output)
-    single_file = final.lower().endswith(OUTPUT_FILE_SUFFIXES)
-    if storage.exists(final) and not cfg.overwrite:
-        raise OutputError(f"{final} exists; pass --overwrite to replace it")
+    root, files = list_inputs(cfg.input)
+    files = files.append_column("split", pa.array([""] * len(files), pa.string()))
+    model = storage.read_bytes(cfg.model)
+    settings = {"model_sha256": hashlib.sha256(model).hexdigest(), "input": storage.absolute(cfg.input),
+                "precision": cfg.precision}
+    inputs = fingerprint_files(files)
+    work, final, single = _output_targets(cfg.output)
     with storage.output_lock(final):
-        storage.delete_dir(staging)  # never reuse what an interrupted run half-wrote
-        storage.make_dir(staging)
-        ds = predictions_dataset(cfg.model, rows, meta["image_size"], cfg.precision, plan, cfg.batch_size)
-        sink = PredictionSink(staging, classes)
-        ds.write_datasink(sink, ray_remote_args=pin_to_this_node(staging))
-        table = storage.read_parquet_files(storage.list_parquet(storage.join(staging, PARTS_DIR)))
-        table = (table if table is not None else prediction_schema(classes).empty_table()).sort_by("path")
-        rejects = collect_rejects(staging).drop_columns(["split"])
-        storage.write_parquet(storage.join(staging, REJECTS_FILE), rejects)
-        paths = table.column("path").to_pylist()
-        done = set(paths) | set(rejects.column("path").to_pylist())
-        if len(paths) != len(set(paths)) or done != {r["relpath"] for r in rows}:
-            raise RuntimeError(f"prediction output is inconsistent: {len(paths) - len(set(paths))} duplicated, "
-                               f"{len(rows) - len(done)} lost rows")
-        summary: dict[str, Any] = {"model": cfg.model, "kind": meta["kind"], "input": cfg.input, "output": final,
-                                   "num_images": len(paths), "num_rejects": len(rejects),
-                                   "precision": actors_precision(sink.tally["actors"], cfg.precision),
-                                   "inference_actors": sink.tally["actors"], "decode_nodes": sink.tally["decode_nodes"],
-                                   "driver_node": ray.get_runtime_context().get_node_id()[:12]}
-        labels = _true_labels(paths, classes) if paths else None
-        if labels is not None:
-            probs = np.stack([table.column(f"prob_{c}").to_numpy() for c in classes], axis=1)
-            summary["evaluation"] = evaluate(labels, probs, classes)
-        _commit(staging, final, rejects_target, table, single_file)
-    elapsed = time.time() - started
-    summary.update(elapsed_s=round(elapsed, 2), images_per_s=round(len(rows) / max(elapsed, 1e-9), 2))
-    summary_path = (os.path.splitext(final)[0] + ".summary.json") if single_file else storage.join(final, "summary.json")
-    storage.write_json(summary_path, summary)
+        if single and storage.exists(final) and not cfg.overwrite:
+            raise OutputError(f"{final} exists; pass --overwrite to replace it")
+        record, finished = ledger.open_output(work, "a prediction", settings, cfg.overwrite, marker=SUMMARY)
+        if finished is not None and finished.get("inputs") == inputs:
+            print(f"reusing finished predictions in {final} (same model and inputs; --overwrite redoes them)")
+            return finished
+        ledger.start(work, {"settings": settings}, marker=SUMMARY)
+        live, update, done = ledger.refresh(
+            work, files, [PARTS_DIR], "updating predictions" if finished else "resuming predictions",
+            lambda todo, run_id: _predict(cfg, model, meta, todo, root, work, run_id))
+        tally = done or TallyingSink.tally
+        table, rejects = _check_predictions(work, live, meta["classes"])
+        summary = _summary(cfg, meta, final, table, rejects, tally)
+        summary.update(settings=settings, inputs=inputs, update=update.counts, processed=tally["rows"])
+        _commit(work, final, single, table, rejects, live)
+        elapsed = time.time() - started
+        summary.update(elapsed_s=round(elapsed, 2), images_per_s=round(tally["rows"] / max(elapsed, 1e-9), 2))
+        storage.write_json(_side_file(final, ".summary.json") if single else storage.join(final, SUMMARY), summary)
     return summary
 
 
-def _commit(staging: str, final: str, rejects_target: str, table: pa.Table, single_file: bool) -> None:
-    """Put the finished predictions in place; a single file is written whole, then renamed."""
-    if not single_file:
-        storage.commit_dir(staging, final)
+def _predict(cfg: PredictConfig, model: bytes, meta: dict[str, Any], todo: pa.Table, root: str, work: str,
+             run_id: str) -> dict[str, Any]:
+    """Run the classifier over the ``todo`` files, committing block by block into ``work``."""
+    ds = predictions_dataset(model, todo, root, meta["image_size"], cfg.precision, plan_inference(cfg), cfg.batch_size,
+                             cfg.block_files)
+    sink = PredictionSink(work, run_id, meta["classes"])
+    ds.write_datasink(sink, ray_remote_args=write_args(work))
+    return sink.tally
+
+
+def _check_predictions(work: str, live: pa.Table, classes: list[str]) -> tuple[pa.Table, pa.Table]:
+    """(every prediction sorted by path, the rejects), after checking that each decoded file of the
+    ledger has exactly one prediction."""
+    ledger.check_shards(work, live, {PARTS_DIR: ""})
+    table = storage.read_parquet_files(storage.list_parquet(storage.join(work, PARTS_DIR)))
+    table = (table if table is not None else prediction_schema(classes).empty_table()).sort_by("path")
+    return table, ledger.rejects(live).drop_columns(["split"])
+
+
+def _summary(cfg: PredictConfig, meta: dict[str, Any], final: str, table: pa.Table, rejects: pa.Table,
+             tally: dict[str, Any]) -> dict[str, Any]:
+    """What a prediction run tells: counts, who ran it, and the evaluation when folders name the classes."""
+    from pipeline.report import evaluate
+
+    classes = meta["classes"]
+    summary: dict[str, Any] = {"model": cfg.model, "kind": meta["kind"], "input": cfg.input, "output": final,
+                               "num_images": len(table), "num_rejects": len(rejects),
+                               "precision": actors_precision(tally["actors"], cfg.precision),
+                               "inference_actors": tally["actors"], "decode_nodes": tally["decode_nodes"],
+                               "driver_node": ray.get_runtime_context().get_node_id()[:12]}
+    paths = table.column("path").to_pylist()
+    labels = _true_labels(paths, classes) if paths else None
+    if labels is not None:
+        probs = np.stack([table.column(f"prob_{c}").to_numpy() for c in classes], axis=1)
+        summary["evaluation"] = evaluate(labels, probs, classes)
+    return summary
+
+
+def _commit(work: str, final: str, single: bool, table: pa.Table, rejects: pa.Table, live: pa.Table) -> None:
+    """Finish the output: a folder keeps its parts and ledger (for the next update); a single
+    file is written whole beside its rejects, and its work folder goes."""
+    if not single:
+        storage.write_parquet(storage.join(work, REJECTS_FILE), rejects)
+        ledger.consolidate(work, live)
         return
-    filesystem, path = storage.split_uri(final)
-    tmp = storage.join(staging, "output" + os.path.splitext(final)[1])
+    storage.write_parquet(_side_file(final, ".rejects.parquet"), rejects)
     if final.lower().endswith(".csv"):
         buf = io.BytesIO()
         pacsv.write_csv(table, buf)
-        storage.write_bytes(tmp, buf.getvalue())
+        storage.write_bytes(final, buf.getvalue())
     else:
-        storage.write_parquet(tmp, table)
-    storage.move_file(storage.join(staging, REJECTS_FILE), rejects_target)
-    storage.move_file(tmp, final)
-    storage.delete_dir(staging)
+        storage.write_parquet(final, table)
+    storage.delete_dir(work)

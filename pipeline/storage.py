@@ -7,10 +7,10 @@ same code as on a laptop. Credentials and endpoints come from the usual environm
 variables (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``…),
 which pyarrow reads itself.
 
-A run writes into ``<output>.partial``; only when everything is there does it move
-the folder to ``<output>`` (a rename on local disks; copy-then-delete on object stores,
-where the manifest, written last, is the commit marker). A ``<output>.lock`` file keeps
-two runs from writing the same output at once.
+Jobs write their outputs in place and commit them piece by piece (``pipeline.ledger``); a
+manifest written last marks a finished output, and every single object (a shard, a model
+file, a report) is written whole: under a temporary name then renamed on local disks, in
+one PUT on object stores. A ``<output>.lock`` keeps two runs from writing one output at once.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -37,6 +38,8 @@ MANIFEST = "manifest.json"
 # A remote lock whose holder has not renewed it for this long is stale and taken over.
 LOCK_LEASE_S = 120.0
 LOCK_HEARTBEAT_S = 30.0
+# Files read at once when many small ones are read together.
+READ_THREADS = 16
 
 
 def is_uri(location: str) -> bool:
@@ -176,18 +179,32 @@ def walk_files(root: str) -> Iterator[tuple[str, str]]:
     """
     filesystem, base = split_uri(root)
     if isinstance(filesystem, pafs.LocalFileSystem):
-        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(n for n in filenames if not n.startswith(".")):
-                path = os.path.join(dirpath, name)
-                try:
-                    st = os.stat(path)
-                    stamp = f"{st.st_size}:{st.st_mtime_ns}"
-                except OSError:
-                    stamp = "missing"
-                yield os.path.relpath(path, base), stamp
+        yield from _walk_local(base)
         return
     yield from _walk_remote(filesystem, base, len(base) + 1)
+
+
+def _walk_local(base: str) -> Iterator[tuple[str, str]]:
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = os.path.relpath(dirpath, base)
+        prefix = "" if rel == "." else f"{rel}/"
+        folder = os.open(dirpath, os.O_RDONLY)
+        try:
+            for name in sorted(n for n in filenames if not n.startswith(".")):
+                yield prefix + name, local_stamp(name, folder)
+        finally:
+            os.close(folder)
+
+
+def local_stamp(path: str, folder: int | None = None) -> str:
+    """``size:mtime_ns`` of a local file (relative to the open folder ``folder`` when given),
+    following links; ``missing`` for a broken link."""
+    try:
+        st = os.stat(path, dir_fd=folder)
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def _walk_remote(filesystem: pafs.FileSystem, folder: str, cut: int) -> Iterator[tuple[str, str]]:
@@ -242,14 +259,6 @@ def read_bytes(uri: str) -> bytes:
 def read_text(uri: str) -> str:
     """Read a small text file."""
     return read_bytes(uri).decode("utf-8")
-
-
-def move_file(src: str, dst: str) -> None:
-    """Move one file, replacing ``dst`` (a rename on local disks)."""
-    filesystem, src_path = split_uri(src)
-    _, dst_path = split_uri(dst)
-    filesystem.create_dir(dst_path.rsplit("/", 1)[0], recursive=True)
-    filesystem.move(src_path, dst_path)
 
 
 def upload_file(local_path: str, uri: str) -> None:
@@ -320,34 +329,14 @@ def read_parquet_files(uris: list[str], columns: list[str] | None = None) -> pa.
     """Concatenate Parquet files read with pyarrow alone (None when there are none)."""
     if not uris:
         return None
-    tables = []
-    for uri in uris:
+
+    def read(uri: str) -> pa.Table:
         filesystem, path = split_uri(uri)
-        tables.append(pq.read_table(path, filesystem=filesystem, columns=columns))
-    return pa.concat_tables(tables)
+        return pq.read_table(path, filesystem=filesystem, columns=columns)
 
-
-def commit_dir(staging: str, final: str) -> None:
-    """Move a finished staging folder to its final place, replacing what was there."""
-    delete_dir(final)
-    filesystem, src = split_uri(staging)
-    _, dst = split_uri(final)
-    if isinstance(filesystem, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-        os.replace(src, dst)
-        return
-    # Object stores have no folder rename: copy the data files first and the
-    # manifest last, so a reader that sees the manifest sees every shard.
-    infos = filesystem.get_file_info(pafs.FileSelector(src, recursive=True))
-    files = sorted((i.path for i in infos if i.type == pafs.FileType.File), key=lambda p: p.endswith(MANIFEST))
-    for path in files:
-        filesystem.copy_file(path, dst + path[len(src):])
-    filesystem.delete_dir(src)
-
-
-def is_complete(uri: str) -> bool:
-    """Whether ``uri`` holds a finished run (its manifest, written last, is there)."""
-    return exists(join(uri, MANIFEST))
+    # Many small shards on an object store: one request at a time would take minutes.
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        return pa.concat_tables(pool.map(read, uris))
 
 
 @contextlib.contextmanager
@@ -406,6 +395,20 @@ def _me() -> dict[str, Any]:
     return {"pid": os.getpid(), "host": socket.gethostname(), "owner": uuid.uuid4().hex, "heartbeat": time.time()}
 
 
+def _holder_is_gone(holder: dict[str, Any]) -> bool:
+    """Whether a lock's holder ran on this host and its process no longer exists (a killed run:
+    its lease need not lapse before a rerun here takes over)."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def _parse_holder(text: str) -> dict[str, Any]:
     try:
         holder = json.loads(text)
@@ -426,7 +429,7 @@ def _remote_lock(lock: str, uri: str) -> Iterator[None]:
     if exists(lock):
         holder = _parse_holder(read_text(lock))
         age = time.time() - float(holder.get("heartbeat", 0))
-        if age < LOCK_LEASE_S:
+        if age < LOCK_LEASE_S and not _holder_is_gone(holder):
             raise OutputError(
                 f"{uri} is being written by another run (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
                 f"last heartbeat {age:.0f}s ago); wait for it, or for its lease to lapse ({LOCK_LEASE_S:.0f}s "

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from pipeline import storage, vgg16
@@ -28,7 +30,8 @@ from pipeline.cluster import inference_plan
 from pipeline.config import ExtractConfig, FinetuneConfig, ScratchConfig, TrainConfig, TrainTopConfig
 from pipeline.discover import DatasetIndex, discover
 from pipeline.errors import DataError, UserError
-from pipeline.extract import decoded_images, find_rejects, read_split, run_extraction, run_name
+from pipeline.extract import read_split, run_extraction, run_name
+from pipeline.inference import check_reject_fraction, decoded_images, find_rejects
 from pipeline.modelfile import (MODEL_FILE, SAVED_MODEL_DIR, export_saved_model, load_classifier, read_metadata,
                                 save_classifier)
 from pipeline.reuse import job_settings, require_same
@@ -213,61 +216,49 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     return _finish("top", directory, model, metadata, run, evaluation)
 
 
-def _good_rows(index: DatasetIndex, image_size: int, max_reject_fraction: float, directory: str,
-               batch_size: int) -> dict[str, list[dict[str, Any]]]:
-    """Rows of every decodable file per split; undecodable ones go to ``<job>/rejects.parquet``."""
-    import pyarrow as pa
-
+def _good_rows(index: DatasetIndex, image_size: int, max_reject_fraction: float, directory: str) -> dict[str, pa.Table]:
+    """The decodable files per split; undecodable ones go to ``<job>/rejects.parquet``."""
     from pipeline.extract import REJECT_SCHEMA
 
-    rows = [{"path": f.path, "relpath": f.relpath, "split": f.split, "label": f.label}
-            for f in index.all_files()]
-    rejects = find_rejects(rows, image_size, batch_size)
-    storage.write_parquet(storage.join(directory, "rejects.parquet"),
-                          pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))
-    if len(rejects) > max_reject_fraction * len(rows) or len(rejects) == len(rows):
-        raise DataError(f"{len(rejects)} of {len(rows)} files could not be decoded, more than "
-                        f"--max-reject-fraction {max_reject_fraction}; see {directory}/rejects.parquet")
-    bad = {(r["split"], r["path"]) for r in rejects}
-    out: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        if (r["split"], r["relpath"]) not in bad:
-            out.setdefault(r["split"], []).append(r)
-    return out
+    rejects = find_rejects(index.files, index.root, image_size).rename_columns(
+        {"relpath": "path"}).select(REJECT_SCHEMA.names).cast(REJECT_SCHEMA)
+    storage.write_parquet(storage.join(directory, "rejects.parquet"), rejects)
+    check_reject_fraction(rejects, len(index.files), max_reject_fraction, f"See {directory}/rejects.parquet")
+    good = index.files.join(rejects.select(["path"]).rename_columns(["relpath"]), "relpath", join_type="left anti")
+    return {split: good.filter(pc.equal(good.column("split"), split)).sort_by("relpath") for split in index.split_names}
 
 
-def _image_datasets(rows: dict[str, list[dict[str, Any]]], image_size: int, batch_size: int,
-                    seed: int) -> dict[str, Any]:
+def _image_datasets(files: dict[str, pa.Table], root: str, image_size: int, seed: int) -> dict[str, Any]:
     """Decoded-image datasets; the training files in a seeded random order.
 
     Files are listed class by class; streamed in that order, even a local shuffle buffer
     yields batches of one class, and a small CNN trained on them collapses to a constant.
     """
     plan = inference_plan(1)
-    order = np.random.default_rng(seed).permutation(len(rows["train"]))
-    ordered = {"train": [rows["train"][i] for i in order], "validation": rows["validation"]}
-    return {split: decoded_images(ordered[split], image_size, batch_size, plan.decode_cpus).select_columns(["image", "label"])
-            for split in ("train", "validation")}
+    order = {"train": np.random.default_rng(seed).permutation(len(files["train"])), "validation": None}
+    return {split: decoded_images(files[split], root, image_size, plan.decode_cpus, order=order[split])
+            .select_columns(["image", "label"]) for split in ("train", "validation")}
 
 
-def _evaluate_model_file(path: str, rows: list[dict[str, Any]], classes: list[str], image_size: int,
+def _evaluate_model_file(path: str, files: pa.Table, root: str, classes: list[str], image_size: int,
                          precision: str, batch_size: int) -> dict[str, Any]:
-    """Evaluate a saved classifier on image rows with the batch-prediction pipeline."""
+    """Evaluate a saved classifier on ``files`` (``relpath``, ``label`` under ``root``) with the
+    batch-prediction pipeline."""
     from pipeline.predict import collect_probabilities, predictions_dataset
 
-    ds = predictions_dataset(path, [{"path": r["path"], "relpath": r["relpath"]} for r in rows], image_size,
-                             precision, inference_plan(1), batch_size)
+    ds = predictions_dataset(path, files.select(["relpath"]), root, image_size, precision, inference_plan(1),
+                             batch_size)
     paths, probs, rejects = collect_probabilities(ds)
     if rejects:
         raise DataError(f"{len(rejects)} validation files could not be decoded during evaluation: {rejects[:3]}")
-    label_of = {r["relpath"]: r["label"] for r in rows}
+    label_of = dict(zip(files.column("relpath").to_pylist(), files.column("label").to_pylist()))
     return evaluate(np.array([label_of[p] for p in paths]), probs, classes)
 
 
 def _image_job(kind: str, cfg: FinetuneConfig | ScratchConfig, index: DatasetIndex, directory: str,
                image_size: int, precision: str, metadata: dict[str, Any], extras: dict[str, Any], model_fn) -> dict[str, Any]:
-    rows = _good_rows(index, image_size, cfg.max_reject_fraction, directory, cfg.batch_size)
-    datasets = _image_datasets(rows, image_size, cfg.batch_size, cfg.seed)
+    files = _good_rows(index, image_size, cfg.max_reject_fraction, directory)
+    datasets = _image_datasets(files, index.root, image_size, cfg.seed)
     settings = _settings(kind, cfg, precision, len(index.classes), image_size=image_size, augment=True,
                          preprocessing=metadata.get("preprocessing", "unit"), extras=extras)
 
@@ -277,12 +268,13 @@ def _image_job(kind: str, cfg: FinetuneConfig | ScratchConfig, index: DatasetInd
         return model
 
     return _train_export_evaluate(kind, cfg, settings, datasets, directory, export,
-                                  {**metadata, "classes": index.classes, "image_size": image_size}, rows["validation"])
+                                  {**metadata, "classes": index.classes, "image_size": image_size},
+                                  files["validation"], index.root)
 
 
 def _train_export_evaluate(kind: str, cfg: TrainConfig, settings: LoopSettings, datasets: dict[str, Any],
-                           directory: str, export, metadata: dict[str, Any],
-                           validation_rows: list[dict[str, Any]]) -> dict[str, Any]:
+                           directory: str, export, metadata: dict[str, Any], validation: pa.Table,
+                           root: str) -> dict[str, Any]:
     """Train, turn the best checkpoint into an image → class model (``export``), evaluate it, write the outputs."""
     run = _run(settings, datasets, cfg, directory)
     model = export(run.best)
@@ -290,7 +282,7 @@ def _train_export_evaluate(kind: str, cfg: TrainConfig, settings: LoopSettings, 
     with tempfile.TemporaryDirectory(prefix="ric-eval-") as tmp:
         tmp_path = os.path.join(tmp, MODEL_FILE)
         save_classifier(model, tmp_path, {**metadata, "kind": kind})
-        evaluation = _evaluate_model_file(tmp_path, validation_rows, metadata["classes"], metadata["image_size"],
+        evaluation = _evaluate_model_file(tmp_path, validation, root, metadata["classes"], metadata["image_size"],
                                           settings.precision, cfg.batch_size)
     return _finish(kind, directory, model, metadata, run, evaluation)
 
@@ -365,13 +357,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             model.get_layer("top").set_weights(trained.get_layer("top").get_weights())
             return model
 
-        validation = read_split(cache, "validation", columns=["path", "label"])
-        rows = [{"path": storage.join(manifest["data_dir"], p), "relpath": p, "label": y}
-                for p, y in zip(validation.column("path").to_pylist(), validation.column("label").to_pylist())]
+        validation = read_split(cache, "validation", columns=["path", "label"]).rename_columns(["relpath", "label"])
         metadata.update(data_dir=manifest["data_dir"], layout=manifest["layout"],
                         validation_fraction=manifest["config"]["validation_fraction"],
                         features_dir=features_dir)
-        return _train_export_evaluate("finetune", cfg, settings, datasets, directory, export, metadata, rows)
+        return _train_export_evaluate("finetune", cfg, settings, datasets, directory, export, metadata, validation,
+                                      manifest["data_dir"])
 
     extras = {"base_weights": ray.put(base_weights), "top_weights": ray.put(top.get_weights())}
     metadata.update(data_dir=storage.absolute(index.root), layout=index.layout,

@@ -10,7 +10,7 @@ Sources (``--weights``):
   Needs torch-style preprocessing.
 * ``keras`` - Keras' own ``weights="imagenet"`` (downloads from the internet; caffe-style).
 * a path to a Keras weights file of the VGG16 conv base (caffe-style unless told otherwise).
-* ``none`` - random initialisation, for tests.
+* ``none`` - a seeded random initialisation, for tests.
 """
 
 from __future__ import annotations
@@ -206,8 +206,9 @@ def _keras_imagenet_file() -> str:
         ) from exc
 
 
-def load_weight_arrays(source: WeightsSource, image_size: int) -> list[np.ndarray] | None:
-    """The conv base's weights as arrays (None for random init), ready to ship to remote actors.
+def load_weight_arrays(source: WeightsSource, image_size: int) -> list[np.ndarray]:
+    """The conv base's weights as arrays, ready to ship to remote actors (``none``: a seeded
+    random initialisation, the same in every process and run).
 
     Shipping arrays through Ray's object store rather than a path lets actors on
     other nodes, which do not share this node's cache folder, build the same model.
@@ -217,12 +218,23 @@ def load_weight_arrays(source: WeightsSource, image_size: int) -> list[np.ndarra
     if image_size < 32:
         raise WeightsError(f"VGG16 needs images of at least 32 pixels; got {image_size}")
     if source.path is None:
-        return None
+        return random_vgg16_arrays()
     arrays = read_vgg16_weights(source.path)
     if source.preprocessing == "caffe":
         # Caffe-style weights expect BGR input: reversing the first kernel's input channels
         # makes them take RGB, so the model needs no channel flip of its own.
         arrays[0] = np.ascontiguousarray(arrays[0][:, :, ::-1, :])
+    return arrays
+
+
+def random_vgg16_arrays(seed: int = 0) -> list[np.ndarray]:
+    """VGG16 conv kernels drawn as Keras draws them (Glorot uniform, zero biases), from ``seed``:
+    actors of one run, and runs that resume or update an output, must share one model."""
+    rng = np.random.default_rng(seed)
+    arrays: list[np.ndarray] = []
+    for _, cin, cout in vgg16.CONVS:
+        limit = np.sqrt(6.0 / (9 * cin + 9 * cout))
+        arrays += [rng.uniform(-limit, limit, (3, 3, cin, cout)).astype(np.float32), np.zeros(cout, np.float32)]
     return arrays
 
 

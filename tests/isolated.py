@@ -19,7 +19,7 @@ def logical_gpus(data_dir: str, output_dir: str) -> dict:
 
     init_ray(local=True, num_cpus=2, num_gpus=2, include_dashboard=False)
     manifest = run_extraction(ExtractConfig(data_dir=data_dir, output_dir=output_dir, weights="none",
-                                            image_size=32, precision="float32", batch_size=2))
+                                            image_size=32, precision="float32", batch_size=2, block_files=2))
     return {"actors": manifest["inference_actors"], "plan": manifest["inference"], "num_images": manifest["num_images"]}
 
 
@@ -58,7 +58,7 @@ def predict(model: str, input_dir: str, output: str) -> dict:
 
     init_ray(local=True, num_cpus=2, include_dashboard=False)
     summary = run_prediction(PredictConfig(model=model, input=input_dir, output=output, precision="float32",
-                                           batch_size=2))
+                                           batch_size=2, block_files=2))
     return {"num_images": summary["num_images"], "num_rejects": summary["num_rejects"]}
 
 

@@ -98,7 +98,10 @@ def test_extraction_writes_shards_to_s3(s3_env, real_root):
     assert len(pq.read_table("shards/runs/1/train", filesystem=s3)) == 20
     with s3.open_input_stream("shards/runs/1/manifest.json") as f:
         assert json.loads(f.read())["counts"]["validation"] == {"cats": 10, "dogs": 10}
-    assert s3.get_file_info("shards/runs/1.partial").type == fs.FileType.NotFound
+    # A finished output has its ledger folded into one file and no entries left.
+    assert s3.get_file_info("shards/runs/1/ledger.parquet").type == fs.FileType.File
+    assert s3.get_file_info("shards/runs/1/_ledger").type == fs.FileType.NotFound
+    assert len(pq.read_table("shards/runs/1/ledger.parquet", filesystem=s3)) == 40
 
 
 @pytest.mark.parametrize("where", ["recorded by ray start", "RAY_ADDRESS"])

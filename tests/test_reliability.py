@@ -17,7 +17,6 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import storage
 from pipeline.config import ExtractConfig
 from pipeline.discover import discover
 from pipeline.errors import DataError, OutputError
@@ -118,7 +117,7 @@ def test_thousands_of_files_in_one_folder(tmp_path, record_case):
     for path in ("train/b/x.jpg", "validation/a/x.jpg", "validation/b/x.jpg"):
         (tmp_path / path).write_bytes(data)
     index = discover(str(tmp_path))
-    paths = [f.relpath for f in index.splits["train"]]
+    paths = index.split("train").column("relpath").to_pylist()
     record_case("3000 files in one folder", "all listed", f"{len(paths)} listed", 3001, len(paths),
                 len(paths) - len(set(paths)), 3001 - len(set(paths)))
     assert len(set(paths)) == 3001
@@ -165,9 +164,9 @@ def test_inference_actor_killed_mid_prediction(real_root, tmp_path, record_case)
     assert marker.exists() and set(got) == expected and len(got) == len(expected)
 
 
-def _start_job(args: list[str], log) -> subprocess.Popen:
+def _start_job(args: list[str], log, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            env={**os.environ, **(env or {})}, start_new_session=True)
 
 
 def _wait_for(predicate, proc: subprocess.Popen, seconds: float = 300) -> None:
@@ -189,28 +188,38 @@ def _stop(proc: subprocess.Popen, sig: int) -> int:
             pass
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def _committed(out: str) -> int:
+    folder = os.path.join(out, "_ledger")
+    return len(os.listdir(folder)) if os.path.isdir(folder) else 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
 def test_driver_interrupted_during_extraction_then_rerun(ray_cluster, real_root, tmp_path, sig, record_case):
     """A second run into the same output is refused while the first holds it; the interrupted
-    first run leaves nothing that looks complete; the rerun finishes and reuses nothing half-written."""
+    first run leaves nothing that looks finished; the rerun redoes only the blocks not committed.
+
+    The first run's only inference actor stalls at its 11th block (``RIC_FAULT_PAUSE``), so it
+    is interrupted with exactly 10 blocks of 2 photos committed, not at a moment it may outrun.
+    """
     out = str(tmp_path / "out")
     args = ["jobs.extract_features", "--data-dir", real_root, "--output-dir", out, "--precision", "float32",
-            "--batch-size", "2"]
+            "--batch-size", "2", "--block-files", "2"]
     with open(tmp_path / "log", "w") as log:
-        proc = _start_job(args, log)
+        proc = _start_job(args, log, {"RAY_ADDRESS": "local", "RIC_FAULT_PAUSE": "extract:11"})
         try:
-            _wait_for(lambda: storage.list_parquet(os.path.join(out + ".partial", "train")), proc)
+            _wait_for(lambda: _committed(out) >= 10, proc)
             with pytest.raises(OutputError, match="being written by another run"):
-                run_extraction(ExtractConfig(data_dir=real_root, output_dir=out, precision="float32", weights="none"))
+                run_extraction(ExtractConfig(data_dir=real_root, output_dir=out, precision="float32"))
         finally:
             code = _stop(proc, sig)
-    assert code != 0 and not os.path.exists(out), "an interrupted run must not leave a complete-looking output"
+    assert code != 0 and not os.path.exists(os.path.join(out, "manifest.json")), \
+        "an interrupted run must not leave a finished-looking output"
     manifest = run_extraction(ExtractConfig(data_dir=real_root, output_dir=out, precision="float32", batch_size=2))
     got = extracted_paths(out)
     expected = good_relpaths(real_root)
-    record_case(f"driver {signal.Signals(sig).name} during extraction, rerun", "no output, then complete",
-                "no output, then complete" if manifest["num_images"] == 40 else "incomplete", *tally(expected, got))
-    assert set(got) == expected and len(got) == 40 and not os.path.exists(out + ".partial")
+    record_case(f"driver {signal.Signals(sig).name} during extraction, rerun", "resumed: 20 of 40 redone",
+                f"resumed: {manifest['processed']} of 40 redone", *tally(expected, got))
+    assert set(got) == expected and len(got) == 40 and manifest["processed"] == 20
 
 
 def test_driver_interrupted_during_prediction_then_rerun(ray_cluster, real_root, tmp_path, record_case):
@@ -219,21 +228,22 @@ def test_driver_interrupted_during_prediction_then_rerun(ray_cluster, real_root,
 
     model = _small_model(str(tmp_path / "m.keras"))
     out = str(tmp_path / "pred.parquet")
-    args = ["jobs.predict", "--model", model, "--input", real_root, "--output", out, "--batch-size", "1",
-            "--precision", "float32"]
+    args = ["jobs.predict", "--model", model, "--input", real_root, "--output", out, "--batch-size", "2",
+            "--block-files", "2", "--precision", "float32"]
     with open(tmp_path / "log", "w") as log:
-        proc = _start_job(args, log)
+        # The only actor stalls at its 6th block: 5 blocks (10 photos) are committed when SIGINT comes.
+        proc = _start_job(args, log, {"RAY_ADDRESS": "local", "RIC_FAULT_PAUSE": "predict:6"})
         try:
-            _wait_for(lambda: storage.list_parquet(os.path.join(str(tmp_path / "pred.partial"), "predictions")), proc)
+            _wait_for(lambda: _committed(str(tmp_path / "pred.partial")) >= 5, proc)
         finally:
             code = _stop(proc, signal.SIGINT)
     assert code != 0 and not os.path.exists(out)
     summary = run_prediction(PredictConfig(model=model, input=real_root, output=out, precision="float32"))
     got = pq.read_table(out).column("path").to_pylist()
     expected = good_relpaths(real_root)
-    record_case("driver SIGINT during prediction, rerun", "no output, then complete",
-                "no output, then complete" if summary["num_images"] == 40 else "incomplete", *tally(expected, got))
-    assert set(got) == expected and len(got) == 40
+    record_case("driver SIGINT during prediction, rerun", "resumed: 30 of 40 redone",
+                f"resumed: {summary['processed']} of 40 redone", *tally(expected, got))
+    assert set(got) == expected and len(got) == 40 and summary["processed"] == 30
 
 
 def test_training_worker_killed_resumes(ray_cluster, real_root, tmp_path, record_case):

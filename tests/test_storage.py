@@ -45,15 +45,15 @@ def s3(tmp_path_factory):
 
 
 def _summary(index):
-    return index.classes, {split: [(f.relpath, f.label) for f in files] for split, files in index.splits.items()}
+    return index.classes, index.files.select(["relpath", "split", "label", "class_name"]).to_pylist()
 
 
 def test_discovery_on_s3_equals_discovery_on_disk(s3):
     remote = discover("s3://data/photos")
     assert _summary(remote) == _summary(discover(s3["local"]))
-    assert all(f.path == f"s3://data/photos/{f.relpath}" for f in remote.all_files())
-    assert all(f.stamp.split(":")[0] == str(os.path.getsize(os.path.join(s3["local"], f.relpath)))
-               for f in remote.all_files())
+    rows = remote.rows()
+    assert rows and all(r["path"] == f"s3://data/photos/{r['relpath']}" for r in rows)
+    assert all(r["stamp"].split(":")[0] == str(os.path.getsize(os.path.join(s3["local"], r["relpath"]))) for r in rows)
     kaggle = discover("s3://data/flat", layout="kaggle", validation_fraction=0.5)
     assert _summary(kaggle) == _summary(discover(s3["flat"], layout="kaggle", validation_fraction=0.5))
 
@@ -83,8 +83,8 @@ def test_prediction_globs_on_s3_match_like_local_globs(s3):
         local_root, local = list_inputs(os.path.join(s3["local"], pattern))
         # Paths are relative to the part of the pattern before its first wildcard.
         assert root == "s3://data/photos" + local_root[len(s3["local"]):], pattern
-        assert remote and [r for _, r in remote] == [r for _, r in local], pattern
-        assert all(p == f"{root}/{r}" for p, r in remote)
+        remote, local = remote.column("relpath").to_pylist(), local.column("relpath").to_pylist()
+        assert remote and remote == local, pattern
 
 
 def test_files_written_and_read_back_through_uris(s3):

@@ -1,0 +1,244 @@
+"""The ledger of an output folder: which input files are already done, so that an interrupted
+run resumes where it stopped and a rerun over a changed data root redoes only what changed.
+
+Every write task of a run commits its block in two steps: first the block's data files
+(``<folder>/<part>.parquet``, named by the run and the write task, so a task that Ray retries
+overwrites its own files), then one ledger entry ``_ledger/<part>.parquet`` that lists every
+file of the block (``relpath``, ``split``, ``stamp``: size and modification time, and the
+``reason``/``error`` of a reject). A part without an entry was cut off mid-write: the next
+run deletes it. A part whose entry is there is done, whatever happens to the driver later.
+At the end of a complete run the entries are folded into one ``ledger.parquet``.
+
+An incremental rerun compares the listing of the data root with the ledger by
+``(relpath, split, stamp)``: files listed but not in the ledger are processed; ledger rows
+not listed (removed, or changed: another stamp) are dropped by rewriting their parts without
+them, as a new part whose entry names the part it ``replaces``; replaced parts are ignored
+and deleted whenever they are found.
+
+Why not Ray Data's checkpointing (``DataContext.checkpoint_config``, Ray 2.60)? It filters
+the rows of a ``Read`` datasource by an id column, while this project's rows come from the
+driver's listing (labels and splits attached), which its planner does not checkpoint; it
+records which ids were written, not what they were made from, so a changed or removed file
+cannot be told apart; it deletes its checkpoint when a run succeeds, so the next rerun over
+a grown folder would start from zero; and it needs a checkpoint path every node can reach,
+while this ledger lives in the output itself, wherever that is.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import storage
+
+LEDGER_DIR = "_ledger"
+LEDGER_FILE = "ledger.parquet"
+RUN_FILE = "run.json"
+KEYS = ["relpath", "split", "stamp"]
+SCHEMA = pa.schema([("relpath", pa.string()), ("split", pa.string()), ("stamp", pa.string()),
+                    ("part", pa.string()), ("reason", pa.string()), ("error", pa.string())])
+REPLACES = b"replaces"
+
+
+def new_run_id() -> str:
+    """A name for this run's parts: when it started, and a random suffix."""
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+
+
+def part_name(run_id: str, task_idx: int, n: int) -> str:
+    """The name of the ``n``-th block written by write task ``task_idx`` of run ``run_id``."""
+    return f"part-{run_id}-{task_idx:05d}-{n:04d}"
+
+
+def write_entry(output: str, part: str, rows: dict[str, Any], replaces: str | None = None) -> None:
+    """Commit ``part``: its ledger entry listing ``rows`` (``relpath``, ``split``, ``stamp``,
+    ``reason``, ``error``); written after the part's data files."""
+    n = len(rows["relpath"])
+    table = pa.table({"relpath": [str(v) for v in rows["relpath"]], "split": [str(v) for v in rows["split"]],
+                      "stamp": [str(v) for v in rows["stamp"]], "part": [part] * n,
+                      "reason": [str(v) for v in rows["reason"]], "error": [str(v) for v in rows["error"]]},
+                     schema=SCHEMA.with_metadata({REPLACES: replaces or ""}))
+    storage.write_parquet(storage.join(output, LEDGER_DIR, f"{part}.parquet"), table)
+
+
+def _read(uri: str) -> pa.Table:
+    filesystem, path = storage.split_uri(uri)
+    return pq.read_table(path, filesystem=filesystem)
+
+
+def load(output: str) -> tuple[pa.Table, set[str]]:
+    """The live rows of ``output``'s ledger (its ``ledger.parquet`` and the entries committed
+    since) and the names of the parts that later parts replaced."""
+    tables = [_read(storage.join(output, LEDGER_FILE))] if storage.exists(storage.join(output, LEDGER_FILE)) else []
+    entries = storage.list_parquet(storage.join(output, LEDGER_DIR))
+    with ThreadPoolExecutor(storage.READ_THREADS) as pool:
+        read = list(pool.map(_read, entries))
+    replaced = {(t.schema.metadata or {}).get(REPLACES, b"").decode() for t in read} - {""}
+    fresh = {storage.basename(e)[:-len(".parquet")] for e in entries}
+    if tables:  # an entry folded into ledger.parquet by a run cut off before it removed the entries
+        tables[0] = tables[0].filter(pc.invert(pc.is_in(tables[0].column("part"), pa.array(sorted(fresh), pa.string()))))
+    table = pa.concat_tables([t.cast(SCHEMA) for t in tables + read]) if tables or read else SCHEMA.empty_table()
+    live = table.filter(pc.invert(pc.is_in(table.column("part"), pa.array(sorted(replaced), pa.string()))))
+    return live, replaced
+
+
+def data_parts(output: str, folders: list[str]) -> dict[str, list[str]]:
+    """Every file in ``folders`` of ``output``, by the part it belongs to (leftover temporary files too)."""
+    found: dict[str, list[str]] = {}
+    for folder in folders:
+        for rel, _ in storage.walk_files(storage.join(output, folder)):
+            if "/" not in rel and rel.startswith("part-"):
+                found.setdefault(rel.split(".parquet", 1)[0], []).append(storage.join(output, folder, rel))
+    return found
+
+
+def remove_unfinished(output: str, live: pa.Table, replaced: set[str], parts: dict[str, list[str]]) -> int:
+    """Delete the files of parts that have no entry (cut off mid-write) or were replaced, and the
+    entries of replaced parts; return how many parts went."""
+    keep = set(live.column("part").unique().to_pylist())
+    gone = 0
+    for part, files in parts.items():
+        for uri in files:
+            if part not in keep or not uri.endswith(f"/{part}.parquet"):
+                storage.delete_file(uri)
+        gone += part not in keep
+    for part in replaced:
+        storage.delete_file(storage.join(output, LEDGER_DIR, f"{part}.parquet"))
+    return gone
+
+
+@dataclass
+class Update:
+    """What a rerun has to do: the listed files to process (``todo``), the ledger rows to drop
+    (``stale``), and the counts of added, changed, removed and reused files."""
+
+    todo: pa.Table
+    stale: pa.Table
+    counts: dict[str, int]
+
+
+def plan(listing: pa.Table, live: pa.Table) -> Update:
+    """Compare the data root's ``listing`` with the ledger's ``live`` rows by ``KEYS``."""
+    if not len(live):  # a first run: no copy of a listing that may hold millions of paths
+        return Update(todo=listing, stale=live, counts={"added": len(listing), "changed": 0, "removed": 0, "reused": 0})
+    todo = listing.join(live.select(KEYS), KEYS, join_type="left anti")
+    stale = live.join(listing.select(KEYS), KEYS, join_type="left anti")
+    changed = pc.is_in(todo.column("relpath"), stale.column("relpath"))
+    n_changed = pc.sum(changed).as_py() or 0
+    counts = {"added": len(todo) - n_changed, "changed": n_changed, "removed": len(stale) - n_changed,
+              "reused": len(live) - len(stale)}
+    return Update(todo=todo.sort_by("relpath"), stale=stale, counts=counts)
+
+
+def drop_rows(output: str, stale: pa.Table, live: pa.Table, parts: dict[str, list[str]], run_id: str) -> None:
+    """Rewrite every part that holds a ``stale`` row as a new part without those rows, whose
+    entry replaces the old part; then delete the old part's files."""
+    for i, part in enumerate(sorted(set(stale.column("part").to_pylist()))):
+        gone = stale.filter(pc.equal(stale.column("part"), part)).column("relpath")
+        new = f"part-{run_id}-rewrite-{i:05d}"
+        for uri in parts.get(part, []):
+            table = _read(uri)
+            kept = table.filter(pc.invert(pc.is_in(table.column("path"), gone)))
+            if len(kept):
+                storage.write_parquet(storage.join(storage.parent(uri), f"{new}.parquet"), kept)
+        rows = live.filter(pc.and_(pc.equal(live.column("part"), part), pc.invert(pc.is_in(live.column("relpath"), gone))))
+        write_entry(output, new, rows.to_pydict(), replaces=part)
+        for uri in parts.get(part, []):
+            storage.delete_file(uri)
+        storage.delete_file(storage.join(output, LEDGER_DIR, f"{part}.parquet"))
+
+
+def consolidate(output: str, live: pa.Table) -> None:
+    """Fold the entries into one ``ledger.parquet`` (the live rows), then remove the entries."""
+    storage.write_parquet(storage.join(output, LEDGER_FILE), live.cast(SCHEMA))
+    storage.delete_dir(storage.join(output, LEDGER_DIR))
+
+
+def open_output(output: str, what: str, settings: dict[str, Any], overwrite: bool,
+                marker: str = storage.MANIFEST) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(the run record, the finished ``marker``'s contents) of ``output``, each None when absent.
+
+    With ``overwrite`` the output is deleted first. An output whose record holds other
+    settings, or a non-empty folder this project did not write, is refused (OutputError).
+    """
+    from pipeline.errors import OutputError
+    from pipeline.reuse import require_same
+
+    if overwrite:
+        storage.delete_dir(output)
+        return None, None
+    run_file, marker_file = storage.join(output, RUN_FILE), storage.join(output, marker)
+    record = storage.read_json(run_file) if storage.exists(run_file) else None
+    finished = storage.read_json(marker_file) if storage.exists(marker_file) else None
+    if record is None:
+        if finished is not None:
+            require_same(output, what, finished.get("settings"), settings)
+        elif next(storage.walk_files(output), None) is not None:
+            raise OutputError(f"{output} holds files that are not {what} of this project; pass --overwrite to "
+                              f"replace them, or choose another output folder")
+        return None, None
+    require_same(output, what, record["settings"], settings)
+    return record, finished
+
+
+def start(output: str, record: dict[str, Any], marker: str = storage.MANIFEST) -> None:
+    """Record the run's settings, then remove the finished marker: from here until a new marker
+    the output is being updated, not finished."""
+    storage.write_json(storage.join(output, RUN_FILE), record)
+    storage.delete_file(storage.join(output, marker))
+
+
+def refresh(output: str, listing: pa.Table, folders: list[str], what: str,
+            process: Callable[[pa.Table, str], Any]) -> tuple[pa.Table, Update, Any]:
+    """Bring ``output`` up to date with ``listing``: remove unfinished parts, drop stale rows, call
+    ``process(files to do, run id)`` when there are any, and check that every listed file is in
+    the ledger exactly once. Returns the live ledger, the update and what ``process`` returned."""
+    live, replaced = load(output)
+    parts = data_parts(output, folders)
+    remove_unfinished(output, live, replaced, parts)
+    update = plan(listing, live)
+    if len(live):
+        print(f"{what} in {output}: " + ", ".join(f"{n} {key}" for key, n in update.counts.items()))
+    run_id = new_run_id()
+    drop_rows(output, update.stale, live, parts, run_id)
+    result = process(update.todo, run_id) if len(update.todo) else None
+    live, _ = load(output)
+    check = plan(listing, live)
+    duplicated = len(live) - pc.count_distinct(live.column("relpath")).as_py()
+    if duplicated or len(check.todo) or len(check.stale):
+        raise RuntimeError(f"{output} is inconsistent: {duplicated} duplicated, {len(check.todo)} missing and "
+                           f"{len(check.stale)} unlisted files in its ledger; not finishing it")
+    return live, update, result
+
+
+def _sorted(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return pc.take(values, pc.array_sort_indices(values)).combine_chunks() if len(values) else pa.array([], pa.string())
+
+
+def check_shards(output: str, live: pa.Table, folders: dict[str, str]) -> None:
+    """Check that each of ``folders`` (folder → the split its rows belong to) holds exactly one
+    row per decoded file of that split in the ledger; raises instead of finishing the output."""
+    good = live.filter(pc.equal(live.column("reason"), ""))
+    for folder, split in folders.items():
+        expected = _sorted(good.filter(pc.equal(good.column("split"), split)).column("relpath"))
+        shards = storage.read_parquet_files(storage.list_parquet(storage.join(output, folder)), ["path"])
+        got = _sorted(shards.column("path") if shards is not None else pa.array([], pa.string()))
+        if not got.equals(expected):
+            dupes = len(got) - pc.count_distinct(got).as_py()
+            raise RuntimeError(f"{storage.join(output, folder)} is inconsistent: {len(got)} rows ({dupes} duplicated) "
+                               f"for {len(expected)} decoded files; not finishing it")
+
+
+def rejects(live: pa.Table) -> pa.Table:
+    """The files of the ledger that could not be decoded: ``path``, ``split``, ``reason``, ``error``."""
+    bad = live.filter(pc.not_equal(live.column("reason"), ""))
+    return pa.table({"path": bad.column("relpath"), "split": bad.column("split"), "reason": bad.column("reason"),
+                     "error": bad.column("error")}).sort_by([("split", "ascending"), ("path", "ascending")])
+

@@ -1,0 +1,229 @@
+"""Resumable and incremental runs: a driver killed with SIGKILL loses only the blocks in flight,
+a rerun over a changed data root redoes only what changed, and either way the finished output
+holds exactly the rows of a clean run. Locally and on an ``s3://`` output (moto).
+
+The interruptions are deterministic: ``RIC_FAULT_PAUSE`` stalls the only inference actor at a
+chosen block, the test waits until the blocks before it are committed, then kills the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import ExtractConfig, PredictConfig
+from pipeline.extract import run_extraction
+from tests.clusters import s3_keys, s3_server
+from tests.conftest import make_real_root, real_images
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.timeout(900)
+PER_CLASS = 5  # 20 photos: 10 blocks of 2
+BLOCK = 2
+PAUSE_AT = 8  # the 8th block stalls: 7 blocks (14 photos, 70%) are committed when the driver dies
+OPTIONS = {"weights": "none", "image_size": 32, "precision": "float32", "batch_size": BLOCK, "block_files": BLOCK}
+CLI_OPTIONS = ["--weights", "none", "--image-size", "32", "--precision", "float32", "--batch-size", str(BLOCK),
+               "--block-files", str(BLOCK)]
+
+
+def rows_of(output: str, filesystem=None) -> dict[tuple[str, str], np.ndarray]:
+    """``{(split, path): features}`` of a feature folder, read with pyarrow alone."""
+    rows = {}
+    for split in ("train", "validation"):
+        table = pq.read_table(f"{output}/{split}", filesystem=filesystem)
+        for path, features in zip(table.column("path").to_pylist(), table.column("features").to_numpy(zero_copy_only=False)):
+            assert (split, path) not in rows, f"{path} twice"
+            rows[(split, path)] = np.asarray(features)
+    return rows
+
+
+def assert_same_rows(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for key, features in want.items():
+        np.testing.assert_allclose(got[key], features, rtol=1e-4, atol=1e-5, err_msg=str(key))
+
+
+def listed(root: str) -> set[tuple[str, str]]:
+    """(split, path) of every file under a splits-layout root, with os.walk (not the product's listing)."""
+    return {(os.path.relpath(d, root).split(os.sep)[0], os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/"))
+            for d, _, files in os.walk(root) for f in files}
+
+
+@pytest.fixture
+def root(tmp_path) -> str:
+    return make_real_root(str(tmp_path / "data"), PER_CLASS)
+
+
+def clean_rows(root: str, tmp_path) -> dict:
+    """The rows of an uninterrupted extraction from scratch of ``root``, in a folder of their own."""
+    out = str(tmp_path / f"clean-{time.time_ns()}")
+    run_extraction(ExtractConfig(data_dir=root, output_dir=out, **OPTIONS))
+    return rows_of(out)
+
+
+def start_paused(args: list[str], env: dict, log, pause_at: int = PAUSE_AT) -> subprocess.Popen:
+    """A job on a Ray cluster of its own whose inference actor stalls at block ``pause_at``."""
+    env = {**os.environ, **env, "RAY_ADDRESS": "local", "RIC_FAULT_PAUSE": f"extract:{pause_at}"}
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def kill_when(committed, proc: subprocess.Popen, want: int, seconds: float = 400) -> None:
+    """Wait until ``committed()`` reaches ``want`` ledger entries, then SIGKILL the job's process group."""
+    deadline = time.time() + seconds
+    try:
+        while committed() < want:
+            assert proc.poll() is None, "the job ended before the test could kill it"
+            assert time.time() < deadline, f"only {committed()} of {want} blocks committed in {seconds}s"
+            time.sleep(0.2)
+        time.sleep(1)  # nothing more may commit while the actor is stalled
+        assert committed() == want
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+
+
+def local_entries(out: str, rewrites: bool = True) -> int:
+    """Committed blocks (ledger entries) of a local output; without the rewrites of stale parts."""
+    folder = os.path.join(out, "_ledger")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return len([n for n in names if n.endswith(".parquet") and (rewrites or "-rewrite-" not in n)])
+
+
+def test_sigkilled_extraction_resumes_and_matches_a_clean_run(ray_cluster, root, tmp_path):
+    out = str(tmp_path / "out")
+    with open(tmp_path / "log", "w") as log:
+        proc = start_paused(["jobs.extract_features", "--data-dir", root, "--output-dir", out, *CLI_OPTIONS], {}, log)
+        kill_when(lambda: local_entries(out), proc, PAUSE_AT - 1)
+    assert not os.path.exists(os.path.join(out, "manifest.json")), "a killed run must not look finished"
+    manifest = run_extraction(ExtractConfig(data_dir=root, output_dir=out, **OPTIONS))
+    total = 4 * PER_CLASS
+    done = (PAUSE_AT - 1) * BLOCK
+    # The rerun redid nothing that was committed: it processed exactly the photos left.
+    assert manifest["processed"] == total - done < total
+    assert manifest["update"]["reused"] == done and manifest["num_images"] == total
+    assert_same_rows(rows_of(out), clean_rows(root, tmp_path))
+    assert {(s, p) for s, p in rows_of(out)} == listed(root)
+    assert not os.path.exists(os.path.join(out, "_ledger")), "entries are folded into ledger.parquet"
+
+
+def change_root(root: str) -> dict[str, int]:
+    """Add two photos, remove one and replace the contents of another; the expected counts."""
+    os.remove(os.path.join(root, "train", "cats", sorted(os.listdir(os.path.join(root, "train", "cats")))[0]))
+    for i, src in enumerate(real_images("train", "dogs", 2, start=40)):
+        shutil.copyfile(src, os.path.join(root, "train", "dogs", f"added-{i}.jpg"))
+    target = os.path.join(root, "validation", "dogs", sorted(os.listdir(os.path.join(root, "validation", "dogs")))[0])
+    shutil.copyfile(real_images("validation", "dogs", 1, start=40)[0], target)
+    return {"added": 2, "changed": 1, "removed": 1, "reused": 4 * PER_CLASS - 2}
+
+
+def test_rerun_over_a_changed_root_redoes_only_the_changes(ray_cluster, root, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    first = run_extraction(ExtractConfig(data_dir=root, output_dir=out, **OPTIONS))
+    unchanged = run_extraction(ExtractConfig(data_dir=root, output_dir=out, **OPTIONS))
+    assert unchanged["created_at"] == first["created_at"] and "reusing finished extraction" in capsys.readouterr().out
+    expected = change_root(root)
+    manifest = run_extraction(ExtractConfig(data_dir=root, output_dir=out, **OPTIONS))
+    assert manifest["update"] == expected and manifest["processed"] == 3
+    assert manifest["num_images"] == 4 * PER_CLASS + 1
+    assert_same_rows(rows_of(out), clean_rows(root, tmp_path))
+    # No part of the old rows is left behind: every shard file belongs to a part the ledger lists.
+    ledger = pq.read_table(os.path.join(out, "ledger.parquet"))
+    parts = set(ledger.column("part").to_pylist())
+    files = {os.path.splitext(n)[0] for s in ("train", "validation") for n in os.listdir(os.path.join(out, s))}
+    assert files <= parts and len(ledger) == 4 * PER_CLASS + 1
+    assert run_extraction(ExtractConfig(data_dir=root, output_dir=out, **OPTIONS))["created_at"] == manifest["created_at"]
+
+
+def test_interrupted_update_leaves_an_unfinished_output_that_a_rerun_completes(ray_cluster, root, tmp_path):
+    out = str(tmp_path / "out")
+    run_extraction(ExtractConfig(data_dir=root, output_dir=out, **OPTIONS))
+    change_root(root)
+    for i in range(6):
+        shutil.copyfile(real_images("validation", "cats", 1, start=50 + i)[0],
+                        os.path.join(root, "validation", "cats", f"later-{i}.jpg"))
+    # 9 photos to do (2 added, 1 changed, 6 later) in 5 blocks: blocks 1-3 commit, block 4 stalls.
+    with open(tmp_path / "log", "w") as log:
+        proc = start_paused(["jobs.extract_features", "--data-dir", root, "--output-dir", out, *CLI_OPTIONS], {}, log,
+                            pause_at=4)
+        kill_when(lambda: local_entries(out, rewrites=False), proc, 3)
+    assert not os.path.exists(os.path.join(out, "manifest.json")), "an output being updated is not finished"
+    manifest = run_extraction(ExtractConfig(data_dir=root, output_dir=out, **OPTIONS))
+    assert manifest["processed"] == 9 - 3 * BLOCK
+    assert_same_rows(rows_of(out), clean_rows(root, tmp_path))
+
+
+def test_prediction_folder_output_is_updated_in_place(ray_cluster, root, tmp_path):
+    from pipeline import models
+    from pipeline.modelfile import save_classifier
+    from pipeline.predict import run_prediction
+
+    model = str(tmp_path / "m.keras")
+    save_classifier(models.scratch_cnn(32, 2), model, {"kind": "scratch", "classes": ["cats", "dogs"], "image_size": 32})
+    folder, out = os.path.join(root, "train"), str(tmp_path / "pred")
+    cfg = PredictConfig(model=model, input=folder, output=out, precision="float32", batch_size=2, block_files=2)
+    first = run_prediction(cfg)
+    assert first["processed"] == 2 * PER_CLASS
+    change_root(root)
+    second = run_prediction(cfg)
+    assert second["update"] == {"added": 2, "changed": 0, "removed": 1, "reused": 2 * PER_CLASS - 1}
+    assert second["processed"] == 2
+    table = pq.read_table(os.path.join(out, "predictions"))
+    expected = {p.split("/", 1)[1] for s, p in listed(root) if s == "train"}
+    assert sorted(table.column("path").to_pylist()) == sorted(expected)
+    fresh = run_prediction(PredictConfig(model=model, input=folder, output=str(tmp_path / "fresh.parquet"),
+                                         precision="float32"))
+    want = pq.read_table(str(tmp_path / "fresh.parquet"))
+    assert fresh["num_images"] == second["num_images"] == len(expected)
+    got = table.sort_by("path")
+    np.testing.assert_allclose(got.column("prob_cats").to_numpy(), want.column("prob_cats").to_numpy(), rtol=1e-4,
+                               atol=1e-5)
+
+
+@pytest.fixture
+def s3():
+    with s3_server(("runs",)) as aws:
+        yield aws
+
+
+def _s3_fs(aws: dict):
+    from pyarrow import fs
+
+    return fs.S3FileSystem(access_key=aws["AWS_ACCESS_KEY_ID"], secret_key=aws["AWS_SECRET_ACCESS_KEY"],
+                           region="us-east-1", scheme="http", endpoint_override=aws["AWS_ENDPOINT_URL"].split("://")[1])
+
+
+def _job(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env={**os.environ, **env, "RAY_ADDRESS": "local"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_s3_output_resumes_after_sigkill_and_updates_incrementally(ray_cluster, root, tmp_path, s3):
+    out = "s3://runs/features"
+    args = ["jobs.extract_features", "--data-dir", root, "--output-dir", out, *CLI_OPTIONS]
+    with open(tmp_path / "log", "w") as log:
+        proc = start_paused(args, s3, log)
+        kill_when(lambda: len([k for k in s3_keys(s3, "runs", "features/_ledger") if k.endswith(".parquet")]), proc,
+                  PAUSE_AT - 1)
+    assert "manifest.json" not in s3_keys(s3, "runs", "features")
+    # The killed run's lease names a process that is gone: the rerun takes it over at once.
+    _job(args, s3)
+    manifest = json.loads(_s3_fs(s3).open_input_stream("runs/features/manifest.json").read())
+    assert manifest["processed"] == 4 * PER_CLASS - (PAUSE_AT - 1) * BLOCK
+    assert_same_rows(rows_of("runs/features", _s3_fs(s3)), clean_rows(root, tmp_path))
+    expected = change_root(root)
+    _job(args, s3)
+    manifest = json.loads(_s3_fs(s3).open_input_stream("runs/features/manifest.json").read())
+    assert manifest["update"] == expected and manifest["processed"] == 3
+    assert_same_rows(rows_of("runs/features", _s3_fs(s3)), clean_rows(root, tmp_path))
