@@ -3,8 +3,9 @@
     python bench/reliability.py
 
 Each case (dirty files, bad data roots, an inference actor killed during extraction and
-prediction, the driver interrupted with SIGINT/SIGTERM and rerun, two runs into one output,
-a training worker killed) records rows in, rows out, duplicates and lost rows; the table is
+prediction, a writer killed between its shard files and its ledger entry, the driver
+interrupted with SIGINT/SIGTERM/SIGKILL and its rerun resuming, two runs into one output, a
+training worker killed) records rows in, rows out, duplicates and lost rows; the table is
 printed at the end, with the totals on its final line.
 """
 

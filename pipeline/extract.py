@@ -149,6 +149,7 @@ class FeatureSink(TallyingSink):
                     columns = ["block4", "block4_flipped"] if split == FLIPPED_SPLIT else ["block4"]
                     self._write(storage.join(self.output, BLOCK4_DIR, split, f"{part}.parquet"), batch, rows,
                                 self.block4_dim, columns)
+            maybe_fail("write")  # tests: a writer that dies between its files and its entry
             ledger.write_entry(self.output, part, batch)
         return tally
 

@@ -127,6 +127,7 @@ class PredictionSink(TallyingSink):
             if ok.any():
                 storage.write_parquet(storage.join(self.output, PARTS_DIR, f"{part}.parquet"),
                                       prediction_table(batch["relpath"][ok], np.stack(batch["probs"][ok]), self.classes))
+            maybe_fail("write")  # tests: a writer that dies between its files and its entry
             ledger.write_entry(self.output, part, batch)
         return tally
 

@@ -195,13 +195,128 @@ def _batches(shard, batch_size: int, drop_last: bool, s: LoopSettings, seed: int
             yield batch
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The function Ray Train runs on every worker: train, evaluate, report and checkpoint each epoch."""
+# What each step all-reduces, in order: sums of the loss and of the correct predictions,
+# the number of samples, and how many workers have another batch after this one.
+STATS = ("loss_sum", "correct", "samples", "has_next")
+
+
+@dataclass
+class Totals:
+    """One split's sums over an epoch, across all workers."""
+
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    samples: float = 0.0
+
+    def add(self, stats: dict[str, float]) -> None:
+        self.loss_sum += stats["loss_sum"]
+        self.correct += stats["correct"]
+        self.samples += stats["samples"]
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.samples, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.samples, 1)
+
+
+class DistributedSteps:
+    """The model, its optimizer and the compiled train and evaluation steps, each returning the
+    all-reduced ``STATS`` of one global batch."""
+
+    def __init__(self, s: LoopSettings, base_weights=None, top_weights=None):
+        import tensorflow as tf
+
+        self.s = s
+        # One all-reduce for all gradients (packed) instead of one per variable: on CPUs each
+        # collective has a fixed latency that small, fast steps feel.
+        self.strategy = tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=tf.distribute.experimental.CommunicationOptions(bytes_per_pack=64 * 2**20))
+        with self.strategy.scope():
+            self.model, self.optimizer = build_model(s, base_weights, top_weights)
+            self.loss_fn = per_example_loss(s.num_classes)
+        self.train = tf.function(self._all_reduced(self._train_step))
+        self.evaluate = tf.function(self._all_reduced(self._eval_step), reduce_retracing=True)
+        self.count = tf.function(self._all_reduced(tf.identity))
+
+    def _all_reduced(self, step):
+        import tensorflow as tf
+
+        def run(*args):
+            return self.strategy.reduce(tf.distribute.ReduceOp.SUM, self.strategy.run(step, args=args), axis=None)
+        return run
+
+    def _stats(self, y, out, losses, has_next):
+        import tensorflow as tf
+
+        correct = tf.reduce_sum(tf.cast(predicted_labels(out, self.s.num_classes) == y, tf.float32))
+        return tf.stack([tf.reduce_sum(losses), correct, tf.cast(tf.size(y), tf.float32), has_next])
+
+    def _train_step(self, x, y, has_next):
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            out = self.model(x, training=True)
+            losses = self.loss_fn(_targets(y, self.s.num_classes), out)
+            loss = tf.nn.compute_average_loss(losses, global_batch_size=self.s.batch_size)
+        grads = tape.gradient(loss, self.model.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+        return self._stats(y, out, losses, has_next)
+
+    def _eval_step(self, x, y, has_next):
+        out = self.model(x, training=False)
+        return self._stats(y, out, self.loss_fn(_targets(y, self.s.num_classes), out), has_next)
+
+
+def epoch_batches(split: str, s: LoopSettings, per_worker: int, drop_last: bool, shuffle_seed: int | None,
+                  held: dict[str, dict[str, np.ndarray]]) -> Iterator[dict]:
+    """This worker's batches of ``split`` for one epoch: from memory when the settings hold the
+    data (read once into ``held``), else streamed from the worker's dataset shard."""
     import ray.train
+
+    shard = ray.train.get_dataset_shard(split)
+    if shard is None:
+        return iter(())
+    if s.hold_in_memory:
+        if split not in held:
+            held[split] = load_shard(shard)
+        return _held_batches(held[split], per_worker, drop_last, shuffle_seed)
+    return _batches(shard, per_worker, drop_last, s, shuffle_seed)
+
+
+def run_epoch(steps: DistributedSteps, step_fn, batches: Iterator[dict], world: int,
+              augment_seed: list[int] | None, fault=None) -> Totals:
+    """Run ``step_fn`` over ``batches`` while every worker still has one; the epoch's totals."""
     import tensorflow as tf
 
-    from pipeline.cluster import configure_tensorflow_devices
+    totals = Totals()
+    batch = next(batches, None)
+    everyone_has_batch = int(steps.count(tf.constant(0 if batch is None else 1))) == world
+    step = 0
+    while everyone_has_batch:
+        upcoming = next(batches, None)
+        rng = np.random.default_rng(augment_seed + [step]) if augment_seed is not None else None
+        x, y = batch_inputs(batch, steps.s, rng)
+        reduced = step_fn(tf.convert_to_tensor(x), tf.convert_to_tensor(y),
+                          tf.constant(0.0 if upcoming is None else 1.0)).numpy()
+        stats = dict(zip(STATS, (float(v) for v in reduced)))
+        totals.add(stats)
+        everyone_has_batch = round(stats["has_next"]) == world
+        batch = upcoming
+        step += 1
+        if fault is not None:
+            fault()
+    # Drain a shard that still has rows (another worker ran out first), so the
+    # next epoch's iterator starts clean.
+    for _ in batches:
+        pass
+    return totals
 
+
+def _settings_in_worker(config: dict[str, Any]) -> tuple[LoopSettings, dict[str, Any]]:
+    """The loop settings (precision decided on this worker's device) and the extras."""
     from pipeline.precision import device_precision
 
     config = dict(config)
@@ -209,118 +324,63 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     s = LoopSettings(**config)
     s.precision = device_precision(s.precision, allow_float16=False)
     s.feature_shape, s.block4_shape = tuple(s.feature_shape), tuple(s.block4_shape)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    return s, extras
+
+
+def _share_cores(local_world_size: int) -> None:
+    """Workers sharing a node split its cores instead of each starting one thread per core."""
+    import tensorflow as tf
+
+    from pipeline.cluster import configure_tensorflow_devices
+
     configure_tensorflow_devices()
-    # Workers sharing a node split its cores instead of each starting one thread per core.
-    threads = max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size()))
+    threads = max(1, (os.cpu_count() or 1) // max(1, local_world_size))
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
 
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The function Ray Train runs on every worker: train, evaluate, report and checkpoint each epoch."""
     import keras
+    import ray.train
 
+    s, extras = _settings_in_worker(config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    _share_cores(ctx.get_local_world_size())
     keras.utils.set_random_seed(s.seed)  # identical initial weights on every worker
-    # One all-reduce for all gradients (packed) instead of one per variable: on CPUs each
-    # collective has a fixed latency that small, fast steps feel.
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(
-        communication_options=tf.distribute.experimental.CommunicationOptions(bytes_per_pack=64 * 2**20))
-    base_weights = _get(extras.get("base_weights"))
-    top_weights = _get(extras.get("top_weights"))
-    with strategy.scope():
-        model, optimizer = build_model(s, base_weights, top_weights)
-        loss_fn = per_example_loss(s.num_classes)
-
+    steps = DistributedSteps(s, _get(extras.get("base_weights")), _get(extras.get("top_weights")))
     state = {"epoch": 0, "history": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = _restore(d, model, optimizer)
-
+            state = _restore(d, steps.model, steps.optimizer)
     per_worker = s.batch_size // world  # exact: the configs refuse worker counts that do not divide the batch
-
-    @tf.function
-    def workers_with_batch(flag):
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(tf.identity, args=(flag,)), axis=None)
-
-    def stats(y, out, losses, has_next):
-        correct = tf.reduce_sum(tf.cast(predicted_labels(out, s.num_classes) == y, tf.float32))
-        return tf.stack([tf.reduce_sum(losses), correct, tf.cast(tf.size(y), tf.float32), has_next])
-
-    def train_step(x, y, has_next):
-        with tf.GradientTape() as tape:
-            out = model(x, training=True)
-            losses = loss_fn(_targets(y, s.num_classes), out)
-            loss = tf.nn.compute_average_loss(losses, global_batch_size=s.batch_size)
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return stats(y, out, losses, has_next)
-
-    def eval_step(x, y, has_next):
-        out = model(x, training=False)
-        return stats(y, out, loss_fn(_targets(y, s.num_classes), out), has_next)
-
-    @tf.function
-    def distributed_train(x, y, has_next):
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(train_step, args=(x, y, has_next)), axis=None)
-
-    @tf.function(reduce_retracing=True)
-    def distributed_eval(x, y, has_next):
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(eval_step, args=(x, y, has_next)), axis=None)
-
     held: dict[str, dict[str, np.ndarray]] = {}
-
-    def run_epoch(split: str, step_fn, drop_last: bool, shuffle_seed: int | None, augment_seed: list[int] | None,
-                  fault=None):
-        totals = np.zeros(3)
-        shard = ray.train.get_dataset_shard(split)
-        if shard is None:
-            it = iter(())
-        elif s.hold_in_memory:
-            if split not in held:
-                held[split] = load_shard(shard)
-            it = _held_batches(held[split], per_worker, drop_last, shuffle_seed)
-        else:
-            it = _batches(shard, per_worker, drop_last, s, shuffle_seed)
-        batch = next(it, None)
-        everyone_has_batch = int(workers_with_batch(tf.constant(0 if batch is None else 1))) == world
-        step = 0
-        while everyone_has_batch:
-            upcoming = next(it, None)
-            rng = np.random.default_rng(augment_seed + [step]) if augment_seed is not None else None
-            x, y = batch_inputs(batch, s, rng)
-            reduced = step_fn(tf.convert_to_tensor(x), tf.convert_to_tensor(y),
-                              tf.constant(0.0 if upcoming is None else 1.0)).numpy()
-            totals += reduced[:3]
-            everyone_has_batch = round(float(reduced[3])) == world
-            batch = upcoming
-            step += 1
-            if fault is not None:
-                fault()
-        # Drain a shard that still has rows (another worker ran out first), so the
-        # next epoch's iterator starts clean.
-        for _ in it:
-            pass
-        return totals
-
     for epoch in range(state["epoch"], s.epochs):
-        epoch_started = time.time()
+        started = time.time()
         shuffle_seed = (s.seed * 1_000_003 + epoch * 7919 + rank) % 2**31 if s.shuffle else None
-        augment_seed = [s.seed, epoch, rank] if s.augment else None
-        tr = run_epoch("train", distributed_train, True, shuffle_seed, augment_seed,
-                       fault=_fault_hook(extras.get("fault"), epoch + 1, rank))
-        va = run_epoch("validation", distributed_eval, False, None, None)
-        row = {"epoch": epoch + 1,
-               "loss": float(tr[0] / max(tr[2], 1)), "accuracy": float(tr[1] / max(tr[2], 1)),
-               "val_loss": float(va[0] / max(va[2], 1)), "val_accuracy": float(va[1] / max(va[2], 1)),
-               "train_samples": int(tr[2]), "val_samples": int(va[2]),
-               "seconds": round(time.time() - epoch_started, 2), "precision": s.precision}
+        train = run_epoch(steps, steps.train, epoch_batches("train", s, per_worker, True, shuffle_seed, held), world,
+                          [s.seed, epoch, rank] if s.augment else None,
+                          fault=_fault_hook(extras.get("fault"), epoch + 1, rank))
+        val = run_epoch(steps, steps.evaluate, epoch_batches("validation", s, per_worker, False, None, held), world, None)
+        row = {"epoch": epoch + 1, "loss": train.loss, "accuracy": train.accuracy, "val_loss": val.loss,
+               "val_accuracy": val.accuracy, "train_samples": int(train.samples), "val_samples": int(val.samples),
+               "seconds": round(time.time() - started, 2), "precision": s.precision}
         state = {"epoch": epoch + 1, "history": state["history"] + [row]}
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                _save(tmp, model, optimizer, state)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(row, checkpoint=ckpt)
+        _report(row, state, steps, rank)
+
+
+def _report(row: dict[str, Any], state: dict[str, Any], steps: DistributedSteps, rank: int) -> None:
+    """Report an epoch's metrics to Ray Train, with a checkpoint from rank 0."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            _save(tmp, steps.model, steps.optimizer, state)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(row, checkpoint=checkpoint)
 
 
 def _fault_hook(fault: dict[str, Any] | None, epoch: int, rank: int):

@@ -287,12 +287,8 @@ def _train_export_evaluate(kind: str, cfg: TrainConfig, settings: LoopSettings, 
     return _finish(kind, directory, model, metadata, run, evaluation)
 
 
-def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Fine-tune VGG16's block 5 and the top, starting from a train_top model, on augmented images
-    (or, with ``cache_block4``, on cached block-4 outputs of the top model's feature folder)."""
-    from pipeline import models
-    from pipeline.train import freeze_below_block5
-
+def _top_model(cfg: FinetuneConfig) -> tuple[str, dict[str, Any]]:
+    """The ``train_top`` model fine-tuning starts from: its location and metadata."""
     output_dir = cfg.output_dir
     top_path = cfg.top_model or (storage.join(job_dir(output_dir, "top"), MODEL_FILE) if output_dir else None)
     if top_path is None or not storage.is_file(top_path):
@@ -304,28 +300,47 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     meta = read_metadata(top_path)
     if meta["kind"] != "top":
         raise UserError(f"--top-model {top_path} is a {meta['kind']} model; fine-tuning starts from a train_top model")
-    output_dir = output_dir or storage.parent(storage.parent(storage.absolute(top_path)))
+    return top_path, meta
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune VGG16's block 5 and the top, starting from a train_top model, on augmented images
+    (or, with ``cache_block4``, on cached block-4 outputs of the top model's feature folder)."""
+    top_path, meta = _top_model(cfg)
+    output_dir = cfg.output_dir or storage.parent(storage.parent(storage.absolute(top_path)))
     directory = job_dir(output_dir, "finetune_cached" if cfg.cache_block4 else "finetune")
     manifest, index = _finetune_data(cfg, meta)
-    data_input = manifest["fingerprint"] if manifest else index.fingerprint()
-    recorded = job_settings(cfg, drop=("top_model", "data_dir"), data=data_input,
+    recorded = job_settings(cfg, drop=("top_model", "data_dir"),
+                            data=manifest["fingerprint"] if manifest else index.fingerprint(),
                             top_model_sha256=hashlib.sha256(storage.read_bytes(top_path)).hexdigest(),
                             learning_rate=cfg.learning_rate or default_learning_rate("finetune"))
     reused = _prepare(directory, "finetune", recorded, cfg.overwrite)
     if reused:
         return reused
     top_model, _ = load_classifier(top_path)
-    features, top = top_model.get_layer("vgg16_features"), top_model.get_layer("top")
-    precision = cfg.precision
-    image_size = meta["image_size"]
-    classes = meta["classes"]
-    shape = tuple(vgg16.feature_shape(image_size))
     metadata = {"weights": meta["weights"], "preprocessing": meta["preprocessing"],
                 "top_model": storage.absolute(top_path), "synthetic": meta.get("synthetic", False),
-                "classes": classes, "image_size": image_size, "cached_block4": cfg.cache_block4}
-    base_weights = features.get_weights()
+                "classes": meta["classes"], "image_size": meta["image_size"], "cached_block4": cfg.cache_block4}
+    if cfg.cache_block4:
+        return _finetune_cached(cfg, meta, manifest, top_model, directory, metadata)
+    features, top = top_model.get_layer("vgg16_features"), top_model.get_layer("top")
+    extras = {"base_weights": ray.put(features.get_weights()), "top_weights": ray.put(top.get_weights())}
+    metadata.update(data_dir=storage.absolute(index.root), layout=index.layout,
+                    validation_fraction=_data_options(cfg, meta)[2])
+    return _image_job("finetune", cfg, index, directory, meta["image_size"], cfg.precision, metadata, extras,
+                      _finetuned_image_model(meta, features.get_weights()))
 
-    def image_model(block5_source=None):
+
+def _finetuned_image_model(meta: dict[str, Any], base_weights: list[np.ndarray]):
+    """A builder of the image → class model fine-tuning exports: VGG16 frozen below block 5 and a
+    top; with ``block5_source``, the base weights with block 5 taken from that model."""
+    from pipeline import models
+    from pipeline.train import freeze_below_block5
+
+    image_size, classes = meta["image_size"], meta["classes"]
+    shape = tuple(vgg16.feature_shape(image_size))
+
+    def build(block5_source=None):
         f = models.feature_extractor(image_size, base_weights if block5_source else None, meta["preprocessing"],
                                      "float32")
         if block5_source is not None:
@@ -333,41 +348,45 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         freeze_below_block5(f)
         return models.image_classifier(f, models.top_classifier(shape, len(classes), "float32"), name="vgg16_finetuned")
 
-    if cfg.cache_block4:
-        features_dir = meta.get("features_dir")
-        block4_shape = tuple(manifest["block4"]["shape"])
-        cache = storage.join(features_dir, manifest["block4"]["dir"])
-        # Shards already mix the classes (extraction writes rows in a seeded random order): a
-        # cache that streams needs only a per-epoch block order plus the local shuffle buffer;
-        # one that is held is reshuffled in memory every epoch.
-        datasets = {"train": ray.data.read_parquet(storage.join(cache, "train"))
-                    .select_columns(["label", "block4", "block4_flipped"]).randomize_block_order(seed=cfg.seed),
-                    "validation": ray.data.read_parquet(storage.join(cache, "validation"))
-                    .select_columns(["label", "block4"])}
-        held = fits_in_memory((2 * _rows(manifest, "train") + _rows(manifest, "validation")) * np.prod(block4_shape) * 4)
-        settings = _settings("finetune", cfg, precision, len(classes), image_size=image_size, augment=True,
-                             cached_block4=True, block4_shape=block4_shape, feature_shape=shape, hold_in_memory=held,
-                             extras={"base_weights": ray.put(models.block5_weights(features)),
-                                     "top_weights": ray.put(top.get_weights())})
+    return build
 
-        def export(best):
-            trained = models.block5_classifier(block4_shape, len(classes), "float32")
-            load_checkpoint_weights(best, trained)
-            model = image_model(block5_source=trained)
-            model.get_layer("top").set_weights(trained.get_layer("top").get_weights())
-            return model
 
-        validation = read_split(cache, "validation", columns=["path", "label"]).rename_columns(["relpath", "label"])
-        metadata.update(data_dir=manifest["data_dir"], layout=manifest["layout"],
-                        validation_fraction=manifest["config"]["validation_fraction"],
-                        features_dir=features_dir)
-        return _train_export_evaluate("finetune", cfg, settings, datasets, directory, export, metadata, validation,
-                                      manifest["data_dir"])
+def _finetune_cached(cfg: FinetuneConfig, meta: dict[str, Any], manifest: dict[str, Any], top_model,
+                     directory: str, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tuning on the block-4 cache of the top model's feature folder (``--cache-block4``)."""
+    from pipeline import models
 
-    extras = {"base_weights": ray.put(base_weights), "top_weights": ray.put(top.get_weights())}
-    metadata.update(data_dir=storage.absolute(index.root), layout=index.layout,
-                    validation_fraction=_data_options(cfg, meta)[2])
-    return _image_job("finetune", cfg, index, directory, image_size, precision, metadata, extras, image_model)
+    features, top = top_model.get_layer("vgg16_features"), top_model.get_layer("top")
+    classes, shape = meta["classes"], tuple(vgg16.feature_shape(meta["image_size"]))
+    features_dir = meta.get("features_dir")
+    block4_shape = tuple(manifest["block4"]["shape"])
+    cache = storage.join(features_dir, manifest["block4"]["dir"])
+    # Shards already mix the classes (extraction writes rows in a seeded random order): a
+    # cache that streams needs only a per-epoch block order plus the local shuffle buffer;
+    # one that is held is reshuffled in memory every epoch.
+    datasets = {"train": ray.data.read_parquet(storage.join(cache, "train"))
+                .select_columns(["label", "block4", "block4_flipped"]).randomize_block_order(seed=cfg.seed),
+                "validation": ray.data.read_parquet(storage.join(cache, "validation"))
+                .select_columns(["label", "block4"])}
+    held = fits_in_memory((2 * _rows(manifest, "train") + _rows(manifest, "validation")) * np.prod(block4_shape) * 4)
+    settings = _settings("finetune", cfg, cfg.precision, len(classes), image_size=meta["image_size"], augment=True,
+                         cached_block4=True, block4_shape=block4_shape, feature_shape=shape, hold_in_memory=held,
+                         extras={"base_weights": ray.put(models.block5_weights(features)),
+                                 "top_weights": ray.put(top.get_weights())})
+    image_model = _finetuned_image_model(meta, features.get_weights())
+
+    def export(best):
+        trained = models.block5_classifier(block4_shape, len(classes), "float32")
+        load_checkpoint_weights(best, trained)
+        model = image_model(block5_source=trained)
+        model.get_layer("top").set_weights(trained.get_layer("top").get_weights())
+        return model
+
+    validation = read_split(cache, "validation", columns=["path", "label"]).rename_columns(["relpath", "label"])
+    metadata.update(data_dir=manifest["data_dir"], layout=manifest["layout"],
+                    validation_fraction=manifest["config"]["validation_fraction"], features_dir=features_dir)
+    return _train_export_evaluate("finetune", cfg, settings, datasets, directory, export, metadata, validation,
+                                  manifest["data_dir"])
 
 
 def _finetune_data(cfg: FinetuneConfig, meta: dict[str, Any]) -> tuple[dict[str, Any] | None, DatasetIndex | None]:

@@ -143,6 +143,19 @@ def test_inference_actor_killed_mid_extraction(real_root, tmp_path, record_case)
     assert marker.exists() and set(got) == expected and len(got) == len(expected)
 
 
+def test_writer_killed_after_writing_part_of_a_block(real_root, tmp_path, record_case):
+    """The write task dies after its block's shard files and before its ledger entry: Ray retries
+    it under the same part name, so the retry overwrites those files instead of adding rows."""
+    marker = tmp_path / "killed"
+    out = str(tmp_path / "out")
+    _isolated("extract", real_root, out, env_extra={"RIC_FAULT_KILL": f"write:1:{marker}"})
+    got = extracted_paths(out)
+    expected = good_relpaths(real_root)
+    record_case("writer killed between its files and its entry", "retry, all rows once",
+                "killed+retried" if marker.exists() else "not killed", *tally(expected, got))
+    assert marker.exists() and set(got) == expected and len(got) == len(expected)
+
+
 def _small_model(path: str) -> str:
     from pipeline import models
     from pipeline.modelfile import save_classifier

@@ -227,3 +227,41 @@ def test_s3_output_resumes_after_sigkill_and_updates_incrementally(ray_cluster, 
     manifest = json.loads(_s3_fs(s3).open_input_stream("runs/features/manifest.json").read())
     assert manifest["update"] == expected and manifest["processed"] == 3
     assert_same_rows(rows_of("runs/features", _s3_fs(s3)), clean_rows(root, tmp_path))
+
+
+def test_the_audit_refuses_duplicated_and_missing_rows(tmp_path):
+    """What an output must pass before it is marked finished, driven to fail."""
+    import pyarrow as pa
+
+    from pipeline import ledger
+
+    live = pa.table({"relpath": ["a.jpg", "b.jpg", "c.jpg"], "split": ["train"] * 3, "stamp": ["1:1"] * 3,
+                     "part": ["p1", "p1", "p2"], "reason": ["", "", "corrupt"], "error": ["", "", "bad"]},
+                    schema=ledger.SCHEMA)
+    shard = tmp_path / "train"
+    shard.mkdir()
+    pq.write_table(pa.table({"path": ["a.jpg", "b.jpg"]}), shard / "p1.parquet")
+    ledger.check_shards(str(tmp_path), live, {"train": "train"})  # consistent: passes
+    pq.write_table(pa.table({"path": ["b.jpg"]}), shard / "p2.parquet")  # b twice
+    with pytest.raises(RuntimeError, match=r"3 rows \(1 duplicated\) for 2 decoded files"):
+        ledger.check_shards(str(tmp_path), live, {"train": "train"})
+    (shard / "p2.parquet").unlink()
+    (shard / "p1.parquet").unlink()
+    pq.write_table(pa.table({"path": ["a.jpg"]}), shard / "p1.parquet")  # b missing
+    with pytest.raises(RuntimeError, match=r"1 rows \(0 duplicated\) for 2 decoded files"):
+        ledger.check_shards(str(tmp_path), live, {"train": "train"})
+    assert len(ledger.rejects(live)) == 1
+
+
+def test_a_ledger_with_a_file_twice_or_missing_is_not_finished(tmp_path):
+    import pyarrow as pa
+
+    from pipeline import ledger
+
+    listing = pa.table({"relpath": ["a.jpg", "b.jpg"], "split": ["train"] * 2, "stamp": ["1:1"] * 2})
+    out = str(tmp_path / "out")
+    ledger.write_entry(out, "part-x-00000-0000", {"relpath": ["a.jpg", "a.jpg"], "split": ["train"] * 2,
+                                                  "stamp": ["1:1"] * 2, "reason": ["", ""], "error": ["", ""]})
+    with pytest.raises(RuntimeError, match="1 duplicated, 1 missing and 0 unlisted files"):
+        ledger.refresh(out, listing, ["train"], "checking", lambda todo, run_id: None)  # b is never written
+
