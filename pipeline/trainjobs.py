@@ -156,6 +156,16 @@ def _prepare(directory: str, kind: str, settings: dict[str, Any], overwrite: boo
     return None
 
 
+def finished_features(features_dir: str) -> dict[str, Any]:
+    """The manifest of a finished extraction; DataError for a folder an extraction has not finished
+    (interrupted, or being updated), whose shards are not a consistent set."""
+    location = storage.join(features_dir, storage.MANIFEST)
+    if not storage.exists(location):
+        raise DataError(f"{features_dir} is not a finished extraction (it has no {storage.MANIFEST}): an extraction "
+                        f"into it was interrupted or is updating it; rerun jobs.extract_features to finish it")
+    return storage.read_json(location)
+
+
 def default_features(output_dir: str | None) -> str:
     """Extract the built-in data set (reused when already extracted) and return its feature folder."""
     cfg = ExtractConfig(output_dir=storage.join(output_dir, "features") if output_dir else None)
@@ -168,7 +178,7 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     from pipeline.weights import load_weight_arrays, resolve_weights
 
     features_dir = cfg.features_dir or default_features(cfg.output_dir)
-    manifest = storage.read_json(storage.join(features_dir, storage.MANIFEST))
+    manifest = finished_features(features_dir)
     output_dir = cfg.output_dir or os.path.join("outputs", run_name(manifest["data_dir"]))
     directory = job_dir(output_dir, "top")
     reused = _prepare(directory, "top", job_settings(cfg, drop=("features_dir",), features=manifest["fingerprint"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import shutil
@@ -76,6 +77,11 @@ def test_finished_output_is_reused_and_overwrite_redoes_it(torchvision_extractio
     again = run_extraction(cfg)
     assert "reusing finished extraction" in capsys.readouterr().out
     assert again["created_at"] == manifest["created_at"]
+    redone = run_extraction(dataclasses.replace(cfg, overwrite=True))
+    assert redone["processed"] == redone["num_images"] == 40 and redone["update"]["reused"] == 0
+    assert redone["created_at"] != manifest["created_at"]
+    assert sorted(read_split(cfg.output_dir, "train").column("path").to_pylist()) == sorted(
+        read_split(cfg.output_dir, "train").column("path").unique().to_pylist())
 
 
 def test_bad_files_are_listed_and_good_files_kept(ray_cluster, tmp_path):

@@ -140,3 +140,20 @@ def test_no_match_for_a_glob(ray_cluster, model_files, tmp_path):
     with pytest.raises(DataError, match="no image files match"):
         run_prediction(PredictConfig(model=model_files["top"], input=str(tmp_path / "*.png"),
                                      output=str(tmp_path / "o.csv")))
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_a_model_file_with_code_in_it_is_refused(tmp_path, precision):
+    """Safe mode: a Lambda layer carries Python bytecode, which loading would run; it is refused
+    on every loading path (float32, and the bf16 rebuild) before any prediction."""
+    import keras
+
+    from pipeline.modelfile import save_classifier
+
+    inputs = keras.Input((SIZE, SIZE, 3))
+    outputs = keras.layers.Dense(2, activation="softmax")(
+        keras.layers.Lambda(lambda x: keras.ops.mean(x, axis=(1, 2)))(inputs))
+    path = str(tmp_path / "lambda.keras")
+    save_classifier(keras.Model(inputs, outputs), path, {"kind": "scratch", "classes": CLASSES, "image_size": SIZE})
+    with pytest.raises(ValueError, match="(?i)lambda|safe_mode|unsafe"):
+        load_classifier(path, precision)

@@ -105,6 +105,12 @@ def test_sigkilled_extraction_resumes_and_matches_a_clean_run(ray_cluster, root,
         proc = start_paused(["jobs.extract_features", "--data-dir", root, "--output-dir", out, *CLI_OPTIONS], {}, log)
         kill_when(lambda: local_entries(out), proc, PAUSE_AT - 1)
     assert not os.path.exists(os.path.join(out, "manifest.json")), "a killed run must not look finished"
+    from pipeline.config import TrainTopConfig
+    from pipeline.errors import DataError
+    from pipeline.trainjobs import train_top
+
+    with pytest.raises(DataError, match="is not a finished extraction"):
+        train_top(TrainTopConfig(features_dir=out, output_dir=str(tmp_path / "run"), epochs=1))
     manifest = run_extraction(ExtractConfig(data_dir=root, output_dir=out, **OPTIONS))
     total = 4 * PER_CLASS
     done = (PAUSE_AT - 1) * BLOCK
