@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,8 @@ from PIL import Image
 
 from pipeline.decode import DecodeError, decode_batch, decode_image, load_image
 from tests.images import bad_files, half_split_image, jpeg_bytes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SIZE = 32
 
@@ -106,25 +110,15 @@ def test_file_without_read_permission():
         with open(path, "wb") as f:
             f.write(jpeg_bytes())
         os.chmod(path, 0)
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child: drop privileges, try to decode, report the reason
-            os.close(read_end)
-            reason = b"decoded"
-            try:
-                if os.geteuid() == 0:
-                    os.seteuid(65534)
-                load_image(path, SIZE)
-            except DecodeError as exc:
-                reason = exc.reason.encode()
-            except BaseException as exc:  # noqa: BLE001 - report anything else to the parent
-                reason = repr(exc).encode()
-            os.write(write_end, reason)
-            os._exit(0)
-        os.close(write_end)
-        with os.fdopen(read_end, "rb") as f:
-            reason = f.read().decode()
-        os.waitpid(pid, 0)
+        # A fresh interpreter, not a fork of this one (which runs Ray's and TensorFlow's threads).
+        # Imports first: once it is 'nobody', the interpreter may not read all of its own modules.
+        code = ("import os, sys\nimport pipeline.storage\nfrom pipeline.decode import DecodeError, load_image\n"
+                "if os.geteuid() == 0:\n    os.seteuid(65534)\n"
+                "try:\n    load_image(sys.argv[1], int(sys.argv[2]))\n    print('decoded')\n"
+                "except DecodeError as exc:\n    print(exc.reason)\n")
+        proc = subprocess.run([sys.executable, "-c", code, path, str(SIZE)], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+        reason = proc.stdout.strip() or proc.stderr[-2000:]
         assert reason == "unreadable"
     finally:
         import shutil

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import numpy as np
@@ -88,9 +89,18 @@ def test_every_file_exactly_once_with_odd_names_and_accuracy(ray_cluster, model_
     out = str(tmp_path / "pred.csv")
     assert predict_main(["--model", model_files["scratch"], "--input", root, "--output", out]) == 0
     text = capsys.readouterr().out
-    assert "confusion matrix" in text and "images/s" in text and "accuracy" in text
     table = pacsv.read_csv(out)
     paths = table.column("path").to_pylist()
+    # The printed accuracy and confusion matrix, recomputed from the written rows and their folders.
+    truth = [p.split(os.sep)[0] for p in paths]
+    predicted = table.column("predicted_class").to_pylist()
+    accuracy = sum(t == p for t, p in zip(truth, predicted)) / len(paths)
+    assert f"accuracy {accuracy:.4f} on {len(paths)} images in class folders" in text
+    matrix = [[sum(t == a and p == b for t, p in zip(truth, predicted)) for b in CLASSES] for a in CLASSES]
+    rows = [line.split() for line in text.splitlines()
+            if line.split()[:1] in (["cats"], ["dogs"]) and all(v.isdigit() for v in line.split()[1:])]
+    assert [[int(v) for v in r[1:]] for r in rows] == matrix
+    assert re.search(r"predicted 8 images \(\d+ rejected\) .* [\d.]+ images/s", text)
     assert os.path.join("cats", "nested", "deeper", os.path.basename(real_images("validation", "cats", 1)[0])) in paths
     assert os.path.join("dogs", "with space ñandú.jpg") in paths and os.path.join("cats", "UPPER.JPG") in paths
     assert len(paths) == len(set(paths)) == 8 and not set(paths) & bad

@@ -53,7 +53,12 @@ def test_two_workers_give_the_weights_of_one(small_features, tmp_path):
         history = read_checkpoint_state(result.checkpoint)["history"]
         assert [h["epoch"] for h in history] == [1, 2, 3] and all(h["train_samples"] == 20 for h in history)
         weights.append(_top_weights(result.checkpoint, shape))
-    initial = models.top_classifier(shape, 2, "float32", dropout=0.0)
+    import keras
+
+    from pipeline.train import build_model
+
+    keras.utils.set_random_seed(settings.seed)  # the weights every worker starts from
+    initial, _ = build_model(settings)
     moved = max(np.abs(a - b).max() for a, b in zip(weights[0], initial.get_weights()))
     assert moved > 1e-4, "training must have changed the weights"
     for one, two in zip(*weights):
