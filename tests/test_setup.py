@@ -11,8 +11,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _dry_run(*args: str) -> list[str]:
     """The commands make would run on a fresh clone (no .venv), without running them."""
-    proc = subprocess.run(["make", "-n", "-B", *args], cwd=REPO, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "MAKEFLAGS": ""})
+    # Under `make test` (CI) this runs inside make: without --no-print-directory a nested make
+    # adds "Entering directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "-B", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().splitlines()
 
