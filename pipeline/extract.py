@@ -40,7 +40,7 @@ from pipeline.cluster import InferencePlan, configure_tensorflow_devices, pin_to
 from pipeline.config import ExtractConfig
 from pipeline.discover import OPTIONAL_SPLITS, REQUIRED_SPLITS, DatasetIndex, discover
 from pipeline.faults import maybe_fail
-from pipeline.inference import (TallyingSink, actor_identity, actors_precision, check_reject_fraction, decoded_images,
+from pipeline.inference import (CommittingSink, actor_identity, actors_precision, check_reject_fraction, decoded_images,
                                 map_with_actors,
                                 plan_inference, run_model_on_good_rows, write_args)
 from pipeline.precision import device_precision
@@ -116,42 +116,24 @@ class FeatureActor:
         return batch
 
 
-class FeatureSink(TallyingSink):
+class FeatureSink(CommittingSink):
     """Commits each block: its good rows into ``<split>/<part>.parquet`` (with ``block4_dim``
-    also the block-4 cache into ``block4/<split>/``), then its ledger entry, rejects included.
-
-    Part names come from the run and the write task's index, so a task that Ray retries
-    after a failure overwrites its own earlier files instead of adding duplicates.
-    """
+    also the block-4 cache into ``block4/<split>/``), then its ledger entry."""
 
     def __init__(self, output: str, run_id: str, dim: int, block4_dim: int | None = None):
-        self.output = output
-        self.run_id = run_id
+        super().__init__(output, run_id)
         self.dim = dim
         self.block4_dim = block4_dim
 
-    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Counter[str]]:
-        from ray.data.block import BlockAccessor
-
-        tally = self.empty_tally()
-        for n, block in enumerate(blocks):
-            batch = BlockAccessor.for_block(block).to_numpy()
-            if len(batch["relpath"]) == 0:
-                continue
-            part = ledger.part_name(self.run_id, ctx.task_idx, n)
-            self.count(tally, batch)
-            ok = batch["reason"] == ""
-            splits = np.asarray([str(s) for s in batch["split"]])
-            for split in sorted(set(splits[ok])):
-                rows = ok & (splits == split)
-                self._write(storage.join(self.output, split, f"{part}.parquet"), batch, rows, self.dim, ["features"])
-                if self.block4_dim is not None:
-                    columns = ["block4", "block4_flipped"] if split == FLIPPED_SPLIT else ["block4"]
-                    self._write(storage.join(self.output, BLOCK4_DIR, split, f"{part}.parquet"), batch, rows,
-                                self.block4_dim, columns)
-            maybe_fail("write")  # tests: a writer that dies between its files and its entry
-            ledger.write_entry(self.output, part, batch)
-        return tally
+    def write_block(self, part: str, batch: dict[str, np.ndarray], ok: np.ndarray) -> None:
+        splits = np.asarray([str(s) for s in batch["split"]])
+        for split in sorted(set(splits[ok])):
+            rows = ok & (splits == split)
+            self._write(storage.join(self.output, split, f"{part}.parquet"), batch, rows, self.dim, ["features"])
+            if self.block4_dim is not None:
+                columns = ["block4", "block4_flipped"] if split == FLIPPED_SPLIT else ["block4"]
+                self._write(storage.join(self.output, BLOCK4_DIR, split, f"{part}.parquet"), batch, rows,
+                            self.block4_dim, columns)
 
     @staticmethod
     def _write(uri: str, batch: dict[str, np.ndarray], rows: np.ndarray, dim: int, columns: list[str]) -> None:
@@ -263,7 +245,7 @@ def _extract(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, ou
     live, update, done = ledger.refresh(
         output, index.files, folders, "updating extraction" if previous else "resuming extraction",
         lambda todo, run_id: _infer(cfg, index.root, todo, weights, output, cache, run_id))
-    plan, tally = done or (None, TallyingSink.tally)
+    plan, tally = done or (None, CommittingSink.tally)
     rejects, counts = _audit(output, index, live, cache)
     check_reject_fraction(rejects, len(index.files), cfg.max_reject_fraction,
                           "The output stays unfinished: fix or remove the files and rerun (only they are redone), "

@@ -22,11 +22,12 @@ import ray
 from ray.data import Datasink, Datasource, ReadTask
 from ray.data.block import BlockAccessor, BlockMetadata
 
-from pipeline import storage
+from pipeline import ledger, storage
 from pipeline.cluster import InferencePlan, inference_plan, pin_to_this_node, wait_for_gpus
 from pipeline.config import DEFAULT_BLOCK_FILES, InferenceOptions
 from pipeline.decode import decode_batch
 from pipeline.errors import DataError
+from pipeline.faults import maybe_fail
 
 BLOCK_ROWS = DEFAULT_BLOCK_FILES
 # What a decode task holds besides its block's pixels: the worker itself (about 110 MiB
@@ -210,21 +211,38 @@ def merge_tallies(write_returns: Iterable[dict[str, Counter[str]]]) -> dict[str,
             "decode_nodes": dict(sorted(nodes.items())), "rows": sum(actors.values())}
 
 
-class TallyingSink(Datasink):
-    """A Datasink whose write tasks return ``tally_batch`` counts, merged into ``self.tally`` at the end."""
+class CommittingSink(Datasink):
+    """A Datasink that commits each block to ``output``: its data files (``write_block``), then its
+    ledger entry, rejects included. Its write tasks return ``tally_batch`` counts, merged into
+    ``self.tally`` at the end.
+
+    Part names come from the run and the write task's index, so a task that Ray retries
+    after a failure overwrites its own earlier files instead of adding duplicates.
+    """
 
     tally: dict[str, Any] = {"actors": [], "decode_nodes": {}, "rows": 0}
 
+    def __init__(self, output: str, run_id: str):
+        self.output = output
+        self.run_id = run_id
+
+    def write_block(self, part: str, batch: dict[str, np.ndarray], ok: np.ndarray) -> None:
+        """Write the data files of one block (``ok``: the rows that decoded)."""
+        raise NotImplementedError
+
+    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Counter[str]]:
+        tally: dict[str, Counter[str]] = {"actors": Counter(), "decode_nodes": Counter()}
+        for n, block in enumerate(blocks):
+            batch = BlockAccessor.for_block(block).to_numpy()
+            if len(batch["relpath"]) == 0:
+                continue
+            part = ledger.part_name(self.run_id, ctx.task_idx, n)
+            for key, counts in tally_batch(batch).items():
+                tally[key].update(counts)
+            self.write_block(part, batch, batch["reason"] == "")
+            maybe_fail("write")  # tests: a writer that dies between its files and its entry
+            ledger.write_entry(self.output, part, batch)
+        return tally
+
     def on_write_complete(self, write_result) -> None:
         self.tally = merge_tallies(write_result.write_returns)
-
-    @staticmethod
-    def empty_tally() -> dict[str, Counter[str]]:
-        """What a write task returns before it has written a batch."""
-        return {"actors": Counter(), "decode_nodes": Counter()}
-
-    @staticmethod
-    def count(tally: dict[str, Counter[str]], batch: dict[str, np.ndarray]) -> None:
-        """Add a written batch's rows to a write task's ``tally``."""
-        for key, counts in tally_batch(batch).items():
-            tally[key].update(counts)

@@ -10,8 +10,7 @@ import io
 import os
 import re
 import time
-from collections import Counter
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +24,7 @@ from pipeline.discover import UNLABELED_SCHEMA, check_root, columnar, discover_u
 from pipeline.errors import DataError, OutputError
 from pipeline.extract import REJECTS_FILE
 from pipeline.faults import maybe_fail
-from pipeline.inference import (BLOCK_ROWS, TallyingSink, actor_identity, actors_precision, decoded_images, map_with_actors,
+from pipeline.inference import (BLOCK_ROWS, CommittingSink, actor_identity, actors_precision, decoded_images, map_with_actors,
                                 plan_inference, run_model_on_good_rows, write_args)
 
 PARTS_DIR = "predictions"
@@ -104,32 +103,17 @@ def prediction_schema(classes: list[str]) -> pa.Schema:
     return pa.schema(PREDICTION_BASE + [(f"prob_{c}", pa.float32()) for c in classes])
 
 
-class PredictionSink(TallyingSink):
-    """Commits each block: its predictions to ``predictions/<part>.parquet``, then its ledger entry
-    (undecodable files included)."""
+class PredictionSink(CommittingSink):
+    """Commits each block: its predictions to ``predictions/<part>.parquet``, then its ledger entry."""
 
     def __init__(self, output: str, run_id: str, classes: list[str]):
-        self.output = output
-        self.run_id = run_id
+        super().__init__(output, run_id)
         self.classes = classes
 
-    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Counter[str]]:
-        from ray.data.block import BlockAccessor
-
-        tally = self.empty_tally()
-        for n, block in enumerate(blocks):
-            batch = BlockAccessor.for_block(block).to_numpy()
-            if len(batch["relpath"]) == 0:
-                continue
-            part = ledger.part_name(self.run_id, ctx.task_idx, n)
-            self.count(tally, batch)
-            ok = batch["reason"] == ""
-            if ok.any():
-                storage.write_parquet(storage.join(self.output, PARTS_DIR, f"{part}.parquet"),
-                                      prediction_table(batch["relpath"][ok], np.stack(batch["probs"][ok]), self.classes))
-            maybe_fail("write")  # tests: a writer that dies between its files and its entry
-            ledger.write_entry(self.output, part, batch)
-        return tally
+    def write_block(self, part: str, batch: dict[str, np.ndarray], ok: np.ndarray) -> None:
+        if ok.any():
+            storage.write_parquet(storage.join(self.output, PARTS_DIR, f"{part}.parquet"),
+                                  prediction_table(batch["relpath"][ok], np.stack(batch["probs"][ok]), self.classes))
 
 
 def prediction_table(paths: Sequence[str], probs: np.ndarray, classes: list[str]) -> pa.Table:
@@ -240,7 +224,7 @@ def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
         live, update, done = ledger.refresh(
             work, files, [PARTS_DIR], "updating predictions" if finished else "resuming predictions",
             lambda todo, run_id: _predict(cfg, model, meta, todo, root, work, run_id))
-        tally = done or TallyingSink.tally
+        tally = done or CommittingSink.tally
         table, rejects = _check_predictions(work, live, meta["classes"])
         summary = _summary(cfg, meta, final, table, rejects, tally)
         summary.update(settings=settings, inputs=inputs, update=update.counts, processed=tally["rows"])

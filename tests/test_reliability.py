@@ -132,28 +132,20 @@ def _isolated(scenario: str, *args: str, env_extra: dict) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def test_inference_actor_killed_mid_extraction(real_root, tmp_path, record_case):
+@pytest.mark.parametrize("fault, case, expected, observed", [
+    ("extract:3", "inference actor killed (extraction)", "restart, all rows once", "killed+restarted"),
+    # The write task dies after its block's shard files and before its ledger entry: Ray retries
+    # it under the same part name, so the retry overwrites those files instead of adding rows.
+    ("write:1", "writer killed between its files and its entry", "retry, all rows once", "killed+retried"),
+], ids=["inference actor", "writer"])
+def test_process_killed_mid_extraction(real_root, tmp_path, record_case, fault, case, expected, observed):
     marker = tmp_path / "killed"
     out = str(tmp_path / "out")
-    _isolated("extract", real_root, out, env_extra={"RIC_FAULT_KILL": f"extract:3:{marker}"})
+    _isolated("extract", real_root, out, env_extra={"RIC_FAULT_KILL": f"{fault}:{marker}"})
     got = extracted_paths(out)
-    expected = good_relpaths(real_root)
-    record_case("inference actor killed (extraction)", "restart, all rows once",
-                "killed+restarted" if marker.exists() else "not killed", *tally(expected, got))
-    assert marker.exists() and set(got) == expected and len(got) == len(expected)
-
-
-def test_writer_killed_after_writing_part_of_a_block(real_root, tmp_path, record_case):
-    """The write task dies after its block's shard files and before its ledger entry: Ray retries
-    it under the same part name, so the retry overwrites those files instead of adding rows."""
-    marker = tmp_path / "killed"
-    out = str(tmp_path / "out")
-    _isolated("extract", real_root, out, env_extra={"RIC_FAULT_KILL": f"write:1:{marker}"})
-    got = extracted_paths(out)
-    expected = good_relpaths(real_root)
-    record_case("writer killed between its files and its entry", "retry, all rows once",
-                "killed+retried" if marker.exists() else "not killed", *tally(expected, got))
-    assert marker.exists() and set(got) == expected and len(got) == len(expected)
+    wanted = good_relpaths(real_root)
+    record_case(case, expected, observed if marker.exists() else "not killed", *tally(wanted, got))
+    assert marker.exists() and set(got) == wanted and len(got) == len(wanted)
 
 
 def _small_model(path: str) -> str:
