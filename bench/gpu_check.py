@@ -5,9 +5,10 @@ Measures, on whatever machine it runs on:
 1. the VGG16 conv base (the project's own ``pipeline.models.feature_extractor``) with Keras 3
    on the JAX backend, float32 vs mixed bfloat16, at the project's batch sizes: images/s and
    peak GPU memory — the per-GPU ceiling of one inference actor;
-2. the project's own decode function (``pipeline.decode.load_image``: Pillow, draft mode,
-   EXIF, resize) on real JPEGs, on one core and on every core — the per-node decode ceiling,
-   i.e. how many GPUs one node's CPUs can keep fed;
+2. the project's own decode function on real JPEGs, the fast JPEG path against Pillow alone
+   (the decoder before it), on one core and on every core (``bench/decode_throughput.py``'s
+   measurement) — the per-node decode ceiling, i.e. how many GPUs one node's CPUs can keep
+   fed at the product's defaults (bfloat16, batch 32);
 3. fine-tuning training steps (SGD, mixed bfloat16, the project's own models): the full image
    model with blocks 1-4 frozen (streamed fine-tuning) against block 5 + top on block-4
    inputs (``--cache-block4``), samples/s of training and of evaluation, and the per-epoch
@@ -32,25 +33,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from pipeline.decode import load_image  # noqa: E402
+from bench.decode_throughput import cpu_name, identical, measure, read_photos  # noqa: E402
 
-
-def _decode_all(args: tuple[list[str], int, int]) -> int:
-    paths, size, repeats = args
-    for _ in range(repeats):
-        for p in paths:
-            load_image(p, size)
-    return len(paths) * repeats
-
-
-def decode_throughput(paths: list[str], size: int, processes: int, repeats: int) -> float:
-    """Images/s of the project's decode function over ``processes`` worker processes."""
-    chunks = [paths[i::processes] for i in range(processes)]
-    with mp.get_context("fork").Pool(processes) as pool:
-        pool.map(_decode_all, [(c, size, 1) for c in chunks])  # warm the page cache and imports
-        start = time.perf_counter()
-        done = sum(pool.map(_decode_all, [(c, size, repeats) for c in chunks]))
-    return done / (time.perf_counter() - start)
+# What the product's GPU actors run at unless told otherwise (ExtractConfig, precision_for).
+DEFAULT_PRECISION, DEFAULT_BATCH = "bfloat16", 32
 
 
 def _model_throughput(args: tuple[int, str, int, float]) -> dict[str, float]:
@@ -131,13 +117,15 @@ def main() -> None:
     figures: dict[str, object] = {"cpu_cores": os.cpu_count(), "image_size": args.image_size}
     every = None
     if "decode" in parts:  # first: forking after JAX has started its threads can deadlock
-        paths = sorted(os.path.join(args.images, f) for f in os.listdir(args.images))
-        one = decode_throughput(paths, args.image_size, 1, 2)
         cores = os.cpu_count() or 1
-        every = decode_throughput(paths, args.image_size, cores, 4)
-        figures["decode_images_per_s_one_core"] = round(one, 1)
-        figures[f"decode_images_per_s_{cores}_cores"] = round(every, 1)
-        print(f"decode+resize to {args.image_size}px: {one:.0f} img/s on 1 core, {every:.0f} img/s on {cores} cores")
+        every = measure(read_photos(args.images, None), args.image_size, cores)
+        same, differ = identical(args.image_size)
+        figures.update(cpu=cpu_name(), decode=every, decode_identical_pixels=same, decode_differing=differ[:20])
+        for n in (1, cores):
+            print(f"decode+resize to {args.image_size}px on {n} core(s): Pillow alone "
+                  f"{every[f'pillow_images_per_s_{n}_cores']:.0f} img/s, fast path "
+                  f"{every[f'fast_images_per_s_{n}_cores']:.0f} img/s (x{every[f'speedup_{n}_cores']})")
+        print(f"identical pixels on {same} photos, {len(differ)} differ")
 
     import jax
 
@@ -151,9 +139,15 @@ def main() -> None:
                 r = model_throughput(args.image_size, precision, batch, args.seconds)
                 figures[f"vgg16_{precision}_b{batch}"] = r
                 print(f"{precision:>10} {batch:>6} {r['images_per_s']:>9.1f} {r['peak_gib']:>9.2f}", flush=True)
-        best = max((v["images_per_s"] for k, v in figures.items() if k.startswith("vgg16_")), default=0)
-        if every is not None and best:
-            figures["gpus_one_node_can_feed"] = round(every / best, 2)
+        default = figures.get(f"vgg16_{DEFAULT_PRECISION}_b{DEFAULT_BATCH}", {}).get("images_per_s")
+        if every is not None and default:
+            for name in ("pillow", "fast"):
+                fed = every[f"{name}_images_per_s_{cores}_cores"] / default
+                figures[f"gpu_fed_fraction_{name}"] = round(min(fed, 1.0), 2)
+                figures[f"node_decode_over_model_{name}"] = round(fed, 2)
+            print(f"one node's cores decode {figures['node_decode_over_model_pillow']}x (Pillow alone) and "
+                  f"{figures['node_decode_over_model_fast']}x (fast path) what one GPU actor takes at "
+                  f"{DEFAULT_PRECISION}, batch {DEFAULT_BATCH} ({default:.0f} img/s)")
     if "finetune" in parts:
         print(f"fine-tuning steps on {figures['device']}, bfloat16, batch 32 (samples/s):")
         epoch = {}

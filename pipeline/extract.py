@@ -42,7 +42,7 @@ from pipeline.discover import OPTIONAL_SPLITS, REQUIRED_SPLITS, DatasetIndex, di
 from pipeline.faults import maybe_fail
 from pipeline.inference import (CommittingSink, actor_identity, actors_precision, check_reject_fraction, decoded_images,
                                 map_with_actors,
-                                plan_inference, run_model_on_good_rows, write_args)
+                                plan_inference, run_model_on_good_rows, stamp_actor, write_args)
 from pipeline.precision import device_precision
 from pipeline.reuse import fingerprint, job_settings
 from pipeline.versions import library_versions
@@ -98,6 +98,7 @@ class FeatureActor:
         self.identity = actor_identity(precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.time()
         maybe_fail("extract")
         images = batch.pop("image")
         ok = batch["reason"] == ""
@@ -112,8 +113,7 @@ class FeatureActor:
             flipped = run_model_on_good_rows(self.block4_model.predict_on_batch, images[:, :, ::-1], train,
                                              self.batch_size)
             batch["block4_flipped"] = _rows_of(flipped, train, self.block4_dim)
-        batch["actor"] = np.full(len(images), self.identity, dtype=object)
-        return batch
+        return stamp_actor(batch, self.identity, started)
 
 
 class FeatureSink(CommittingSink):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 from collections import Counter
 from typing import Any, Iterable
 
@@ -193,22 +194,52 @@ def actors_precision(actors: list[dict[str, Any]], requested: str) -> str:
     return chosen.pop() if len(chosen) == 1 else ("mixed" if chosen else requested)
 
 
-def tally_batch(batch: dict[str, np.ndarray]) -> dict[str, Counter[str]]:
-    """Rows of a written batch per inference actor and per decoding node (a sink's write result)."""
+def stamp_actor(batch: dict[str, np.ndarray], identity: str, started: float) -> dict[str, np.ndarray]:
+    """Mark every row of an actor's output batch with the actor (``actor_identity``) and the
+    wall-clock span of the call that made it (``call_start``, ``call_end``): the sinks add
+    up each actor's busy time from them (the manifest's ``busy_fraction``)."""
+    n = len(batch["relpath"])
+    batch["actor"] = np.full(n, identity, dtype=object)
+    batch["call_start"] = np.full(n, started)
+    batch["call_end"] = np.full(n, time.time())
+    return batch
+
+
+def tally_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Rows of a written batch per inference actor and per decoding node, and each actor's
+    calls as (start, end) spans (a sink's write result)."""
+    calls: dict[str, set[tuple[float, float]]] = {}
+    for actor, start, end in zip(batch["actor"], batch["call_start"], batch["call_end"]):
+        calls.setdefault(str(actor), set()).add((float(start), float(end)))
     return {"actors": Counter(str(a) for a in batch["actor"]),
-            "decode_nodes": Counter(str(n) for n in batch["decode_node"])}
+            "decode_nodes": Counter(str(n) for n in batch["decode_node"]), "calls": calls}
 
 
-def merge_tallies(write_returns: Iterable[dict[str, Counter[str]]]) -> dict[str, Any]:
-    """Rows per inference actor (with its node, GPUs and precision) and per decoding node,
-    from the sinks' write results; ``rows``: all rows written by this run."""
-    actors: Counter[str] = Counter()
-    nodes: Counter[str] = Counter()
-    for tally in write_returns:
-        actors.update(tally["actors"])
-        nodes.update(tally["decode_nodes"])
-    return {"actors": [{**json.loads(identity), "rows": rows} for identity, rows in sorted(actors.items())],
-            "decode_nodes": dict(sorted(nodes.items())), "rows": sum(actors.values())}
+def _busy(spans: set[tuple[float, float]]) -> dict[str, float]:
+    """An actor's time inside its calls, the span from its first call's start to its last
+    call's end, and their ratio: the share of the time it was running while work was flowing."""
+    busy = sum(end - start for start, end in spans)
+    active = max(end for _, end in spans) - min(start for start, _ in spans)
+    return {"busy_s": round(busy, 2), "active_s": round(active, 2), "busy_fraction": round(busy / max(active, 1e-9), 3)}
+
+
+def add_tally(total: dict[str, Any], tally: dict[str, Any]) -> dict[str, Any]:
+    """Add ``tally`` (from ``tally_batch`` or another ``add_tally``) into ``total``; returns ``total``.
+    A call split over two blocks counts once."""
+    total.setdefault("actors", Counter()).update(tally["actors"])
+    total.setdefault("decode_nodes", Counter()).update(tally["decode_nodes"])
+    for actor, spans in tally["calls"].items():
+        total.setdefault("calls", {}).setdefault(actor, set()).update(spans)
+    return total
+
+
+def merge_tallies(write_returns: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Rows and busy time per inference actor (with its node, GPUs and precision) and rows per
+    decoding node, from the sinks' write results; ``rows``: all rows written by this run."""
+    total = functools.reduce(add_tally, write_returns, {"actors": Counter(), "decode_nodes": Counter(), "calls": {}})
+    return {"actors": [{**json.loads(identity), "rows": rows, **_busy(total["calls"][identity])}
+                       for identity, rows in sorted(total["actors"].items())],
+            "decode_nodes": dict(sorted(total["decode_nodes"].items())), "rows": sum(total["actors"].values())}
 
 
 class CommittingSink(Datasink):
@@ -230,19 +261,18 @@ class CommittingSink(Datasink):
         """Write the data files of one block (``ok``: the rows that decoded)."""
         raise NotImplementedError
 
-    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Counter[str]]:
-        tally: dict[str, Counter[str]] = {"actors": Counter(), "decode_nodes": Counter()}
+    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
+        total: dict[str, Any] = {"actors": Counter(), "decode_nodes": Counter(), "calls": {}}
         for n, block in enumerate(blocks):
             batch = BlockAccessor.for_block(block).to_numpy()
             if len(batch["relpath"]) == 0:
                 continue
             part = ledger.part_name(self.run_id, ctx.task_idx, n)
-            for key, counts in tally_batch(batch).items():
-                tally[key].update(counts)
+            add_tally(total, tally_batch(batch))
             self.write_block(part, batch, batch["reason"] == "")
             maybe_fail("write")  # tests: a writer that dies between its files and its entry
             ledger.write_entry(self.output, part, batch)
-        return tally
+        return total
 
     def on_write_complete(self, write_result) -> None:
         self.tally = merge_tallies(write_result.write_returns)

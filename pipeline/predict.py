@@ -25,7 +25,7 @@ from pipeline.errors import DataError, OutputError
 from pipeline.extract import REJECTS_FILE
 from pipeline.faults import maybe_fail
 from pipeline.inference import (BLOCK_ROWS, CommittingSink, actor_identity, actors_precision, decoded_images, map_with_actors,
-                                plan_inference, run_model_on_good_rows, write_args)
+                                plan_inference, run_model_on_good_rows, stamp_actor, write_args)
 
 PARTS_DIR = "predictions"
 
@@ -57,6 +57,7 @@ class ClassifierActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipeline.models import probabilities
 
+        started = time.time()
         maybe_fail("predict")
         images = batch.pop("image")
         ok = batch["reason"] == ""
@@ -65,8 +66,7 @@ class ClassifierActor:
         if raw is not None:
             out[ok] = probabilities(raw, self.num_classes)
         batch["probs"] = out
-        batch["actor"] = np.full(len(images), self.identity, dtype=object)
-        return batch
+        return stamp_actor(batch, self.identity, started)
 
 
 def predictions_dataset(model: str | bytes, files: pa.Table, root: str, image_size: int, precision: str,

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.decode import DecodeError, decode_batch, decode_image, load_image
 from tests.images import bad_files, half_split_image, jpeg_bytes
@@ -135,3 +135,66 @@ def test_decode_batch_keeps_every_row(tmp_path):
     assert out["image"].shape == (3, SIZE, SIZE, 3)
     assert list(out["reason"]) == ["", "empty file", "not an image"]
     assert out["image"][0].mean() > 0
+
+
+def pillow_reference(data: bytes, size: int) -> np.ndarray:
+    """What the decoder did before its fast JPEG path: Pillow alone, draft, turn, bilinear resize."""
+    with Image.open(io.BytesIO(data)) as im:
+        im.draft("RGB", (size, size))
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        return np.asarray(im.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def quadrants(width: int, height: int) -> Image.Image:
+    """Four differently coloured quadrants with a gradient: any flip or turn changes the pixels."""
+    y, x = np.mgrid[0:height, 0:width]
+    arr = np.zeros((height, width, 3), np.uint8)
+    arr[..., 0] = np.where(x < width // 2, 230, 20)
+    arr[..., 1] = np.where(y < height // 3, 220, 30)
+    arr[..., 2] = (x * 255 // max(width - 1, 1)).astype(np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_fast_jpeg_path_turns_like_pillow_for_every_exif_orientation(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    quadrants(400, 260).save(buf, "JPEG", exif=exif, quality=95)
+    ours = decode_image(buf.getvalue(), 48).astype(float)
+    reference = pillow_reference(buf.getvalue(), 48).astype(float)
+    assert (ours == reference).all(), f"orientation {orientation} turned differently from Pillow"
+
+
+@pytest.mark.parametrize("size,subsampling,progressive", [((4000, 3000), 2, False), ((151, 900), 0, True),
+                                                          ((150, 150), 1, False), ((40, 30), 2, False)])
+def test_fast_jpeg_path_resizes_like_pillow(size, subsampling, progressive):
+    buf = io.BytesIO()
+    quadrants(*size).save(buf, "JPEG", quality=90, subsampling=subsampling, progressive=progressive)
+    ours = decode_image(buf.getvalue(), 150).astype(float)
+    assert ours.shape == (150, 150, 3)
+    assert (ours == pillow_reference(buf.getvalue(), 150)).all()
+
+
+def test_truncated_jpeg_is_still_rejected_mid_scan():
+    whole = io.BytesIO()
+    quadrants(640, 480).save(whole, "JPEG", quality=90)
+    cut = whole.getvalue()[: len(whole.getvalue()) * 2 // 3]
+    with pytest.raises(DecodeError) as err:
+        decode_image(cut, 150)
+    assert err.value.reason == "truncated", "a half-decoded photo must not pass as an image with grey pixels"
+
+
+def test_real_photos_keep_their_features(real_root):
+    """The fast path moves pixels slightly; VGG16's features of real photos must not move (cosine >= 0.995)."""
+    from pipeline import weights
+    from pipeline.models import feature_extractor
+
+    paths = sorted(os.path.join(d, f) for d, _, names in os.walk(real_root) for f in names)[:24]
+    model = feature_extractor(150, weights.load_weight_arrays(weights.resolve_weights("torchvision"), 150),
+                              "torch", "float32")
+    datas = [open(p, "rb").read() for p in paths]
+    ours = model.predict(np.stack([decode_image(d, 150) for d in datas]), verbose=0).reshape(len(datas), -1)
+    before = model.predict(np.stack([pillow_reference(d, 150) for d in datas]), verbose=0).reshape(len(datas), -1)
+    cosine = (ours * before).sum(axis=1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(before, axis=1))
+    assert cosine.min() >= 0.995, f"min cosine {cosine.min():.4f} over {len(datas)} real photos"

@@ -48,6 +48,28 @@ def test_one_row_per_file_with_folder_labels(torchvision_extraction, real_root):
             assert path.split(os.sep)[1] == name == ["cats", "dogs"][label]
 
 
+def test_each_actor_records_its_busy_time(torchvision_extraction):
+    _, manifest = torchvision_extraction
+    actors = manifest["inference_actors"]
+    assert sum(a["rows"] for a in actors) == 40
+    for a in actors:
+        assert 0 < a["busy_s"] <= a["active_s"] + 0.01 <= manifest["elapsed_s"] + 0.01
+        assert abs(a["busy_fraction"] - a["busy_s"] / a["active_s"]) < 0.01  # both seconds are rounded
+
+
+def test_a_call_split_over_two_written_blocks_counts_once():
+    from pipeline.inference import merge_tallies, tally_batch
+
+    def block(rows, start, end, actor='{"node": "n", "pid": 1}'):
+        return tally_batch({"actor": np.array([actor] * rows, object), "decode_node": np.array(["d"] * rows, object),
+                            "call_start": np.full(rows, start), "call_end": np.full(rows, end)})
+
+    merged = merge_tallies([block(3, 10.0, 12.0), block(2, 10.0, 12.0), block(4, 13.0, 14.0)])
+    assert merged["rows"] == 9
+    (actor,) = merged["actors"]
+    assert (actor["busy_s"], actor["active_s"], actor["busy_fraction"]) == (3.0, 4.0, 0.75)
+
+
 def test_features_match_the_same_model_in_process(torchvision_extraction, real_root):
     cfg, manifest = torchvision_extraction
     from pipeline.models import feature_extractor

@@ -1,0 +1,92 @@
+"""How many decode tasks Ray Data runs at once beside the inference actors on a many-core node.
+
+    python bench/decode_concurrency.py [--cpus 16] [--gpus 1] [--data-dir ../shared/data/cats_vs_dogs_small]
+                                       [--block-files 32]
+
+Starts a local Ray cluster that declares ``--cpus`` CPUs and ``--gpus`` GPUs (the shape of a
+16-core GPU node, on any machine: the GPUs are only a resource here), plans the product's
+inference pool for it (``pipeline.cluster.inference_plan``) and streams the product's decode
+tasks (``pipeline.inference.decoded_images``) into actors that reserve what the inference
+actors reserve but do no work, so only scheduling can limit decoding. Ray's task events give
+every decode task's start and end; the script prints the peak and the time-weighted mean of
+decode tasks running at once, against the CPUs the actors leave free. On a machine with fewer
+real cores the tasks run slower, but how many Ray Data starts at once is what is measured.
+The final line holds every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+class IdleActor:
+    """Takes decoded batches and drops the pixels: a stand-in for an inference actor."""
+
+    def __call__(self, batch):
+        batch.pop("image")
+        return batch
+
+
+def concurrency(spans: list[tuple[float, float]]) -> tuple[int, float]:
+    """Peak and time-weighted mean number of overlapping (start, end) spans."""
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    running = peak = 0
+    weighted, last = 0.0, events[0][0]
+    for t, step in events:
+        weighted += running * (t - last)
+        running, last = running + step, t
+        peak = max(peak, running)
+    return peak, weighted / max(events[-1][0] - events[0][0], 1e-9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpus", type=int, default=16)
+    parser.add_argument("--gpus", type=int, default=1)
+    parser.add_argument("--data-dir", default=os.path.join("..", "shared", "data", "cats_vs_dogs_small"))
+    parser.add_argument("--block-files", type=int, default=32, help="files per decode task (more tasks, finer timing)")
+    args = parser.parse_args()
+
+    import ray
+    from ray.util.state import list_tasks
+
+    from pipeline.cluster import inference_plan
+    from pipeline.discover import discover
+    from pipeline.inference import decoded_images
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray.init(num_cpus=args.cpus, num_gpus=args.gpus, include_dashboard=True, configure_logging=False)
+    plan = inference_plan(cpu_workers=1)
+    index = discover(args.data_dir)
+    ds = decoded_images(index.files.select(["relpath"]), index.root, 150, plan.decode_cpus, args.block_files)
+    ds = ds.map_batches(IdleActor, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=plan.actors),
+                        num_cpus=plan.num_cpus, num_gpus=plan.num_gpus)
+    started = time.time()
+    rows = sum(len(b["relpath"]) for b in ds.iter_batches(batch_format="numpy", batch_size=None))
+    elapsed = time.time() - started
+    time.sleep(3)  # task events reach the state API a moment after the tasks end
+    tasks = [t for t in list_tasks(filters=[("state", "=", "FINISHED")], detail=True, limit=100000)
+             if "ReadImageBlocks" in t.name and t.start_time_ms and t.end_time_ms]
+    peak, mean = concurrency([(t.start_time_ms / 1e3, t.end_time_ms / 1e3) for t in tasks])
+    free = args.cpus - plan.actors * plan.num_cpus
+    figures = {"cpus": args.cpus, "gpus": args.gpus, "actors": plan.actors, "actor_cpus": plan.num_cpus,
+               "decode_cpus_per_task": plan.decode_cpus, "cpus_free_for_decoding": free,
+               "decode_tasks": len(tasks), "rows": rows, "seconds": round(elapsed, 1),
+               "peak_decode_tasks_at_once": peak, "mean_decode_tasks_at_once": round(mean, 1),
+               "real_cores": os.cpu_count()}
+    print(f"{args.cpus} CPUs, {args.gpus} GPU(s): {plan.actors} actor(s) reserving {plan.num_cpus} CPU each, "
+          f"decode tasks {plan.decode_cpus} CPU each, {free:g} CPUs free for them")
+    print(f"{len(tasks)} decode tasks ({rows} images in {elapsed:.1f} s): peak {peak} running at once, "
+          f"time-weighted mean {mean:.1f} (the free CPUs allow {int(free // plan.decode_cpus)})")
+    print(json.dumps(figures))
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
