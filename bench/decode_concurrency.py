@@ -65,13 +65,13 @@ def main() -> None:
     plan = inference_plan(cpu_workers=1)
     index = discover(args.data_dir)
     ds = decoded_images(index.files.select(["relpath"]), index.root, 150, plan.decode_cpus, args.block_files)
-    ds = ds.map_batches(IdleActor, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=plan.actors),
+    ds = ds.map_batches(IdleActor, batch_format="numpy", batch_size=32, compute=ray.data.ActorPoolStrategy(size=plan.actors),
                         num_cpus=plan.num_cpus, num_gpus=plan.num_gpus)
     started = time.time()
     rows = sum(len(b["relpath"]) for b in ds.iter_batches(batch_format="numpy", batch_size=None))
     elapsed = time.time() - started
     time.sleep(3)  # task events reach the state API a moment after the tasks end
-    tasks = [t for t in list_tasks(filters=[("state", "=", "FINISHED")], detail=True, limit=100000)
+    tasks = [t for t in list_tasks(filters=[("state", "=", "FINISHED")], detail=True, limit=10000)
              if "ReadImageBlocks" in t.name and t.start_time_ms and t.end_time_ms]
     peak, mean = concurrency([(t.start_time_ms / 1e3, t.end_time_ms / 1e3) for t in tasks])
     free = args.cpus - plan.actors * plan.num_cpus

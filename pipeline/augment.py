@@ -4,6 +4,12 @@ Random parameters come from a numpy generator seeded by (seed, epoch, worker ran
 step), so a run is reproducible from ``--seed`` and every epoch sees new variants.
 The warp itself is one batched TensorFlow projective transform with nearest-edge
 fill, as Keras' ``ImageDataGenerator`` does (``fill_mode="nearest"``).
+
+Keras' ``RandomFlip``/``RandomZoom``/``RandomShear`` layers would do the warps, but they draw
+their parameters inside the model from a per-layer seed generator whose state moves with
+every call on every replica: which variant an image gets would depend on how many workers
+ran and on where a resumed run restarted, and would not be recoverable from ``--seed``.
+Here every draw is a function of (seed, epoch, rank, step) (``tests/test_augment.py``).
 """
 
 from __future__ import annotations

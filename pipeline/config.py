@@ -301,35 +301,65 @@ class ScratchConfig(ImageTrainConfig):
             raise ConfigError(f"--image-size must be an integer of at least 32; got {self.image_size!r}")
 
 
+# Options whose defaults differ between the training jobs: run_all has one per job, named
+# with the job's prefix (--top-epochs, --finetune-learning-rate, ...).
+RUN_ALL_STAGES = ("top", "finetune", "scratch")
+PER_STAGE_OPTIONS = ("epochs", "learning_rate")
+
+
 @dataclasses.dataclass
 class RunAllConfig(DataOptions):
-    """Settings of ``jobs.run_all``: extraction → train_top → finetune → train_scratch → report.md."""
+    """Settings of ``jobs.run_all``: extraction → train_top → finetune → train_scratch → report.md.
+
+    It offers every option of its stages (``tests/test_config.py`` checks it): the shared
+    ones once, and those whose defaults differ between the training jobs once per job.
+    """
 
     output_dir: str | None = field_help(None, "run folder (default outputs/<data folder name>)")
+    image_size: int = field_help(150, "images are resized to this many pixels square (extraction, small CNN; "
+                                      "fine-tuning follows the top model)")
     weights: str = field_help("torchvision", "VGG16 weights: torchvision, keras, none, or a Keras weights file")
+    preprocessing: str = field_help("auto", "pixel normalisation; auto follows the weights", PREPROCESSINGS)
     precision: str = field_help("auto", "auto: bfloat16 where the hardware has it, else float32", PRECISIONS)
-    num_workers: int = field_help(1, "Ray Train workers for each training job")
-    use_gpu: bool = field_help(False, "put each Ray Train worker on a GPU")
-    epochs: int | None = field_help(None, "epochs for every training job (default: each job's own, 50, 10 and 50; 5 on the built-in data)")
-    batch_size: int = field_help(32, "global batch size for training and inference")
-    seed: int = field_help(0, "seed for initialisation, shuffling and augmentation")
-    skip: str = field_help("", "comma-separated stages to skip: finetune, scratch")
-    cache_block4: bool = field_help(False, "fine-tune on cached block-4 outputs (see jobs.finetune --cache-block4)")
+    workers: int = field_help(1, "extraction: inference actors when the cluster has no GPUs and --gpus is not given")
     gpus: int | None = field_help(None, "extraction: one-GPU inference actors to ask the cluster for (see "
                                         "jobs.extract_features --gpus)")
     gpu_wait_s: float = field_help(900.0, "with --gpus: how long to wait for the GPUs to join the cluster")
+    block_files: int = field_help(DEFAULT_BLOCK_FILES, "extraction: files per block, decoded, run and committed together")
+    num_workers: int = field_help(1, "Ray Train workers for each training job")
+    use_gpu: bool = field_help(False, "put each Ray Train worker on a GPU")
+    epochs: int | None = field_help(None, "epochs for every training job unless --top-epochs etc. say otherwise "
+                                          "(default: each job's own, 50, 10 and 50; 5 on the built-in data)")
+    top_epochs: int | None = field_help(None, "train_top epochs (default --epochs, else the job's 50)")
+    finetune_epochs: int | None = field_help(None, "finetune epochs (default --epochs, else the job's 10)")
+    scratch_epochs: int | None = field_help(None, "train_scratch epochs (default --epochs, else the job's 50)")
+    top_learning_rate: float | None = field_help(None, "train_top learning rate (default rmsprop 1e-3)")
+    finetune_learning_rate: float | None = field_help(None, "finetune learning rate (default SGD 1e-4)")
+    scratch_learning_rate: float | None = field_help(None, "train_scratch learning rate (default rmsprop 1e-3)")
+    batch_size: int = field_help(32, "global batch size for training and inference")
+    dropout: float = field_help(0.5, "dropout rate before the output layer of every trained model")
+    seed: int = field_help(0, "seed for initialisation, shuffling and augmentation")
+    max_failures: int = field_help(2, "worker-group restarts (from the last checkpoint) per training job")
+    skip: str = field_help("", "comma-separated stages to skip: finetune, scratch")
+    cache_block4: bool = field_help(False, "fine-tune on cached block-4 outputs (see jobs.finetune --cache-block4)")
     overwrite: bool = field_help(False, "redo every stage even if finished results exist")
 
     def __post_init__(self) -> None:
         self.check_data_options()
-        check_positive("gpus", self.gpus, allow_none=True)
-        check_positive("gpu_wait_s", self.gpu_wait_s)
+        if self.image_size is None or self.image_size < 32:
+            raise ConfigError(f"--image-size must be an integer of at least 32; got {self.image_size!r}")
         check_weights(self.weights)
+        check_choice("preprocessing", self.preprocessing, PREPROCESSINGS)
         check_choice("precision", self.precision, PRECISIONS)
-        check_positive("num_workers", self.num_workers)
-        check_positive("epochs", self.epochs, allow_none=True)
-        check_positive("batch_size", self.batch_size)
+        for name in ("workers", "gpu_wait_s", "block_files", "num_workers", "batch_size"):
+            check_positive(name, getattr(self, name))
+        check_positive("gpus", self.gpus, allow_none=True)
+        for name in ("epochs", *(f"{stage}_{option}" for stage in RUN_ALL_STAGES for option in PER_STAGE_OPTIONS)):
+            check_positive(name, getattr(self, name), allow_none=True)
         check_workers_divide_batch(self.num_workers, self.batch_size)
+        check_range("dropout", self.dropout, 0, 1, open_high=True)
+        if self.max_failures is None or self.max_failures < 0:
+            raise ConfigError(f"--max-failures must be 0 or more; got {self.max_failures!r}")
         for stage in filter(None, (s.strip() for s in self.skip.split(","))):
             check_choice("skip", stage, SKIPPABLE)
         check_output_location("output_dir", self.output_dir)

@@ -9,7 +9,6 @@ URI ``pipeline.storage`` reads and writes (``s3://bucket/runs/1/top/model.keras`
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import os
@@ -82,44 +81,37 @@ def read_metadata(path: str) -> dict[str, Any]:
     return meta
 
 
-def _with_policy(config: Any, policy: str) -> Any:
-    """A copy of a Keras model config whose layers compute under ``policy`` (pinned layers excepted)."""
-    config = copy.deepcopy(config)
+def with_policy(model, precision: str):
+    """A copy of ``model`` (weights included) whose layers compute under Keras' mixed policy of
+    ``precision``, the pinned float32 layers excepted; nested models are cloned layer by layer."""
+    import keras
 
-    def visit(node: Any) -> None:
-        if isinstance(node, dict):
-            cfg = node.get("config")
-            dtype = cfg.get("dtype") if isinstance(cfg, dict) else None
-            if isinstance(dtype, dict) and dtype.get("class_name") == "DTypePolicy" \
-                    and cfg.get("name") not in _FLOAT32_LAYERS \
-                    and node.get("class_name") != "InputLayer":
-                cfg["dtype"] = {**dtype, "config": {**dtype.get("config", {}), "name": policy}}
-            for value in node.values():
-                visit(value)
-        elif isinstance(node, list):
-            for value in node:
-                visit(value)
+    from pipeline.precision import keras_policy
 
-    visit(config)
-    return config
+    policy = keras.DTypePolicy(keras_policy(precision))
+
+    def clone(layer):
+        config = layer.get_config()
+        if layer.name not in _FLOAT32_LAYERS:
+            config["dtype"] = policy
+        return layer.__class__.from_config(config)
+
+    mixed = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    mixed.set_weights(model.get_weights())
+    return mixed
 
 
 def load_classifier(path: str, precision: str = "float32"):
     """Load a classifier (local or URI) in safe mode; ``bfloat16``/``float16`` rebuild it under
-    Keras' mixed policy of that type.
+    Keras' mixed policy of that type (``with_policy``).
 
     Returns ``(model, metadata)``.
     """
     import keras
 
-    from pipeline.precision import keras_policy
-
     meta = read_metadata(path)
     with storage.local_copy(path, ".keras") as local:
-        if precision not in ("bfloat16", "float16"):
-            return keras.saving.load_model(local, safe_mode=True, compile=False), meta
-        with zipfile.ZipFile(local) as z:
-            config = json.loads(z.read("config.json"))
-        model = keras.saving.deserialize_keras_object(_with_policy(config, keras_policy(precision)), safe_mode=True)
-        model.load_weights(local)
+        model = keras.saving.load_model(local, safe_mode=True, compile=False)
+    if precision in ("bfloat16", "float16"):
+        model = with_policy(model, precision)
     return model, meta

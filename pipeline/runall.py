@@ -18,6 +18,39 @@ from pipeline.trainjobs import finetune, train_scratch, train_top
 SYNTHETIC_EPOCHS = 5
 
 
+def _stage_epochs(cfg: RunAllConfig, stage: str, synthetic: bool) -> dict[str, int]:
+    # The built-in set only proves the installation: a few epochs show every stage working
+    # in minutes; real data gets each job's own default unless an option says otherwise.
+    chosen = [getattr(cfg, f"{stage}_epochs"), cfg.epochs, SYNTHETIC_EPOCHS if synthetic else None]
+    epochs = next((e for e in chosen if e is not None), None)
+    return {"epochs": epochs} if epochs is not None else {}
+
+
+def stage_options(cfg: RunAllConfig, data_dir: str, output_dir: str, synthetic: bool) -> dict[str, dict[str, Any]]:
+    """The options each stage's config is built from (less the inputs that exist only once the
+    stage before has run: the top MLP's feature folder, fine-tuning's top model)."""
+    images = dict(data_dir=data_dir, layout=cfg.layout, validation_fraction=cfg.validation_fraction,
+                  max_images_per_class=cfg.max_images_per_class, max_reject_fraction=cfg.max_reject_fraction)
+    training = dict(output_dir=output_dir, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, batch_size=cfg.batch_size,
+                    dropout=cfg.dropout, seed=cfg.seed, precision=cfg.precision, max_failures=cfg.max_failures,
+                    overwrite=cfg.overwrite)
+
+    def trainer(stage: str) -> dict[str, Any]:
+        return {**training, **_stage_epochs(cfg, stage, synthetic), "learning_rate": getattr(cfg, f"{stage}_learning_rate")}
+
+    return {
+        "extract_features": dict(output_dir=storage.join(output_dir, "features"), image_size=cfg.image_size,
+                                 weights=cfg.weights, preprocessing=cfg.preprocessing, precision=cfg.precision,
+                                 workers=cfg.workers, gpus=cfg.gpus, gpu_wait_s=cfg.gpu_wait_s,
+                                 batch_size=cfg.batch_size, block_files=cfg.block_files,
+                                 cache_block4=cfg.cache_block4, overwrite=cfg.overwrite, **images),
+        "train_top": trainer("top"),
+        # Cached fine-tuning reads the images' block-4 outputs from the extraction, not the images.
+        "finetune": {**trainer("finetune"), **({"cache_block4": True} if cfg.cache_block4 else images)},
+        "train_scratch": {**trainer("scratch"), "image_size": cfg.image_size, **images},
+    }
+
+
 def run_all(cfg: RunAllConfig) -> str:
     """Run every stage into ``<output-dir>`` and return the path of ``report.md``."""
     synthetic = cfg.data_dir is None
@@ -25,19 +58,10 @@ def run_all(cfg: RunAllConfig) -> str:
     if synthetic:
         print(f"note: {NOTE}")
     output_dir = cfg.output_dir or os.path.join("outputs", run_name(data_dir))
-    # The built-in set only proves the installation: a few epochs show every stage working
-    # in minutes; real data gets each job's own default unless --epochs says otherwise.
-    epochs = {"epochs": cfg.epochs} if cfg.epochs is not None else ({"epochs": SYNTHETIC_EPOCHS} if synthetic else {})
-    common = dict(output_dir=output_dir, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, batch_size=cfg.batch_size,
-                  seed=cfg.seed, precision=cfg.precision, overwrite=cfg.overwrite, **epochs)
-    images = dict(data_dir=data_dir, layout=cfg.layout, validation_fraction=cfg.validation_fraction,
-                  max_images_per_class=cfg.max_images_per_class, max_reject_fraction=cfg.max_reject_fraction)
+    options = stage_options(cfg, data_dir, output_dir, synthetic)
     stages: list[dict[str, Any]] = []
 
-    manifest = run_extraction(ExtractConfig(
-        output_dir=storage.join(output_dir, "features"), weights=cfg.weights, precision=cfg.precision,
-        batch_size=cfg.batch_size, cache_block4=cfg.cache_block4, gpus=cfg.gpus, gpu_wait_s=cfg.gpu_wait_s,
-        overwrite=cfg.overwrite, **images))
+    manifest = run_extraction(ExtractConfig(**options["extract_features"]))
     stages.append({"stage": "extract_features", "seconds": manifest["elapsed_s"],
                    "images_per_s": manifest["images_per_s"]})
 
@@ -45,14 +69,12 @@ def run_all(cfg: RunAllConfig) -> str:
         summary = fn(job_cfg)
         stages.append({"stage": name, **summary, "curves": storage.relative(summary["curves"], output_dir)})
 
-    stage("train_top", train_top, TrainTopConfig(features_dir=manifest["output_dir"], **common))
+    stage("train_top", train_top, TrainTopConfig(features_dir=manifest["output_dir"], **options["train_top"]))
     if "finetune" not in cfg.skipped():
-        # Cached fine-tuning reads the images' block-4 outputs from the extraction, not the images.
-        data = {"cache_block4": True} if cfg.cache_block4 else images
         stage("finetune", finetune, FinetuneConfig(top_model=storage.join(output_dir, "top", MODEL_FILE),
-                                                   **data, **common))
+                                                   **options["finetune"]))
     if "scratch" not in cfg.skipped():
-        stage("train_scratch", train_scratch, ScratchConfig(image_size=manifest["image_size"], **images, **common))
+        stage("train_scratch", train_scratch, ScratchConfig(**options["train_scratch"]))
     report = storage.join(output_dir, "report.md")
     command = "python -m jobs.run_all " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     write_report(report, stages, NOTE if synthetic else None, command.strip())

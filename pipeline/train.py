@@ -172,14 +172,32 @@ def load_shard(shard) -> dict[str, np.ndarray]:
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
 
-def _held_batches(columns: dict[str, np.ndarray], batch_size: int, drop_last: bool,
+def _held_batches(columns: dict[str, np.ndarray], per_worker: int, rank: int, world: int, drop_last: bool,
                   seed: int | None) -> Iterator[dict]:
+    """This worker's batches of a split every worker holds whole (sorted by path, so its order does
+    not depend on how Ray read it): each global batch of ``per_worker * world`` rows, drawn in one
+    seeded order, is cut into ``world`` slices and this worker takes slice ``rank``. N workers
+    so take exactly the steps one worker takes at the same global batch."""
     n = len(columns["label"]) if columns else 0
     order = np.random.default_rng(seed).permutation(n) if seed is not None else np.arange(n)
-    stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        rows = order[start:start + batch_size]
+    if not drop_last:
+        # Evaluation: every row once, spread over the workers. All take as many steps as the
+        # one with the most rows (an empty batch adds nothing), so no row is left unevaluated.
+        mine = order[rank::world]
+        for start in range(0, -(-n // world), per_worker):
+            yield {name: values[mine[start:start + per_worker]] for name, values in columns.items()}
+        return
+    batch = per_worker * world
+    for start in range(0, n - n % batch, batch):
+        rows = order[start + rank * per_worker:start + (rank + 1) * per_worker]
         yield {name: values[rows] for name, values in columns.items()}
+
+
+def _sorted_by_path(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if "path" not in columns:
+        return columns
+    order = np.argsort(columns["path"].astype(str), kind="stable")
+    return {name: values[order] for name, values in columns.items()}
 
 
 def _batches(shard, batch_size: int, drop_last: bool, s: LoopSettings, seed: int | None) -> Iterator[dict]:
@@ -273,17 +291,21 @@ class DistributedSteps:
 def epoch_batches(split: str, s: LoopSettings, per_worker: int, drop_last: bool, shuffle_seed: int | None,
                   held: dict[str, dict[str, np.ndarray]]) -> Iterator[dict]:
     """This worker's batches of ``split`` for one epoch: from memory when the settings hold the
-    data (read once into ``held``), else streamed from the worker's dataset shard."""
+    data (every worker reads the whole split once into ``held``; see ``_held_batches``), else
+    streamed from the worker's shard of the split. ``shuffle_seed`` is the same on every worker."""
     import ray.train
 
     shard = ray.train.get_dataset_shard(split)
     if shard is None:
         return iter(())
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if s.hold_in_memory:
         if split not in held:
-            held[split] = load_shard(shard)
-        return _held_batches(held[split], per_worker, drop_last, shuffle_seed)
-    return _batches(shard, per_worker, drop_last, s, shuffle_seed)
+            held[split] = _sorted_by_path(load_shard(shard))
+        return _held_batches(held[split], per_worker, rank, world, drop_last, shuffle_seed)
+    # Streamed shards differ between workers; so do their local shuffles.
+    return _batches(shard, per_worker, drop_last, s, None if shuffle_seed is None else (shuffle_seed + rank) % 2**31)
 
 
 def run_epoch(steps: DistributedSteps, step_fn, batches: Iterator[dict], world: int,
@@ -359,7 +381,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     held: dict[str, dict[str, np.ndarray]] = {}
     for epoch in range(state["epoch"], s.epochs):
         started = time.time()
-        shuffle_seed = (s.seed * 1_000_003 + epoch * 7919 + rank) % 2**31 if s.shuffle else None
+        shuffle_seed = (s.seed * 1_000_003 + epoch * 7919) % 2**31 if s.shuffle else None
         train = run_epoch(steps, steps.train, epoch_batches("train", s, per_worker, True, shuffle_seed, held), world,
                           [s.seed, epoch, rank] if s.augment else None,
                           fault=_fault_hook(extras.get("fault"), epoch + 1, rank))
@@ -414,9 +436,20 @@ def _targets(y, num_classes: int):
     return y
 
 
+def _slot_name(variable) -> str:
+    # The path less the optimizer's own name ("rm_sprop/conv1_kernel_velocity" → "conv1_kernel_velocity"),
+    # which Keras may number differently in another process.
+    return variable.path.split("/", 1)[-1]
+
+
 def _save(directory: str, model, optimizer, state: dict[str, Any]) -> None:
     model.save_weights(os.path.join(directory, WEIGHTS_FILE))
-    np.savez(os.path.join(directory, OPTIMIZER_FILE), *[np.asarray(v) for v in optimizer.variables])
+    # Keyed by name, so a restore into a model built differently fails loudly instead of
+    # pouring one layer's momentum into another.
+    slots = {_slot_name(v): np.asarray(v) for v in optimizer.variables}
+    if len(slots) != len(optimizer.variables):
+        raise RuntimeError("optimizer variables with the same name: their state cannot be saved by name")
+    np.savez(os.path.join(directory, OPTIMIZER_FILE), **slots)
     with open(os.path.join(directory, STATE_FILE), "w") as f:
         json.dump(state, f)
 
@@ -424,8 +457,12 @@ def _save(directory: str, model, optimizer, state: dict[str, Any]) -> None:
 def _restore(directory: str, model, optimizer) -> dict[str, Any]:
     model.load_weights(os.path.join(directory, WEIGHTS_FILE))
     with np.load(os.path.join(directory, OPTIMIZER_FILE)) as saved:
-        for i, var in enumerate(optimizer.variables):
-            var.assign(saved[f"arr_{i}"])
+        missing = sorted({_slot_name(v) for v in optimizer.variables} - set(saved.files))
+        if missing:
+            raise RuntimeError(f"the checkpoint has no optimizer state for {missing[:3]} "
+                               f"({len(missing)} in all); it was written for another model")
+        for var in optimizer.variables:
+            var.assign(saved[_slot_name(var)])
     with open(os.path.join(directory, STATE_FILE)) as f:
         return json.load(f)
 
@@ -451,7 +488,7 @@ def fit(settings: LoopSettings, datasets: dict[str, Any], num_workers: int, use_
     ``max_failures`` times.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
     cpus = float(ray.cluster_resources().get("CPU", 1))
@@ -470,5 +507,7 @@ def fit(settings: LoopSettings, datasets: dict[str, Any], num_workers: int, use_
             failure_config=FailureConfig(max_failures=max_failures),
         ),
         datasets=datasets,
+        # Held data is small: every worker reads it whole and takes its own slices of each batch.
+        dataset_config=DataConfig(datasets_to_split=[] if settings.hold_in_memory else "all"),
     )
     return trainer.fit()

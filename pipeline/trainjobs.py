@@ -61,10 +61,11 @@ def finished_summary(directory: str) -> dict[str, Any] | None:
     return None
 
 
-def fits_in_memory(nbytes: float) -> bool:
-    """Whether training data of ``nbytes`` may be held by the workers: at most a quarter of the
-    memory Ray may hand out across the cluster, so even uneven nodes keep room for the rest."""
-    return nbytes <= 0.25 * float(ray.cluster_resources().get("memory", 0))
+def fits_in_memory(nbytes: float, workers: int) -> bool:
+    """Whether training data of ``nbytes`` may be held by each of ``workers`` workers (each holds
+    all of it): all their copies within a quarter of the memory Ray may hand out across the
+    cluster, so even uneven nodes keep room for the rest."""
+    return nbytes * workers <= 0.25 * float(ray.cluster_resources().get("memory", 0))
 
 
 def _rows(manifest: dict[str, Any], split: str) -> int:
@@ -195,9 +196,11 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     num_classes = len(manifest["classes"])
     shape = tuple(manifest["feature_shape"])
     precision = cfg.precision
-    datasets = {split: ray.data.read_parquet(storage.join(features_dir, split)).select_columns(["label", "features"])
-                for split in ("train", "validation")}
-    held = fits_in_memory((_rows(manifest, "train") + _rows(manifest, "validation")) * np.prod(shape) * 4)
+    # The path gives held data an order that does not depend on how Ray read it.
+    datasets = {split: ray.data.read_parquet(storage.join(features_dir, split))
+                .select_columns(["path", "label", "features"]) for split in ("train", "validation")}
+    held = fits_in_memory((_rows(manifest, "train") + _rows(manifest, "validation")) * np.prod(shape) * 4,
+                          cfg.num_workers)
     if not held:
         # Streamed every epoch: a seeded global shuffle gives every batch a mix of classes
         # even from shards written class by class (older extractions); the local buffer
@@ -375,10 +378,11 @@ def _finetune_cached(cfg: FinetuneConfig, meta: dict[str, Any], manifest: dict[s
     # cache that streams needs only a per-epoch block order plus the local shuffle buffer;
     # one that is held is reshuffled in memory every epoch.
     datasets = {"train": ray.data.read_parquet(storage.join(cache, "train"))
-                .select_columns(["label", "block4", "block4_flipped"]).randomize_block_order(seed=cfg.seed),
+                .select_columns(["path", "label", "block4", "block4_flipped"]).randomize_block_order(seed=cfg.seed),
                 "validation": ray.data.read_parquet(storage.join(cache, "validation"))
-                .select_columns(["label", "block4"])}
-    held = fits_in_memory((2 * _rows(manifest, "train") + _rows(manifest, "validation")) * np.prod(block4_shape) * 4)
+                .select_columns(["path", "label", "block4"])}
+    held = fits_in_memory((2 * _rows(manifest, "train") + _rows(manifest, "validation")) * np.prod(block4_shape) * 4,
+                          cfg.num_workers)
     settings = _settings("finetune", cfg, cfg.precision, len(classes), image_size=meta["image_size"], augment=True,
                          cached_block4=True, block4_shape=block4_shape, feature_shape=shape, hold_in_memory=held,
                          extras={"base_weights": ray.put(models.block5_weights(features)),

@@ -52,13 +52,29 @@ def real_root(tmp_path_factory) -> str:
     return make_real_root(str(tmp_path_factory.mktemp("real")), 10)
 
 
+# Tests are "slow" when they need a Ray cluster (directly or through a fixture), start jobs or
+# clusters of their own, or read the real VGG16 weights (a 528 MB archive on a first run).
+# The rest is the fast tier: `pytest -m "not slow"`, well under a minute.
+SLOW_FIXTURES = {"ray_cluster", "head_node", "s3_env"}
+SLOW_MODULES = {"test_two_nodes", "test_setup", "test_reliability", "test_resume", "test_run_all"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the slow tests (see SLOW_FIXTURES and SLOW_MODULES)."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__.split(".")[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 RELIABILITY_ROWS: list[dict] = []
 
 
 @pytest.fixture
 def record_case():
-    """Record one row of the reliability table printed at the end of the session."""
-    def record(case: str, expected: str, observed: str, rows_in: int, rows_out: int, duplicates: int, lost: int):
+    """Record one row of the reliability table printed at the end of the session (None: the case
+    writes no rows, so rows out, duplicates and lost do not apply)."""
+    def record(case: str, expected: str, observed: str, rows_in: int, rows_out: int | None, duplicates: int | None,
+               lost: int | None):
         RELIABILITY_ROWS.append(dict(case=case, expected=expected, observed=observed, rows_in=rows_in,
                                      rows_out=rows_out, duplicates=duplicates, lost=lost))
     return record
@@ -69,11 +85,17 @@ def pytest_terminal_summary(terminalreporter):
     if not RELIABILITY_ROWS:
         return
     cols = ["case", "expected", "observed", "rows_in", "rows_out", "duplicates", "lost"]
-    widths = {c: max(len(c), *(len(str(r[c])) for r in RELIABILITY_ROWS)) for c in cols}
+    def cell(value) -> str:
+        return "-" if value is None else str(value)
+
+    widths = {c: max(len(c), *(len(cell(r[c])) for r in RELIABILITY_ROWS)) for c in cols}
     terminalreporter.write_sep("=", "reliability matrix")
     terminalreporter.write_line("  ".join(c.ljust(widths[c]) for c in cols))
     for r in RELIABILITY_ROWS:
-        terminalreporter.write_line("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
-    lost = sum(r["lost"] for r in RELIABILITY_ROWS)
-    dupes = sum(r["duplicates"] for r in RELIABILITY_ROWS)
-    terminalreporter.write_line(f"{len(RELIABILITY_ROWS)} cases, {dupes} duplicated rows, {lost} lost rows")
+        terminalreporter.write_line("  ".join(cell(r[c]).ljust(widths[c]) for c in cols))
+    counted = [r for r in RELIABILITY_ROWS if r["lost"] is not None]
+    lost = sum(r["lost"] for r in counted)
+    dupes = sum(r["duplicates"] for r in counted)
+    terminalreporter.write_line(f"{len(RELIABILITY_ROWS)} cases; {len(RELIABILITY_ROWS) - len(counted)} refused before "
+                                f"any work (no rows to lose); over the {len(counted)} that write rows: {dupes} "
+                                f"duplicated rows, {lost} lost rows")

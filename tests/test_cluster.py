@@ -70,6 +70,7 @@ def _isolated(scenario: str, *args: str, env: dict | None = None) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+@pytest.mark.slow  # starts a cluster of its own in a subprocess
 def test_one_inference_actor_per_logical_gpu(real_root, tmp_path):
     result = _isolated("logical_gpus", real_root, str(tmp_path / "out"))
     actors = result["actors"]

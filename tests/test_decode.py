@@ -185,6 +185,7 @@ def test_truncated_jpeg_is_still_rejected_mid_scan():
     assert err.value.reason == "truncated", "a half-decoded photo must not pass as an image with grey pixels"
 
 
+@pytest.mark.slow
 def test_real_photos_keep_their_features(real_root):
     """The fast path moves pixels slightly; VGG16's features of real photos must not move (cosine >= 0.995)."""
     from pipeline import weights

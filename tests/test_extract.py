@@ -236,6 +236,7 @@ def test_weights_archive_with_wrong_sha256_is_refused(tmp_path, monkeypatch):
         weights.read_lpips_vgg16(str(tmp_path / weights.LPIPS_ARCHIVE))
 
 
+@pytest.mark.slow
 def test_weights_files_are_read_without_keras_in_both_formats(tmp_path):
     """Keras 3 ``.weights.h5`` and Keras 2 HDF5 (the format of Keras' ImageNet download) give the
     arrays Keras itself loads; a file of another network is refused by name."""
@@ -314,6 +315,7 @@ def test_help_lists_every_option(capsys):
         assert "--" + f.name.replace("_", "-") in text
 
 
+@pytest.mark.slow
 def test_caffe_preprocessing_in_built_in_layers_equals_bgr_minus_mean(tmp_path):
     """Caffe-style weights take BGR minus the ImageNet mean. The model does it with a built-in
     Normalization on RGB and the first kernel's input channels reversed; same features."""

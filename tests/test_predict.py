@@ -167,3 +167,27 @@ def test_a_model_file_with_code_in_it_is_refused(tmp_path, precision):
     save_classifier(keras.Model(inputs, outputs), path, {"kind": "scratch", "classes": CLASSES, "image_size": SIZE})
     with pytest.raises(ValueError, match="(?i)lambda|safe_mode|unsafe"):
         load_classifier(path, precision)
+
+
+def test_bfloat16_loading_computes_in_bfloat16_and_agrees_with_float32(tmp_path):
+    """The bf16 rebuild changes the compute policy of every layer but the pinned float32 ones, keeps the
+    weights, and its probabilities stay within bf16's precision of float32's."""
+    import keras
+
+    from pipeline.models import scratch_cnn
+    from pipeline.modelfile import save_classifier
+
+    path = str(tmp_path / "scratch.keras")
+    save_classifier(scratch_cnn(SIZE, 2), path, {"kind": "scratch", "classes": CLASSES, "image_size": SIZE})
+    f32, _ = load_classifier(path, "float32")
+    bf16, _ = load_classifier(path, "bfloat16")
+    policies = {layer.name: layer.dtype_policy.name for layer in bf16._flatten_layers()
+                if layer.weights and not isinstance(layer, keras.Model)}
+    assert policies.pop("predictions") == "float32"
+    assert policies and set(policies.values()) == {"mixed_bfloat16"}, policies
+    for a, b in zip(f32.get_weights(), bf16.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    images = np.random.default_rng(0).uniform(0, 255, (8, SIZE, SIZE, 3)).astype(np.float32)
+    p32, p16 = f32.predict(images, verbose=0), bf16.predict(images, verbose=0)
+    assert p16.dtype == np.float32 and not np.array_equal(p32, p16), "bf16 must actually compute in bf16"
+    np.testing.assert_allclose(p16, p32, atol=0.03)

@@ -102,7 +102,9 @@ def test_bad_data_roots_fail_before_cluster_work(tmp_path, case, make, message, 
                     shutil.copyfile(real_images("train", "cats", 1)[0], root / split / cls / "x.jpg")
     with pytest.raises(DataError, match=message):
         discover(str(root))
-    record_case(f"data root: {case}", "clear error", "clear error", 0, 0, 0, 0)
+    # Refused before any work: nothing is written, so there are no rows to lose or duplicate.
+    files = sum(len(names) for _, _, names in os.walk(root)) if os.path.isdir(root) else 0
+    record_case(f"data root: {case}", "clear error", "clear error", files, None, None, None)
 
 
 def test_thousands_of_files_in_one_folder(tmp_path, record_case):

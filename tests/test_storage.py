@@ -134,3 +134,31 @@ def test_a_model_file_on_s3_is_read_like_a_local_one(s3, tmp_path):
 def test_auto_precision_follows_the_gpu(capability, training, expected):
     assert precision_for("auto", capability, allow_float16=not training) == expected
     assert precision_for("float32", capability) == "float32"
+
+
+def test_a_local_lock_held_by_a_live_run_refuses_and_a_killed_runs_lock_is_taken(tmp_path):
+    """A run SIGKILLed while holding its output leaves the lock file behind; the next run takes it
+    at once (the kernel dropped the flock with the process), while a live holder is refused."""
+    import signal
+    import subprocess
+    import sys
+
+    from pipeline import storage
+    from pipeline.errors import OutputError
+
+    out = str(tmp_path / "out")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pipeline import storage\n"
+                               "held = storage.output_lock(sys.argv[1])\nheld.__enter__()\nprint('held', flush=True)\ntime.sleep(120)",
+                               out], stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputError, match="being written by another run"):
+            with storage.output_lock(out):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    assert os.path.exists(out + ".lock"), "the killed run's lock file stays on disk"
+    with storage.output_lock(out):
+        pass

@@ -26,10 +26,10 @@ def small_features(ray_cluster, real_root, tmp_path_factory):
                                         precision="float32"))
 
 
-def _datasets(features_dir: str):
+def _datasets(features_dir: str, columns=("label", "features")):
     import ray
 
-    return {split: ray.data.read_parquet(os.path.join(features_dir, split)).select_columns(["label", "features"])
+    return {split: ray.data.read_parquet(os.path.join(features_dir, split)).select_columns(list(columns))
             for split in ("train", "validation")}
 
 
@@ -63,6 +63,27 @@ def test_two_workers_give_the_weights_of_one(small_features, tmp_path):
     assert moved > 1e-4, "training must have changed the weights"
     for one, two in zip(*weights):
         np.testing.assert_allclose(one, two, rtol=1e-5, atol=1e-6)
+
+
+def test_two_and_three_workers_on_held_data_take_the_steps_of_one(small_features, tmp_path):
+    """The path the product uses for features: data held in memory and shuffled every epoch. Each
+    global batch of 6 is drawn in one seeded order and cut into per-worker slices, so 2 and 3
+    workers take exactly one worker's steps, three of them per epoch (not one full batch whose
+    row order cannot matter), and evaluate every validation row once."""
+    shape = tuple(small_features["feature_shape"])
+    settings = LoopSettings(kind="top", epochs=2, batch_size=6, learning_rate=1e-3, seed=3, precision="float32",
+                            num_classes=2, feature_shape=shape, dropout=0.0, hold_in_memory=True)
+    weights = {}
+    for workers in (1, 2, 3):
+        result = fit(settings, _datasets(small_features["output_dir"], ("path", "label", "features")), workers, False,
+                     str(tmp_path), f"held{workers}", 0)
+        assert result.error is None
+        history = read_checkpoint_state(result.checkpoint)["history"]
+        assert [(h["train_samples"], h["val_samples"]) for h in history] == [(18, 20), (18, 20)], workers
+        weights[workers] = _top_weights(result.checkpoint, shape)
+    for workers in (2, 3):
+        for one, many in zip(weights[1], weights[workers]):
+            np.testing.assert_allclose(one, many, rtol=1e-5, atol=1e-6, err_msg=f"{workers} workers")
 
 
 def test_stopped_run_resumes_from_its_latest_checkpoint(small_features, tmp_path):
