@@ -113,7 +113,7 @@ def write_report(path: str, stages: list[dict[str, Any]], note: str | None, comm
     if note:
         lines += [f"> **Note:** {note}", ""]
     lines += [f"Command: `{command}`", "",
-              "| stage | model | val accuracy | val loss | reference article | epochs | time (s) | images/s |",
+              "| stage | model | val accuracy | val loss | reference article | epochs | wall time (s) | images/s |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for st in stages:
         acc = f"{st['accuracy']:.4f}" if st.get("accuracy") is not None else "–"
@@ -121,7 +121,7 @@ def write_report(path: str, stages: list[dict[str, Any]], note: str | None, comm
         title = model_title(st["kind"], st.get("cached_block4", False)) if st.get("kind") else "–"
         lines.append(f"| {st['stage']} | {title} | {acc} | {loss} | "
                      f"{REFERENCE_FIGURES.get(st.get('kind'), '–')} | {st.get('epochs', '–')} | "
-                     f"{st['seconds']:.1f} | {st.get('images_per_s', 0):.1f} |")
+                     f"{st.get('wall_s', st['seconds']):.1f} | {st.get('images_per_s', 0):.1f} |")
     lines.append("")
     for st in stages:
         if st.get("curves"):

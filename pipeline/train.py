@@ -380,6 +380,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     per_worker = s.batch_size // world  # exact: the configs refuse worker counts that do not divide the batch
     held: dict[str, dict[str, np.ndarray]] = {}
     for epoch in range(state["epoch"], s.epochs):
+        _log_epoch_start(extras.get("fault"), epoch + 1, rank, steps.model)
         started = time.time()
         shuffle_seed = (s.seed * 1_000_003 + epoch * 7919) % 2**31 if s.shuffle else None
         train = run_epoch(steps, steps.train, epoch_batches("train", s, per_worker, True, shuffle_seed, held), world,
@@ -403,13 +404,31 @@ def _report(row: dict[str, Any], state: dict[str, Any], steps: DistributedSteps,
             _save(tmp, steps.model, steps.optimizer, state)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(row, checkpoint=checkpoint)
+    # Ray Train registers a reported checkpoint when its controller next polls the workers; a
+    # worker that died before that poll took the report with it, and the restarted group began
+    # again at epoch 1 (tests/test_train.py caught it). Waiting here until the checkpoint is
+    # committed makes every finished epoch one a restart resumes after.
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+
+def _log_epoch_start(fault: dict[str, Any] | None, epoch: int, rank: int, model) -> None:
+    """For fault-tolerance tests: with ``fault["epoch_log"]``, append the epoch this worker starts
+    and a digest of the weights it starts from (a restart must resume, not start over)."""
+    if not fault or not fault.get("epoch_log"):
+        return
+    import hashlib
+
+    digest = hashlib.sha256(b"".join(np.ascontiguousarray(w).tobytes() for w in model.get_weights())).hexdigest()
+    with open(fault["epoch_log"], "a") as f:
+        f.write(json.dumps({"epoch": epoch, "rank": rank, "weights": digest}) + "\n")
 
 
 def _fault_hook(fault: dict[str, Any] | None, epoch: int, rank: int):
     """For fault-tolerance tests: a callable that kills this worker's process once, mid-epoch.
 
-    ``fault`` is ``{"kill_at_epoch": E, "rank": R, "marker": path}``; the marker file makes
-    the kill happen only once, so the restarted worker group can finish.
+    ``fault`` is ``{"kill_at_epoch": E, "rank": R, "marker": path}`` (and optionally
+    ``"epoch_log"``: see ``_log_epoch_start``); the marker file makes the kill happen only
+    once, so the restarted worker group can finish.
     """
     if not fault or fault["kill_at_epoch"] != epoch or fault["rank"] != rank or os.path.exists(fault["marker"]):
         return None

@@ -116,6 +116,8 @@ def _finish(kind: str, directory: str, model, metadata: dict[str, Any], run: Tra
             evaluation: dict[str, Any]) -> dict[str, Any]:
     history, seconds, samples_per_s = run.history, run.seconds, run.samples_per_s
     settings = storage.read_json(storage.join(directory, SETTINGS))
+    metadata = dict(metadata)
+    started = metadata.pop("job_started")
     metadata = {**metadata, "kind": kind, "settings": settings, "epochs": len(history), "best_epoch": run.best_epoch,
                 "trained_precision": history[-1].get("precision"), "validation_accuracy": evaluation["accuracy"],
                 "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": library_versions()}
@@ -128,11 +130,14 @@ def _finish(kind: str, directory: str, model, metadata: dict[str, Any], run: Tra
     summary = {"kind": kind, "cached_block4": cached, "accuracy": evaluation["accuracy"], "loss": evaluation["loss"],
                "epochs": len(history), "best_epoch": run.best_epoch, "seconds": round(seconds, 2),
                "images_per_s": round(samples_per_s, 2),
+               # Epoch seconds leave out start-up, export and the final evaluation; the wall time has them.
+               "wall_s": round(time.monotonic() - started, 2),
                "model": storage.join(directory, MODEL_FILE), "curves": storage.join(directory, "curves.png"),
                "settings": settings}
     storage.write_json(storage.join(directory, SUMMARY), summary)
     print(f"{kind}: validation accuracy {evaluation['accuracy']:.4f}, loss {evaluation['loss']:.4f} "
-          f"after {len(history)} epochs, {seconds:.0f}s ({samples_per_s:.1f} samples/s) -> {directory}")
+          f"after {len(history)} epochs, {seconds:.0f}s of epochs ({samples_per_s:.1f} samples/s), "
+          f"{summary['wall_s']:.0f}s in all -> {directory}")
     return summary
 
 
@@ -178,6 +183,7 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     from pipeline import models
     from pipeline.weights import load_weight_arrays, resolve_weights
 
+    started = time.monotonic()
     features_dir = cfg.features_dir or default_features(cfg.output_dir)
     manifest = finished_features(features_dir)
     output_dir = cfg.output_dir or os.path.join("outputs", run_name(manifest["data_dir"]))
@@ -220,7 +226,7 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     features = models.feature_extractor(manifest["image_size"], load_weight_arrays(source, manifest["image_size"]),
                                         manifest["preprocessing"], "float32")
     model = models.image_classifier(features, top, name="vgg16_bottleneck_classifier")
-    metadata = {"classes": manifest["classes"], "image_size": manifest["image_size"],
+    metadata = {"job_started": started, "classes": manifest["classes"], "image_size": manifest["image_size"],
                 "weights": manifest["weights"], "preprocessing": manifest["preprocessing"],
                 "data_dir": manifest["data_dir"], "layout": manifest["layout"],
                 "validation_fraction": manifest["config"]["validation_fraction"],
@@ -319,6 +325,7 @@ def _top_model(cfg: FinetuneConfig) -> tuple[str, dict[str, Any]]:
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune VGG16's block 5 and the top, starting from a train_top model, on augmented images
     (or, with ``cache_block4``, on cached block-4 outputs of the top model's feature folder)."""
+    started = time.monotonic()
     top_path, meta = _top_model(cfg)
     output_dir = cfg.output_dir or storage.parent(storage.parent(storage.absolute(top_path)))
     directory = job_dir(output_dir, "finetune_cached" if cfg.cache_block4 else "finetune")
@@ -331,7 +338,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if reused:
         return reused
     top_model, _ = load_classifier(top_path)
-    metadata = {"weights": meta["weights"], "preprocessing": meta["preprocessing"],
+    metadata = {"job_started": started, "weights": meta["weights"], "preprocessing": meta["preprocessing"],
                 "top_model": storage.absolute(top_path), "synthetic": meta.get("synthetic", False),
                 "classes": meta["classes"], "image_size": meta["image_size"], "cached_block4": cfg.cache_block4}
     if cfg.cache_block4:
@@ -441,6 +448,7 @@ def train_scratch(cfg: ScratchConfig) -> dict[str, Any]:
     from pipeline import models
     from pipeline.synthetic import NOTE, default_data_dir, is_synthetic
 
+    started = time.monotonic()
     data_dir = cfg.data_dir or default_data_dir()
     synthetic = is_synthetic(data_dir)
     if synthetic:
@@ -454,7 +462,7 @@ def train_scratch(cfg: ScratchConfig) -> dict[str, Any]:
     if reused:
         return reused
     precision = cfg.precision
-    metadata = {"weights": None, "preprocessing": "unit",
+    metadata = {"job_started": started, "weights": None, "preprocessing": "unit",
                 "data_dir": storage.absolute(data_dir), "layout": cfg.layout,
                 "validation_fraction": cfg.validation_fraction, "synthetic": synthetic}
     return _image_job("scratch", cfg, index, directory, cfg.image_size, precision, metadata, {},
