@@ -83,17 +83,22 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im
 
 
+# How ``ImageOps.exif_transpose`` turns a photo of each EXIF orientation, as numpy views.
+_TURNS = {
+    2: lambda p: p[:, ::-1],
+    3: lambda p: p[::-1, ::-1],
+    4: lambda p: p[::-1],
+    5: lambda p: p.transpose(1, 0, 2),
+    6: lambda p: np.rot90(p, -1),
+    7: lambda p: p[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda p: np.rot90(p, 1),
+}
+
+
 def _oriented(pixels: np.ndarray, orientation: int) -> np.ndarray:
     """A view of ``pixels`` as ``ImageOps.exif_transpose`` would turn them (EXIF orientations 1-8)."""
-    return {
-        2: pixels[:, ::-1],
-        3: pixels[::-1, ::-1],
-        4: pixels[::-1],
-        5: pixels.transpose(1, 0, 2),
-        6: np.rot90(pixels, -1),
-        7: pixels[::-1, ::-1].transpose(1, 0, 2),
-        8: np.rot90(pixels, 1),
-    }.get(orientation, pixels)
+    turn = _TURNS.get(orientation)
+    return turn(pixels) if turn else pixels
 
 
 def _draft_scale(im: Image.Image, image_size: int) -> int:

@@ -223,20 +223,25 @@ def _busy(spans: set[tuple[float, float]]) -> dict[str, float]:
     return {"busy_s": round(busy, 2), "active_s": round(active, 2), "busy_fraction": round(busy / max(active, 1e-9), 3)}
 
 
+def empty_tally() -> dict[str, Any]:
+    """A tally with nothing counted yet (see ``tally_batch``)."""
+    return {"actors": Counter(), "decode_nodes": Counter(), "calls": {}}
+
+
 def add_tally(total: dict[str, Any], tally: dict[str, Any]) -> dict[str, Any]:
     """Add ``tally`` (from ``tally_batch`` or another ``add_tally``) into ``total``; returns ``total``.
     A call split over two blocks counts once."""
-    total.setdefault("actors", Counter()).update(tally["actors"])
-    total.setdefault("decode_nodes", Counter()).update(tally["decode_nodes"])
+    total["actors"].update(tally["actors"])
+    total["decode_nodes"].update(tally["decode_nodes"])
     for actor, spans in tally["calls"].items():
-        total.setdefault("calls", {}).setdefault(actor, set()).update(spans)
+        total["calls"].setdefault(actor, set()).update(spans)
     return total
 
 
 def merge_tallies(write_returns: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Rows and busy time per inference actor (with its node, GPUs and precision) and rows per
     decoding node, from the sinks' write results; ``rows``: all rows written by this run."""
-    total = functools.reduce(add_tally, write_returns, {"actors": Counter(), "decode_nodes": Counter(), "calls": {}})
+    total = functools.reduce(add_tally, write_returns, empty_tally())
     return {"actors": [{**json.loads(identity), "rows": rows, **_busy(total["calls"][identity])}
                        for identity, rows in sorted(total["actors"].items())],
             "decode_nodes": dict(sorted(total["decode_nodes"].items())), "rows": sum(total["actors"].values())}
@@ -262,7 +267,7 @@ class CommittingSink(Datasink):
         raise NotImplementedError
 
     def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
-        total: dict[str, Any] = {"actors": Counter(), "decode_nodes": Counter(), "calls": {}}
+        total = empty_tally()
         for n, block in enumerate(blocks):
             batch = BlockAccessor.for_block(block).to_numpy()
             if len(batch["relpath"]) == 0:
