@@ -108,18 +108,22 @@ def plot_curves(history: list[dict[str, Any]], path: str, title: str) -> None:
 
 
 def write_report(path: str, stages: list[dict[str, Any]], note: str | None, command: str) -> None:
-    """``report.md``: one table of each model's validation results next to the reference article's figures."""
+    """``report.md``: one table of each model's validation results next to the reference article's figures.
+
+    The best epoch's accuracy is the exported model's (the checkpoint chosen on the validation
+    photos, so it flatters); the last epoch's is the training loop's, which nothing chose."""
     lines = ["# Run report", ""]
     if note:
         lines += [f"> **Note:** {note}", ""]
     lines += [f"Command: `{command}`", "",
-              "| stage | model | val accuracy | val loss | reference article | epochs | wall time (s) | images/s |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| stage | model | val accuracy (best epoch) | val accuracy (last epoch) | val loss | reference article "
+              "| epochs | wall time (s) | images/s |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for st in stages:
-        acc = f"{st['accuracy']:.4f}" if st.get("accuracy") is not None else "–"
-        loss = f"{st['loss']:.4f}" if st.get("loss") is not None else "–"
+        acc, last, loss = (f"{st[key]:.4f}" if st.get(key) is not None else "–"
+                           for key in ("accuracy", "last_epoch_accuracy", "loss"))
         title = model_title(st["kind"], st.get("cached_block4", False)) if st.get("kind") else "–"
-        lines.append(f"| {st['stage']} | {title} | {acc} | {loss} | "
+        lines.append(f"| {st['stage']} | {title} | {acc} | {last} | {loss} | "
                      f"{REFERENCE_FIGURES.get(st.get('kind'), '–')} | {st.get('epochs', '–')} | "
                      f"{st.get('wall_s', st['seconds']):.1f} | {st.get('images_per_s', 0):.1f} |")
     lines.append("")

@@ -128,6 +128,9 @@ def _finish(kind: str, directory: str, model, metadata: dict[str, Any], run: Tra
     cached = bool(metadata.get("cached_block4"))
     plot_curves(history, storage.join(directory, "curves.png"), model_title(kind, cached))
     summary = {"kind": kind, "cached_block4": cached, "accuracy": evaluation["accuracy"], "loss": evaluation["loss"],
+               # The best epoch was chosen on the same validation photos, which flatters "accuracy";
+               # the last epoch's figure was not chosen by them.
+               "last_epoch_accuracy": history[-1]["val_accuracy"],
                "epochs": len(history), "best_epoch": run.best_epoch, "seconds": round(seconds, 2),
                "images_per_s": round(samples_per_s, 2),
                # Epoch seconds leave out start-up, export and the final evaluation; the wall time has them.
