@@ -18,7 +18,7 @@ def run_job(config_cls: type[C], description: str, body: Callable[[C], object],
     from pipeline.cluster import init_ray
 
     try:
-        init_ray()
+        init_ray(verbose=cfg.verbose)
         body(cfg)
         return 0
     except UserError as exc:

@@ -11,6 +11,7 @@ from typing import Any
 
 import ray
 
+from pipeline import logs
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -66,9 +67,13 @@ def _target_address() -> str | None:
     return recorded
 
 
-def init_ray(local: bool = False, env_vars: dict[str, str] | None = None, **start_options: Any) -> None:
+def init_ray(local: bool = False, env_vars: dict[str, str] | None = None, verbose: bool = False,
+             **start_options: Any) -> None:
     """Attach to a running cluster (``RAY_ADDRESS`` or a local ``ray start``), else (or with
     ``local``) start one in-process with ``start_options`` (``num_cpus``…).
+
+    Unless ``verbose``, the job's processes keep TensorFlow's and Ray's chatter to their log
+    files (``pipeline.logs``); the project's own messages go to stdout either way.
 
     Every process of the job (tasks, actors, Ray Train's controller and its placement-group
     cleaner) gets ``RAY_ADDRESS`` set to this job's own cluster, besides ``env_vars``. Without
@@ -78,21 +83,24 @@ def init_ray(local: bool = False, env_vars: dict[str, str] | None = None, **star
     """
     if ray.is_initialized():
         return
+    logs.setup_driver(verbose)
     address = None if local else _target_address()
-    env = dict(env_vars or {})
+    quiet = logs.worker_env(verbose)
+    env = {**quiet["env_vars"], **(env_vars or {})}
+    hook = {"worker_process_setup_hook": quiet["worker_process_setup_hook"]}
     if address is None:
         # In-process start: choose the GCS port up front, so the address is known before start.
         port = _free_port()
         env["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)
         try:
-            ray.init(address="local", runtime_env={"env_vars": env}, configure_logging=False, **start_options)
+            ray.init(address="local", runtime_env={"env_vars": env, **hook}, configure_logging=False, **start_options)
         finally:
             del os.environ["RAY_GCS_SERVER_PORT"]  # other clusters this process starts pick their own
         return
     if "://" not in address:
         env["RAY_ADDRESS"] = address
-    ray.init(address=address, runtime_env={"env_vars": env} if env else None, configure_logging=False)
+    ray.init(address=address, runtime_env={"env_vars": env, **hook}, configure_logging=False)
 
 
 @dataclass(frozen=True)
@@ -172,9 +180,9 @@ def pin_to_this_node(location: str) -> dict[str, Any]:
 
     if not storage.is_local(location):
         return {}
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+    # Ray's own local:// reads pin this way (a hard label constraint, which replaced
+    # NodeAffinitySchedulingStrategy(soft=False) across Ray); Ray Data takes it as a named parameter.
+    return {"label_selector": {"ray.io/node-id": ray.get_runtime_context().get_node_id()}}
 
 
 def configure_tensorflow_devices() -> None:

@@ -136,6 +136,15 @@ def parse_config(cls: type[T], argv: Sequence[str] | None, description: str) -> 
 
 
 @dataclasses.dataclass
+class LogOptions:
+    """What a job prints (shared by every job)."""
+
+    verbose: bool = field_help(False, "print everything: TensorFlow's start-up logs and Ray Train's and Ray Data's "
+                                      "bookkeeping from every process (default: the project's messages, Ray Data's "
+                                      "progress bars and one line per training epoch)", kw_only=True)
+
+
+@dataclasses.dataclass
 class DataOptions:
     """Where the labelled images are and how they are read (shared by every job that reads a data root)."""
 
@@ -191,7 +200,7 @@ class InferenceOptions:
 
 
 @dataclasses.dataclass
-class ExtractConfig(InferenceOptions, DataOptions):
+class ExtractConfig(InferenceOptions, DataOptions, LogOptions):
     """Settings of ``jobs.extract_features``: image folders → VGG16 bottleneck features in Parquet."""
 
     output_dir: str | None = field_help(None, "where the shards go (local path or URI); default outputs/<data folder name>/features")
@@ -221,7 +230,7 @@ def check_weights(value: str) -> None:
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(LogOptions):
     """Settings shared by the three training jobs."""
 
     output_dir: str | None = field_help(None, "run folder; the job writes <output-dir>/<job>/ (default outputs/<data folder name>)")
@@ -308,7 +317,7 @@ PER_STAGE_OPTIONS = ("epochs", "learning_rate")
 
 
 @dataclasses.dataclass
-class RunAllConfig(DataOptions):
+class RunAllConfig(DataOptions, LogOptions):
     """Settings of ``jobs.run_all``: extraction → train_top → finetune → train_scratch → report.md.
 
     It offers every option of its stages (``tests/test_config.py`` checks it): the shared
@@ -373,7 +382,7 @@ OUTPUT_FILE_SUFFIXES = (".parquet", ".csv")
 
 
 @dataclasses.dataclass
-class PredictConfig(InferenceOptions):
+class PredictConfig(InferenceOptions, LogOptions):
     """Settings of ``jobs.predict``: a trained classifier over any image folder."""
 
     model: str = field_help(dataclasses.MISSING, "model.keras written by jobs.train_top, jobs.finetune or "

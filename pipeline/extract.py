@@ -24,6 +24,7 @@ added and changed files and drops the rows of removed ones.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter
@@ -47,6 +48,8 @@ from pipeline.precision import device_precision
 from pipeline.reuse import fingerprint, job_settings
 from pipeline.versions import library_versions
 from pipeline.weights import WeightsSource, load_weight_arrays, resolve_weights
+
+log = logging.getLogger(__name__)
 
 BLOCK4_DIR = "block4"
 # Only training rows get the mirrored copy: it is the augmentation of cached fine-tuning.
@@ -194,7 +197,7 @@ def _begin(output_dir: str, settings: dict[str, Any], cfg: ExtractConfig) -> tup
         return None, cfg.cache_block4
     if cfg.cache_block4 and not record["cache_block4"]:
         # The same extraction plus the cache: redoing it replaces the folder with a superset.
-        print(f"re-extracting {output_dir} to add the block-4 cache (--cache-block4)")
+        log.info(f"re-extracting {output_dir} to add the block-4 cache (--cache-block4)")
         storage.delete_dir(output_dir)
         return None, True
     return manifest, record["cache_block4"]
@@ -207,24 +210,24 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
     updated when it changed; an unfinished one is resumed; one with other settings is
     refused, naming them, unless ``cfg.overwrite``.
     """
-    from pipeline.synthetic import NOTE, default_data_dir, is_synthetic
+    from pipeline.synthetic import default_data_dir, is_synthetic, note_builtin_data
 
     started = time.time()
     data_dir = cfg.data_dir or default_data_dir()
     synthetic = is_synthetic(data_dir)
     if synthetic:
-        print(f"note: {NOTE}")
+        note_builtin_data()
     output_dir = cfg.output_dir or default_output_dir(data_dir)
     index = discover(data_dir, cfg.layout, cfg.validation_fraction, cfg.max_images_per_class)
     listed_s = time.time() - started
-    print(f"listed {len(index.files)} files under {data_dir} in {listed_s:.1f}s")
+    log.info(f"listed {len(index.files)} files under {data_dir} in {listed_s:.1f}s")
     weights = resolve_weights(cfg.weights, cfg.preprocessing)
     settings = extraction_settings(cfg, weights)
     inputs = index.fingerprint()
     with storage.output_lock(output_dir):
         previous, cache = _begin(output_dir, settings, cfg)
         if previous is not None and previous.get("inputs") == inputs:
-            print(f"reusing finished extraction in {output_dir} (same settings and inputs; --overwrite redoes it)")
+            log.info(f"reusing finished extraction in {output_dir} (same settings and inputs; --overwrite redoes it)")
             return previous
         ledger.start(output_dir, {"settings": settings, "cache_block4": cache})
         manifest = _extract(cfg, index, weights, output_dir, cache, previous)

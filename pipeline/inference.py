@@ -96,8 +96,7 @@ def decoded_images(files: pa.Table, root: str, image_size: int, decode_cpus: flo
     # serialise decode and inference in one process instead of overlapping them.
     memory = source.block_bytes(block_rows) + DECODE_TASK_BASE_BYTES
     return ray.data.read_datasource(source, num_cpus=decode_cpus, memory=memory,
-                                    override_num_blocks=max(1, -(-len(files) // block_rows)),
-                                    ray_remote_args=pin_to_this_node(root))
+                                    override_num_blocks=max(1, -(-len(files) // block_rows)), **pin_to_this_node(root))
 
 
 def find_rejects(files: pa.Table, root: str, image_size: int) -> pa.Table:

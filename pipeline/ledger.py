@@ -26,6 +26,7 @@ while this ledger lives in the output itself, wherever that is.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
+
+log = logging.getLogger(__name__)
 
 LEDGER_DIR = "_ledger"
 LEDGER_FILE = "ledger.parquet"
@@ -205,7 +208,7 @@ def refresh(output: str, listing: pa.Table, folders: list[str], what: str,
     remove_unfinished(output, live, replaced, parts)
     update = plan(listing, live)
     if len(live):
-        print(f"{what} in {output}: " + ", ".join(f"{n} {key}" for key, n in update.counts.items()))
+        log.info(f"{what} in {output}: " + ", ".join(f"{n} {key}" for key, n in update.counts.items()))
     run_id = new_run_id()
     drop_rows(output, update.stale, live, parts, run_id)
     result = process(update.todo, run_id) if len(update.todo) else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
+import logging
 import os
 import re
 import time
@@ -26,6 +27,8 @@ from pipeline.extract import REJECTS_FILE
 from pipeline.faults import maybe_fail
 from pipeline.inference import (BLOCK_ROWS, CommittingSink, actor_identity, actors_precision, decoded_images, map_with_actors,
                                 plan_inference, run_model_on_good_rows, stamp_actor, write_args)
+
+log = logging.getLogger(__name__)
 
 PARTS_DIR = "predictions"
 
@@ -218,7 +221,7 @@ def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
             raise OutputError(f"{final} exists; pass --overwrite to replace it")
         record, finished = ledger.open_output(work, "a prediction", settings, cfg.overwrite, marker=SUMMARY)
         if finished is not None and finished.get("inputs") == inputs:
-            print(f"reusing finished predictions in {final} (same model and inputs; --overwrite redoes them)")
+            log.info(f"reusing finished predictions in {final} (same model and inputs; --overwrite redoes them)")
             return finished
         ledger.start(work, {"settings": settings}, marker=SUMMARY)
         live, update, done = ledger.refresh(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import sys
@@ -12,8 +13,10 @@ from pipeline.config import ExtractConfig, FinetuneConfig, RunAllConfig, Scratch
 from pipeline.extract import run_extraction, run_name
 from pipeline.modelfile import MODEL_FILE
 from pipeline.report import write_report
-from pipeline.synthetic import NOTE, default_data_dir
+from pipeline.synthetic import NOTE, default_data_dir, note_builtin_data
 from pipeline.trainjobs import finetune, train_scratch, train_top
+
+log = logging.getLogger(__name__)
 
 SYNTHETIC_EPOCHS = 5
 
@@ -56,7 +59,7 @@ def run_all(cfg: RunAllConfig) -> str:
     synthetic = cfg.data_dir is None
     data_dir = default_data_dir() if synthetic else cfg.data_dir
     if synthetic:
-        print(f"note: {NOTE}")
+        note_builtin_data()
     output_dir = cfg.output_dir or os.path.join("outputs", run_name(data_dir))
     options = stage_options(cfg, data_dir, output_dir, synthetic)
     stages: list[dict[str, Any]] = []
@@ -78,5 +81,5 @@ def run_all(cfg: RunAllConfig) -> str:
     report = storage.join(output_dir, "report.md")
     command = "python -m jobs.run_all " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     write_report(report, stages, NOTE if synthetic else None, command.strip())
-    print(f"report: {report}")
+    log.info(f"report: {report}")
     return report

@@ -6,6 +6,8 @@ accuracy says nothing about real photos.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import tempfile
 
@@ -19,6 +21,12 @@ COUNTS = {"train": 48, "validation": 16}
 VERSION = "v1"
 NOTE = ("built-in synthetic data set (drawn circles vs squares): it proves the installation works, "
         "not the accuracy of the method; pass --data-dir for real images")
+
+
+@functools.cache
+def note_builtin_data() -> None:
+    """Say once per process (run_all and each of its stages would each say it) what the built-in set proves."""
+    logging.getLogger(__name__).info("note: %s", NOTE)
 
 
 def _draw(rng: np.random.Generator, shape: str) -> Image.Image:

@@ -25,6 +25,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from pipeline import logs
+
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "model.weights.h5"
 OPTIMIZER_FILE = "optimizer.npz"
@@ -367,6 +369,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     s, extras = _settings_in_worker(config)
+    logs.quiet_ray_train_worker()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     _share_cores(ctx.get_local_world_size())
@@ -392,6 +395,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                "seconds": round(time.time() - started, 2), "precision": s.precision}
         state = {"epoch": epoch + 1, "history": state["history"] + [row]}
         _report(row, state, steps, rank)
+        if rank == 0:
+            logs.log.info("%s epoch %d/%d: loss %.4f, accuracy %.4f, val_loss %.4f, val_accuracy %.4f, %.1fs",
+                          s.kind, row["epoch"], s.epochs, row["loss"], row["accuracy"], row["val_loss"],
+                          row["val_accuracy"], row["seconds"])
 
 
 def _report(row: dict[str, Any], state: dict[str, Any], steps: DistributedSteps, rank: int) -> None:
@@ -507,9 +514,13 @@ def fit(settings: LoopSettings, datasets: dict[str, Any], num_workers: int, use_
     ``max_failures`` times.
     """
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
+    for ds in datasets.values():
+        # A training epoch's progress is its epoch line; bars redrawn by every epoch's data
+        # coordinator would bury it.
+        ds.context.enable_progress_bars = False
     cpus = float(ray.cluster_resources().get("CPU", 1))
     # Workers that each hold a whole CPU on a small machine starve the Ray Data
     # tasks that feed them and the run hangs without a word: reserve at most half.
@@ -524,6 +535,8 @@ def fit(settings: LoopSettings, datasets: dict[str, Any], num_workers: int, use_
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_accuracy",
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=max_failures),
+            # Ray Train's per-report and per-checkpoint lines stay in its log files unless --verbose.
+            logging_config=LoggingConfig(log_level="INFO" if logs.verbose() else "WARNING"),
         ),
         datasets=datasets,
         # Held data is small: every worker reads it whole and takes its own slices of each batch.

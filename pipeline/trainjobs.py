@@ -72,6 +72,14 @@ def _rows(manifest: dict[str, Any], split: str) -> int:
     return sum(manifest["counts"].get(split, {}).values())
 
 
+def require_one_batch(train_rows: int, batch_size: int) -> None:
+    """DataError when the training split is smaller than one batch: every epoch would take no
+    step (a partial last batch is dropped), and the run would 'finish' having learnt nothing."""
+    if train_rows < batch_size:
+        raise DataError(f"the training split has {train_rows} images, fewer than one batch of {batch_size}: "
+                        f"pass --batch-size {max(1, train_rows)} or less, or add images")
+
+
 def _settings(kind: str, cfg: TrainConfig, precision: str, num_classes: int, **kw: Any) -> LoopSettings:
     return LoopSettings(kind=kind, epochs=cfg.epochs, batch_size=cfg.batch_size,
                         learning_rate=cfg.learning_rate or default_learning_rate(kind), seed=cfg.seed,
@@ -138,7 +146,7 @@ def _finish(kind: str, directory: str, model, metadata: dict[str, Any], run: Tra
                "model": storage.join(directory, MODEL_FILE), "curves": storage.join(directory, "curves.png"),
                "settings": settings}
     storage.write_json(storage.join(directory, SUMMARY), summary)
-    print(f"{kind}: validation accuracy {evaluation['accuracy']:.4f}, loss {evaluation['loss']:.4f} "
+    log.info(f"{kind}: validation accuracy {evaluation['accuracy']:.4f}, loss {evaluation['loss']:.4f} "
           f"after {len(history)} epochs, {seconds:.0f}s of epochs ({samples_per_s:.1f} samples/s), "
           f"{summary['wall_s']:.0f}s in all -> {directory}")
     return summary
@@ -155,9 +163,9 @@ def _prepare(directory: str, kind: str, settings: dict[str, Any], overwrite: boo
         require_same(directory, f"a {kind} run", storage.read_json(recorded_at), settings)
         done = finished_summary(directory)
         if done:
-            print(f"reusing finished {kind} model in {directory} (same settings and inputs; --overwrite retrains)")
+            log.info(f"reusing finished {kind} model in {directory} (same settings and inputs; --overwrite retrains)")
             return done
-        print(f"resuming the unfinished {kind} run in {directory} from its last checkpoint")
+        log.info(f"resuming the unfinished {kind} run in {directory} from its last checkpoint")
         return None
     if storage.exists(directory) and (finished_summary(directory) or storage.exists(storage.join(directory, "ray_train"))):
         require_same(directory, f"a {kind} run", None, settings)
@@ -202,6 +210,7 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     if source.sha256 != manifest["weights"]["sha256"]:
         raise DataError(f"the weights {source.name} (sha256 {source.sha256}) differ from those the features were "
                         f"extracted with ({manifest['weights']['sha256']}); re-extract the features")
+    require_one_batch(_rows(manifest, "train"), cfg.batch_size)
     num_classes = len(manifest["classes"])
     shape = tuple(manifest["feature_shape"])
     precision = cfg.precision
@@ -280,6 +289,7 @@ def _evaluate_model_file(path: str, files: pa.Table, root: str, classes: list[st
 def _image_job(kind: str, cfg: FinetuneConfig | ScratchConfig, index: DatasetIndex, directory: str,
                image_size: int, precision: str, metadata: dict[str, Any], extras: dict[str, Any], model_fn) -> dict[str, Any]:
     files = _good_rows(index, image_size, cfg.max_reject_fraction, directory)
+    require_one_batch(len(files["train"]), cfg.batch_size)
     datasets = _image_datasets(files, index.root, image_size, cfg.seed)
     settings = _settings(kind, cfg, precision, len(index.classes), image_size=image_size, augment=True,
                          preprocessing=metadata.get("preprocessing", "unit"), extras=extras)
@@ -382,6 +392,7 @@ def _finetune_cached(cfg: FinetuneConfig, meta: dict[str, Any], manifest: dict[s
     features, top = top_model.get_layer("vgg16_features"), top_model.get_layer("top")
     classes, shape = meta["classes"], tuple(vgg16.feature_shape(meta["image_size"]))
     features_dir = meta.get("features_dir")
+    require_one_batch(_rows(manifest, "train"), cfg.batch_size)
     block4_shape = tuple(manifest["block4"]["shape"])
     cache = storage.join(features_dir, manifest["block4"]["dir"])
     # Shards already mix the classes (extraction writes rows in a seeded random order): a
@@ -449,13 +460,13 @@ def ensure_block4_cache(features_dir: str | None) -> dict[str, Any]:
 def train_scratch(cfg: ScratchConfig) -> dict[str, Any]:
     """Train the reference article's small CNN from scratch on augmented images."""
     from pipeline import models
-    from pipeline.synthetic import NOTE, default_data_dir, is_synthetic
+    from pipeline.synthetic import default_data_dir, is_synthetic, note_builtin_data
 
     started = time.monotonic()
     data_dir = cfg.data_dir or default_data_dir()
     synthetic = is_synthetic(data_dir)
     if synthetic:
-        print(f"note: {NOTE}")
+        note_builtin_data()
     output_dir = cfg.output_dir or os.path.join("outputs", run_name(data_dir))
     directory = job_dir(output_dir, "scratch")
     index = discover(data_dir, cfg.layout, cfg.validation_fraction, cfg.max_images_per_class)

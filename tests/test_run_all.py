@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.config import PredictConfig, RunAllConfig
+from pipeline.config import PredictConfig
 from pipeline.predict import run_prediction
-from pipeline.runall import run_all
+from pipeline.runall import SYNTHETIC_EPOCHS
 from pipeline.synthetic import CLASSES, default_data_dir
 
 pytestmark = pytest.mark.timeout(900)
@@ -47,9 +47,16 @@ np.savez(out, images=images, keras=model.predict(images.astype(np.float32), verb
 
 
 def test_run_all_on_the_builtin_data_then_predict_with_each_model(ray_cluster, tmp_path):
+    """The main job as a user starts it (its own process, default settings on a subset of the
+    built-in data so it fits a test), attached to the session's cluster: what it prints, what it
+    writes, and what its models predict."""
     out = str(tmp_path / "run")
-    report = run_all(RunAllConfig(output_dir=out, epochs=1, max_images_per_class=8))
-    text = open(report).read()
+    proc = subprocess.run([sys.executable, "-m", "jobs.run_all", "--output-dir", out, "--max-images-per-class", "16"],
+                          cwd=REPO, capture_output=True, text=True, timeout=840,
+                          env={**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _prints_a_readable_summary(proc.stdout + proc.stderr)
+    text = open(os.path.join(out, "report.md")).read()
     assert "proves the installation works" in text
     rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip().strip("|").split("|")]
                                           for line in text.splitlines() if line.startswith("| "))}
@@ -62,7 +69,7 @@ def test_run_all_on_the_builtin_data_then_predict_with_each_model(ray_cluster, t
             metrics = list(csv.DictReader(f))
         assert rows[stage][2] == f"{evaluation['accuracy']:.4f}" and rows[stage][4] == f"{evaluation['loss']:.4f}"
         assert rows[stage][3] == f"{float(metrics[-1]['val_accuracy']):.4f}"
-        assert rows[stage][6] == str(len(metrics)) == "1"
+        assert rows[stage][6] == str(len(metrics)) == str(SYNTHETIC_EPOCHS)
     validation = os.path.join(default_data_dir(), "validation")
     for kind in ("top", "finetune", "scratch"):
         for name in ("model.keras", "metrics.csv", "evaluation.json", "curves.png"):
@@ -72,6 +79,19 @@ def test_run_all_on_the_builtin_data_then_predict_with_each_model(ray_cluster, t
         assert summary["num_images"] == 2 * 16 and summary["num_rejects"] == 0
         assert summary["evaluation"]["confusion_matrix"]["classes"] == list(CLASSES)
         _same_predictions_without_the_project(os.path.join(out, kind), validation, tmp_path / f"{kind}.npz")
+
+
+def _prints_a_readable_summary(output: str) -> None:
+    """At most 60 lines besides progress-bar redraws (which Ray Data writes as log lines when
+    output is not a terminal), one line per epoch per model, none of the libraries' chatter."""
+    lines = [line for line in output.splitlines() if line.strip() and "logging_progress.py" not in line]
+    assert len(lines) <= 60, f"{len(lines)} lines:\n" + "\n".join(lines)
+    for kind in ("top", "finetune", "scratch"):
+        epochs = [line for line in lines if f"{kind} epoch " in line]
+        assert len(epochs) == SYNTHETIC_EPOCHS and all("val_accuracy" in line for line in epochs), epochs
+    for chatter in ("TrainingReport(", "oneDNN custom operations", "absl::InitializeLog", "cpu_feature_guard",
+                    "tensorflow:", "Execution plan of Dataset", "RayDeprecationWarning"):
+        assert not [line for line in lines if chatter in line], chatter
 
 
 def _same_predictions_without_the_project(job_dir: str, validation: str, result) -> None:
