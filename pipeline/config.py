@@ -229,6 +229,11 @@ def check_weights(value: str) -> None:
         )
 
 
+MLFLOW_URI_HELP = ("log each training job to this MLflow tracking store (needs the mlflow extra); default: "
+                   "MLFLOW_TRACKING_URI, and no tracking when neither is set")
+DEFAULT_EXPERIMENT = "ray-image-classifier"
+
+
 @dataclasses.dataclass
 class TrainConfig(LogOptions):
     """Settings shared by the three training jobs."""
@@ -244,8 +249,13 @@ class TrainConfig(LogOptions):
     precision: str = field_help("auto", "auto: mixed bfloat16 where the hardware has it", PRECISIONS)
     max_failures: int = field_help(2, "worker-group restarts (from the last checkpoint) before giving up")
     overwrite: bool = field_help(False, "retrain even if this job already finished in the output folder")
+    mlflow_uri: str | None = field_help(None, MLFLOW_URI_HELP)
+    mlflow_experiment: str = field_help(DEFAULT_EXPERIMENT, "MLflow experiment the run is logged to")
 
     def __post_init__(self) -> None:
+        from pipeline.tracking import check_available
+
+        check_available(self.mlflow_uri)
         check_positive("num_workers", self.num_workers)
         check_positive("epochs", self.epochs)
         check_positive("batch_size", self.batch_size)
@@ -352,8 +362,13 @@ class RunAllConfig(DataOptions, LogOptions):
     skip: str = field_help("", "comma-separated stages to skip: finetune, scratch")
     cache_block4: bool = field_help(False, "fine-tune on cached block-4 outputs (see jobs.finetune --cache-block4)")
     overwrite: bool = field_help(False, "redo every stage even if finished results exist")
+    mlflow_uri: str | None = field_help(None, MLFLOW_URI_HELP)
+    mlflow_experiment: str = field_help(DEFAULT_EXPERIMENT, "MLflow experiment the training jobs are logged to")
 
     def __post_init__(self) -> None:
+        from pipeline.tracking import check_available
+
+        check_available(self.mlflow_uri)
         self.check_data_options()
         if self.image_size is None or self.image_size < 32:
             raise ConfigError(f"--image-size must be an integer of at least 32; got {self.image_size!r}")
@@ -407,3 +422,31 @@ class PredictConfig(InferenceOptions, LogOptions):
         problem = storage.describe_output_problem(self.output)
         if problem:
             raise ConfigError(f"--output {self.output!r} cannot be written: {problem}")
+
+
+@dataclasses.dataclass
+class ServeConfig(LogOptions):
+    """Settings of ``jobs.serve``: a trained classifier behind HTTP, answering as batch prediction would."""
+
+    model: str = field_help(dataclasses.MISSING, "model.keras written by a training job (local path or URI)",
+                            kw_only=True)
+    host: str = field_help("127.0.0.1", "address the HTTP server listens on (0.0.0.0: every interface)", kw_only=True)
+    port: int = field_help(8000, "HTTP port", kw_only=True)
+    replicas: int | None = field_help(None, "model replicas (default: one per GPU of the cluster, each on its GPU; "
+                                            "1 on a cluster without GPUs)", kw_only=True)
+    max_batch_size: int = field_help(32, "requests answered by one model call at most", kw_only=True)
+    batch_wait_s: float = field_help(0.01, "how long a replica waits for a batch to fill", kw_only=True)
+    max_upload_mb: float = field_help(20.0, "larger request bodies are refused with HTTP 413", kw_only=True)
+    precision: str = field_help("auto", "auto: bfloat16 where the hardware has it, else float32", PRECISIONS,
+                                kw_only=True)
+
+    def __post_init__(self) -> None:
+        from pipeline.modelfile import read_metadata
+
+        check_range("port", self.port, 1, 65535)
+        check_positive("replicas", self.replicas, allow_none=True)
+        check_positive("max_batch_size", self.max_batch_size)
+        check_range("batch_wait_s", self.batch_wait_s, 0, 60)
+        check_positive("max_upload_mb", self.max_upload_mb)
+        check_choice("precision", self.precision, PRECISIONS)
+        read_metadata(self.model)  # a missing or foreign model file fails here, before any work

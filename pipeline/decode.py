@@ -170,6 +170,13 @@ def load_image(path: str, image_size: int) -> np.ndarray:
     return decode_image(read_bytes(path), image_size)
 
 
+def rejection(exc: Exception) -> tuple[str, str]:
+    """The (reason, detail) recorded for a file whose decoding raised ``exc``."""
+    if isinstance(exc, DecodeError):
+        return exc.reason, exc.detail
+    return "corrupt", f"{type(exc).__name__}: {exc}"
+
+
 def decode_batch(batch: dict[str, Any], image_size: int) -> dict[str, Any]:
     """Ray Data batch function: decode every ``path`` of a batch, never raising for one bad file.
 
@@ -186,10 +193,8 @@ def decode_batch(batch: dict[str, Any], image_size: int) -> dict[str, Any]:
     for i, path in enumerate(paths):
         try:
             images[i] = load_image(str(path), image_size)
-        except DecodeError as exc:
-            reasons[i], errors[i] = exc.reason, exc.detail
         except Exception as exc:  # noqa: BLE001 - one odd file must never fail the whole job
-            reasons[i], errors[i] = "corrupt", f"{type(exc).__name__}: {exc}"
+            reasons[i], errors[i] = rejection(exc)
     out = dict(batch)
     out["image"] = images
     out["reason"] = reasons

@@ -28,6 +28,8 @@ TF_LOAD_CHATTER = re.compile(r"All log messages before absl::InitializeLog\(\)|o
 # the driver and in the processes that run datasets for Ray Train.
 RAY_DATA_CHATTER = {"ray.data._internal.execution.streaming_executor": logging.WARNING,
                     "ray.data._internal.progress": logging.ERROR}
+# Ray Serve's start-up narration in the driver (the serving job says where it serves itself).
+DRIVER_CHATTER = {"ray.serve": logging.WARNING}
 log = logging.getLogger("pipeline")
 
 
@@ -48,7 +50,7 @@ def setup_driver(is_verbose: bool) -> None:
     """Configure this (the job's driver) process: the project's messages as plain lines on
     stdout, and, unless verbose, TensorFlow's and Ray Data's chatter off."""
     os.environ[VERBOSE_ENV] = "1" if is_verbose else "0"
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _StdoutHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if is_verbose else logging.INFO)
@@ -58,6 +60,20 @@ def setup_driver(is_verbose: bool) -> None:
         quiet_tensorflow_import()
         quiet_ray_data()
         quiet_ray_data_loggers()
+        for name, level in DRIVER_CHATTER.items():
+            logging.getLogger(name).setLevel(level)
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a message comes (redirected, or captured by a test)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 def setup_worker() -> None:

@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 PARTS_DIR = "predictions"
 
 
-class ClassifierActor:
-    """A Ray Data actor holding one classifier; adds a ``probs`` column (n, classes) to each batch."""
+class LoadedClassifier:
+    """A classifier file loaded in this process (a prediction actor or a serving replica): its
+    model, classes and image size, and probabilities computed in padded batches of one size."""
 
     def __init__(self, model_bytes: bytes, precision: str, batch_size: int):
         import tempfile
@@ -46,29 +47,38 @@ class ClassifierActor:
         if isinstance(model_bytes, ray.ObjectRef):
             model_bytes = ray.get(model_bytes)
         precision = device_precision(precision)
-        # The model travels as bytes through the object store: actors on other nodes
-        # cannot see the driver's file system.
+        # The model travels as bytes: processes on other nodes cannot see the driver's file system.
         with tempfile.TemporaryDirectory(prefix="ric-") as tmp:
             path = os.path.join(tmp, MODEL_FILE)
             with open(path, "wb") as f:
                 f.write(model_bytes)
             self.model, meta = load_classifier(path, precision)
-        self.num_classes = len(meta["classes"])
+        self.classes, self.image_size = list(meta["classes"]), int(meta["image_size"])
+        self.num_classes = len(self.classes)
         self.batch_size = batch_size
         self.identity = actor_identity(precision)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def probabilities(self, images: np.ndarray, ok: np.ndarray | None = None, batch_size: int | None = None) -> np.ndarray:
+        """``(n, classes)`` probabilities of ``images``, run in batches padded to ``batch_size``
+        (default the one given at load); NaN rows where ``ok`` is False."""
         from pipeline.models import probabilities
 
+        ok = np.ones(len(images), dtype=bool) if ok is None else ok
+        out = np.full((len(images), self.num_classes), np.nan, dtype=np.float32)
+        raw = run_model_on_good_rows(self.model.predict_on_batch, images, ok, batch_size or self.batch_size)
+        if raw is not None:
+            out[ok] = probabilities(raw, self.num_classes)
+        return out
+
+
+class ClassifierActor(LoadedClassifier):
+    """A Ray Data actor holding one classifier; adds a ``probs`` column (n, classes) to each batch."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.time()
         maybe_fail("predict")
         images = batch.pop("image")
-        ok = batch["reason"] == ""
-        out = np.full((len(images), self.num_classes), np.nan, dtype=np.float32)
-        raw = run_model_on_good_rows(self.model.predict_on_batch, images, ok, self.batch_size)
-        if raw is not None:
-            out[ok] = probabilities(raw, self.num_classes)
-        batch["probs"] = out
+        batch["probs"] = self.probabilities(images, batch["reason"] == "")
         return stamp_actor(batch, self.identity, started)
 
 

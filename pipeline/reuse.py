@@ -15,8 +15,10 @@ from typing import Any
 
 from pipeline.errors import OutputError
 
-# Options that say where results go, how failures are retried or what is printed, not what is computed.
-NOT_SETTINGS = frozenset({"output_dir", "overwrite", "max_failures", "gpu_wait_s", "verbose"})
+# Options that say where results (and their tracking) go, how failures are retried or what is
+# printed, not what is computed.
+NOT_SETTINGS = frozenset({"output_dir", "overwrite", "max_failures", "gpu_wait_s", "verbose", "mlflow_uri",
+                          "mlflow_experiment"})
 
 
 def job_settings(cfg: Any, drop: tuple[str, ...] = (), **inputs: Any) -> dict[str, Any]:

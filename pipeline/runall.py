@@ -36,7 +36,7 @@ def stage_options(cfg: RunAllConfig, data_dir: str, output_dir: str, synthetic: 
                   max_images_per_class=cfg.max_images_per_class, max_reject_fraction=cfg.max_reject_fraction)
     training = dict(output_dir=output_dir, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, batch_size=cfg.batch_size,
                     dropout=cfg.dropout, seed=cfg.seed, precision=cfg.precision, max_failures=cfg.max_failures,
-                    overwrite=cfg.overwrite)
+                    overwrite=cfg.overwrite, mlflow_uri=cfg.mlflow_uri, mlflow_experiment=cfg.mlflow_experiment)
 
     def trainer(stage: str) -> dict[str, Any]:
         return {**training, **_stage_epochs(cfg, stage, synthetic), "learning_rate": getattr(cfg, f"{stage}_learning_rate")}

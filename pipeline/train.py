@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline import logs
+from pipeline import logs, tracking
 
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "model.weights.h5"
@@ -396,6 +396,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state = {"epoch": epoch + 1, "history": state["history"] + [row]}
         _report(row, state, steps, rank)
         if rank == 0:
+            tracking.log_epoch(extras.get("mlflow"), row)
             logs.log.info("%s epoch %d/%d: loss %.4f, accuracy %.4f, val_loss %.4f, val_accuracy %.4f, %.1fs",
                           s.kind, row["epoch"], s.epochs, row["loss"], row["accuracy"], row["val_loss"],
                           row["val_accuracy"], row["seconds"])

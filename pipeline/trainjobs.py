@@ -17,7 +17,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline import storage, vgg16
+from pipeline import storage, tracking, vgg16
 from pipeline.cluster import inference_plan
 from pipeline.config import ExtractConfig, FinetuneConfig, ScratchConfig, TrainConfig, TrainTopConfig
 from pipeline.discover import DatasetIndex, discover
@@ -95,6 +95,7 @@ class TrainedRun:
     history: list[dict[str, Any]]
     seconds: float
     samples_per_s: float
+    tracking: dict[str, str] | None  # the MLflow run's handle, when tracking is on
 
 
 def _run(settings: LoopSettings, datasets: dict[str, Any], cfg: TrainConfig, directory: str) -> TrainedRun:
@@ -107,8 +108,13 @@ def _run(settings: LoopSettings, datasets: dict[str, Any], cfg: TrainConfig, dir
         log.warning("training checkpoints go to the local folder %s, but the cluster has several nodes: Ray Train "
                     "needs storage that every node reaches (a shared filesystem, or an s3:// or gs:// --output-dir)",
                     directory)
+    handle = tracking.start_run(cfg.mlflow_uri, cfg.mlflow_experiment, directory, storage.basename(directory),
+                                storage.read_json(storage.join(directory, SETTINGS)))
+    settings = replace(settings, extras={**settings.extras, "mlflow": handle})
     result = fit(settings, datasets, cfg.num_workers, cfg.use_gpu, storage.absolute(storage.join(directory, "ray_train")),
                  name="run", max_failures=cfg.max_failures)
+    if result.error is not None or result.checkpoint is None:
+        tracking.fail_run(handle)
     if result.error is not None:
         raise TrainingError(f"training failed after {cfg.max_failures} restart(s): {result.error}")
     if result.checkpoint is None:
@@ -117,7 +123,7 @@ def _run(settings: LoopSettings, datasets: dict[str, Any], cfg: TrainConfig, dir
     best = max(result.best_checkpoints, key=lambda cm: (cm[1]["val_accuracy"], -cm[1]["val_loss"], cm[1]["epoch"]))
     seconds = sum(h.get("seconds", 0.0) for h in history)
     samples = sum(h["train_samples"] for h in history)
-    return TrainedRun(best[0], int(best[1]["epoch"]), history, seconds, samples / max(seconds, 1e-9))
+    return TrainedRun(best[0], int(best[1]["epoch"]), history, seconds, samples / max(seconds, 1e-9), handle)
 
 
 def _finish(kind: str, directory: str, model, metadata: dict[str, Any], run: TrainedRun,
@@ -145,6 +151,8 @@ def _finish(kind: str, directory: str, model, metadata: dict[str, Any], run: Tra
                "wall_s": round(time.monotonic() - started, 2),
                "model": storage.join(directory, MODEL_FILE), "curves": storage.join(directory, "curves.png"),
                "settings": settings}
+    tracking.finish_run(run.tracking, evaluation, [storage.join(directory, name) for name in
+                                                   ("curves.png", "evaluation.json", "metrics.csv", MODEL_FILE)])
     storage.write_json(storage.join(directory, SUMMARY), summary)
     log.info(f"{kind}: validation accuracy {evaluation['accuracy']:.4f}, loss {evaluation['loss']:.4f} "
           f"after {len(history)} epochs, {seconds:.0f}s of epochs ({samples_per_s:.1f} samples/s), "

@@ -21,7 +21,9 @@ def ray_cluster():
     # The product's own start: its processes address this cluster, not the machine's latest
     # (tests start other clusters while this one runs). With the dashboard, Ray Train's
     # placement-group cleaner can ask the state API about it.
-    init_ray(local=True, num_cpus=2, include_dashboard=True, env_vars={"TF_CPP_MIN_LOG_LEVEL": "2"})
+    # MLflow 3 refuses local file stores unless allowed; the tracking test logs to one from the workers.
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    init_ray(local=True, num_cpus=2, include_dashboard=True, env_vars={"MLFLOW_ALLOW_FILE_STORE": "true"})
     yield ray
     ray.shutdown()
 

@@ -205,3 +205,30 @@ def test_finetune_refuses_a_top_model_of_the_wrong_kind(tmp_path):
     save_classifier(models.scratch_cnn(32, 2), path, {"kind": "scratch", "classes": ["a", "b"], "image_size": 32})
     with pytest.raises(UserError, match="is a scratch model; fine-tuning starts from a train_top model"):
         finetune(FinetuneConfig(top_model=path, output_dir=str(tmp_path / "out")))
+
+
+def test_training_logs_to_mlflow_from_rank_zero(small_features, tmp_path):
+    """Parameters, one metric per epoch (two workers, logged once), the final evaluation, the
+    curves and the model, read back with MLflow's client from a local file store."""
+    from mlflow import MlflowClient
+
+    from pipeline.trainjobs import train_top
+
+    uri = (tmp_path / "mlruns").as_uri()
+    summary = train_top(TrainTopConfig(features_dir=small_features["output_dir"], output_dir=str(tmp_path / "run"),
+                                       epochs=2, batch_size=8, num_workers=2, precision="float32", mlflow_uri=uri,
+                                       mlflow_experiment="cats"))
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("cats").experiment_id])
+    assert run.info.run_name == "top" and run.info.status == "FINISHED"
+    assert run.data.params["epochs"] == "2" and run.data.params["batch_size"] == "8"
+    assert run.data.params["features"] == small_features["fingerprint"]
+    with open(tmp_path / "run" / "top" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    for key in ("loss", "val_loss", "val_accuracy"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [(m.step, m.value) for m in history] == [(int(r["epoch"]), pytest.approx(float(r[key]))) for r in rows]
+    assert run.data.metrics["final_accuracy"] == pytest.approx(summary["accuracy"])
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"curves.png", "evaluation.json", "metrics.csv", "model"} <= logged
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.keras"]

@@ -1,0 +1,21 @@
+"""Serve a trained classifier over HTTP: ``POST /predict`` with an image's bytes, or JSON
+``{"images": [<base64>, ...]}``, answers with the fields batch prediction writes
+(``python -m jobs.serve --help``)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from jobs._cli import run_job
+from pipeline.config import ServeConfig
+from pipeline.serving import serve_until_interrupted
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the job."""
+    return run_job(ServeConfig, __doc__, serve_until_interrupted, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

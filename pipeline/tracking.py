@@ -1,0 +1,122 @@
+"""Optional MLflow tracking of the training jobs (the ``mlflow`` extra: ``pip install -e ".[mlflow]"``).
+
+Off unless ``--mlflow-uri`` or ``MLFLOW_TRACKING_URI`` names a tracking store. Then each training
+job is one MLflow run: the driver opens it and logs the job's full settings as parameters, rank 0
+of the Ray Train workers logs each epoch's metrics (the other ranks would log the same numbers
+again), and the driver logs the final evaluation, ``curves.png``, ``evaluation.json``,
+``metrics.csv`` and the model file, then closes the run. A resumed job goes on logging into the
+run it started (its id is kept in ``<job dir>/mlflow_run.json``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+from pipeline import storage
+from pipeline.errors import ConfigError
+
+RUN_FILE = "mlflow_run.json"
+EXTRA_HINT = 'MLflow tracking needs the mlflow extra: pip install -e ".[mlflow]"'
+log = logging.getLogger(__name__)
+
+
+def tracking_uri(option: str | None) -> str | None:
+    """The tracking store named by ``--mlflow-uri``, else by ``MLFLOW_TRACKING_URI``; None: tracking off."""
+    return option or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def check_available(option: str | None) -> None:
+    """ConfigError, before any work, when tracking is asked for and MLflow is not installed."""
+    if tracking_uri(option) is None:
+        return
+    if importlib.util.find_spec("mlflow") is None:
+        raise ConfigError(EXTRA_HINT)
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def start_run(option: str | None, experiment: str, directory: str, kind: str,
+              settings: dict[str, Any]) -> dict[str, str] | None:
+    """Open (or, for a resumed job, reopen) the job's MLflow run and log its settings; returns
+    ``{"uri", "run_id"}`` for the workers and ``finish_run``, or None when tracking is off."""
+    uri = tracking_uri(option)
+    if uri is None:
+        return None
+    client = _client(uri)
+    recorded = storage.join(directory, RUN_FILE)
+    if storage.exists(recorded) and storage.read_json(recorded).get("uri") == uri:
+        run_id = storage.read_json(recorded)["run_id"]
+        client.update_run(run_id, status="RUNNING")
+        return {"uri": uri, "run_id": run_id}
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run = client.create_run(experiment_id, run_name=kind, tags={"job": kind, "output": directory})
+    from mlflow.entities import Param
+
+    params = [Param(key, str(value)[:6000]) for key, value in sorted(_flatten(settings).items())]
+    for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
+        client.log_batch(run.info.run_id, params=params[start:start + 100])
+    handle = {"uri": uri, "run_id": run.info.run_id}
+    storage.write_json(recorded, handle)
+    log.info("MLflow run %s in experiment %r at %s", run.info.run_id, experiment, uri)
+    return handle
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def log_epoch(handle: dict[str, str] | None, row: dict[str, Any]) -> None:
+    """Rank 0's per-epoch metrics, at step = epoch. A tracking store that fails costs a warning,
+    never the training run."""
+    if handle is None:
+        return
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, float(row[key]), now, int(row["epoch"]))
+               for key in ("loss", "accuracy", "val_loss", "val_accuracy", "seconds") if key in row]
+    try:
+        _client(handle["uri"]).log_batch(handle["run_id"], metrics=metrics)
+    except Exception as exc:  # noqa: BLE001 - tracking is a side channel
+        log.warning("could not log epoch %s to MLflow (%s): %s", row.get("epoch"), handle["uri"], exc)
+
+
+def finish_run(handle: dict[str, str] | None, evaluation: dict[str, Any], files: list[str]) -> None:
+    """The final evaluation's figures and the job's result files, then the run marked finished."""
+    if handle is None:
+        return
+    client = _client(handle["uri"])
+    figures = {f"final_{key}": float(value) for key, value in evaluation.items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    for key, value in figures.items():
+        client.log_metric(handle["run_id"], key, value)
+    with tempfile.TemporaryDirectory(prefix="ric-") as tmp:
+        for path in files:
+            local = storage.split_uri(path)[1] if storage.is_local(path) else os.path.join(tmp, storage.basename(path))
+            if not storage.is_local(path):
+                with open(local, "wb") as f:
+                    f.write(storage.read_bytes(path))
+            client.log_artifact(handle["run_id"], local, artifact_path="model" if path.endswith(".keras") else None)
+    client.set_terminated(handle["run_id"], status="FINISHED")
+
+
+def fail_run(handle: dict[str, str] | None) -> None:
+    """Mark the run failed (a job that ended in an error)."""
+    if handle is not None:
+        _client(handle["uri"]).set_terminated(handle["run_id"], status="FAILED")
