@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from pipeline import logs
-from pipeline.config import ExtractConfig, build_parser, FinetuneConfig, PredictConfig, RunAllConfig, ScratchConfig, TrainTopConfig
+from pipeline.config import (ExtractConfig, FinetuneConfig, PredictConfig, RunAllConfig, ScratchConfig, TrainTopConfig,
+                             build_parser)
 from pipeline.reuse import job_settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
