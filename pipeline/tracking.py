@@ -53,10 +53,10 @@ def start_run(option: str | None, experiment: str, directory: str, kind: str,
         return None
     client = _client(uri)
     recorded = storage.join(directory, RUN_FILE)
-    if storage.exists(recorded) and storage.read_json(recorded).get("uri") == uri:
-        run_id = storage.read_json(recorded)["run_id"]
-        client.update_run(run_id, status="RUNNING")
-        return {"uri": uri, "run_id": run_id}
+    previous = storage.read_json(recorded) if storage.exists(recorded) else {}
+    if previous.get("uri") == uri:
+        client.update_run(previous["run_id"], status="RUNNING")
+        return {"uri": uri, "run_id": previous["run_id"]}
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
     run = client.create_run(experiment_id, run_name=kind, tags={"job": kind, "output": directory})
