@@ -199,6 +199,14 @@ class InferenceOptions:
         check_positive("block_files", self.block_files)
 
 
+MIRROR_HELP = ("also extract the features of every training image's mirror image (column features_flipped), which "
+               "train_top draws for a random half of each batch (flip augmentation): one more VGG16 pass over the "
+               "training split; the block-4 cache always has them")
+EMA_HELP = ("momentum of the moving average of the weights that every epoch's evaluation, the checkpoints and the "
+            "exported model use (lowered so that it spans at most the last tenth of the run's steps); 0: the trained "
+            "weights themselves")
+
+
 @dataclasses.dataclass
 class ExtractConfig(InferenceOptions, DataOptions, LogOptions):
     """Settings of ``jobs.extract_features``: image folders → VGG16 bottleneck features in Parquet."""
@@ -207,6 +215,7 @@ class ExtractConfig(InferenceOptions, DataOptions, LogOptions):
     image_size: int = field_help(150, "images are resized to this many pixels square (at least 32)")
     weights: str = field_help("torchvision", "VGG16 weights: torchvision, keras, none, or a path to a Keras weights file")
     preprocessing: str = field_help("auto", "pixel normalisation; auto follows the weights", PREPROCESSINGS)
+    mirror_train: bool = field_help(True, MIRROR_HELP)
     cache_block4: bool = field_help(False, "also write VGG16's block-4 outputs (training images: also of their mirror "
                                            "image) under <output-dir>/block4/, for jobs.finetune --cache-block4")
     overwrite: bool = field_help(False, "redo the extraction even if a finished one with the same settings exists")
@@ -245,6 +254,7 @@ class TrainConfig(LogOptions):
     batch_size: int = field_help(32, "global batch size (split evenly across workers)")
     learning_rate: float | None = field_help(None, "default: rmsprop 1e-3 (top, scratch), SGD 1e-4 (finetune)")
     dropout: float = field_help(0.5, "dropout rate before the output layer")
+    ema_momentum: float = field_help(0.995, EMA_HELP)
     seed: int = field_help(0, "seed for initialisation, shuffling and augmentation")
     precision: str = field_help("auto", "auto: mixed bfloat16 where the hardware has it", PRECISIONS)
     max_failures: int = field_help(2, "worker-group restarts (from the last checkpoint) before giving up")
@@ -262,6 +272,7 @@ class TrainConfig(LogOptions):
         check_workers_divide_batch(self.num_workers, self.batch_size)
         check_positive("learning_rate", self.learning_rate, allow_none=True)
         check_range("dropout", self.dropout, 0, 1, open_high=True)
+        check_range("ema_momentum", self.ema_momentum, 0, 1, open_high=True)
         check_choice("precision", self.precision, PRECISIONS)
         if self.max_failures is None or self.max_failures < 0:
             raise ConfigError(f"--max-failures must be 0 or more; got {self.max_failures!r}")
@@ -357,9 +368,11 @@ class RunAllConfig(DataOptions, LogOptions):
     scratch_learning_rate: float | None = field_help(None, "train_scratch learning rate (default rmsprop 1e-3)")
     batch_size: int = field_help(32, "global batch size for training and inference")
     dropout: float = field_help(0.5, "dropout rate before the output layer of every trained model")
+    ema_momentum: float = field_help(0.995, EMA_HELP)
     seed: int = field_help(0, "seed for initialisation, shuffling and augmentation")
     max_failures: int = field_help(2, "worker-group restarts (from the last checkpoint) per training job")
     skip: str = field_help("", "comma-separated stages to skip: finetune, scratch")
+    mirror_train: bool = field_help(True, MIRROR_HELP)
     cache_block4: bool = field_help(False, "fine-tune on cached block-4 outputs (see jobs.finetune --cache-block4)")
     overwrite: bool = field_help(False, "redo every stage even if finished results exist")
     mlflow_uri: str | None = field_help(None, MLFLOW_URI_HELP)
@@ -382,6 +395,7 @@ class RunAllConfig(DataOptions, LogOptions):
             check_positive(name, getattr(self, name), allow_none=True)
         check_workers_divide_batch(self.num_workers, self.batch_size)
         check_range("dropout", self.dropout, 0, 1, open_high=True)
+        check_range("ema_momentum", self.ema_momentum, 0, 1, open_high=True)
         if self.max_failures is None or self.max_failures < 0:
             raise ConfigError(f"--max-failures must be 0 or more; got {self.max_failures!r}")
         for stage in filter(None, (s.strip() for s in self.skip.split(","))):

@@ -8,8 +8,9 @@ Output layout (``<output>/``)::
     run.json               the settings every run into this output must share
     ledger.parquet         every input file once: its stamp, its part, its reject reason if any
     rejects.parquet        path, split, reason, error of every file that could not be decoded
-    train/part-*.parquet   path, label, class_name, features (fixed_size_list<float32>[H*W*C])
-    validation/…, test/…
+    train/part-*.parquet   path, label, class_name, features (fixed_size_list<float32>[H*W*C]),
+                           features_flipped (the mirror image's; unless --no-mirror-train)
+    validation/…, test/…   path, label, class_name, features
     block4/<split>/…       with --cache-block4: path, label, class_name, block4, and for the
                            train split block4_flipped (block-4 output of the mirrored image)
 
@@ -52,7 +53,7 @@ from pipeline.weights import WeightsSource, load_weight_arrays, resolve_weights
 log = logging.getLogger(__name__)
 
 BLOCK4_DIR = "block4"
-# Only training rows get the mirrored copy: it is the augmentation of cached fine-tuning.
+# Only training rows get the mirrored copy: it is the flip augmentation of the top MLP and of cached fine-tuning.
 FLIPPED_SPLIT = "train"
 ROW_ORDER_SEED = 0
 REJECTS_FILE = "rejects.parquet"
@@ -78,23 +79,21 @@ def _rows_of(values: np.ndarray | None, ok: np.ndarray, dim: int) -> np.ndarray:
 class FeatureActor:
     """A Ray Data actor that holds one VGG16 and turns image batches into bottleneck features.
 
-    With ``cache_block4`` it also returns the block-4 output of every image and, for
-    training rows, of the mirrored image (blocks 1–4 only: block 5 is not needed there).
+    With ``mirror`` it also runs the mirror image of every training row (``features_flipped``);
+    with ``cache_block4`` it also returns the block-4 output of every image it runs.
     """
 
     def __init__(self, image_size: int, weight_arrays: list[np.ndarray] | None, preprocessing: str,
-                 precision: str, batch_size: int, cache_block4: bool = False):
+                 precision: str, batch_size: int, mirror: bool = True, cache_block4: bool = False):
         configure_tensorflow_devices()
-        from pipeline.models import block4_extractors, feature_extractor
+        from pipeline.models import block4_and_features, feature_extractor
 
         precision = device_precision(precision)
         if isinstance(weight_arrays, ray.ObjectRef):
             weight_arrays = ray.get(weight_arrays)
-        if cache_block4:
-            self.model, self.block4_model = block4_extractors(image_size, weight_arrays, preprocessing, precision)
-        else:
-            self.model = feature_extractor(image_size, weight_arrays, preprocessing, precision)
-            self.block4_model = None
+        build = block4_and_features if cache_block4 else feature_extractor
+        self.model = build(image_size, weight_arrays, preprocessing, precision)
+        self.mirror, self.cache_block4 = mirror, cache_block4
         self.batch_size = batch_size
         self.feature_dim = int(np.prod(vgg16.feature_shape(image_size)))
         self.block4_dim = int(np.prod(vgg16.block4_shape(image_size)))
@@ -105,34 +104,37 @@ class FeatureActor:
         maybe_fail("extract")
         images = batch.pop("image")
         ok = batch["reason"] == ""
-        outputs = run_model_on_good_rows(self.model.predict_on_batch, images, ok, self.batch_size)
-        if self.block4_model is None:
-            batch["features"] = _rows_of(outputs, ok, self.feature_dim)
-        else:
-            block4, features = outputs if outputs is not None else (None, None)
-            batch["features"] = _rows_of(features, ok, self.feature_dim)
-            batch["block4"] = _rows_of(block4, ok, self.block4_dim)
-            train = ok & (np.asarray(batch["split"]) == FLIPPED_SPLIT)
-            flipped = run_model_on_good_rows(self.block4_model.predict_on_batch, images[:, :, ::-1], train,
-                                             self.batch_size)
-            batch["block4_flipped"] = _rows_of(flipped, train, self.block4_dim)
+        self._run(batch, images, ok, "")
+        if self.mirror:
+            self._run(batch, images[:, :, ::-1], ok & (np.asarray(batch["split"]) == FLIPPED_SPLIT), "_flipped")
         return stamp_actor(batch, self.identity, started)
+
+    def _run(self, batch: dict[str, np.ndarray], images: np.ndarray, rows: np.ndarray, suffix: str) -> None:
+        """The model's outputs for ``rows`` of ``images`` into ``batch`` (zeros elsewhere), as
+        ``features<suffix>`` (and ``block4<suffix>``)."""
+        outputs = run_model_on_good_rows(self.model.predict_on_batch, images, rows, self.batch_size)
+        if self.cache_block4:
+            block4, outputs = outputs if outputs is not None else (None, None)
+            batch["block4" + suffix] = _rows_of(block4, rows, self.block4_dim)
+        batch["features" + suffix] = _rows_of(outputs, rows, self.feature_dim)
 
 
 class FeatureSink(CommittingSink):
     """Commits each block: its good rows into ``<split>/<part>.parquet`` (with ``block4_dim``
     also the block-4 cache into ``block4/<split>/``), then its ledger entry."""
 
-    def __init__(self, output: str, run_id: str, dim: int, block4_dim: int | None = None):
+    def __init__(self, output: str, run_id: str, dim: int, mirror: bool, block4_dim: int | None = None):
         super().__init__(output, run_id)
         self.dim = dim
+        self.mirror = mirror
         self.block4_dim = block4_dim
 
     def write_block(self, part: str, batch: dict[str, np.ndarray], ok: np.ndarray) -> None:
         splits = np.asarray([str(s) for s in batch["split"]])
         for split in sorted(set(splits[ok])):
             rows = ok & (splits == split)
-            self._write(storage.join(self.output, split, f"{part}.parquet"), batch, rows, self.dim, ["features"])
+            columns = ["features", "features_flipped"] if self.mirror and split == FLIPPED_SPLIT else ["features"]
+            self._write(storage.join(self.output, split, f"{part}.parquet"), batch, rows, self.dim, columns)
             if self.block4_dim is not None:
                 columns = ["block4", "block4_flipped"] if split == FLIPPED_SPLIT else ["block4"]
                 self._write(storage.join(self.output, BLOCK4_DIR, split, f"{part}.parquet"), batch, rows,
@@ -177,6 +179,11 @@ def extraction_settings(cfg: ExtractConfig, weights: WeightsSource) -> dict[str,
     return job_settings(cfg, drop=("data_dir", "weights", "cache_block4", "workers", "gpus", "batch_size",
                                    "block_files", "max_reject_fraction"),
                         weights_sha256=weights.sha256, preprocessing=weights.preprocessing)
+
+
+def mirrored(cfg: ExtractConfig, cache: bool) -> bool:
+    """Whether the training rows' mirror images are run too: asked for, or needed by the block-4 cache."""
+    return cfg.mirror_train or cache
 
 
 def run_name(data_dir: str) -> str:
@@ -268,6 +275,8 @@ def _extract(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, ou
         "feature_shape": list(shape), "feature_column": f"fixed_size_list<float32>[{int(np.prod(shape))}]",
         "block4": {"dir": BLOCK4_DIR, "shape": list(block4_shape), "flipped_split": FLIPPED_SPLIT,
                    "columns": ["block4", "block4_flipped"]} if cache else None,
+        # Where the mirror images' features are (column features_flipped), if anywhere.
+        "flipped_split": FLIPPED_SPLIT if mirrored(cfg, cache) else None,
         "inference": asdict(plan) if plan else None, "inference_actors": tally["actors"],
         "decode_nodes": tally["decode_nodes"], "driver_node": ray.get_runtime_context().get_node_id()[:12],
         "config": asdict(cfg), "versions": library_versions(),
@@ -289,10 +298,10 @@ def _infer(cfg: ExtractConfig, root: str, todo: pa.Table, weights: WeightsSource
     ds = map_with_actors(ds, FeatureActor, {
         "image_size": cfg.image_size, "weight_arrays": arrays,
         "preprocessing": weights.preprocessing, "precision": cfg.precision, "batch_size": cfg.batch_size,
-        "cache_block4": cache,
+        "mirror": mirrored(cfg, cache), "cache_block4": cache,
     }, plan, cfg.batch_size)
     dim, block4_dim = (int(np.prod(s)) for s in (vgg16.feature_shape(cfg.image_size), vgg16.block4_shape(cfg.image_size)))
-    sink = FeatureSink(output, run_id, dim, block4_dim if cache else None)
+    sink = FeatureSink(output, run_id, dim, mirrored(cfg, cache), block4_dim if cache else None)
     ds.write_datasink(sink, ray_remote_args=write_args(output))
     return plan, sink.tally
 

@@ -56,13 +56,10 @@ def feature_extractor(image_size: int, weight_arrays: Sequence[np.ndarray] | Non
         return keras.Model(inputs, outputs, name="vgg16_features")
 
 
-def block4_extractors(image_size: int, weight_arrays: Sequence[np.ndarray] | None, preprocessing: str,
-                      precision: str = "float32") -> tuple[keras.Model, keras.Model]:
-    """Two models over one VGG16: images → (block-4 output, bottleneck features), and images → block-4 output.
-
-    The second runs blocks 1–4 only, which is all the flipped copy of a training image
-    needs for the block-4 cache of fine-tuning.
-    """
+def block4_and_features(image_size: int, weight_arrays: Sequence[np.ndarray] | None, preprocessing: str,
+                        precision: str = "float32") -> keras.Model:
+    """0..255 RGB images → (VGG16's block-4 output, bottleneck features), with the weights'
+    preprocessing inside: what an extraction with the block-4 cache runs."""
     with dtype_policy(precision):
         base = _vgg16_with_weights(image_size, weight_arrays)
         block4 = keras.Model(base.input, base.get_layer("block4_pool").output, name="vgg16_blocks1to4")
@@ -71,9 +68,7 @@ def block4_extractors(image_size: int, weight_arrays: Sequence[np.ndarray] | Non
         x = b4
         for name in (*BLOCK5_CONVS, "block5_pool"):
             x = base.get_layer(name)(x)
-        both = keras.Model(inputs, [b4, x], name="vgg16_block4_and_features")
-        only4 = keras.Model(inputs, b4, name="vgg16_block4")
-        return both, only4
+        return keras.Model(inputs, [b4, x], name="vgg16_block4_and_features")
 
 
 def _vgg16_with_weights(image_size: int, weight_arrays: Sequence[np.ndarray] | None) -> keras.Model:

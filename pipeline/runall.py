@@ -35,7 +35,8 @@ def stage_options(cfg: RunAllConfig, data_dir: str, output_dir: str, synthetic: 
     images = dict(data_dir=data_dir, layout=cfg.layout, validation_fraction=cfg.validation_fraction,
                   max_images_per_class=cfg.max_images_per_class, max_reject_fraction=cfg.max_reject_fraction)
     training = dict(output_dir=output_dir, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, batch_size=cfg.batch_size,
-                    dropout=cfg.dropout, seed=cfg.seed, precision=cfg.precision, max_failures=cfg.max_failures,
+                    dropout=cfg.dropout, ema_momentum=cfg.ema_momentum, seed=cfg.seed, precision=cfg.precision,
+                    max_failures=cfg.max_failures,
                     overwrite=cfg.overwrite, mlflow_uri=cfg.mlflow_uri, mlflow_experiment=cfg.mlflow_experiment)
 
     def trainer(stage: str) -> dict[str, Any]:
@@ -46,7 +47,8 @@ def stage_options(cfg: RunAllConfig, data_dir: str, output_dir: str, synthetic: 
                                  weights=cfg.weights, preprocessing=cfg.preprocessing, precision=cfg.precision,
                                  workers=cfg.workers, gpus=cfg.gpus, gpu_wait_s=cfg.gpu_wait_s,
                                  batch_size=cfg.batch_size, block_files=cfg.block_files,
-                                 cache_block4=cfg.cache_block4, overwrite=cfg.overwrite, **images),
+                                 mirror_train=cfg.mirror_train, cache_block4=cfg.cache_block4, overwrite=cfg.overwrite,
+                                 **images),
         "train_top": trainer("top"),
         # Cached fine-tuning reads the images' block-4 outputs from the extraction, not the images.
         "finetune": {**trainer("finetune"), **({"cache_block4": True} if cfg.cache_block4 else images)},

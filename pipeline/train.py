@@ -16,6 +16,7 @@ collective of its own except once at the start of an epoch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -30,6 +31,11 @@ from pipeline import logs, tracking
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "model.weights.h5"
 OPTIMIZER_FILE = "optimizer.npz"
+# With a moving average, a checkpoint's model weights are the average (what was evaluated and
+# is exported); the weights training goes on from are kept beside them, for a resumed run.
+TRAINED_FILE = "trained_weights.npz"
+# The average spans at most this fraction of a run's steps (see ema_momentum).
+EMA_MAX_SPAN = 0.1
 
 
 @dataclass
@@ -53,6 +59,8 @@ class LoopSettings:
     # re-running the Ray Data pipeline (Parquet decoding, shuffling) every epoch.
     hold_in_memory: bool = False
     dropout: float = 0.5
+    # Momentum of the weights' moving average that evaluation, checkpoints and the export use (0: off).
+    ema_momentum: float = 0.0
     augment: bool = False
     preprocessing: str = "torch"
     shuffle: bool = True
@@ -67,6 +75,16 @@ class LoopSettings:
 def default_learning_rate(kind: str) -> float:
     """The reference article's optimizers: rmsprop (Keras default 1e-3) for top and scratch, SGD 1e-4 for fine-tuning."""
     return 1e-4 if kind == "finetune" else 1e-3
+
+
+def ema_momentum(requested: float, total_steps: int) -> float:
+    """The momentum of the weights' moving average for a run of ``total_steps``: ``requested``,
+    lowered so that the average spans (1 / (1 - momentum) steps) at most a tenth of the run. A
+    short run averages little or nothing instead of exporting weights that are mostly its first
+    steps' (Keras' average starts from the first step's weights). 0 turns the average off."""
+    if requested <= 0 or total_steps <= 0:
+        return 0.0
+    return round(max(0.0, min(requested, 1.0 - 1.0 / (EMA_MAX_SPAN * total_steps))), 6)
 
 
 def freeze_below_block5(features_model) -> None:
@@ -99,10 +117,11 @@ def build_model(s: LoopSettings, base_weights=None, top_weights=None):
         if top_weights is not None:
             top.set_weights(top_weights)
         model = models.image_classifier(features, top, name="vgg16_finetuned")
+    average = {"use_ema": s.ema_momentum > 0, "ema_momentum": s.ema_momentum or 0.99}
     if s.kind == "finetune":
-        optimizer = keras.optimizers.SGD(learning_rate=s.learning_rate, momentum=0.9)
+        optimizer = keras.optimizers.SGD(learning_rate=s.learning_rate, momentum=0.9, **average)
     else:
-        optimizer = keras.optimizers.RMSprop(learning_rate=s.learning_rate)
+        optimizer = keras.optimizers.RMSprop(learning_rate=s.learning_rate, **average)
     optimizer.build(model.trainable_variables)
     return model, optimizer
 
@@ -130,13 +149,13 @@ def batch_inputs(batch: dict[str, Any], s: LoopSettings, rng: np.random.Generato
     from pipeline.augment import augment_batch
 
     labels = np.asarray(batch["label"], dtype=np.int32)
-    if s.kind == "top":
-        x = _float_rows(batch["features"], len(labels), s.feature_shape)
-    elif s.cached_block4:
-        x = _float_rows(batch["block4"], len(labels), s.block4_shape)
-        if rng is not None:  # the cached augmentation: the mirrored image's block-4 output for a random half
+    if s.kind == "top" or s.cached_block4:
+        # Columnar inputs; their augmentation: the mirror image's outputs for a random half.
+        column, shape = ("features", s.feature_shape) if s.kind == "top" else ("block4", s.block4_shape)
+        x = _float_rows(batch[column], len(labels), shape)
+        if rng is not None:
             mirrored = rng.random(len(labels)) < 0.5
-            x[mirrored] = _float_rows(batch["block4_flipped"], len(labels), s.block4_shape)[mirrored]
+            x[mirrored] = _float_rows(batch[f"{column}_flipped"], len(labels), shape)[mirrored]
     else:
         images = np.asarray(batch["image"])
         x = augment_batch(images, rng) if rng is not None else images.astype(np.float32)
@@ -290,6 +309,23 @@ class DistributedSteps:
         return self._stats(y, out, self.loss_fn(_targets(y, self.s.num_classes), out), has_next)
 
 
+@contextlib.contextmanager
+def averaged_weights(model, optimizer) -> Iterator[list[np.ndarray] | None]:
+    """With a moving average (``optimizer.use_ema``): the average in ``model`` for the block
+    (evaluation, checkpoint), the trained weights back after it, which it yields (else None)."""
+    if not optimizer.use_ema:
+        yield None
+        return
+    variables = model.trainable_variables
+    trained = [np.array(v) for v in variables]
+    optimizer.finalize_variable_values(variables)
+    try:
+        yield trained
+    finally:
+        for variable, value in zip(variables, trained):
+            variable.assign(value)
+
+
 def epoch_batches(split: str, s: LoopSettings, per_worker: int, drop_last: bool, shuffle_seed: int | None,
                   held: dict[str, dict[str, np.ndarray]]) -> Iterator[dict]:
     """This worker's batches of ``split`` for one epoch: from memory when the settings hold the
@@ -389,12 +425,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train = run_epoch(steps, steps.train, epoch_batches("train", s, per_worker, True, shuffle_seed, held), world,
                           [s.seed, epoch, rank] if s.augment else None,
                           fault=_fault_hook(extras.get("fault"), epoch + 1, rank))
-        val = run_epoch(steps, steps.evaluate, epoch_batches("validation", s, per_worker, False, None, held), world, None)
-        row = {"epoch": epoch + 1, "loss": train.loss, "accuracy": train.accuracy, "val_loss": val.loss,
-               "val_accuracy": val.accuracy, "train_samples": int(train.samples), "val_samples": int(val.samples),
-               "seconds": round(time.time() - started, 2), "precision": s.precision}
-        state = {"epoch": epoch + 1, "history": state["history"] + [row]}
-        _report(row, state, steps, rank)
+        with averaged_weights(steps.model, steps.optimizer) as trained:
+            val = run_epoch(steps, steps.evaluate, epoch_batches("validation", s, per_worker, False, None, held),
+                            world, None)
+            row = {"epoch": epoch + 1, "loss": train.loss, "accuracy": train.accuracy, "val_loss": val.loss,
+                   "val_accuracy": val.accuracy, "train_samples": int(train.samples), "val_samples": int(val.samples),
+                   "seconds": round(time.time() - started, 2), "precision": s.precision}
+            state = {"epoch": epoch + 1, "history": state["history"] + [row]}
+            _report(row, state, steps, rank, trained)
         if rank == 0:
             tracking.log_epoch(extras.get("mlflow"), row)
             logs.log.info("%s epoch %d/%d: loss %.4f, accuracy %.4f, val_loss %.4f, val_accuracy %.4f, %.1fs",
@@ -402,14 +440,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                           row["val_accuracy"], row["seconds"])
 
 
-def _report(row: dict[str, Any], state: dict[str, Any], steps: DistributedSteps, rank: int) -> None:
+def _report(row: dict[str, Any], state: dict[str, Any], steps: DistributedSteps, rank: int,
+            trained: list[np.ndarray] | None) -> None:
     """Report an epoch's metrics to Ray Train, with a checkpoint from rank 0."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            _save(tmp, steps.model, steps.optimizer, state)
+            _save(tmp, steps.model, steps.optimizer, state, trained)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(row, checkpoint=checkpoint)
     # Ray Train registers a reported checkpoint when its controller next polls the workers; a
@@ -469,8 +508,11 @@ def _slot_name(variable) -> str:
     return variable.path.split("/", 1)[-1]
 
 
-def _save(directory: str, model, optimizer, state: dict[str, Any]) -> None:
+def _save(directory: str, model, optimizer, state: dict[str, Any], trained: list[np.ndarray] | None) -> None:
     model.save_weights(os.path.join(directory, WEIGHTS_FILE))
+    if trained is not None:
+        np.savez(os.path.join(directory, TRAINED_FILE),
+                 **{v.path: value for v, value in zip(model.trainable_variables, trained)})
     # Keyed by name, so a restore into a model built differently fails loudly instead of
     # pouring one layer's momentum into another.
     slots = {_slot_name(v): np.asarray(v) for v in optimizer.variables}
@@ -490,6 +532,10 @@ def _restore(directory: str, model, optimizer) -> dict[str, Any]:
                                f"({len(missing)} in all); it was written for another model")
         for var in optimizer.variables:
             var.assign(saved[_slot_name(var)])
+    if os.path.exists(os.path.join(directory, TRAINED_FILE)):
+        with np.load(os.path.join(directory, TRAINED_FILE)) as saved:
+            for var in model.trainable_variables:
+                var.assign(saved[var.path])
     with open(os.path.join(directory, STATE_FILE)) as f:
         return json.load(f)
 

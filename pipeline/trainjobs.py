@@ -36,7 +36,8 @@ from pipeline.modelfile import (MODEL_FILE, SAVED_MODEL_DIR, export_saved_model,
                                 save_classifier)
 from pipeline.reuse import job_settings, require_same
 from pipeline.report import evaluate, model_title, plot_curves, write_metrics_csv
-from pipeline.train import LoopSettings, default_learning_rate, fit, load_checkpoint_weights, read_checkpoint_state
+from pipeline.train import (LoopSettings, default_learning_rate, ema_momentum, fit, load_checkpoint_weights,
+                            read_checkpoint_state)
 from pipeline.versions import library_versions
 
 SUMMARY = "summary.json"
@@ -80,10 +81,12 @@ def require_one_batch(train_rows: int, batch_size: int) -> None:
                         f"pass --batch-size {max(1, train_rows)} or less, or add images")
 
 
-def _settings(kind: str, cfg: TrainConfig, precision: str, num_classes: int, **kw: Any) -> LoopSettings:
+def _settings(kind: str, cfg: TrainConfig, precision: str, num_classes: int, train_rows: int, **kw: Any) -> LoopSettings:
+    steps = cfg.epochs * (train_rows // cfg.batch_size)
     return LoopSettings(kind=kind, epochs=cfg.epochs, batch_size=cfg.batch_size,
                         learning_rate=cfg.learning_rate or default_learning_rate(kind), seed=cfg.seed,
-                        precision=precision, num_classes=num_classes, dropout=cfg.dropout, **kw)
+                        precision=precision, num_classes=num_classes, dropout=cfg.dropout,
+                        ema_momentum=ema_momentum(cfg.ema_momentum, steps), **kw)
 
 
 @dataclass
@@ -197,6 +200,26 @@ def default_features(output_dir: str | None) -> str:
     return run_extraction(cfg)["output_dir"]
 
 
+def _feature_datasets(features_dir: str, manifest: dict[str, Any], cfg: TrainTopConfig) -> tuple[dict[str, Any], bool, bool]:
+    """The top MLP's training and validation datasets, whether each worker may hold them in
+    memory, and whether the training rows carry their mirror images' features (the flip
+    augmentation, where the extraction has them)."""
+    mirrored = manifest.get("flipped_split") == "train"
+    columns = {"train": ["path", "label", "features"] + (["features_flipped"] if mirrored else []),
+               "validation": ["path", "label", "features"]}
+    # The path gives held data an order that does not depend on how Ray read it.
+    datasets = {split: ray.data.read_parquet(storage.join(features_dir, split)).select_columns(columns[split])
+                for split in ("train", "validation")}
+    rows = (1 + mirrored) * _rows(manifest, "train") + _rows(manifest, "validation")
+    held = fits_in_memory(rows * np.prod(manifest["feature_shape"]) * 4, cfg.num_workers)
+    if not held:
+        # Streamed every epoch: a seeded global shuffle gives every batch a mix of classes
+        # even from shards written class by class (older extractions); the local buffer
+        # reorders them every epoch. Held shards are reshuffled in memory every epoch.
+        datasets["train"] = datasets["train"].random_shuffle(seed=cfg.seed)
+    return datasets, held, mirrored
+
+
 def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     """Fit the top MLP on feature shards; export it joined to its VGG16 base as one image → class model."""
     from pipeline import models
@@ -222,17 +245,9 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     num_classes = len(manifest["classes"])
     shape = tuple(manifest["feature_shape"])
     precision = cfg.precision
-    # The path gives held data an order that does not depend on how Ray read it.
-    datasets = {split: ray.data.read_parquet(storage.join(features_dir, split))
-                .select_columns(["path", "label", "features"]) for split in ("train", "validation")}
-    held = fits_in_memory((_rows(manifest, "train") + _rows(manifest, "validation")) * np.prod(shape) * 4,
-                          cfg.num_workers)
-    if not held:
-        # Streamed every epoch: a seeded global shuffle gives every batch a mix of classes
-        # even from shards written class by class (older extractions); the local buffer
-        # reorders them every epoch. Held shards are reshuffled in memory every epoch.
-        datasets["train"] = datasets["train"].random_shuffle(seed=cfg.seed)
-    settings = _settings("top", cfg, precision, num_classes, feature_shape=shape, hold_in_memory=held)
+    datasets, held, mirrored = _feature_datasets(features_dir, manifest, cfg)
+    settings = _settings("top", cfg, precision, num_classes, _rows(manifest, "train"), feature_shape=shape,
+                         hold_in_memory=held, augment=mirrored)
     run = _run(settings, datasets, cfg, directory)
 
     top = models.top_classifier(shape, num_classes, "float32", dropout=cfg.dropout)
@@ -299,8 +314,8 @@ def _image_job(kind: str, cfg: FinetuneConfig | ScratchConfig, index: DatasetInd
     files = _good_rows(index, image_size, cfg.max_reject_fraction, directory)
     require_one_batch(len(files["train"]), cfg.batch_size)
     datasets = _image_datasets(files, index.root, image_size, cfg.seed)
-    settings = _settings(kind, cfg, precision, len(index.classes), image_size=image_size, augment=True,
-                         preprocessing=metadata.get("preprocessing", "unit"), extras=extras)
+    settings = _settings(kind, cfg, precision, len(index.classes), len(files["train"]), image_size=image_size,
+                         augment=True, preprocessing=metadata.get("preprocessing", "unit"), extras=extras)
 
     def export(best):
         model = model_fn()
@@ -412,7 +427,8 @@ def _finetune_cached(cfg: FinetuneConfig, meta: dict[str, Any], manifest: dict[s
                 .select_columns(["path", "label", "block4"])}
     held = fits_in_memory((2 * _rows(manifest, "train") + _rows(manifest, "validation")) * np.prod(block4_shape) * 4,
                           cfg.num_workers)
-    settings = _settings("finetune", cfg, cfg.precision, len(classes), image_size=meta["image_size"], augment=True,
+    settings = _settings("finetune", cfg, cfg.precision, len(classes), _rows(manifest, "train"),
+                         image_size=meta["image_size"], augment=True,
                          cached_block4=True, block4_shape=block4_shape, feature_shape=shape, hold_in_memory=held,
                          extras={"base_weights": ray.put(models.block5_weights(features)),
                                  "top_weights": ray.put(top.get_weights())})

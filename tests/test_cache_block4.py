@@ -63,14 +63,14 @@ def test_cached_outputs_equal_the_network_on_the_images(plain_then_cached, real_
     block 5 of the cached block 4 gives the stored bottleneck features."""
     _, manifest = plain_then_cached
     arrays = weights.load_weight_arrays(weights.resolve_weights("torchvision"), SIZE)
-    _, block4_model = models.block4_extractors(SIZE, arrays, "torch", "float32")
+    network = models.block4_and_features(SIZE, arrays, "torch", "float32")
     table = _block4(manifest, "train")
     shape = manifest["block4"]["shape"]
     images = np.stack([load_image(os.path.join(real_root, p), SIZE) for p in table.column("path").to_pylist()])
     stored = features_as_array(table.select(["block4"]).rename_columns(["features"]), shape)
     mirrored = features_as_array(table.select(["block4_flipped"]).rename_columns(["features"]), shape)
-    np.testing.assert_allclose(stored, block4_model.predict(images, verbose=0), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(mirrored, block4_model.predict(images[:, :, ::-1], verbose=0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(stored, network.predict(images, verbose=0)[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(mirrored, network.predict(images[:, :, ::-1], verbose=0)[0], rtol=1e-4, atol=1e-4)
     assert np.abs(stored - mirrored).max() > 0.1, "the mirror image's block 4 is not the image's"
 
     top = models.block5_classifier(shape, 2)

@@ -33,16 +33,18 @@ def test_run_all_offers_every_option_of_each_stage(stage):
 def test_run_all_hands_each_stage_its_own_options(tmp_path):
     cfg = RunAllConfig(data_dir=str(tmp_path), image_size=64, preprocessing="caffe", workers=3, block_files=16,
                        epochs=7, finetune_epochs=2, top_learning_rate=0.01, scratch_learning_rate=0.002,
-                       dropout=0.3, max_failures=0, num_workers=2, batch_size=16, seed=5)
+                       dropout=0.3, ema_momentum=0.9, mirror_train=False, max_failures=0, num_workers=2, batch_size=16,
+                       seed=5)
     options = stage_options(cfg, str(tmp_path), str(tmp_path / "run"), synthetic=False)
     extract = options["extract_features"]
     assert (extract["image_size"], extract["preprocessing"], extract["workers"], extract["block_files"]) == (64, "caffe", 3, 16)
+    assert extract["mirror_train"] is False
     assert [options[s]["epochs"] for s in ("train_top", "finetune", "train_scratch")] == [7, 2, 7]
     assert [options[s]["learning_rate"] for s in ("train_top", "finetune", "train_scratch")] == [0.01, None, 0.002]
     assert options["train_scratch"]["image_size"] == 64
     for stage in ("train_top", "finetune", "train_scratch"):
         assert (options[stage]["dropout"], options[stage]["max_failures"], options[stage]["num_workers"],
-                options[stage]["batch_size"], options[stage]["seed"]) == (0.3, 0, 2, 16, 5)
+                options[stage]["batch_size"], options[stage]["seed"], options[stage]["ema_momentum"]) == (0.3, 0, 2, 16, 5, 0.9)
     # Every stage's config accepts what it is handed (the inputs run_all adds are the only others).
     ExtractConfig(**extract)
     ScratchConfig(**options["train_scratch"])
@@ -59,6 +61,7 @@ def test_without_epochs_each_job_keeps_its_default_and_the_builtin_data_gets_fiv
 @pytest.mark.parametrize("option,value,message", [("top_epochs", 0, "--top-epochs must be a positive number"),
                                                   ("finetune_learning_rate", -1.0, "--finetune-learning-rate"),
                                                   ("image_size", 16, "--image-size"),
+                                                  ("ema_momentum", 1.0, r"--ema-momentum must be in \[0, 1\)"),
                                                   ("preprocessing", "tf", "one of auto, torch, caffe")])
 def test_invalid_run_all_options_name_the_option(option, value, message):
     with pytest.raises(Exception, match=message):

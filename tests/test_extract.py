@@ -84,6 +84,23 @@ def test_features_match_the_same_model_in_process(torchvision_extraction, real_r
     assert stored.std() > 0.1, "real weights give informative features"
 
 
+def test_training_rows_carry_their_mirror_images_features(torchvision_extraction, real_root):
+    """The top MLP's flip augmentation: features_flipped of a training row is the network on the
+    mirrored photo; validation rows have none (nothing augments them)."""
+    cfg, manifest = torchvision_extraction
+    from pipeline.models import feature_extractor
+
+    assert manifest["flipped_split"] == "train"
+    assert "features_flipped" not in read_split(cfg.output_dir, "validation").column_names
+    table = read_split(cfg.output_dir, "train").slice(0, 8)
+    model = feature_extractor(150, weights.load_weight_arrays(weights.resolve_weights("torchvision"), 150), "torch",
+                              "float32")
+    images = np.stack([load_image(os.path.join(real_root, p), 150) for p in table.column("path").to_pylist()])
+    flipped = features_as_array(table.select(["features_flipped"]).rename_columns(["features"]), manifest["feature_shape"])
+    np.testing.assert_allclose(flipped, model.predict(images[:, :, ::-1], verbose=0), rtol=1e-4, atol=1e-4)
+    assert np.abs(flipped - features_as_array(table, manifest["feature_shape"])).max() > 0.1
+
+
 def test_feature_column_is_plain_arrow(torchvision_extraction):
     cfg, manifest = torchvision_extraction
     shard = storage.list_parquet(os.path.join(cfg.output_dir, "train"))[0]
