@@ -200,8 +200,8 @@ class InferenceOptions:
 
 
 MIRROR_HELP = ("also extract the features of every training image's mirror image (column features_flipped), which "
-               "train_top draws for a random half of each batch (flip augmentation): one more VGG16 pass over the "
-               "training split; the block-4 cache always has them")
+               "train_top then draws for a random half of each batch (flip augmentation): one more VGG16 pass over "
+               "the training split")
 EMA_HELP = ("momentum of the moving average of the weights that every epoch's evaluation, the checkpoints and the "
             "exported model use (lowered so that it spans at most the last tenth of the run's steps); 0: the trained "
             "weights themselves")
@@ -215,7 +215,7 @@ class ExtractConfig(InferenceOptions, DataOptions, LogOptions):
     image_size: int = field_help(150, "images are resized to this many pixels square (at least 32)")
     weights: str = field_help("torchvision", "VGG16 weights: torchvision, keras, none, or a path to a Keras weights file")
     preprocessing: str = field_help("auto", "pixel normalisation; auto follows the weights", PREPROCESSINGS)
-    mirror_train: bool = field_help(True, MIRROR_HELP)
+    mirror_train: bool = field_help(False, MIRROR_HELP)
     cache_block4: bool = field_help(False, "also write VGG16's block-4 outputs (training images: also of their mirror "
                                            "image) under <output-dir>/block4/, for jobs.finetune --cache-block4")
     overwrite: bool = field_help(False, "redo the extraction even if a finished one with the same settings exists")
@@ -372,7 +372,7 @@ class RunAllConfig(DataOptions, LogOptions):
     seed: int = field_help(0, "seed for initialisation, shuffling and augmentation")
     max_failures: int = field_help(2, "worker-group restarts (from the last checkpoint) per training job")
     skip: str = field_help("", "comma-separated stages to skip: finetune, scratch")
-    mirror_train: bool = field_help(True, MIRROR_HELP)
+    mirror_train: bool = field_help(False, MIRROR_HELP)
     cache_block4: bool = field_help(False, "fine-tune on cached block-4 outputs (see jobs.finetune --cache-block4)")
     overwrite: bool = field_help(False, "redo every stage even if finished results exist")
     mlflow_uri: str | None = field_help(None, MLFLOW_URI_HELP)

@@ -9,7 +9,7 @@ Output layout (``<output>/``)::
     ledger.parquet         every input file once: its stamp, its part, its reject reason if any
     rejects.parquet        path, split, reason, error of every file that could not be decoded
     train/part-*.parquet   path, label, class_name, features (fixed_size_list<float32>[H*W*C]),
-                           features_flipped (the mirror image's; unless --no-mirror-train)
+                           with --mirror-train features_flipped (the mirror image's)
     validation/…, test/…   path, label, class_name, features
     block4/<split>/…       with --cache-block4: path, label, class_name, block4, and for the
                            train split block4_flipped (block-4 output of the mirrored image)
@@ -84,7 +84,7 @@ class FeatureActor:
     """
 
     def __init__(self, image_size: int, weight_arrays: list[np.ndarray] | None, preprocessing: str,
-                 precision: str, batch_size: int, mirror: bool = True, cache_block4: bool = False):
+                 precision: str, batch_size: int, mirror: bool = False, cache_block4: bool = False):
         configure_tensorflow_devices()
         from pipeline.models import block4_and_features, feature_extractor
 
@@ -133,6 +133,7 @@ class FeatureSink(CommittingSink):
         splits = np.asarray([str(s) for s in batch["split"]])
         for split in sorted(set(splits[ok])):
             rows = ok & (splits == split)
+            # The block-4 cache runs the mirror images too; their features are kept only when asked for.
             columns = ["features", "features_flipped"] if self.mirror and split == FLIPPED_SPLIT else ["features"]
             self._write(storage.join(self.output, split, f"{part}.parquet"), batch, rows, self.dim, columns)
             if self.block4_dim is not None:
@@ -182,7 +183,8 @@ def extraction_settings(cfg: ExtractConfig, weights: WeightsSource) -> dict[str,
 
 
 def mirrored(cfg: ExtractConfig, cache: bool) -> bool:
-    """Whether the training rows' mirror images are run too: asked for, or needed by the block-4 cache."""
+    """Whether the training rows' mirror images are run too: for their features (``--mirror-train``)
+    or for the block-4 cache's ``block4_flipped``."""
     return cfg.mirror_train or cache
 
 
@@ -276,7 +278,7 @@ def _extract(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, ou
         "block4": {"dir": BLOCK4_DIR, "shape": list(block4_shape), "flipped_split": FLIPPED_SPLIT,
                    "columns": ["block4", "block4_flipped"]} if cache else None,
         # Where the mirror images' features are (column features_flipped), if anywhere.
-        "flipped_split": FLIPPED_SPLIT if mirrored(cfg, cache) else None,
+        "flipped_split": FLIPPED_SPLIT if cfg.mirror_train else None,
         "inference": asdict(plan) if plan else None, "inference_actors": tally["actors"],
         "decode_nodes": tally["decode_nodes"], "driver_node": ray.get_runtime_context().get_node_id()[:12],
         "config": asdict(cfg), "versions": library_versions(),
@@ -301,7 +303,7 @@ def _infer(cfg: ExtractConfig, root: str, todo: pa.Table, weights: WeightsSource
         "mirror": mirrored(cfg, cache), "cache_block4": cache,
     }, plan, cfg.batch_size)
     dim, block4_dim = (int(np.prod(s)) for s in (vgg16.feature_shape(cfg.image_size), vgg16.block4_shape(cfg.image_size)))
-    sink = FeatureSink(output, run_id, dim, mirrored(cfg, cache), block4_dim if cache else None)
+    sink = FeatureSink(output, run_id, dim, cfg.mirror_train, block4_dim if cache else None)
     ds.write_datasink(sink, ray_remote_args=write_args(output))
     return plan, sink.tally
 

@@ -33,12 +33,12 @@ def test_run_all_offers_every_option_of_each_stage(stage):
 def test_run_all_hands_each_stage_its_own_options(tmp_path):
     cfg = RunAllConfig(data_dir=str(tmp_path), image_size=64, preprocessing="caffe", workers=3, block_files=16,
                        epochs=7, finetune_epochs=2, top_learning_rate=0.01, scratch_learning_rate=0.002,
-                       dropout=0.3, ema_momentum=0.9, mirror_train=False, max_failures=0, num_workers=2, batch_size=16,
+                       dropout=0.3, ema_momentum=0.9, mirror_train=True, max_failures=0, num_workers=2, batch_size=16,
                        seed=5)
     options = stage_options(cfg, str(tmp_path), str(tmp_path / "run"), synthetic=False)
     extract = options["extract_features"]
     assert (extract["image_size"], extract["preprocessing"], extract["workers"], extract["block_files"]) == (64, "caffe", 3, 16)
-    assert extract["mirror_train"] is False
+    assert extract["mirror_train"] is True
     assert [options[s]["epochs"] for s in ("train_top", "finetune", "train_scratch")] == [7, 2, 7]
     assert [options[s]["learning_rate"] for s in ("train_top", "finetune", "train_scratch")] == [0.01, None, 0.002]
     assert options["train_scratch"]["image_size"] == 64

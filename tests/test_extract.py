@@ -27,7 +27,7 @@ pytestmark = pytest.mark.timeout(600)
 @pytest.fixture(scope="module")
 def torchvision_extraction(ray_cluster, real_root, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("features") / "real")
-    cfg = ExtractConfig(data_dir=real_root, output_dir=out, precision="float32", batch_size=8)
+    cfg = ExtractConfig(data_dir=real_root, output_dir=out, precision="float32", batch_size=8, mirror_train=True)
     return cfg, run_extraction(cfg)
 
 
