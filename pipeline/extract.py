@@ -123,10 +123,10 @@ class FeatureSink(CommittingSink):
     """Commits each block: its good rows into ``<split>/<part>.parquet`` (with ``block4_dim``
     also the block-4 cache into ``block4/<split>/``), then its ledger entry."""
 
-    def __init__(self, output: str, run_id: str, dim: int, mirror: bool, block4_dim: int | None = None):
+    def __init__(self, output: str, run_id: str, dim: int, flipped_features: bool, block4_dim: int | None = None):
         super().__init__(output, run_id)
         self.dim = dim
-        self.mirror = mirror
+        self.flipped_features = flipped_features
         self.block4_dim = block4_dim
 
     def write_block(self, part: str, batch: dict[str, np.ndarray], ok: np.ndarray) -> None:
@@ -134,7 +134,8 @@ class FeatureSink(CommittingSink):
         for split in sorted(set(splits[ok])):
             rows = ok & (splits == split)
             # The block-4 cache runs the mirror images too; their features are kept only when asked for.
-            columns = ["features", "features_flipped"] if self.mirror and split == FLIPPED_SPLIT else ["features"]
+            flipped = self.flipped_features and split == FLIPPED_SPLIT
+            columns = ["features", "features_flipped"] if flipped else ["features"]
             self._write(storage.join(self.output, split, f"{part}.parquet"), batch, rows, self.dim, columns)
             if self.block4_dim is not None:
                 columns = ["block4", "block4_flipped"] if split == FLIPPED_SPLIT else ["block4"]

@@ -30,7 +30,7 @@ from pipeline.cluster import inference_plan
 from pipeline.config import ExtractConfig, FinetuneConfig, ScratchConfig, TrainConfig, TrainTopConfig
 from pipeline.discover import DatasetIndex, discover
 from pipeline.errors import DataError, UserError
-from pipeline.extract import read_split, run_extraction, run_name
+from pipeline.extract import FLIPPED_SPLIT, read_split, run_extraction, run_name
 from pipeline.inference import check_reject_fraction, decoded_images, find_rejects
 from pipeline.modelfile import (MODEL_FILE, SAVED_MODEL_DIR, export_saved_model, load_classifier, read_metadata,
                                 save_classifier)
@@ -204,7 +204,7 @@ def _feature_datasets(features_dir: str, manifest: dict[str, Any], cfg: TrainTop
     """The top MLP's training and validation datasets, whether each worker may hold them in
     memory, and whether the training rows carry their mirror images' features (the flip
     augmentation, where the extraction has them)."""
-    mirrored = manifest.get("flipped_split") == "train"
+    mirrored = manifest.get("flipped_split") == FLIPPED_SPLIT
     columns = {"train": ["path", "label", "features"] + (["features_flipped"] if mirrored else []),
                "validation": ["path", "label", "features"]}
     # The path gives held data an order that does not depend on how Ray read it.
