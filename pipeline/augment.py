@@ -1,4 +1,6 @@
-"""The reference article's training-time augmentation: random shear, zoom and horizontal flip.
+"""Training-time augmentation: the reference article's random shear, zoom and horizontal flip,
+optionally with random rotation and shifts (Keras' ``ImageDataGenerator`` ``rotation_range``,
+``width_shift_range``/``height_shift_range``).
 
 Random parameters come from a numpy generator seeded by (seed, epoch, worker rank,
 step), so a run is reproducible from ``--seed`` and every epoch sees new variants.
@@ -21,11 +23,14 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Ranges of the random transforms; ``shear`` is a shear factor, ``zoom`` ±fraction."""
+    """Ranges of the random transforms: ``shear`` a shear factor, ``zoom`` ±fraction, ``rotation``
+    ±degrees, ``shift`` ±fraction of the image's side (each axis drawn on its own)."""
 
     shear: float = 0.2
     zoom: float = 0.2
     horizontal_flip: bool = True
+    rotation: float = 0.0
+    shift: float = 0.0
 
 
 def random_transforms(rng: np.random.Generator, n: int, size: int, aug: Augmentation) -> np.ndarray:
@@ -33,15 +38,20 @@ def random_transforms(rng: np.random.Generator, n: int, size: int, aug: Augmenta
     zoom = rng.uniform(1 - aug.zoom, 1 + aug.zoom, size=(n, 2))
     shear = rng.uniform(-aug.shear, aug.shear, size=n)
     flip = rng.random(n) < 0.5 if aug.horizontal_flip else np.zeros(n, bool)
+    # Drawn only when asked for, so the article's transforms keep their random stream.
+    angle = np.deg2rad(rng.uniform(-aug.rotation, aug.rotation, size=n)) if aug.rotation else np.zeros(n)
+    shift = rng.uniform(-aug.shift, aug.shift, size=(n, 2)) * size if aug.shift else np.zeros((n, 2))
     c = (size - 1) / 2.0
+    center = np.array([[1, 0, c], [0, 1, c], [0, 0, 1]])
+    uncenter = np.array([[1, 0, -c], [0, 1, -c], [0, 0, 1]])
     out = np.zeros((n, 8), np.float32)
     for i in range(n):
         sx = -zoom[i, 0] if flip[i] else zoom[i, 0]
         # output→input: x_in = sx*(x - c) + shear*sx*(y - c) + c; y_in = zy*(y - c) + c
         m = np.array([[sx, shear[i] * zoom[i, 0], 0.0], [0.0, zoom[i, 1], 0.0], [0.0, 0.0, 1.0]])
-        center = np.array([[1, 0, c], [0, 1, c], [0, 0, 1]])
-        uncenter = np.array([[1, 0, -c], [0, 1, -c], [0, 0, 1]])
-        t = center @ m @ uncenter
+        cos, sin = np.cos(angle[i]), np.sin(angle[i])
+        rotate_shift = np.array([[cos, -sin, shift[i, 0]], [sin, cos, shift[i, 1]], [0.0, 0.0, 1.0]])
+        t = center @ rotate_shift @ m @ uncenter
         out[i] = [t[0, 0], t[0, 1], t[0, 2], t[1, 0], t[1, 1], t[1, 2], 0.0, 0.0]
     return out
 
@@ -58,3 +68,19 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, aug: Augmentatio
         interpolation="BILINEAR", fill_mode="NEAREST",
     )
     return warped.numpy()
+
+
+def shift_maps(maps: np.ndarray, rng: np.random.Generator, cells: int) -> np.ndarray:
+    """Feature maps ``(n, h, w, c)`` each moved by a random whole number of cells within ±``cells``
+    per axis, edges repeated: a shift of the image for a convolutional feature map (one block-4
+    cell of VGG16 is 16 pixels), so cached fine-tuning gets shift augmentation without
+    re-running blocks 1-4."""
+    if cells <= 0:
+        return maps
+    n, h, w, _ = maps.shape
+    moves = rng.integers(-cells, cells + 1, size=(n, 2))
+    padded = np.pad(maps, ((0, 0), (cells, cells), (cells, cells), (0, 0)), mode="edge")
+    out = np.empty_like(maps)
+    for i, (dy, dx) in enumerate(moves):
+        out[i] = padded[i, cells + dy:cells + dy + h, cells + dx:cells + dx + w]
+    return out

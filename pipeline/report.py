@@ -16,7 +16,8 @@ MODEL_TITLES = {"top": "VGG16 bottleneck + top MLP", "finetune": "VGG16 fine-tun
 
 def model_title(kind: str, cached_block4: bool = False) -> str:
     """A model's title in plots and reports."""
-    return MODEL_TITLES[kind] + (" on cached block-4 outputs" if cached_block4 else "")
+    # Cached block-4 outputs are fine-tuning's default; the streamed mode is the one named.
+    return MODEL_TITLES[kind] + (", streamed images" if kind == "finetune" and not cached_block4 else "")
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float | None:

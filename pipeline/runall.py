@@ -51,8 +51,11 @@ def stage_options(cfg: RunAllConfig, data_dir: str, output_dir: str, synthetic: 
                                  **images),
         "train_top": trainer("top"),
         # Cached fine-tuning reads the images' block-4 outputs from the extraction, not the images.
-        "finetune": {**trainer("finetune"), **({"cache_block4": True} if cfg.cache_block4 else images)},
-        "train_scratch": {**trainer("scratch"), "image_size": cfg.image_size, **images},
+        "finetune": {**trainer("finetune"), "shift": cfg.finetune_shift, "cache_block4": cfg.cache_block4,
+                     **({} if cfg.cache_block4 else images)},
+        "train_scratch": {**trainer("scratch"), "batch_size": cfg.scratch_batch_size,
+                          "image_size": cfg.scratch_image_size, "shift": cfg.scratch_shift,
+                          "rotation": cfg.rotation, **images},
     }
 
 

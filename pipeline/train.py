@@ -49,11 +49,13 @@ class LoopSettings:
     seed: int
     precision: str
     num_classes: int
-    image_size: int = 150
-    feature_shape: tuple[int, ...] = (4, 4, 512)
+    # Each kind sets what it uses (images: image_size; top: feature_shape; cached: block4_shape),
+    # so a default can never stand in for the data's real shape.
+    image_size: int | None = None
+    feature_shape: tuple[int, ...] | None = None
     # Fine-tuning on cached block-4 outputs (columns block4 / block4_flipped) instead of images.
     cached_block4: bool = False
-    block4_shape: tuple[int, ...] = (9, 9, 512)
+    block4_shape: tuple[int, ...] | None = None
     # Columnar data (features, block-4 cache) small enough to hold: each worker reads its shard
     # once and draws every later epoch from memory, in a fresh seeded order, instead of
     # re-running the Ray Data pipeline (Parquet decoding, shuffling) every epoch.
@@ -62,6 +64,9 @@ class LoopSettings:
     # Momentum of the weights' moving average that evaluation, checkpoints and the export use (0: off).
     ema_momentum: float = 0.0
     augment: bool = False
+    # Image augmentation beyond the article's shear, zoom and flip: ±degrees and ±fraction of the side.
+    rotation: float = 0.0
+    shift: float = 0.0
     preprocessing: str = "torch"
     shuffle: bool = True
     # Object refs of the base (or block-5) and top weights for fine-tuning; "fault" (tests only) kills a worker.
@@ -113,7 +118,7 @@ def build_model(s: LoopSettings, base_weights=None, top_weights=None):
     else:
         features = models.feature_extractor(s.image_size, base_weights, s.preprocessing, s.precision)
         freeze_below_block5(features)
-        top = models.top_classifier(s.feature_shape, s.num_classes, s.precision, dropout=s.dropout)
+        top = models.top_classifier(features.output_shape[1:], s.num_classes, s.precision, dropout=s.dropout)
         if top_weights is not None:
             top.set_weights(top_weights)
         model = models.image_classifier(features, top, name="vgg16_finetuned")
@@ -144,21 +149,30 @@ def predicted_labels(outputs, num_classes: int):
     return tf.cast(tf.argmax(outputs, axis=-1), tf.int32)
 
 
+def block4_cells(shift: float, image_size: int) -> int:
+    """``shift`` (a fraction of the image's side) in whole cells of VGG16's block-4 map (16 px each)."""
+    return int(round(shift * image_size / 16))
+
+
 def batch_inputs(batch: dict[str, Any], s: LoopSettings, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
     """A Ray Data batch as (model input, labels); images are augmented when ``rng`` is given."""
-    from pipeline.augment import augment_batch
+    from pipeline.augment import Augmentation, augment_batch, shift_maps
 
     labels = np.asarray(batch["label"], dtype=np.int32)
     if s.kind == "top" or s.cached_block4:
-        # Columnar inputs; their augmentation: the mirror image's outputs for a random half.
+        # Columnar inputs; their augmentation: the mirror image's outputs for a random half
+        # (and, for block-4 maps, shifts by whole cells).
         column, shape = ("features", s.feature_shape) if s.kind == "top" else ("block4", s.block4_shape)
         x = _float_rows(batch[column], len(labels), shape)
         if rng is not None:
             mirrored = rng.random(len(labels)) < 0.5
             x[mirrored] = _float_rows(batch[f"{column}_flipped"], len(labels), shape)[mirrored]
+            if s.cached_block4:
+                x = shift_maps(x, rng, block4_cells(s.shift, s.image_size))
     else:
         images = np.asarray(batch["image"])
-        x = augment_batch(images, rng) if rng is not None else images.astype(np.float32)
+        aug = Augmentation(rotation=s.rotation, shift=s.shift)
+        x = augment_batch(images, rng, aug) if rng is not None else images.astype(np.float32)
     return x, labels
 
 
@@ -383,7 +397,9 @@ def _settings_in_worker(config: dict[str, Any]) -> tuple[LoopSettings, dict[str,
     extras = config.pop("extras", {}) or {}
     s = LoopSettings(**config)
     s.precision = device_precision(s.precision, allow_float16=False)
-    s.feature_shape, s.block4_shape = tuple(s.feature_shape), tuple(s.block4_shape)
+    # Ray passes tuples back as lists.
+    s.feature_shape = tuple(s.feature_shape) if s.feature_shape else None
+    s.block4_shape = tuple(s.block4_shape) if s.block4_shape else None
     return s, extras
 
 

@@ -50,7 +50,7 @@ class TrainingError(UserError):
 
 
 def job_dir(output_dir: str, kind: str) -> str:
-    """``<output-dir>/<job>``: the job's folder is named after it (``top``, ``finetune``, ``finetune_cached``, ``scratch``)."""
+    """``<output-dir>/<job>``: the job's folder is named after it (``top``, ``finetune``, ``finetune_streamed``, ``scratch``)."""
     return storage.join(output_dir, kind)
 
 
@@ -310,12 +310,14 @@ def _evaluate_model_file(path: str, files: pa.Table, root: str, classes: list[st
 
 
 def _image_job(kind: str, cfg: FinetuneConfig | ScratchConfig, index: DatasetIndex, directory: str,
-               image_size: int, precision: str, metadata: dict[str, Any], extras: dict[str, Any], model_fn) -> dict[str, Any]:
+               image_size: int, precision: str, metadata: dict[str, Any], extras: dict[str, Any], model_fn,
+               rotation: float = 0.0, shift: float = 0.0) -> dict[str, Any]:
     files = _good_rows(index, image_size, cfg.max_reject_fraction, directory)
     require_one_batch(len(files["train"]), cfg.batch_size)
     datasets = _image_datasets(files, index.root, image_size, cfg.seed)
     settings = _settings(kind, cfg, precision, len(index.classes), len(files["train"]), image_size=image_size,
-                         augment=True, preprocessing=metadata.get("preprocessing", "unit"), extras=extras)
+                         augment=True, rotation=rotation, shift=shift,
+                         preprocessing=metadata.get("preprocessing", "unit"), extras=extras)
 
     def export(best):
         model = model_fn()
@@ -364,7 +366,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     started = time.monotonic()
     top_path, meta = _top_model(cfg)
     output_dir = cfg.output_dir or storage.parent(storage.parent(storage.absolute(top_path)))
-    directory = job_dir(output_dir, "finetune_cached" if cfg.cache_block4 else "finetune")
+    directory = job_dir(output_dir, "finetune" if cfg.cache_block4 else "finetune_streamed")
     manifest, index = _finetune_data(cfg, meta)
     recorded = job_settings(cfg, drop=("top_model", "data_dir"),
                             data=manifest["fingerprint"] if manifest else index.fingerprint(),
@@ -384,7 +386,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     metadata.update(data_dir=storage.absolute(index.root), layout=index.layout,
                     validation_fraction=_data_options(cfg, meta)[2])
     return _image_job("finetune", cfg, index, directory, meta["image_size"], cfg.precision, metadata, extras,
-                      _finetuned_image_model(meta, features.get_weights()))
+                      _finetuned_image_model(meta, features.get_weights()), shift=cfg.shift)
 
 
 def _finetuned_image_model(meta: dict[str, Any], base_weights: list[np.ndarray]):
@@ -428,7 +430,7 @@ def _finetune_cached(cfg: FinetuneConfig, meta: dict[str, Any], manifest: dict[s
     held = fits_in_memory((2 * _rows(manifest, "train") + _rows(manifest, "validation")) * np.prod(block4_shape) * 4,
                           cfg.num_workers)
     settings = _settings("finetune", cfg, cfg.precision, len(classes), _rows(manifest, "train"),
-                         image_size=meta["image_size"], augment=True,
+                         image_size=meta["image_size"], augment=True, shift=cfg.shift,
                          cached_block4=True, block4_shape=block4_shape, feature_shape=shape, hold_in_memory=held,
                          extras={"base_weights": ray.put(models.block5_weights(features)),
                                  "top_weights": ray.put(top.get_weights())})
@@ -470,8 +472,9 @@ def _data_options(cfg: FinetuneConfig, meta: dict[str, Any]) -> tuple[str, str, 
 def ensure_block4_cache(features_dir: str | None) -> dict[str, Any]:
     """The manifest of a feature folder (a top model's), with the block-4 cache added when it lacks one."""
     if not features_dir or not storage.exists(storage.join(features_dir, storage.MANIFEST)):
-        raise DataError(f"--cache-block4 needs the feature folder the top model was trained on ({features_dir}), "
-                        f"which is gone; run jobs.extract_features --cache-block4 and jobs.train_top on it")
+        raise DataError(f"--cache-block4 (the default) needs the feature folder the top model was trained on "
+                        f"({features_dir}), which is gone; run jobs.extract_features --cache-block4 and "
+                        f"jobs.train_top on it, or fine-tune on the images with --no-cache-block4")
     manifest = storage.read_json(storage.join(features_dir, storage.MANIFEST))
     if manifest.get("block4"):
         return manifest
@@ -504,4 +507,5 @@ def train_scratch(cfg: ScratchConfig) -> dict[str, Any]:
                 "data_dir": storage.absolute(data_dir), "layout": cfg.layout,
                 "validation_fraction": cfg.validation_fraction, "synthetic": synthetic}
     return _image_job("scratch", cfg, index, directory, cfg.image_size, precision, metadata, {},
-                      lambda: models.scratch_cnn(cfg.image_size, len(index.classes), "float32", dropout=cfg.dropout))
+                      lambda: models.scratch_cnn(cfg.image_size, len(index.classes), "float32", dropout=cfg.dropout),
+                      rotation=cfg.rotation, shift=cfg.shift)

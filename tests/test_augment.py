@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from pipeline.augment import Augmentation, augment_batch, random_transforms
+from pipeline.augment import Augmentation, augment_batch, random_transforms, shift_maps
 from tests.images import half_split_image
 
 
@@ -37,3 +39,69 @@ def test_zoom_and_shear_stay_within_their_ranges():
     shear = shear_term / zoom_x
     assert shear.min() >= -0.2 and shear.max() <= 0.2 and shear.std() > 0.05
     assert not np.allclose(zoom_x, zoom_y), "width and height zoom are drawn independently"
+
+
+def test_rotation_and_shift_stay_within_their_ranges():
+    still = Augmentation(shear=0.0, zoom=0.0, horizontal_flip=False)
+    turned = random_transforms(np.random.default_rng(4), 2000, 64, dataclasses.replace(still, rotation=30.0))
+    angle = np.degrees(np.arctan2(turned[:, 3], turned[:, 0]))
+    assert angle.min() >= -30.0001 and angle.max() <= 30.0001 and angle.std() > 10
+    np.testing.assert_allclose(turned[:, 0] ** 2 + turned[:, 3] ** 2, 1.0, atol=1e-5)  # a rotation, no scaling
+    moved = random_transforms(np.random.default_rng(5), 2000, 64, dataclasses.replace(still, shift=0.1))
+    np.testing.assert_allclose(moved[:, [0, 4]], 1.0)
+    offsets = moved[:, [2, 5]]
+    assert np.abs(offsets).max() <= 6.4 + 1e-4 and offsets.std(axis=0).min() > 2
+    assert not np.allclose(offsets[:, 0], offsets[:, 1]), "the two axes are drawn independently"
+
+
+def test_rotation_turns_about_the_centre_and_shift_moves_the_image():
+    yy, xx = np.mgrid[:33, :33]
+    blob = (255 * np.exp(-((xx - 16) ** 2 + (yy - 16) ** 2) / (2 * 5.0 ** 2))).astype(np.uint8)
+    x = np.repeat(np.stack([blob] * 16)[..., None], 3, axis=-1)
+    still = Augmentation(shear=0.0, zoom=0.0, horizontal_flip=False)
+    turned = augment_batch(x, np.random.default_rng(1), dataclasses.replace(still, rotation=45.0))
+    moved = augment_batch(x, np.random.default_rng(1), dataclasses.replace(still, shift=0.2))
+    # A round blob at the centre turned about the centre is the same blob (up to resampling);
+    # the same blob shifted, or turned about any other point, is not.
+    assert np.abs(turned - x).mean() < 1
+    assert np.abs(moved - x).mean() > 5
+
+
+def test_feature_maps_shift_by_whole_cells_with_edges_repeated():
+    from pipeline.train import block4_cells
+
+    maps = np.arange(2 * 5 * 5 * 3, dtype=np.float32).reshape(2, 5, 5, 3)
+    assert shift_maps(maps, np.random.default_rng(0), 0) is maps
+    seen = set()
+    for seed in range(40):
+        out = shift_maps(maps, np.random.default_rng(seed), 2)
+        assert out.shape == maps.shape
+        for one, original in zip(out, maps):
+            padded = np.pad(original, ((2, 2), (2, 2), (0, 0)), mode="edge")
+            moves = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                     if np.array_equal(one, padded[2 + dy:7 + dy, 2 + dx:7 + dx])]
+            assert moves, "every map is the original moved by at most 2 cells, edges repeated"
+            seen.add(moves[0])
+    assert len(seen) > 15, "the moves vary, over both axes"
+    assert block4_cells(0.15, 224) == 2 and block4_cells(0.0, 224) == 0 and block4_cells(0.1, 150) == 1
+
+
+def test_cached_finetuning_batches_mirror_and_shift_the_block4_maps():
+    from pipeline.train import LoopSettings, batch_inputs
+
+    s = LoopSettings(kind="finetune", epochs=1, batch_size=8, learning_rate=1e-4, seed=0, precision="float32",
+                     num_classes=2, image_size=64, cached_block4=True, block4_shape=(4, 4, 2), shift=0.25)
+    rng = np.random.default_rng(0)
+    plain, mirror = rng.normal(size=(2, 8, 4 * 4 * 2)).astype(np.float32)
+    batch = {"label": np.zeros(8, np.int64), "block4": plain, "block4_flipped": mirror}
+    x, _ = batch_inputs(batch, s, None)
+    np.testing.assert_array_equal(x, plain.reshape(8, 4, 4, 2))  # evaluation: as stored
+    x, _ = batch_inputs(batch, s, np.random.default_rng(3))
+    moved = 0
+    for i in range(8):
+        candidates = [np.pad(src[i].reshape(4, 4, 2), ((1, 1), (1, 1), (0, 0)), mode="edge")[1 + dy:5 + dy, 1 + dx:5 + dx]
+                      for src in (plain, mirror) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        matches = [k for k, c in enumerate(candidates) if np.array_equal(x[i], c)]
+        assert matches, "each row is its map or its mirror's, moved by at most one cell (0.25 of 64 px)"
+        moved += 4 not in matches and 13 not in matches
+    assert moved >= 2

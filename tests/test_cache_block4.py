@@ -95,9 +95,10 @@ def test_finetune_on_the_cache_exports_the_model_it_trained(plain_then_cached, r
     out = str(tmp_path / "run")
     train_top(TrainTopConfig(features_dir=manifest["output_dir"], output_dir=out, epochs=2, batch_size=8,
                              precision="float32"))
-    summary = finetune(FinetuneConfig(output_dir=out, cache_block4=True, epochs=2, batch_size=8, num_workers=2,
+    # The cache is fine-tuning's default.
+    summary = finetune(FinetuneConfig(output_dir=out, epochs=2, batch_size=8, num_workers=2,
                                       precision="float32", learning_rate=1e-3))
-    job = os.path.join(out, "finetune_cached")
+    job = os.path.join(out, "finetune")
     assert summary["cached_block4"] is True and summary["epochs"] == 2
     assert summary["model"] == os.path.join(job, "model.keras") and os.path.isfile(os.path.join(job, "curves.png"))
     meta = read_metadata(summary["model"])
@@ -119,6 +120,14 @@ def test_finetune_on_the_cache_exports_the_model_it_trained(plain_then_cached, r
     labels = table.column("label").to_numpy()
     assert summary["accuracy"] == pytest.approx(float(((on_images[:, 0] > 0.5) == labels).mean()))
 
+    # --no-cache-block4 streams the top model's photos through all of VGG16, into its own folder.
+    streamed = finetune(FinetuneConfig(output_dir=out, cache_block4=False, epochs=1, batch_size=8,
+                                       precision="float32", learning_rate=1e-3))
+    assert streamed["cached_block4"] is False and streamed["epochs"] == 1
+    assert streamed["model"] == os.path.join(out, "finetune_streamed", "model.keras")
+    streamed_meta = read_metadata(streamed["model"])
+    assert streamed_meta["data_dir"] == os.path.abspath(real_root) and not streamed_meta["cached_block4"]
+
 
 def _checkpoint_of_epoch(storage_dir: str, epoch: int):
     from ray.train import Checkpoint
@@ -132,5 +141,6 @@ def _checkpoint_of_epoch(storage_dir: str, epoch: int):
 
 
 def test_cached_finetuning_refuses_other_images(real_root):
-    with pytest.raises(ConfigError, match="drop --data-dir"):
-        FinetuneConfig(data_dir=real_root, cache_block4=True)
+    with pytest.raises(ConfigError, match="add --no-cache-block4"):
+        FinetuneConfig(data_dir=real_root)
+    assert FinetuneConfig(data_dir=real_root, cache_block4=False).data_dir == real_root

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from pipeline.config import (PER_STAGE_OPTIONS, ExtractConfig, FinetuneConfig, RunAllConfig, ScratchConfig,
+from pipeline.config import (IMAGE_STAGE_OPTIONS, PER_STAGE_OPTIONS, ExtractConfig, FinetuneConfig, RunAllConfig, ScratchConfig,
                              TrainTopConfig)
 from pipeline.runall import stage_options
 
@@ -26,25 +26,28 @@ def test_run_all_offers_every_option_of_each_stage(stage):
     cls, prefix = STAGES[stage]
     ours = names(RunAllConfig)
     missing = [n for n in names(cls) - SET_BY_RUN_ALL
-               if not (n in ours or (prefix and n in PER_STAGE_OPTIONS and f"{prefix}_{n}" in ours))]
+               if not (n in ours or (prefix and n in PER_STAGE_OPTIONS + IMAGE_STAGE_OPTIONS and f"{prefix}_{n}" in ours))]
     assert not missing, f"jobs.run_all has no option for {stage}'s {missing}"
 
 
 def test_run_all_hands_each_stage_its_own_options(tmp_path):
-    cfg = RunAllConfig(data_dir=str(tmp_path), image_size=64, preprocessing="caffe", workers=3, block_files=16,
+    cfg = RunAllConfig(data_dir=str(tmp_path), image_size=64, scratch_image_size=96, rotation=15.0, scratch_shift=0.05, finetune_shift=0.2, preprocessing="caffe", workers=3, block_files=16,
                        epochs=7, finetune_epochs=2, top_learning_rate=0.01, scratch_learning_rate=0.002,
                        dropout=0.3, ema_momentum=0.9, mirror_train=True, max_failures=0, num_workers=2, batch_size=16,
-                       seed=5)
+                       scratch_batch_size=8, seed=5)
     options = stage_options(cfg, str(tmp_path), str(tmp_path / "run"), synthetic=False)
     extract = options["extract_features"]
     assert (extract["image_size"], extract["preprocessing"], extract["workers"], extract["block_files"]) == (64, "caffe", 3, 16)
     assert extract["mirror_train"] is True
     assert [options[s]["epochs"] for s in ("train_top", "finetune", "train_scratch")] == [7, 2, 7]
     assert [options[s]["learning_rate"] for s in ("train_top", "finetune", "train_scratch")] == [0.01, None, 0.002]
-    assert options["train_scratch"]["image_size"] == 64
+    assert (options["train_scratch"]["image_size"], options["train_scratch"]["rotation"],
+            options["train_scratch"]["shift"]) == (96, 15.0, 0.05)
+    assert options["finetune"]["shift"] == 0.2
     for stage in ("train_top", "finetune", "train_scratch"):
         assert (options[stage]["dropout"], options[stage]["max_failures"], options[stage]["num_workers"],
-                options[stage]["batch_size"], options[stage]["seed"], options[stage]["ema_momentum"]) == (0.3, 0, 2, 16, 5, 0.9)
+                options[stage]["seed"], options[stage]["ema_momentum"]) == (0.3, 0, 2, 5, 0.9)
+    assert [options[s]["batch_size"] for s in ("extract_features", "train_top", "finetune", "train_scratch")] == [16, 16, 16, 8]
     # Every stage's config accepts what it is handed (the inputs run_all adds are the only others).
     ExtractConfig(**extract)
     ScratchConfig(**options["train_scratch"])
@@ -61,8 +64,18 @@ def test_without_epochs_each_job_keeps_its_default_and_the_builtin_data_gets_fiv
 @pytest.mark.parametrize("option,value,message", [("top_epochs", 0, "--top-epochs must be a positive number"),
                                                   ("finetune_learning_rate", -1.0, "--finetune-learning-rate"),
                                                   ("image_size", 16, "--image-size"),
+                                                  ("scratch_image_size", 31, "--scratch-image-size"),
+                                                  ("scratch_batch_size", 0, "--scratch-batch-size must be a positive"),
+                                                  ("rotation", 181.0, r"--rotation must be in \[0, 180\]"),
+                                                  ("scratch_shift", 1.0, r"--scratch-shift must be in \[0, 1\)"),
                                                   ("ema_momentum", 1.0, r"--ema-momentum must be in \[0, 1\)"),
                                                   ("preprocessing", "tf", "one of auto, torch, caffe")])
 def test_invalid_run_all_options_name_the_option(option, value, message):
     with pytest.raises(Exception, match=message):
         RunAllConfig(**{option: value})
+
+
+def test_run_all_checks_the_small_cnns_batch_against_the_workers_too():
+    with pytest.raises(Exception, match="--num-workers 4 does not divide --scratch-batch-size 18"):
+        RunAllConfig(num_workers=4, batch_size=32, scratch_batch_size=18)
+    assert ScratchConfig().batch_size == 16 and ScratchConfig().epochs == 100

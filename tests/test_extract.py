@@ -36,7 +36,8 @@ def test_one_row_per_file_with_folder_labels(torchvision_extraction, real_root):
     assert manifest["classes"] == ["cats", "dogs"]
     assert manifest["counts"] == {"train": {"cats": 10, "dogs": 10}, "validation": {"cats": 10, "dogs": 10}}
     assert manifest["num_rejects"] == 0 and manifest["weights"]["source"] == "torchvision"
-    assert manifest["preprocessing"] == "torch" and manifest["feature_shape"] == [4, 4, 512]
+    assert manifest["preprocessing"] == "torch" and manifest["feature_shape"] == [7, 7, 512]
+    assert manifest["config"]["image_size"] == 224, "VGG16's own input size is the default"
     for split in ("train", "validation"):
         table = read_split(cfg.output_dir, split)
         paths = table.column("path").to_pylist()
@@ -75,10 +76,10 @@ def test_features_match_the_same_model_in_process(torchvision_extraction, real_r
     from pipeline.models import feature_extractor
 
     source = weights.resolve_weights("torchvision")
-    model = feature_extractor(150, weights.load_weight_arrays(source, 150), "torch", "float32")
+    model = feature_extractor(cfg.image_size, weights.load_weight_arrays(source, cfg.image_size), "torch", "float32")
     table = read_split(cfg.output_dir, "validation")
     stored = features_as_array(table, manifest["feature_shape"])
-    images = np.stack([load_image(os.path.join(real_root, p), 150) for p in table.column("path").to_pylist()])
+    images = np.stack([load_image(os.path.join(real_root, p), cfg.image_size) for p in table.column("path").to_pylist()])
     direct = model.predict(images, batch_size=8, verbose=0)
     np.testing.assert_allclose(stored, direct, rtol=1e-4, atol=1e-4)
     assert stored.std() > 0.1, "real weights give informative features"
@@ -93,9 +94,9 @@ def test_training_rows_carry_their_mirror_images_features(torchvision_extraction
     assert manifest["flipped_split"] == "train"
     assert "features_flipped" not in read_split(cfg.output_dir, "validation").column_names
     table = read_split(cfg.output_dir, "train").slice(0, 8)
-    model = feature_extractor(150, weights.load_weight_arrays(weights.resolve_weights("torchvision"), 150), "torch",
-                              "float32")
-    images = np.stack([load_image(os.path.join(real_root, p), 150) for p in table.column("path").to_pylist()])
+    model = feature_extractor(cfg.image_size, weights.load_weight_arrays(weights.resolve_weights("torchvision"),
+                                                                         cfg.image_size), "torch", "float32")
+    images = np.stack([load_image(os.path.join(real_root, p), cfg.image_size) for p in table.column("path").to_pylist()])
     flipped = features_as_array(table.select(["features_flipped"]).rename_columns(["features"]), manifest["feature_shape"])
     np.testing.assert_allclose(flipped, model.predict(images[:, :, ::-1], verbose=0), rtol=1e-4, atol=1e-4)
     assert np.abs(flipped - features_as_array(table, manifest["feature_shape"])).max() > 0.1
@@ -105,9 +106,9 @@ def test_feature_column_is_plain_arrow(torchvision_extraction):
     cfg, manifest = torchvision_extraction
     shard = storage.list_parquet(os.path.join(cfg.output_dir, "train"))[0]
     table = pq.read_table(shard)
-    assert str(table.schema.field("features").type) == "fixed_size_list<element: float>[8192]"
+    assert str(table.schema.field("features").type) == "fixed_size_list<element: float>[25088]"
     flat = table.column("features").combine_chunks().flatten().to_numpy()
-    assert flat.reshape(len(table), *manifest["feature_shape"]).shape[1:] == (4, 4, 512)
+    assert flat.reshape(len(table), *manifest["feature_shape"]).shape[1:] == (7, 7, 512)
     assert len(pq.read_table(os.path.join(cfg.output_dir, "rejects.parquet"))) == 0
 
 

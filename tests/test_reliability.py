@@ -209,19 +209,21 @@ def test_driver_interrupted_during_extraction_then_rerun(ray_cluster, real_root,
     is interrupted with exactly 10 blocks of 2 photos committed, not at a moment it may outrun.
     """
     out = str(tmp_path / "out")
+    # A small image size: the test is about the ledger, not about VGG16's input.
     args = ["jobs.extract_features", "--data-dir", real_root, "--output-dir", out, "--precision", "float32",
-            "--batch-size", "2", "--block-files", "2"]
+            "--batch-size", "2", "--block-files", "2", "--image-size", "64"]
     with open(tmp_path / "log", "w") as log:
         proc = _start_job(args, log, {"RAY_ADDRESS": "local", "RIC_FAULT_PAUSE": "extract:11"})
         try:
             _wait_for(lambda: _committed(out) >= 10, proc)
             with pytest.raises(OutputError, match="being written by another run"):
-                run_extraction(ExtractConfig(data_dir=real_root, output_dir=out, precision="float32"))
+                run_extraction(ExtractConfig(data_dir=real_root, output_dir=out, precision="float32", image_size=64))
         finally:
             code = _stop(proc, sig)
     assert code != 0 and not os.path.exists(os.path.join(out, "manifest.json")), \
         "an interrupted run must not leave a finished-looking output"
-    manifest = run_extraction(ExtractConfig(data_dir=real_root, output_dir=out, precision="float32", batch_size=2))
+    manifest = run_extraction(ExtractConfig(data_dir=real_root, output_dir=out, precision="float32", batch_size=2,
+                                             image_size=64))
     got = extracted_paths(out)
     expected = good_relpaths(real_root)
     record_case(f"driver {signal.Signals(sig).name} during extraction, rerun", "resumed: 20 of 40 redone",
