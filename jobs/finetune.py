@@ -1,4 +1,5 @@
-"""Ray Train: VGG16 block 5 + top fine-tuned on augmented images (``python -m jobs.finetune --help``)."""
+"""Ray Train: VGG16 block 5 + top fine-tuned on cached block-4 outputs or streamed images
+(``python -m jobs.finetune --help``)."""
 
 from __future__ import annotations
 

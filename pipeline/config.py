@@ -326,7 +326,8 @@ class ImageTrainConfig(DataOptions, TrainConfig):
 CACHE_BLOCK4_HELP = ("train block 5 + top on cached block-4 outputs of the top model's feature folder (added there "
                      "if missing; augmentation: mirror images and --shift), which runs blocks 1-4 once per image instead of every "
                      "epoch; --no-cache-block4 streams the images through all of VGG16 every epoch, with the "
-                     "article's shear and zoom as well as flips, and writes <output-dir>/finetune_streamed/")
+                     "article's shear and zoom as well as flips and --shift, and writes "
+                     "<output-dir>/finetune_streamed/")
 
 
 @dataclasses.dataclass
