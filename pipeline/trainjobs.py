@@ -311,12 +311,12 @@ def _evaluate_model_file(path: str, files: pa.Table, root: str, classes: list[st
 
 def _image_job(kind: str, cfg: FinetuneConfig | ScratchConfig, index: DatasetIndex, directory: str,
                image_size: int, precision: str, metadata: dict[str, Any], extras: dict[str, Any], model_fn,
-               rotation: float = 0.0, shift: float = 0.0) -> dict[str, Any]:
+               rotation: float = 0.0) -> dict[str, Any]:
     files = _good_rows(index, image_size, cfg.max_reject_fraction, directory)
     require_one_batch(len(files["train"]), cfg.batch_size)
     datasets = _image_datasets(files, index.root, image_size, cfg.seed)
     settings = _settings(kind, cfg, precision, len(index.classes), len(files["train"]), image_size=image_size,
-                         augment=True, rotation=rotation, shift=shift,
+                         augment=True, rotation=rotation, shift=cfg.shift,
                          preprocessing=metadata.get("preprocessing", "unit"), extras=extras)
 
     def export(best):
@@ -386,7 +386,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     metadata.update(data_dir=storage.absolute(index.root), layout=index.layout,
                     validation_fraction=_data_options(cfg, meta)[2])
     return _image_job("finetune", cfg, index, directory, meta["image_size"], cfg.precision, metadata, extras,
-                      _finetuned_image_model(meta, features.get_weights()), shift=cfg.shift)
+                      _finetuned_image_model(meta, features.get_weights()))
 
 
 def _finetuned_image_model(meta: dict[str, Any], base_weights: list[np.ndarray]):
@@ -508,4 +508,4 @@ def train_scratch(cfg: ScratchConfig) -> dict[str, Any]:
                 "validation_fraction": cfg.validation_fraction, "synthetic": synthetic}
     return _image_job("scratch", cfg, index, directory, cfg.image_size, precision, metadata, {},
                       lambda: models.scratch_cnn(cfg.image_size, len(index.classes), "float32", dropout=cfg.dropout),
-                      rotation=cfg.rotation, shift=cfg.shift)
+                      rotation=cfg.rotation)
