@@ -32,7 +32,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench.decode_throughput import cpu_name  # noqa: E402
+from bench.result_file import cpu_name  # noqa: E402
 from pipeline.cluster import init_ray  # noqa: E402
 from pipeline.config import ExtractConfig, FinetuneConfig, ScratchConfig, TrainTopConfig  # noqa: E402
 from pipeline.extract import run_extraction  # noqa: E402

@@ -20,7 +20,6 @@ import functools
 import json
 import multiprocessing as mp
 import os
-import platform
 import sys
 import time
 
@@ -28,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench.result_file import cpu_name  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402
 
 DECODERS = {"pillow": functools.partial(decode_image, fast_jpeg=False), "fast": decode_image}
@@ -90,18 +90,6 @@ def measure(photos: list[bytes], size: int, processes: int) -> dict[str, float]:
         figures[f"speedup_{cores}_cores"] = round(figures[f"fast_images_per_s_{cores}_cores"]
                                                   / figures[f"pillow_images_per_s_{cores}_cores"], 2)
     return figures
-
-
-def cpu_name() -> str:
-    """The CPU's model name and whether it has AMX or AVX512-BF16 (figures name their CPU)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = [f for f in ("amx_bf16", "avx512_bf16") if f" {f}" in info]
-    return f"{model} ({', '.join(flags) or 'no bf16 extensions'})"
 
 
 def main() -> None:

@@ -1,30 +1,46 @@
 """Peak memory of extraction as the data set grows: streaming must stay flat.
 
-    python bench/extract_memory.py [--data-dir ../shared/data/cats_vs_dogs_small] [--factor 4]
+    python bench/extract_memory.py [--data-dir ../shared/data/cats_vs_dogs_small] [--images N] [--factor 4]
+                                   [--weights none] [--block-files N]
 
 Runs the extraction job twice, each in a fresh process with its own local Ray cluster: on the
-data set, and on a data set `--factor` times larger (the same files linked under other names).
+data set (or its first ``--images`` files, in proportion per class folder), and on a data set
+`--factor` times larger (the same files copied under other names: the job lists a file that
+several links reach once).
 Every 0.25 s it samples the proportional set size (PSS: shared pages such as Ray's object store
 counted once) of the driver alone and of the driver with all its descendants (Ray's GCS,
 raylet, workers, actors). A fixed overhead of a few GiB would hide a leak in a ratio of
 peaks, so the script reports what a leak would move: the growth of each peak per added
-image, against the bytes of one decoded image (150 x 150 x 3 = 67.5 kB). A pipeline that
-kept every decoded image would grow by at least that much per image; the bound is a tenth of
-it. Also printed: the ratio of the peaks (the older target, <= 1.25). The final line holds
-the figures.
+image, against the bytes of one decoded image at the job's default size (224 x 224 x 3 =
+150.5 kB, read from ExtractConfig). A pipeline that kept every decoded image would grow by at
+least that much per image; the bound is a tenth of it. Also printed: the ratio of the peaks
+(the older target, <= 1.25). The figures go to bench/results/extract_memory.json with the
+date, CPU, commit and command, and are printed as the final line.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
 import psutil
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from bench.result_file import write_result  # noqa: E402
+from pipeline.config import ExtractConfig  # noqa: E402
+
+# The job runs at its default size; the bench reads it rather than assuming one.
+IMAGE_SIZE = next(f.default for f in dataclasses.fields(ExtractConfig) if f.name == "image_size")
+IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
 
 
 def tree_memory(proc: psutil.Process) -> int:
@@ -43,11 +59,13 @@ def own_memory(proc: psutil.Process) -> int:
     return getattr(info, "pss", info.rss)
 
 
-def peak_of_job(data_dir: str, output_dir: str) -> dict[str, float]:
+def peak_of_job(data_dir: str, output_dir: str, extra: list[str]) -> dict[str, float]:
     """Peak PSS of the whole process tree and of the driver alone, the seconds and the images."""
     started = time.time()
-    job = subprocess.Popen([sys.executable, "-m", "jobs.extract_features", "--data-dir", data_dir,
-                            "--output-dir", output_dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = output_dir + ".log"
+    with open(log_path, "w") as log:
+        job = subprocess.Popen([sys.executable, "-m", "jobs.extract_features", "--data-dir", data_dir,
+                                "--output-dir", output_dir, *extra], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     proc = psutil.Process(job.pid)
     peak = driver = 0
     while job.poll() is None:
@@ -58,49 +76,70 @@ def peak_of_job(data_dir: str, output_dir: str) -> dict[str, float]:
             break
         time.sleep(0.25)
     if job.returncode != 0:
-        raise SystemExit(f"extraction failed on {data_dir} (exit {job.returncode})")
+        with open(log_path) as log:
+            tail = log.read()[-3000:]
+        raise SystemExit(f"extraction failed on {data_dir} (exit {job.returncode}); its output ends:\n{tail}")
     with open(os.path.join(output_dir, "manifest.json")) as f:
-        n = json.load(f)["num_images"]
-    return {"tree": peak, "driver": driver, "seconds": time.time() - started, "images": n}
+        manifest = json.load(f)
+    busy = [a["busy_fraction"] for a in manifest["inference_actors"]]
+    return {"tree": peak, "driver": driver, "seconds": time.time() - started, "images": manifest["num_images"],
+            "busy_fraction": min(busy) if busy else None}
 
 
-def replicate(src: str, dst: str, factor: int) -> None:
-    """``factor`` copies of every image of ``src`` under ``dst``, as symlinks with distinct names."""
+def replicate(src: str, dst: str, factor: int, share: float = 1.0) -> None:
+    """``factor`` copies of the first ``share`` of the images of each folder of ``src`` under
+    ``dst``, with distinct names (copied: links to one file are listed once)."""
     for dirpath, _, files in os.walk(src):
         rel = os.path.relpath(dirpath, src)
         os.makedirs(os.path.join(dst, rel), exist_ok=True)
-        for name in files:
+        for name in sorted(files)[:round(len(files) * share)]:
             for k in range(factor):
-                os.symlink(os.path.join(os.path.abspath(dirpath), name), os.path.join(dst, rel, f"copy{k}-{name}"))
-
-
-IMAGE_BYTES = 150 * 150 * 3
+                shutil.copyfile(os.path.join(dirpath, name), os.path.join(dst, rel, f"copy{k}-{name}"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=os.path.join("..", "shared", "data", "cats_vs_dogs_small"))
+    parser.add_argument("--images", type=int, default=None, help="use about this many of the files (default: all)")
     parser.add_argument("--factor", type=int, default=4)
+    parser.add_argument("--weights", default=None, help="the job's --weights (default: the job's default); "
+                                                       "none skips loading them, the model's work is the same")
+    parser.add_argument("--block-files", type=int, default=None,
+                        help="the job's --block-files (default: the job's): smaller blocks show the slope on fewer "
+                             "images, once both runs have more blocks than the decode tasks and actors hold at once")
     args = parser.parse_args()
+    extra = (["--weights", args.weights] if args.weights else []) + (
+        ["--block-files", str(args.block_files)] if args.block_files else [])
+    total = sum(len(files) for _, _, files in os.walk(args.data_dir))
+    share = min(1.0, args.images / total) if args.images else 1.0
     with tempfile.TemporaryDirectory() as tmp:
-        small = peak_of_job(args.data_dir, os.path.join(tmp, "small"))
-        big_data = os.path.join(tmp, "big-data")
-        replicate(args.data_dir, big_data, args.factor)
-        big = peak_of_job(big_data, os.path.join(tmp, "big"))
-    figures = {"small_images": small["images"], "large_images": big["images"]}
+        small_data, big_data = os.path.join(tmp, "small-data"), os.path.join(tmp, "big-data")
+        replicate(args.data_dir, small_data, 1, share)
+        small = peak_of_job(small_data, os.path.join(tmp, "small"), extra)
+        replicate(args.data_dir, big_data, args.factor, share)
+        big = peak_of_job(big_data, os.path.join(tmp, "big"), extra)
+    figures = {"image_size": IMAGE_SIZE, "decoded_image_bytes": IMAGE_BYTES, "weights": args.weights or "default",
+               "block_files": args.block_files or "default",
+               "small_images": small["images"], "large_images": big["images"]}
     added = big["images"] - small["images"]
     for part in ("tree", "driver"):
         growth = (big[part] - small[part]) / added
         figures.update({f"{part}_peak_gib_small": round(small[part] / 2**30, 3),
                         f"{part}_peak_gib_large": round(big[part] / 2**30, 3),
                         f"{part}_growth_bytes_per_image": round(growth),
+                        f"{part}_growth_decoded_images_per_image": round(growth / IMAGE_BYTES, 4),
                         f"{part}_growth_within_bound": growth <= IMAGE_BYTES / 10})
         print(f"{part:>6}: peak {small[part] / 2**30:.2f} GiB for {small['images']} images, "
               f"{big[part] / 2**30:.2f} GiB for {big['images']}: {growth / 1e3:+.1f} kB per added image "
-              f"(a decoded image is {IMAGE_BYTES / 1e3:.1f} kB; bound {IMAGE_BYTES / 10e3:.2f} kB)")
+              f"= {growth / IMAGE_BYTES:.3f} decoded images (a decoded image is {IMAGE_BYTES / 1e3:.1f} kB at "
+              f"{IMAGE_SIZE} px; bound 0.1 = {IMAGE_BYTES / 10e3:.2f} kB)")
     figures["tree_peak_ratio"] = round(big["tree"] / small["tree"], 3)
+    figures.update({"seconds_small": round(small["seconds"]), "seconds_large": round(big["seconds"]),
+                    "busy_fraction_small": small["busy_fraction"], "busy_fraction_large": big["busy_fraction"]})
     print(f"peak ratio of the whole tree {figures['tree_peak_ratio']} for {added / small['images'] + 1:.0f}x the "
-          f"images; {small['seconds']:.0f}s and {big['seconds']:.0f}s")
+          f"images; {small['seconds']:.0f}s and {big['seconds']:.0f}s; actors busy {small['busy_fraction']} and "
+          f"{big['busy_fraction']} of the time")
+    write_result("extract_memory", figures)
     print(json.dumps(figures))
 
 

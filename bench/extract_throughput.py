@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pipeline import models, vgg16  # noqa: E402
-from bench.decode_throughput import cpu_name  # noqa: E402
+from bench.result_file import cpu_name  # noqa: E402
 from pipeline.decode import load_image  # noqa: E402
 from pipeline.discover import discover  # noqa: E402
 from pipeline.precision import precision_for  # noqa: E402

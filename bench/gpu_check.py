@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from bench.decode_throughput import cpu_name, identical, measure, read_photos  # noqa: E402
+from bench.decode_throughput import identical, measure, read_photos  # noqa: E402
+from bench.result_file import cpu_name  # noqa: E402
 
 # What the product's GPU actors run at unless told otherwise (ExtractConfig, precision_for).
 DEFAULT_PRECISION, DEFAULT_BATCH = "bfloat16", 32

@@ -7,6 +7,7 @@ from typing import Callable, Sequence, TypeVar
 
 from pipeline.config import parse_config
 from pipeline.errors import UserError
+from pipeline.redact import redact
 
 C = TypeVar("C")
 
@@ -16,11 +17,14 @@ def run_job(config_cls: type[C], description: str, body: Callable[[C], object],
     """Parse ``argv`` into ``config_cls`` (invalid options exit 2 before any work), then run ``body``."""
     cfg = parse_config(config_cls, argv, description)
     from pipeline.cluster import init_ray
+    from pipeline.prechecks import check_outputs
 
     try:
+        check_outputs(cfg)  # an unusable output fails before the cluster starts
         init_ray(verbose=cfg.verbose)
         body(cfg)
         return 0
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # Messages name locations and URIs, which may carry credentials.
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2

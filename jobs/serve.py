@@ -1,6 +1,7 @@
 """Serve a trained classifier over HTTP: ``POST /predict`` with an image's bytes, or JSON
 ``{"images": [<base64>, ...]}``, answers with the fields batch prediction writes
-(``python -m jobs.serve --help``)."""
+(``python -m jobs.serve --help``). Beyond loopback it needs a token (``--auth-token-file`` or
+``$IMAGE_CLASSIFIER_TOKEN``, sent as ``Authorization: Bearer <token>``) or ``--insecure``."""
 
 from __future__ import annotations
 

@@ -16,6 +16,8 @@ import typing
 from typing import Any, Sequence, TypeVar
 
 from pipeline.errors import ConfigError, UserError
+from pipeline.redact import redact
+from pipeline.serve_auth import check_exposure, read_token
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 PREPROCESSINGS = ("auto", "torch", "caffe")
@@ -145,7 +147,7 @@ def parse_config(cls: type[T], argv: Sequence[str] | None, description: str) -> 
     try:
         return cls(**vars(args))
     except UserError as exc:
-        parser.error(str(exc))
+        parser.error(redact(str(exc)))
         raise  # unreachable: parser.error exits
 
 
@@ -158,8 +160,34 @@ class LogOptions:
                                       "progress bars and one line per training epoch)", kw_only=True)
 
 
+# 50 megapixels admits a 48-Mpx phone photo (8000x6000) and refuses 9400x9400 (88 Mpx), which
+# Pillow's own bomb limit (89.5 Mpx, Image.MAX_IMAGE_PIXELS) still lets through; it bounds what
+# one decode holds (pipeline/decode.py states the bound). Above Pillow's limit, Pillow refuses.
+MAX_IMAGE_MEGAPIXELS = 50.0
+PILLOW_LIMIT_MEGAPIXELS = 89.478485
+
+
 @dataclasses.dataclass
-class DataOptions:
+class DecodeOptions:
+    """How image files are decoded (shared by every job that decodes images)."""
+
+    max_image_megapixels: float = field_help(MAX_IMAGE_MEGAPIXELS, "images whose header declares more pixels than "
+                                                                   "this are rejects (reason 'too large'), never "
+                                                                   "decoded: it bounds a decode's memory",
+                                             kw_only=True)
+
+    def check_decode_options(self) -> None:
+        """Validate the decoding options (called from each job config's ``__post_init__``)."""
+        check_range("max_image_megapixels", self.max_image_megapixels, 0, PILLOW_LIMIT_MEGAPIXELS, open_low=True)
+
+    @property
+    def max_pixels(self) -> int:
+        """``--max-image-megapixels`` in pixels, as ``pipeline.decode`` takes it."""
+        return round(self.max_image_megapixels * 1_000_000)
+
+
+@dataclasses.dataclass
+class DataOptions(DecodeOptions):
     """Where the labelled images are and how they are read (shared by every job that reads a data root)."""
 
     data_dir: str | None = field_help(None, "data root (default: the built-in synthetic set, which proves the installation "
@@ -175,6 +203,7 @@ class DataOptions:
         check_range("validation_fraction", self.validation_fraction, 0, 1, open_low=True, open_high=True)
         check_positive("max_images_per_class", self.max_images_per_class, allow_none=True)
         check_range("max_reject_fraction", self.max_reject_fraction, 0, 1)
+        self.check_decode_options()
         check_input_location("data_dir", self.data_dir)
 
 
@@ -462,7 +491,7 @@ OUTPUT_FILE_SUFFIXES = (".parquet", ".csv")
 
 
 @dataclasses.dataclass
-class PredictConfig(InferenceOptions, LogOptions):
+class PredictConfig(InferenceOptions, DecodeOptions, LogOptions):
     """Settings of ``jobs.predict``: a trained classifier over any image folder."""
 
     model: str = field_help(dataclasses.MISSING, "model.keras written by jobs.train_top, jobs.finetune or "
@@ -478,6 +507,7 @@ class PredictConfig(InferenceOptions, LogOptions):
         from pipeline.modelfile import read_metadata
 
         self.check_inference_options()
+        self.check_decode_options()
         read_metadata(self.model)  # a missing or foreign model file fails here, before any work
         is_file = storage.is_file(self.output)
         if is_file and not self.overwrite:
@@ -490,7 +520,7 @@ class PredictConfig(InferenceOptions, LogOptions):
 
 
 @dataclasses.dataclass
-class ServeConfig(LogOptions):
+class ServeConfig(DecodeOptions, LogOptions):
     """Settings of ``jobs.serve``: a trained classifier behind HTTP, answering as batch prediction would."""
 
     model: str = field_help(dataclasses.MISSING, "model.keras written by a training job (local path or URI)",
@@ -502,16 +532,25 @@ class ServeConfig(LogOptions):
     max_batch_size: int = field_help(32, "requests answered by one model call at most", kw_only=True)
     batch_wait_s: float = field_help(0.01, "how long a replica waits for a batch to fill", kw_only=True)
     max_upload_mb: float = field_help(20.0, "larger request bodies are refused with HTTP 413", kw_only=True)
+    max_images_per_request: int = field_help(64, "JSON requests with more images are refused with HTTP 413, "
+                                                 "before any is decoded", kw_only=True)
+    auth_token_file: str | None = field_help(None, "require 'Authorization: Bearer <token>' with the token in this "
+                                                   "file (default: $IMAGE_CLASSIFIER_TOKEN when set, else no token)",
+                                             kw_only=True)
+    insecure: bool = field_help(False, "allow a --host beyond loopback without a token", kw_only=True)
     precision: str = field_help("auto", "auto: bfloat16 where the hardware has it, else float32", PRECISIONS,
                                 kw_only=True)
 
     def __post_init__(self) -> None:
         from pipeline.modelfile import read_metadata
 
+        check_exposure(self.host, read_token(self.auth_token_file), self.insecure)
         check_range("port", self.port, 1, 65535)
         check_positive("replicas", self.replicas, allow_none=True)
         check_positive("max_batch_size", self.max_batch_size)
         check_range("batch_wait_s", self.batch_wait_s, 0, 60)
         check_positive("max_upload_mb", self.max_upload_mb)
+        check_positive("max_images_per_request", self.max_images_per_request)
+        self.check_decode_options()
         check_choice("precision", self.precision, PRECISIONS)
         read_metadata(self.model)  # a missing or foreign model file fails here, before any work

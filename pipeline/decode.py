@@ -15,24 +15,52 @@ before, where OpenCV fills a truncated photo with grey and says nothing. Faster 
 (OpenCV's linear or area) were measured and refused: they moved VGG16's features of some
 real photos to a cosine of 0.93-0.99. Everything that is not a plain RGB or greyscale
 JPEG (PNG, WebP, GIF, BMP, CMYK, 16-bit, alpha) goes through Pillow as before.
+
+Files are hostile until decoded. Only the decoders of ``FORMATS`` are opened: anything else
+(EPS, which Pillow hands to Ghostscript, PDF, TIFF...) is the reject "unsupported format". An
+image whose header declares more than ``max_pixels`` pixels (``--max-image-megapixels``, 50 by
+default; WebPs half that) is the reject "too large" before its pixels are decoded, and no step
+makes a full-size float or 16-bit copy: JPEGs decode at a reduced DCT scale, 16-bit images turn
+into 8 bits a strip at a time, greyscale is resized before it becomes RGB. So one decode holds
+at most about 9 bytes per allowed pixel on top of its process: peak RSS <= 170 MiB (Python,
+numpy, Pillow, numba) + 10 B x ``max_pixels``, 647 MiB at the default (checked by
+``tests/test_hostile_images.py``; measured in a fresh process: 561-593 MiB for the worst case, a
+palette PNG with transparency at the cap; 361 MiB for a 50-Mpx RGB PNG, 170 MiB for a 48-Mpx
+JPEG). A JPEG whose data ends before its declared pixels do is the reject "truncated" on both
+paths, never a grey picture.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from collections import Counter
 from typing import Any
 
 import numpy as np
 import simplejpeg
 from PIL import Image, ImageFile, ImageOps
 
+from pipeline.config import MAX_IMAGE_MEGAPIXELS
 from pipeline.resample import resize_bilinear
 
 # Truncated files must be rejected, never half-decoded into grey pixels.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+# The only Pillow decoders a file may reach (JPEG's opens phones' MPO files too). EPS would hand
+# the file to Ghostscript, an interpreter, and no other format is one a photo collection needs.
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
+_JPEG_FORMATS = ("JPEG", "MPO")
+# Images whose header declares more pixels are rejected before decoding (``--max-image-megapixels``).
+MAX_PIXELS = round(MAX_IMAGE_MEGAPIXELS * 1_000_000)
+# What Pillow holds per pixel while decoding is at most 9 bytes (a PNG palette with transparency:
+# the palette image, its RGBA form, the white background), except through libwebp, about 16
+# (its canvas and previous frame, their bytes, the image): a WebP may have half the pixels.
+_PIXEL_WEIGHT = {"WEBP": 2}
+# How many images each path ("fast" or "pillow") decoded in this process: shows that the fast path runs.
+DECODED_BY: Counter[str] = Counter()
+# 16-bit images are scaled to 8 bits this many pixels at a time (a 4 MiB int32 strip).
+_STRIP_PIXELS = 1 << 20
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -45,42 +73,70 @@ class DecodeError(Exception):
         self.detail = detail
 
 
-def read_bytes(path: str) -> bytes:
-    """The raw bytes of a local path or a pyarrow filesystem URI (``s3://…``)."""
-    from pipeline import storage
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file that can hold an image of at most ``max_pixels`` pixels: 4 bytes a pixel
+    (an uncompressed 32-bit BMP; every allowed format stores less) plus 1 MiB of metadata."""
+    return 4 * max_pixels + 2**20
+
+
+def read_bytes(path: str, max_pixels: int = MAX_PIXELS) -> bytes:
+    """The raw bytes of a local path or a pyarrow filesystem URI (``s3://…``), given in the stored
+    form of ``pipeline.names``; a file over ``max_file_bytes(max_pixels)`` is the reject "too
+    large" and is never read into memory (a video or disk image under a photo's name)."""
+    from pipeline import names, storage
 
     try:
-        return storage.read_bytes(path)
+        return storage.read_bytes(names.os_path(path), limit=max_file_bytes(max_pixels))
+    except storage.FileTooLarge as exc:
+        raise DecodeError("too large", f"a file of {exc.size} bytes; no image of at most {max_pixels / 1e6:g} Mpx "
+                                       f"(--max-image-megapixels) takes more than {exc.limit}") from exc
     except IsADirectoryError as exc:
-        raise DecodeError("not a file", str(exc)) from exc
+        raise DecodeError("not a file", exc.strerror or type(exc).__name__) from exc
     except FileNotFoundError as exc:
         raise DecodeError("missing", f"{exc.strerror or exc} (a broken symlink or a file removed during the run)") from exc
-    except PermissionError as exc:
-        raise DecodeError("unreadable", str(exc)) from exc
     except OSError as exc:
-        raise DecodeError("unreadable", str(exc)) from exc
+        # The OS error's text names the path in the OS's form, which need not be UTF-8.
+        raise DecodeError("unreadable", f"{type(exc).__name__}: {exc.strerror or exc.errno}") from exc
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in _SIXTEEN_BIT_MODES:
-        # Pillow's convert("RGB") clips 16-bit values at 255 (a white image); scale instead.
-        arr = np.asarray(im, dtype=np.float64)
-        peak = 65535.0 if arr.max(initial=0) > 255 or im.mode != "I" else 255.0
-        im = Image.fromarray(np.clip(arr * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8), "L")
-    elif im.mode == "F":
-        arr = np.asarray(im, dtype=np.float64)
-        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+def _sixteen_to_eight(im: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image (PNG's only 16-bit mode in Pillow) as "L", v becoming round(v * 255 / 65535).
+
+    Pillow's convert clips 16-bit values at 255 (a white image), so the values are scaled here, in
+    integers and a strip of rows at a time: the only full-size copy is the 8-bit result.
+    """
+    width, height = im.size
+    out = np.empty((height, width), np.uint8)
+    rows = max(1, _STRIP_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        strip = np.asarray(im.crop((0, top, width, min(top + rows, height))), dtype=np.int32)
+        out[top:top + rows] = (strip + 128) // 257  # 65535 / 255 = 257; integer v never lies on a tie
+    return Image.fromarray(out)
+
+
+def _flattened(im: Image.Image) -> Image.Image:
+    """``im`` as 8-bit "L" or "RGB": 16-bit scaled, palettes expanded, alpha composited on white.
+
+    Greyscale stays one byte a pixel until it is resized (resizing is per channel, so the
+    pixels are those of resizing its RGB form); RGB(A) images in Pillow take four.
+    """
+    if im.mode.startswith("I;16"):
+        return _sixteen_to_eight(im)
+    if im.mode == "1":
+        return im.convert("L")
+    if im.mode == "LA":
+        background = Image.new("L", im.size, 255)
+        background.paste(im, mask=im)  # an LA mask is its alpha band: no copy of it
+        return background
     if im.mode == "P":
         im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
-    if im.mode in ("LA", "La", "PA", "RGBa"):
+    if im.mode in ("La", "PA", "RGBa"):
         im = im.convert("RGBA")
     if im.mode == "RGBA":
         background = Image.new("RGB", im.size, (255, 255, 255))
-        background.paste(im, mask=im.getchannel("A"))
+        background.paste(im, mask=im)
         return background
-    if im.mode != "RGB":
-        im = im.convert("RGB")
-    return im
+    return im if im.mode in ("L", "RGB") else im.convert("RGB")
 
 
 # How ``ImageOps.exif_transpose`` turns a photo of each EXIF orientation, as numpy views.
@@ -115,26 +171,76 @@ def _fast_jpeg(data: bytes, im: Image.Image, image_size: int) -> np.ndarray | No
     width, height = (-(-side // scale) for side in im.size)
     try:
         pixels = simplejpeg.decode_jpeg(data, "RGB", min_height=height, min_width=width)
-    except ValueError:
-        return None  # truncated, corrupt or unusual: Pillow decides, as it always has
+    except ValueError as exc:
+        _raise_if_cut_short(exc, im)
+        return None  # corrupt or unusual: Pillow decides, as it always has
     if pixels.shape[:2] != (height, width):
         return None
     turned = _oriented(pixels, im.getexif().get(_EXIF_ORIENTATION, 1))
     return resize_bilinear(turned, (image_size, image_size))
 
 
+def _raise_if_cut_short(exc: ValueError, im: Image.Image) -> None:
+    """Raise "truncated" when libjpeg-turbo's strict mode says the JPEG's data ends before its pixels do."""
+    if "premature end" in str(exc).lower():
+        width, height = im.size
+        raise DecodeError("truncated", f"the data ends before the {width}x{height} pixels its header declares "
+                                       f"(libjpeg-turbo: {exc})") from exc
+
+
+def _check_jpeg_data(data: bytes, im: Image.Image) -> None:
+    """Reject a JPEG whose entropy-coded data stops early, which Pillow decodes into grey pixels.
+
+    libjpeg only warns when a scan meets a marker (an early end of image) before its last block
+    and fills the rest with grey, and Pillow discards libjpeg's warnings: a 16x16 JPEG whose header
+    says 9400x9400 decoded to a grey picture. simplejpeg's strict mode turns the warning into an
+    error; decoding at 1/8 scale (only DC coefficients transformed) costs the entropy decoding alone.
+    """
+    colorspace = "CMYK" if im.mode == "CMYK" else "RGB"
+    try:
+        simplejpeg.decode_jpeg(data, colorspace, min_height=1, min_width=1)
+    except ValueError as exc:
+        _raise_if_cut_short(exc, im)  # other complaints: Pillow decides, as it always has
+
+
 def _pillow_decode(im: Image.Image, image_size: int) -> np.ndarray:
     """Every other file: Pillow decodes (at a reduced DCT scale for JPEGs), turns and resizes."""
     im.draft("RGB", (image_size, image_size))
-    im = ImageOps.exif_transpose(im)
-    im.load()
-    rgb = _to_rgb(im)
-    if rgb.size != (image_size, image_size):
-        rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8)
+    # In place: no full-size copy when there is nothing to turn, and the turned one replaces the original.
+    ImageOps.exif_transpose(im, in_place=True)
+    flat = _flattened(im)
+    if flat.size != (image_size, image_size):
+        flat = flat.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.asarray(flat.convert("RGB"), dtype=np.uint8)
 
 
-def decode_image(data: bytes, image_size: int, fast_jpeg: bool = True) -> np.ndarray:
+def _check_size(im: Image.Image, max_pixels: int) -> None:
+    """Reject an image whose header declares more than ``max_pixels`` pixels, before any is decoded."""
+    width, height = im.size
+    weight = _PIXEL_WEIGHT.get(im.format, 1)
+    if width * height * weight > max_pixels:
+        limit = f"{max_pixels / weight / 1e6:g} Mpx" + (f" for {im.format}" if weight > 1 else "")
+        raise DecodeError("too large", f"{width}x{height} pixels ({width * height / 1e6:.1f} Mpx) is over the "
+                                       f"limit of {limit} (--max-image-megapixels)")
+
+
+def _unidentified(data: bytes) -> DecodeError:
+    """The reject of a file none of ``FORMATS`` opens: which other format it is, if Pillow or PDF knows it.
+
+    Only the formats' signature checks (``accept``, a test of the first bytes) run, never their plugins;
+    like ``Image.open`` they see 16 bytes, and some fail on fewer.
+    """
+    Image.init()
+    prefix = data[:16]
+    known = [name for name, (_, accept) in Image.OPEN.items()
+             if name not in FORMATS and accept and len(prefix) == 16 and accept(prefix)]
+    known += ["PDF"] if prefix.startswith(b"%PDF") else []
+    if known:
+        return DecodeError("unsupported format", f"{known[0]} (only {', '.join(FORMATS)} files are decoded)")
+    return DecodeError("not an image", "Pillow cannot identify the file format")
+
+
+def decode_image(data: bytes, image_size: int, fast_jpeg: bool = True, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode image bytes to an ``(image_size, image_size, 3)`` uint8 RGB array.
 
     EXIF orientation is applied, any mode becomes RGB (alpha composited on white,
@@ -143,20 +249,29 @@ def decode_image(data: bytes, image_size: int, fast_jpeg: bool = True) -> np.nda
     scale when the target is much smaller (``Image.draft``), which is several
     times cheaper and still leaves at least ``image_size`` pixels per side. JPEGs take
     the fast path of the module docstring unless ``fast_jpeg`` is False (Pillow alone, the
-    decoder before it: for benchmarks and checks).
+    decoder before it: for benchmarks and checks). Only ``FORMATS`` are opened, and an image
+    of more than ``max_pixels`` pixels is a reject before its pixels are decoded.
     """
     if not data:
         raise DecodeError("empty file", "0 bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data), formats=FORMATS) as im:
+                _check_size(im, max_pixels)
                 fast = _fast_jpeg(data, im, image_size) if fast_jpeg else None
-                return fast if fast is not None else _pillow_decode(im, image_size)
+                if fast is not None:
+                    DECODED_BY["fast"] += 1
+                    return fast
+                if im.format in _JPEG_FORMATS:
+                    _check_jpeg_data(data, im)
+                pixels = _pillow_decode(im, image_size)
+                DECODED_BY["pillow"] += 1
+                return pixels
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError("too large", str(exc)) from exc
     except Image.UnidentifiedImageError as exc:
-        raise DecodeError("not an image", "Pillow cannot identify the file format") from exc
+        raise _unidentified(data) from exc
     except DecodeError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -165,9 +280,9 @@ def decode_image(data: bytes, image_size: int, fast_jpeg: bool = True) -> np.nda
         raise DecodeError(reason, message) from exc
 
 
-def load_image(path: str, image_size: int) -> np.ndarray:
+def load_image(path: str, image_size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Read and decode one file (see ``decode_image``)."""
-    return decode_image(read_bytes(path), image_size)
+    return decode_image(read_bytes(path, max_pixels), image_size, max_pixels=max_pixels)
 
 
 def rejection(exc: Exception) -> tuple[str, str]:
@@ -177,7 +292,7 @@ def rejection(exc: Exception) -> tuple[str, str]:
     return "corrupt", f"{type(exc).__name__}: {exc}"
 
 
-def decode_batch(batch: dict[str, Any], image_size: int) -> dict[str, Any]:
+def decode_batch(batch: dict[str, Any], image_size: int, max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
     """Ray Data batch function: decode every ``path`` of a batch, never raising for one bad file.
 
     Each row keeps its other columns and gains ``image`` (uint8, zeros when the file
@@ -192,7 +307,7 @@ def decode_batch(batch: dict[str, Any], image_size: int) -> dict[str, Any]:
     errors = np.full(n, "", dtype=object)
     for i, path in enumerate(paths):
         try:
-            images[i] = load_image(str(path), image_size)
+            images[i] = load_image(str(path), image_size, max_pixels)
         except Exception as exc:  # noqa: BLE001 - one odd file must never fail the whole job
             reasons[i], errors[i] = rejection(exc)
     out = dict(batch)

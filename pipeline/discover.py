@@ -9,18 +9,20 @@ A file's full location is ``root`` joined with its ``relpath``, made where it is
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import storage
+from pipeline import names, storage
 from pipeline.errors import DataError
+from pipeline.localtree import LocalTree
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
 REQUIRED_SPLITS = ("train", "validation")
@@ -41,6 +43,9 @@ class DatasetIndex:
     layout: str
     classes: list[str]
     files: pa.Table
+    # Files that listing passed over because their names are not image names, by extension:
+    # what a user looks at when photos seem to be missing (HEIC, TIFF, RAW...).
+    ignored: dict[str, int] = field(default_factory=dict)
 
     @property
     def split_names(self) -> list[str]:
@@ -62,8 +67,9 @@ class DatasetIndex:
         return fingerprint_files(self.files, (self.layout, self.classes))
 
     def path(self, relpath: str) -> str:
-        """Where a file of the index is (a local path or a URI)."""
-        return storage.join(self.root, relpath)
+        """Where a file of the index is (a local path or a URI), in stored form: ``names.os_path``
+        of it opens the file."""
+        return storage.join(names.escape(self.root), relpath)
 
     def rows(self, split: str | None = None) -> list[dict[str, Any]]:
         """The files (of one split, or all) as dicts with their full ``path``: for the small file
@@ -106,15 +112,22 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def iter_image_files(root: str) -> Iterator[tuple[str, str]]:
-    """``(path relative to root, stamp)`` of every image file under ``root`` (a local path or
-    URI), recursively, sorted, hidden files and folders skipped.
+def iter_image_files(root: str, tree: LocalTree | None = None,
+                     ignored: collections.Counter | None = None) -> Iterator[tuple[str, str]]:
+    """``(stored path relative to root, stamp)`` of every image file under ``root`` (a local path
+    or URI), recursively, sorted, hidden files and folders skipped; ``tree`` as in
+    ``storage.walk_files``.
 
     Symlinks to files are listed even when broken, so that decoding records them as
     rejects rather than letting them vanish; a folder whose name ends in ``.jpg`` is
-    a folder and is descended into, never listed.
+    a folder and is descended into, never listed. Other names are counted in ``ignored`` by
+    their lower-cased extension (``""`` for none), when given.
     """
-    return ((rel, stamp) for rel, stamp in storage.walk_files(root) if is_image_name(rel))
+    for rel, stamp in storage.walk_files(root, tree):
+        if is_image_name(rel):
+            yield rel, stamp
+        elif ignored is not None:
+            ignored[os.path.splitext(rel)[1].lower()] += 1
 
 
 def check_root(root: str) -> None:
@@ -138,11 +151,11 @@ def discover_splits(root: str, max_per_class: int | None = None) -> DatasetIndex
         )
     class_sets = {s: storage.list_dirs(storage.join(root, s)) for s in present}
     reference = class_sets["train"]
-    for split, names in class_sets.items():
-        if names != reference:
+    for split, folders in class_sets.items():
+        if folders != reference:
             raise DataError(
                 f"class folders differ between splits: train has [{', '.join(reference)}] but "
-                f"{split} has [{', '.join(names)}]; every split needs the same class folders"
+                f"{split} has [{', '.join(folders)}]; every split needs the same class folders"
             )
     if len(reference) < 2:
         raise DataError(
@@ -150,14 +163,18 @@ def discover_splits(root: str, max_per_class: int | None = None) -> DatasetIndex
             f"found [{', '.join(reference)}]"
         )
 
+    tree = storage.local_tree(root)
+    ignored: collections.Counter = collections.Counter()
+
     def rows() -> Iterator[tuple]:
         for split in present:
             for label, name in enumerate(reference):
-                listed = iter_image_files(storage.join(root, split, name))
+                listed = iter_image_files(storage.join(root, split, names.os_path(name)), tree, ignored)
                 for rel, stamp in itertools.islice(listed, max_per_class):
                     yield f"{split}/{name}/{rel}", split, label, name, stamp
 
     index = DatasetIndex(root=root, layout="splits", classes=reference, files=columnar(rows()))
+    index.ignored = dict(sorted(ignored.items()))
     for split in present:
         if split not in index.split_names:
             raise DataError(f"split {split!r} under {root!r} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -189,9 +206,10 @@ def discover_kaggle(root: str, validation_fraction: float, max_per_class: int | 
     """Index Kaggle's flat layout (``cat.123.jpg``): label = file-name prefix, split by path hash."""
     check_root(root)
     unlabeled: list[str] = []
+    ignored: collections.Counter = collections.Counter()
 
     def rows() -> Iterator[tuple]:
-        for rel, stamp in iter_image_files(root):
+        for rel, stamp in iter_image_files(root, ignored=ignored):
             label = _kaggle_label(rel)
             if not label:
                 unlabeled.append(rel)
@@ -221,7 +239,8 @@ def discover_kaggle(root: str, validation_fraction: float, max_per_class: int | 
         if not len(chosen):
             raise DataError(f"split {split!r} is empty; adjust --validation-fraction")
         parts.append(chosen)
-    index = DatasetIndex(root=root, layout="kaggle", classes=classes, files=pa.concat_tables(parts))
+    index = DatasetIndex(root=root, layout="kaggle", classes=classes, files=pa.concat_tables(parts),
+                         ignored=dict(sorted(ignored.items())))
     _require_every_class(index)
     return index
 

@@ -19,3 +19,7 @@ class WeightsError(UserError):
 
 class OutputError(UserError):
     """The output location is unusable (held by another run, holds other results...)."""
+
+
+class TrackingError(UserError):
+    """The MLflow tracking store named by --mlflow-uri cannot be used."""

@@ -37,10 +37,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline import ledger, storage, vgg16
+from pipeline import ledger, outputs, storage, vgg16
 from pipeline.cluster import InferencePlan, configure_tensorflow_devices, pin_to_this_node
 from pipeline.config import ExtractConfig
-from pipeline.discover import OPTIONAL_SPLITS, REQUIRED_SPLITS, DatasetIndex, discover
+from pipeline.discover import IMAGE_EXTENSIONS, OPTIONAL_SPLITS, REQUIRED_SPLITS, DatasetIndex, discover
 from pipeline.faults import maybe_fail
 from pipeline.inference import (CommittingSink, actor_identity, actors_precision, check_reject_fraction, decoded_images,
                                 map_with_actors,
@@ -60,6 +60,10 @@ REJECTS_FILE = "rejects.parquet"
 REJECT_SCHEMA = pa.schema([("path", pa.string()), ("split", pa.string()), ("reason", pa.string()),
                            ("error", pa.string())])
 SPLITS = list(REQUIRED_SPLITS + OPTIONAL_SPLITS)
+# What an extraction writes (see the module docstring): a data root's own train/ or validation/
+# photos are not part-*.parquet files, so an output aimed at a data root is refused.
+OUTPUT_LAYOUT = outputs.Layout("an extraction", markers=(storage.MANIFEST, ledger.RUN_FILE), files=(
+    *ledger.FILES, REJECTS_FILE, *(f"{s}/part-*" for s in SPLITS), *(f"{BLOCK4_DIR}/{s}/part-*" for s in SPLITS)))
 
 
 def feature_schema(dim: int, columns: Iterable[str] = ("features",)) -> pa.Schema:
@@ -202,13 +206,13 @@ def default_output_dir(data_dir: str) -> str:
 def _begin(output_dir: str, settings: dict[str, Any], cfg: ExtractConfig) -> tuple[dict[str, Any] | None, bool]:
     """(the finished manifest, if any; whether to write the block-4 cache) for a run into
     ``output_dir``, after refusing an output made with other settings."""
-    record, manifest = ledger.open_output(output_dir, "an extraction", settings, cfg.overwrite)
+    record, manifest = ledger.open_output(output_dir, OUTPUT_LAYOUT, settings, cfg.overwrite)
     if record is None:
         return None, cfg.cache_block4
     if cfg.cache_block4 and not record["cache_block4"]:
         # The same extraction plus the cache: redoing it replaces the folder with a superset.
         log.info(f"re-extracting {output_dir} to add the block-4 cache (--cache-block4)")
-        storage.delete_dir(output_dir)
+        outputs.prepare(output_dir, OUTPUT_LAYOUT, overwrite=True)
         return None, True
     return manifest, record["cache_block4"]
 
@@ -231,6 +235,10 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
     index = discover(data_dir, cfg.layout, cfg.validation_fraction, cfg.max_images_per_class)
     listed_s = time.time() - started
     log.info(f"listed {len(index.files)} files under {data_dir} in {listed_s:.1f}s")
+    if index.ignored:
+        kinds = ", ".join(f"{ext or 'no extension'} {n}" for ext, n in index.ignored.items())
+        log.warning(f"ignored {sum(index.ignored.values())} files whose names are not image names ({kinds}); "
+                    f"only {', '.join(sorted(IMAGE_EXTENSIONS))} are read")
     weights = resolve_weights(cfg.weights, cfg.preprocessing)
     settings = extraction_settings(cfg, weights)
     inputs = index.fingerprint()
@@ -243,7 +251,7 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
         manifest = _extract(cfg, index, weights, output_dir, cache, previous)
         manifest.update(settings=settings, inputs=inputs, fingerprint=fingerprint({**settings, "inputs": inputs}),
                         synthetic=synthetic, data_dir=storage.absolute(data_dir), output_dir=output_dir,
-                        listing_s=round(listed_s, 2))
+                        listing_s=round(listed_s, 2), ignored_by_extension=index.ignored)
         manifest["elapsed_s"] = round(time.time() - started, 2)
         manifest["images_per_s"] = round(manifest["processed"] / max(manifest["elapsed_s"], 1e-9), 2)
         storage.write_json(storage.join(output_dir, storage.MANIFEST), manifest)
@@ -297,7 +305,7 @@ def _infer(cfg: ExtractConfig, root: str, todo: pa.Table, weights: WeightsSource
     # The weights (59 MB) go into the object store from a task on this node, not from the
     # driver, whose memory stays that of the paths.
     arrays = ray.remote(load_weight_arrays).options(num_cpus=0, **pin_to_this_node(".")).remote(weights, cfg.image_size)
-    ds = decoded_images(todo, root, cfg.image_size, plan.decode_cpus, cfg.block_files, order)
+    ds = decoded_images(todo, root, cfg.image_size, plan.decode_cpus, cfg.block_files, order, cfg.max_pixels)
     ds = map_with_actors(ds, FeatureActor, {
         "image_size": cfg.image_size, "weight_arrays": arrays,
         "preprocessing": weights.preprocessing, "precision": cfg.precision, "batch_size": cfg.batch_size,

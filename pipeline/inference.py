@@ -23,12 +23,13 @@ import ray
 from ray.data import Datasink, Datasource, ReadTask
 from ray.data.block import BlockAccessor, BlockMetadata
 
-from pipeline import ledger, storage
+from pipeline import ledger, names, storage
 from pipeline.cluster import InferencePlan, inference_plan, pin_to_this_node, wait_for_gpus
 from pipeline.config import DEFAULT_BLOCK_FILES, InferenceOptions
-from pipeline.decode import decode_batch
+from pipeline.decode import MAX_PIXELS, decode_batch
 from pipeline.errors import DataError
 from pipeline.faults import maybe_fail
+from pipeline.runahead import ACTOR_TASKS_IN_FLIGHT, cap_run_ahead
 
 BLOCK_ROWS = DEFAULT_BLOCK_FILES
 # What a decode task holds besides its block's pixels: the worker itself (about 110 MiB
@@ -46,8 +47,10 @@ class ImageBlocks(Datasource):
     Reading *is* decoding, so no separate read operator holds a CPU that writers need.
     """
 
-    def __init__(self, files: pa.Table, root: str, image_size: int, block_rows: int, order: np.ndarray | None):
+    def __init__(self, files: pa.Table, root: str, image_size: int, block_rows: int, order: np.ndarray | None,
+                 max_pixels: int = MAX_PIXELS):
         super().__init__()
+        self.max_pixels = max_pixels
         self.rows = len(files)
         self.files = ray.put(files)
         self.order = ray.put(order) if order is not None else None
@@ -74,14 +77,15 @@ class ImageBlocks(Datasource):
         positions = ray.get(self.order) if self.order is not None else np.arange(len(table))
         block = table.take(positions[start:start + self.block_rows])
         rows = {name: column.to_numpy(zero_copy_only=False) for name, column in zip(block.column_names, block.columns)}
-        rows["path"] = np.array([storage.join(self.root, str(r)) for r in rows["relpath"]], dtype=object)
-        out = decode_batch(rows, self.image_size)
+        root = names.escape(self.root)  # the root's own name in stored form too, as decoding unescapes the whole path
+        rows["path"] = np.array([storage.join(root, str(r)) for r in rows["relpath"]], dtype=object)
+        out = decode_batch(rows, self.image_size, self.max_pixels)
         out["decode_node"] = np.full(len(out["image"]), ray.get_runtime_context().get_node_id()[:12], dtype=object)
         return [BlockAccessor.batch_to_block(out)]
 
 
 def decoded_images(files: pa.Table, root: str, image_size: int, decode_cpus: float, block_rows: int = BLOCK_ROWS,
-                   order: np.ndarray | None = None) -> ray.data.Dataset:
+                   order: np.ndarray | None = None, max_pixels: int = MAX_PIXELS) -> ray.data.Dataset:
     """A Ray dataset of ``files`` (a table with a ``relpath`` column under ``root``; in the order
     of the positions ``order`` when given) plus each file's ``path``, decoded ``image``,
     ``reason``, ``error`` and the ``decode_node`` that decoded it (see ``ImageBlocks``).
@@ -90,7 +94,7 @@ def decoded_images(files: pa.Table, root: str, image_size: int, decode_cpus: flo
     file becomes a reject row instead of failing its block (unlike ``ray.data.read_images``).
     Local roots are decoded on the driver's node, the only one sure to have them; URIs anywhere.
     """
-    source = ImageBlocks(files, root, image_size, block_rows, order)
+    source = ImageBlocks(files, root, image_size, block_rows, order, max_pixels)
     # Decode tasks state the memory they need. That also keeps Ray Data from fusing decoding
     # into the inference actors (it fuses operators whose remote args match), which would
     # serialise decode and inference in one process instead of overlapping them.
@@ -99,13 +103,13 @@ def decoded_images(files: pa.Table, root: str, image_size: int, decode_cpus: flo
                                     override_num_blocks=max(1, -(-len(files) // block_rows)), **pin_to_this_node(root))
 
 
-def find_rejects(files: pa.Table, root: str, image_size: int) -> pa.Table:
+def find_rejects(files: pa.Table, root: str, image_size: int, max_pixels: int = MAX_PIXELS) -> pa.Table:
     """Decode every file once with Ray Data; the rows of ``files`` that fail, with ``reason`` and ``error``."""
     def reasons(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         bad = batch["reason"] != ""
         return {k: batch[k][bad] for k in ("relpath", "reason", "error")}
 
-    ds = decoded_images(files.select(["relpath"]), root, image_size, inference_plan(1).decode_cpus)
+    ds = decoded_images(files.select(["relpath"]), root, image_size, inference_plan(1).decode_cpus, max_pixels=max_pixels)
     found = ds.map_batches(reasons, batch_format="numpy").to_arrow_refs()
     tables = [t for t in ray.get(found) if len(t)]
     bad = (pa.concat_tables(tables) if tables else
@@ -147,13 +151,15 @@ def plan_inference(options: InferenceOptions) -> InferencePlan:
 
 def map_with_actors(ds: ray.data.Dataset, actor_cls: type, constructor_kwargs: dict[str, Any],
                     plan: InferencePlan, batch_size: int) -> ray.data.Dataset:
-    """Run ``actor_cls`` over ``ds`` in a pool of ``plan.actors`` actors, each built once."""
+    """Run ``actor_cls`` over ``ds`` in a pool of ``plan.actors`` actors, each built once; the
+    stage feeding them runs at most ``runahead.run_ahead_blocks(plan.actors)`` blocks ahead."""
+    cap_run_ahead(ds.context, plan.actors)
     return ds.map_batches(
         actor_cls,
         fn_constructor_kwargs=constructor_kwargs,
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        compute=ray.data.ActorPoolStrategy(size=plan.actors, max_tasks_in_flight_per_actor=ACTOR_TASKS_IN_FLIGHT),
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus,
     )

@@ -27,6 +27,7 @@ while this ledger lives in the output itself, wherever that is.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +38,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline import outputs, storage
+from pipeline.errors import OutputError
+from pipeline.reuse import require_same
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,10 @@ KEYS = ["relpath", "split", "stamp"]
 SCHEMA = pa.schema([("relpath", pa.string()), ("split", pa.string()), ("stamp", pa.string()),
                     ("part", pa.string()), ("reason", pa.string()), ("error", pa.string())])
 REPLACES = b"replaces"
+# What a ledger output holds besides its data folders (for ``outputs.Layout``).
+FILES = (RUN_FILE, LEDGER_FILE, f"{LEDGER_DIR}/part-*.parquet")
+# Every part name this module makes (``part_name``, ``drop_rows``): one path component, no dots.
+_PART_NAME = re.compile(r"part-[A-Za-z0-9_-]+")
 
 
 def new_run_id() -> str:
@@ -63,6 +70,8 @@ def part_name(run_id: str, task_idx: int, n: int) -> str:
 def write_entry(output: str, part: str, rows: dict[str, Any], replaces: str | None = None) -> None:
     """Commit ``part``: its ledger entry listing ``rows`` (``relpath``, ``split``, ``stamp``,
     ``reason``, ``error``); written after the part's data files."""
+    if not all(_PART_NAME.fullmatch(name) for name in [part] + ([replaces] if replaces else [])):
+        raise ValueError(f"not a part name: {part!r} (replacing {replaces!r})")
     n = len(rows["relpath"])
     table = pa.table({"relpath": [str(v) for v in rows["relpath"]], "split": [str(v) for v in rows["split"]],
                       "stamp": [str(v) for v in rows["stamp"]], "part": [part] * n,
@@ -84,12 +93,31 @@ def load(output: str) -> tuple[pa.Table, set[str]]:
     with ThreadPoolExecutor(storage.READ_THREADS) as pool:
         read = list(pool.map(_read, entries))
     replaced = {(t.schema.metadata or {}).get(REPLACES, b"").decode() for t in read} - {""}
+    for entry, table in zip(entries, read):
+        _check_parts(entry, table, (table.schema.metadata or {}).get(REPLACES, b"").decode())
+    if tables:
+        _check_parts(storage.join(output, LEDGER_FILE), tables[0], "")
     fresh = {storage.basename(e)[:-len(".parquet")] for e in entries}
     if tables:  # an entry folded into ledger.parquet by a run cut off before it removed the entries
         tables[0] = tables[0].filter(pc.invert(pc.is_in(tables[0].column("part"), pa.array(sorted(fresh), pa.string()))))
     table = pa.concat_tables([t.cast(SCHEMA) for t in tables + read]) if tables or read else SCHEMA.empty_table()
     live = table.filter(pc.invert(pc.is_in(table.column("part"), pa.array(sorted(replaced), pa.string()))))
     return live, replaced
+
+
+def _check_parts(entry: str, table: pa.Table, replaces: str) -> None:
+    """OutputError naming ``entry`` when a part name in it (its ``part`` column, the part it
+    ``replaces``) is not one this project makes: such a name would be joined into paths to delete."""
+    names = set(table.column("part").unique().to_pylist()) | ({replaces} if replaces else set())
+    bad = sorted(str(n) for n in names if not isinstance(n, str) or not _PART_NAME.fullmatch(n))
+    if bad:
+        raise OutputError(f"the ledger entry {entry} names part {bad[0]!r}, which this project never writes (a "
+                          f"damaged or edited ledger); nothing was deleted. Rerun with --overwrite to redo the output")
+
+
+def _delete(output: str, uri: str, source: str) -> None:
+    """Delete one file of ``output``, after checking that it lies inside it."""
+    storage.delete_file(outputs.require_inside(output, uri, source))
 
 
 def data_parts(output: str, folders: list[str]) -> dict[str, list[str]]:
@@ -110,10 +138,10 @@ def remove_unfinished(output: str, live: pa.Table, replaced: set[str], parts: di
     for part, files in parts.items():
         for uri in files:
             if part not in keep or not uri.endswith(f"/{part}.parquet"):
-                storage.delete_file(uri)
+                _delete(output, uri, f"the unfinished part {part}")
         gone += part not in keep
     for part in replaced:
-        storage.delete_file(storage.join(output, LEDGER_DIR, f"{part}.parquet"))
+        _delete(output, storage.join(output, LEDGER_DIR, f"{part}.parquet"), f"the replaced part {part!r}")
     return gone
 
 
@@ -154,8 +182,8 @@ def drop_rows(output: str, stale: pa.Table, live: pa.Table, parts: dict[str, lis
         rows = live.filter(pc.and_(pc.equal(live.column("part"), part), pc.invert(pc.is_in(live.column("relpath"), gone))))
         write_entry(output, new, rows.to_pydict(), replaces=part)
         for uri in parts.get(part, []):
-            storage.delete_file(uri)
-        storage.delete_file(storage.join(output, LEDGER_DIR, f"{part}.parquet"))
+            _delete(output, uri, f"the rewritten part {part!r}")
+        _delete(output, storage.join(output, LEDGER_DIR, f"{part}.parquet"), f"the rewritten part {part!r}")
 
 
 def consolidate(output: str, live: pa.Table) -> None:
@@ -164,30 +192,25 @@ def consolidate(output: str, live: pa.Table) -> None:
     storage.delete_dir(storage.join(output, LEDGER_DIR))
 
 
-def open_output(output: str, what: str, settings: dict[str, Any], overwrite: bool,
+def open_output(output: str, layout: outputs.Layout, settings: dict[str, Any], overwrite: bool,
                 marker: str = storage.MANIFEST) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """(the run record, the finished ``marker``'s contents) of ``output``, each None when absent.
 
-    With ``overwrite`` the output is deleted first. An output whose record holds other
-    settings, or a non-empty folder this project did not write, is refused (OutputError).
+    A folder holding anything ``layout`` does not allow is refused (``outputs.prepare``); with
+    ``overwrite`` an earlier output is deleted first. An output whose record holds other
+    settings is refused (OutputError).
     """
-    from pipeline.errors import OutputError
-    from pipeline.reuse import require_same
-
+    outputs.prepare(output, layout, overwrite)
     if overwrite:
-        storage.delete_dir(output)
         return None, None
     run_file, marker_file = storage.join(output, RUN_FILE), storage.join(output, marker)
     record = storage.read_json(run_file) if storage.exists(run_file) else None
     finished = storage.read_json(marker_file) if storage.exists(marker_file) else None
     if record is None:
         if finished is not None:
-            require_same(output, what, finished.get("settings"), settings)
-        elif next(storage.walk_files(output), None) is not None:
-            raise OutputError(f"{output} holds files that are not {what} of this project; pass --overwrite to "
-                              f"replace them, or choose another output folder")
+            require_same(output, layout.what, finished.get("settings"), settings)
         return None, None
-    require_same(output, what, record["settings"], settings)
+    require_same(output, layout.what, record["settings"], settings)
     return record, finished
 
 

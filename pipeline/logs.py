@@ -19,6 +19,8 @@ import tempfile
 import warnings
 from typing import Any
 
+from pipeline.redact import redact
+
 VERBOSE_ENV = "IMAGE_CLASSIFIER_VERBOSE"
 # TensorFlow's C++ side writes these to fd 2 while its libraries load, before absl's logging is
 # initialised, so TF_CPP_MIN_LOG_LEVEL does not reach them (checked on TensorFlow 2.21).
@@ -52,6 +54,7 @@ def setup_driver(is_verbose: bool) -> None:
     os.environ[VERBOSE_ENV] = "1" if is_verbose else "0"
     handler = _StdoutHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    handler.addFilter(RedactFilter())
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if is_verbose else logging.INFO)
     log.propagate = False
@@ -76,10 +79,32 @@ class _StdoutHandler(logging.StreamHandler):
         pass
 
 
+class RedactFilter(logging.Filter):
+    """Redacts credentials in URIs (``pipeline.redact``) from every record a handler writes:
+    a location or tracking URI in any message never shows its password."""
+
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102 - see class docstring
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            return True  # a malformed record: logging's own handling reports it
+        record.msg, record.args = redact(message), None
+        return True
+
+
+def install_redaction(handlers: list[logging.Handler]) -> None:
+    """Add one RedactFilter to each of ``handlers`` that lacks one."""
+    for handler in handlers:
+        if not any(isinstance(f, RedactFilter) for f in handler.filters):
+            handler.addFilter(RedactFilter())
+
+
 def setup_worker() -> None:
     """Ray's per-worker setup hook: the project's logger at INFO (epoch lines reach the driver
     through Ray's log forwarding) and, unless verbose, TensorFlow's start-up lines filtered."""
     log.setLevel(logging.DEBUG if verbose() else logging.INFO)
+    # The project's records propagate to the root handlers Ray set up in this worker.
+    install_redaction(logging.getLogger().handlers)
     if not verbose():
         quiet_tensorflow_import()
         quiet_ray_data_loggers()

@@ -4,7 +4,6 @@ run by an actor pool (one actor per GPU, or fractional-CPU actors), the model lo
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import logging
@@ -18,9 +17,10 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import ray
 
-from pipeline import ledger, storage
+from pipeline import ledger, names, outputs, storage
 from pipeline.cluster import InferencePlan, configure_tensorflow_devices
 from pipeline.config import OUTPUT_FILE_SUFFIXES, PredictConfig
+from pipeline.decode import MAX_PIXELS
 from pipeline.discover import UNLABELED_SCHEMA, check_root, columnar, discover_unlabeled, is_image_name
 from pipeline.errors import DataError, OutputError
 from pipeline.extract import REJECTS_FILE
@@ -83,11 +83,12 @@ class ClassifierActor(LoadedClassifier):
 
 
 def predictions_dataset(model: str | bytes, files: pa.Table, root: str, image_size: int, precision: str,
-                        plan: InferencePlan, batch_size: int, block_files: int = BLOCK_ROWS) -> ray.data.Dataset:
+                        plan: InferencePlan, batch_size: int, block_files: int = BLOCK_ROWS,
+                        max_pixels: int = MAX_PIXELS) -> ray.data.Dataset:
     """A dataset of ``files`` (``relpath`` under ``root``, and any other columns, which rows keep)
     plus ``probs``, ``reason`` and ``error``; ``model`` is a model file's location or bytes."""
     model_ref = ray.put(model if isinstance(model, bytes) else storage.read_bytes(model))
-    ds = decoded_images(files, root, image_size, plan.decode_cpus, block_files)
+    ds = decoded_images(files, root, image_size, plan.decode_cpus, block_files, max_pixels=max_pixels)
     return map_with_actors(ds, ClassifierActor, {"model_bytes": model_ref, "precision": precision,
                                                  "batch_size": batch_size}, plan, batch_size)
 
@@ -148,14 +149,12 @@ def list_inputs(spec: str) -> tuple[str, pa.Table]:
     parts = spec.split("/")
     first = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
     root = "/".join(parts[:first]) or "."
-    if storage.is_local(root):
-        found = sorted(p for p in glob.glob(spec, recursive=True) if is_image_name(p) and not os.path.isdir(p))
-        files = columnar(((os.path.relpath(p, root), storage.local_stamp(p)) for p in found), UNLABELED_SCHEMA)
-    else:
-        check_root(root)
-        pattern = _glob_regex("/".join(parts[first:]))
-        files = columnar(((rel, stamp) for rel, stamp in storage.walk_files(root)
-                          if is_image_name(rel) and pattern.fullmatch(rel)), UNLABELED_SCHEMA)
+    check_root(root)
+    # Local globs too match the listing rather than glob.glob, which went round link loops and
+    # gave names that are not UTF-8; the pattern is put in the listing's stored form.
+    pattern = _glob_regex(names.escape("/".join(parts[first:])))
+    files = columnar(((rel, stamp) for rel, stamp in storage.walk_files(root)
+                      if is_image_name(rel) and pattern.fullmatch(rel)), UNLABELED_SCHEMA)
     if not len(files):
         raise DataError(f"no image files match {spec!r}")
     return root, files
@@ -172,10 +171,12 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
             out.append(".*" if last else "(?:[^/]+/)*")
             continue
         for token in re.findall(r"\[[^\]]*\]|.", part):
+            if token.startswith("[!") and len(token) > 2:
+                token = "[^" + token[2:]  # glob's negation, which a regex writes as [^…]
             out.append({"*": "[^/]*", "?": "[^/]"}.get(token, token if token.startswith("[") and len(token) > 1
                                                         else re.escape(token)))
         out.append("" if last else "/")
-    return re.compile("".join(out))
+    return re.compile("".join(out), re.DOTALL)  # a name may hold a newline
 
 
 def _true_labels(paths: list[str], classes: list[str]) -> np.ndarray | None:
@@ -191,6 +192,8 @@ def _true_labels(paths: list[str], classes: list[str]) -> np.ndarray | None:
 
 
 SUMMARY = "summary.json"
+OUTPUT_LAYOUT = outputs.Layout("a prediction", markers=(ledger.RUN_FILE, SUMMARY),
+                               files=(*ledger.FILES, REJECTS_FILE, f"{PARTS_DIR}/part-*"))
 
 
 def _output_targets(output: str) -> tuple[str, str, bool]:
@@ -205,6 +208,21 @@ def _output_targets(output: str) -> tuple[str, str, bool]:
 def _side_file(final: str, suffix: str) -> str:
     """``<stem><suffix>`` beside a single-file output."""
     return os.path.splitext(final)[0] + suffix
+
+
+def check_targets(output: str, overwrite: bool) -> None:
+    """Refuse (OutputError) an output this project may not write: a folder (or a single file's
+    work folder) holding what a prediction does not write (``outputs.check``), or an existing
+    single file without the ``<stem>.summary.json`` a prediction writes beside it."""
+    work, final, single = _output_targets(output)
+    outputs.check(work, OUTPUT_LAYOUT)
+    if single and storage.exists(final):
+        if not overwrite:
+            raise OutputError(f"{final} exists; pass --overwrite to replace it")
+        if not storage.is_file(_side_file(final, ".summary.json")):
+            raise OutputError(f"{final} exists but has no {storage.basename(_side_file(final, '.summary.json'))} "
+                              f"beside it, which a prediction of this project writes: it is not replaced; nothing "
+                              f"was deleted. Choose another output name")
 
 
 def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
@@ -227,9 +245,8 @@ def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
     inputs = fingerprint_files(files)
     work, final, single = _output_targets(cfg.output)
     with storage.output_lock(final):
-        if single and storage.exists(final) and not cfg.overwrite:
-            raise OutputError(f"{final} exists; pass --overwrite to replace it")
-        record, finished = ledger.open_output(work, "a prediction", settings, cfg.overwrite, marker=SUMMARY)
+        check_targets(cfg.output, cfg.overwrite)
+        record, finished = ledger.open_output(work, OUTPUT_LAYOUT, settings, cfg.overwrite, marker=SUMMARY)
         if finished is not None and finished.get("inputs") == inputs:
             log.info(f"reusing finished predictions in {final} (same model and inputs; --overwrite redoes them)")
             return finished
@@ -252,7 +269,7 @@ def _predict(cfg: PredictConfig, model: bytes, meta: dict[str, Any], todo: pa.Ta
              run_id: str) -> dict[str, Any]:
     """Run the classifier over the ``todo`` files, committing block by block into ``work``."""
     ds = predictions_dataset(model, todo, root, meta["image_size"], cfg.precision, plan_inference(cfg), cfg.batch_size,
-                             cfg.block_files)
+                             cfg.block_files, cfg.max_pixels)
     sink = PredictionSink(work, run_id, meta["classes"])
     ds.write_datasink(sink, ray_remote_args=write_args(work))
     return sink.tally

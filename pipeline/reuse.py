@@ -4,6 +4,9 @@
 "Settings" are every option that changes what a job computes, plus fingerprints of its inputs
 (the files under a data root, a feature folder's manifest, a model file's bytes); where a
 job's outputs go and whether to overwrite them are not settings.
+
+Settings are kept with credentials redacted (``pipeline.redact``), as they are recorded, so a
+location whose password alone changed is the same setting.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 from typing import Any
 
 from pipeline.errors import OutputError
+from pipeline.redact import redact_values
 
 # Options that say where results (and their tracking) go, how failures are retried or what is
 # printed, not what is computed.
@@ -22,10 +26,10 @@ NOT_SETTINGS = frozenset({"output_dir", "overwrite", "max_failures", "gpu_wait_s
 
 
 def job_settings(cfg: Any, drop: tuple[str, ...] = (), **inputs: Any) -> dict[str, Any]:
-    """The settings of a job config, JSON-normalised: its options (less ``NOT_SETTINGS`` and
-    ``drop``, typically input paths whose fingerprint is given instead) plus ``inputs``."""
+    """The settings of a job config, JSON-normalised and redacted: its options (less ``NOT_SETTINGS``
+    and ``drop``, typically input paths whose fingerprint is given instead) plus ``inputs``."""
     options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SETTINGS and k not in drop}
-    return json.loads(json.dumps({**options, **inputs}, sort_keys=True))
+    return redact_values(json.loads(json.dumps({**options, **inputs}, sort_keys=True)))
 
 
 def fingerprint(settings: dict[str, Any]) -> str:
@@ -37,6 +41,7 @@ def differences(recorded: dict[str, Any] | None, settings: dict[str, Any]) -> li
     """``name: recorded → now`` for every setting that differs (all of them when none were recorded)."""
     if recorded is None:
         return ["settings: not recorded (made by an older version of this project)"]
+    recorded = redact_values(recorded)  # recorded before redaction existed: compare like with like
     return [f"{key}: {recorded.get(key)!r} → {settings.get(key)!r}"
             for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
 

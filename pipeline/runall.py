@@ -8,17 +8,24 @@ import shlex
 import sys
 from typing import Any
 
-from pipeline import storage
+from pipeline import outputs, storage
 from pipeline.config import ExtractConfig, FinetuneConfig, RunAllConfig, ScratchConfig, TrainTopConfig
-from pipeline.extract import run_extraction, run_name
+from pipeline.extract import OUTPUT_LAYOUT, run_extraction, run_name
 from pipeline.modelfile import MODEL_FILE
 from pipeline.report import write_report
 from pipeline.synthetic import NOTE, default_data_dir, note_builtin_data
-from pipeline.trainjobs import finetune, train_scratch, train_top
+from pipeline.trainjobs import JOB_LAYOUT, finetune, train_scratch, train_top
 
 log = logging.getLogger(__name__)
 
 SYNTHETIC_EPOCHS = 5
+REPORT = "report.md"
+STAGE_FOLDERS = {"features": OUTPUT_LAYOUT, **{kind: JOB_LAYOUT for kind in ("top", "finetune", "finetune_streamed",
+                                                                               "scratch")}}
+# The output folder: report.md, each stage's folder (judged by that stage's layout) and the locks
+# the stages hold beside their folders; a report or a recognised stage folder marks it as ours.
+LAYOUT = outputs.Layout("a run_all output", markers=(REPORT,), files=tuple(f"{f}.lock" for f in STAGE_FOLDERS),
+                        folders=STAGE_FOLDERS)
 
 
 def _stage_epochs(cfg: RunAllConfig, stage: str, synthetic: bool) -> dict[str, int]:
@@ -33,7 +40,8 @@ def stage_options(cfg: RunAllConfig, data_dir: str, output_dir: str, synthetic: 
     """The options each stage's config is built from (less the inputs that exist only once the
     stage before has run: the top MLP's feature folder, fine-tuning's top model)."""
     images = dict(data_dir=data_dir, layout=cfg.layout, validation_fraction=cfg.validation_fraction,
-                  max_images_per_class=cfg.max_images_per_class, max_reject_fraction=cfg.max_reject_fraction)
+                  max_images_per_class=cfg.max_images_per_class, max_reject_fraction=cfg.max_reject_fraction,
+                  max_image_megapixels=cfg.max_image_megapixels)
     training = dict(output_dir=output_dir, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, batch_size=cfg.batch_size,
                     dropout=cfg.dropout, ema_momentum=cfg.ema_momentum, seed=cfg.seed, precision=cfg.precision,
                     max_failures=cfg.max_failures,
@@ -52,7 +60,7 @@ def stage_options(cfg: RunAllConfig, data_dir: str, output_dir: str, synthetic: 
         "train_top": trainer("top"),
         # Cached fine-tuning reads the images' block-4 outputs from the extraction, not the images.
         "finetune": {**trainer("finetune"), "shift": cfg.finetune_shift, "cache_block4": cfg.cache_block4,
-                     **({} if cfg.cache_block4 else images)},
+                     "max_image_megapixels": cfg.max_image_megapixels, **({} if cfg.cache_block4 else images)},
         "train_scratch": {**trainer("scratch"), "batch_size": cfg.scratch_batch_size,
                           "image_size": cfg.scratch_image_size, "shift": cfg.scratch_shift,
                           "rotation": cfg.rotation, **images},
@@ -60,12 +68,24 @@ def stage_options(cfg: RunAllConfig, data_dir: str, output_dir: str, synthetic: 
 
 
 def run_all(cfg: RunAllConfig) -> str:
-    """Run every stage into ``<output-dir>`` and return the path of ``report.md``."""
+    """Run every stage into ``<output-dir>`` and return the path of ``report.md``.
+
+    Holds ``<output-dir>``'s lock throughout (the stages lock their own folders inside it), and
+    refuses a folder holding what no stage writes (``LAYOUT``); with ``--overwrite`` each stage
+    replaces only its own folder.
+    """
     synthetic = cfg.data_dir is None
     data_dir = default_data_dir() if synthetic else cfg.data_dir
     if synthetic:
         note_builtin_data()
     output_dir = cfg.output_dir or os.path.join("outputs", run_name(data_dir))
+    with storage.output_lock(output_dir):
+        outputs.check(output_dir, LAYOUT)
+        return _run_stages(cfg, data_dir, output_dir, synthetic)
+
+
+def _run_stages(cfg: RunAllConfig, data_dir: str, output_dir: str, synthetic: bool) -> str:
+    """Extraction, the training stages not skipped, then the report; returns the report's path."""
     options = stage_options(cfg, data_dir, output_dir, synthetic)
     stages: list[dict[str, Any]] = []
 
@@ -83,7 +103,7 @@ def run_all(cfg: RunAllConfig) -> str:
                                                    **options["finetune"]))
     if "scratch" not in cfg.skipped():
         stage("train_scratch", train_scratch, ScratchConfig(**options["train_scratch"]))
-    report = storage.join(output_dir, "report.md")
+    report = storage.join(output_dir, REPORT)
     command = "python -m jobs.run_all " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     write_report(report, stages, NOTE if synthetic else None, command.strip())
     log.info(f"report: {report}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import io
 import json
 import os
 import socket
@@ -32,7 +33,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
+from pipeline import names
 from pipeline.errors import OutputError
+from pipeline.localtree import LocalTree
+from pipeline.redact import redact_values
 
 MANIFEST = "manifest.json"
 # A remote lock whose holder has not renewed it for this long is stale and taken over.
@@ -169,42 +173,29 @@ def make_dir(uri: str) -> None:
     filesystem.create_dir(path, recursive=True)
 
 
-def walk_files(root: str) -> Iterator[tuple[str, str]]:
-    """``(path relative to root, stamp)`` of every file under ``root``, recursively, sorted,
+def walk_files(root: str, tree: LocalTree | None = None) -> Iterator[tuple[str, str]]:
+    """``(stored path relative to root, stamp)`` of every file under ``root``, recursively, sorted,
     hidden files and folders skipped; ``stamp`` is ``size:mtime_ns`` (``missing`` for a broken link).
+    Paths are in the stored form of ``pipeline.names`` (any name, as reversible UTF-8).
 
     Streams folder by folder, so a listing of a million objects holds one folder's names
-    at a time. Locally, symlinks are followed and broken ones listed (decoding records them
-    as rejects rather than letting them vanish).
+    at a time. Locally, links are followed as ``pipeline.localtree`` says (out of the data root
+    only, each real folder and file once; broken ones listed, so that decoding records them as
+    rejects rather than letting them vanish); ``tree`` is the data root's listing state when
+    ``root`` is one folder of it (see ``local_tree``).
     """
     filesystem, base = split_uri(root)
     if isinstance(filesystem, pafs.LocalFileSystem):
-        yield from _walk_local(base)
+        yield from (tree or LocalTree(base)).walk(base)
         return
-    yield from _walk_remote(filesystem, base, len(base) + 1)
+    yield from ((names.escape(rel), stamp) for rel, stamp in _walk_remote(filesystem, base, len(base) + 1))
 
 
-def _walk_local(base: str) -> Iterator[tuple[str, str]]:
-    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel = os.path.relpath(dirpath, base)
-        prefix = "" if rel == "." else f"{rel}/"
-        folder = os.open(dirpath, os.O_RDONLY)
-        try:
-            for name in sorted(n for n in filenames if not n.startswith(".")):
-                yield prefix + name, local_stamp(name, folder)
-        finally:
-            os.close(folder)
-
-
-def local_stamp(path: str, folder: int | None = None) -> str:
-    """``size:mtime_ns`` of a local file (relative to the open folder ``folder`` when given),
-    following links; ``missing`` for a broken link."""
-    try:
-        st = os.stat(path, dir_fd=folder)
-    except OSError:
-        return "missing"
-    return f"{st.st_size}:{st.st_mtime_ns}"
+def local_tree(root: str) -> LocalTree | None:
+    """The listing state shared by the walks of several folders of one data root (None when the
+    root is not local)."""
+    filesystem, base = split_uri(root)
+    return LocalTree(base) if isinstance(filesystem, pafs.LocalFileSystem) else None
 
 
 def _walk_remote(filesystem: pafs.FileSystem, folder: str, cut: int) -> Iterator[tuple[str, str]]:
@@ -220,10 +211,16 @@ def _walk_remote(filesystem: pafs.FileSystem, folder: str, cut: int) -> Iterator
 
 
 def list_dirs(uri: str) -> list[str]:
-    """Names of the (non-hidden) folders directly in ``uri``, sorted."""
+    """Stored names (``pipeline.names``) of the (non-hidden) folders directly in ``uri``, sorted."""
     filesystem, path = split_uri(uri)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        # os.scandir, not pyarrow: pyarrow cannot list a name that is not UTF-8.
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(path) as entries:
+            return sorted(names.escape(e.name) for e in entries if e.is_dir() and not e.name.startswith("."))
+        return []
     infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
+    return sorted(names.escape(i.base_name) for i in infos
+                  if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
 
 
 
@@ -246,14 +243,27 @@ def write_bytes(uri: str, data: bytes) -> None:
         f.write(data)
 
 
-def read_bytes(uri: str) -> bytes:
-    """The bytes of a file."""
+class FileTooLarge(ValueError):
+    """A file larger than a reader's limit: it was not read."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"{size} bytes; the limit is {limit}")
+        self.size, self.limit = size, limit
+
+
+def read_bytes(uri: str, limit: int | None = None) -> bytes:
+    """The bytes of a file; with ``limit``, a larger file raises FileTooLarge before it is read
+    (its size is asked first, and a file growing meanwhile is cut off at ``limit + 1`` bytes)."""
     filesystem, path = split_uri(uri)
-    if isinstance(filesystem, pafs.LocalFileSystem):
-        with open(path, "rb") as f:
+    opened = open(path, "rb") if isinstance(filesystem, pafs.LocalFileSystem) else filesystem.open_input_file(path)
+    with opened as f:
+        if limit is None:
             return f.read()
-    with filesystem.open_input_stream(path) as f:
-        return f.read()
+        size = os.fstat(f.fileno()).st_size if isinstance(f, io.BufferedReader) else f.size()
+        data = f.read(limit + 1) if size <= limit else b""
+        if size > limit or len(data) > limit:
+            raise FileTooLarge(max(size, len(data)), limit)
+        return data
 
 
 def read_text(uri: str) -> str:
@@ -293,8 +303,8 @@ def local_copy(uri: str, suffix: str = "") -> Iterator[str]:
 
 
 def write_json(uri: str, obj: Any) -> None:
-    """Write ``obj`` as indented JSON."""
-    write_text(uri, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Write ``obj`` as indented JSON, credentials in any URI it holds redacted (``pipeline.redact``)."""
+    write_text(uri, json.dumps(redact_values(obj), indent=2, sort_keys=False) + "\n")
 
 
 def read_json(uri: str) -> Any:

@@ -6,19 +6,26 @@ of the Ray Train workers logs each epoch's metrics (the other ranks would log th
 again), and the driver logs the final evaluation, ``curves.png``, ``evaluation.json``,
 ``metrics.csv`` and the model file, then closes the run. A resumed job goes on logging into the
 run it started (its id is kept in ``<job dir>/mlflow_run.json``).
+
+The tracking URI may carry a password (``http://user:pw@host``): MLflow connects with it, but
+what is shown or stored (log lines, errors, ``mlflow_run.json``, the run's parameters and tags)
+has it redacted (``pipeline.redact``). The record keeps the redacted URI, so a job rerun with a
+changed password goes on logging into the same run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from pipeline import storage
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, TrackingError
+from pipeline.redact import redact, redact_values
 
 RUN_FILE = "mlflow_run.json"
 EXTRA_HINT = 'MLflow tracking needs the mlflow extra: pip install -e ".[mlflow]"'
@@ -44,6 +51,18 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+@contextlib.contextmanager
+def _store_errors(uri: str) -> Iterator[None]:
+    """MLflow's errors as one TrackingError with the URI's credentials redacted (MLflow repeats
+    the URI, password included, in its own messages)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        raise TrackingError(f"the MLflow tracking store {redact(uri)} failed: {redact(str(exc))}") from None
+
+
 def start_run(option: str | None, experiment: str, directory: str, kind: str,
               settings: dict[str, Any]) -> dict[str, str] | None:
     """Open (or, for a resumed job, reopen) the job's MLflow run and log its settings; returns
@@ -54,21 +73,22 @@ def start_run(option: str | None, experiment: str, directory: str, kind: str,
     client = _client(uri)
     recorded = storage.join(directory, RUN_FILE)
     previous = storage.read_json(recorded) if storage.exists(recorded) else {}
-    if previous.get("uri") == uri:
-        client.update_run(previous["run_id"], status="RUNNING")
-        return {"uri": uri, "run_id": previous["run_id"]}
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    run = client.create_run(experiment_id, run_name=kind, tags={"job": kind, "output": directory})
-    from mlflow.entities import Param
+    with _store_errors(uri):
+        if previous.get("uri") == redact(uri):
+            client.update_run(previous["run_id"], status="RUNNING")
+            return {"uri": uri, "run_id": previous["run_id"]}
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        run = client.create_run(experiment_id, run_name=kind, tags={"job": kind, "output": redact(directory)})
+        from mlflow.entities import Param
 
-    params = [Param(key, str(value)[:6000]) for key, value in sorted(_flatten(settings).items())]
-    for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
-        client.log_batch(run.info.run_id, params=params[start:start + 100])
-    handle = {"uri": uri, "run_id": run.info.run_id}
-    storage.write_json(recorded, handle)
-    log.info("MLflow run %s in experiment %r at %s", run.info.run_id, experiment, uri)
-    return handle
+        params = [Param(key, str(value)[:6000]) for key, value in sorted(_flatten(redact_values(settings)).items())]
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
+            client.log_batch(run.info.run_id, params=params[start:start + 100])
+    # Only the workers' handle holds the real URI; the record, like everything shown, is redacted.
+    storage.write_json(recorded, {"uri": redact(uri), "run_id": run.info.run_id})
+    log.info("MLflow run %s in experiment %r at %s", run.info.run_id, experiment, redact(uri))
+    return {"uri": uri, "run_id": run.info.run_id}
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -94,29 +114,36 @@ def log_epoch(handle: dict[str, str] | None, row: dict[str, Any]) -> None:
     try:
         _client(handle["uri"]).log_batch(handle["run_id"], metrics=metrics)
     except Exception as exc:  # noqa: BLE001 - tracking is a side channel
-        log.warning("could not log epoch %s to MLflow (%s): %s", row.get("epoch"), handle["uri"], exc)
+        log.warning("could not log epoch %s to MLflow (%s): %s", row.get("epoch"), redact(handle["uri"]),
+                    redact(str(exc)))
 
 
 def finish_run(handle: dict[str, str] | None, evaluation: dict[str, Any], files: list[str]) -> None:
     """The final evaluation's figures and the job's result files, then the run marked finished."""
     if handle is None:
         return
-    client = _client(handle["uri"])
+    with _store_errors(handle["uri"]):
+        _log_results(_client(handle["uri"]), handle["run_id"], evaluation, files)
+
+
+def _log_results(client, run_id: str, evaluation: dict[str, Any], files: list[str]) -> None:
+    """Log the final figures and result files into the run, then mark it finished."""
     figures = {f"final_{key}": float(value) for key, value in evaluation.items()
                if isinstance(value, (int, float)) and not isinstance(value, bool)}
     for key, value in figures.items():
-        client.log_metric(handle["run_id"], key, value)
+        client.log_metric(run_id, key, value)
     with tempfile.TemporaryDirectory(prefix="ric-") as tmp:
         for path in files:
             local = storage.split_uri(path)[1] if storage.is_local(path) else os.path.join(tmp, storage.basename(path))
             if not storage.is_local(path):
                 with open(local, "wb") as f:
                     f.write(storage.read_bytes(path))
-            client.log_artifact(handle["run_id"], local, artifact_path="model" if path.endswith(".keras") else None)
-    client.set_terminated(handle["run_id"], status="FINISHED")
+            client.log_artifact(run_id, local, artifact_path="model" if path.endswith(".keras") else None)
+    client.set_terminated(run_id, status="FINISHED")
 
 
 def fail_run(handle: dict[str, str] | None) -> None:
     """Mark the run failed (a job that ended in an error)."""
     if handle is not None:
-        _client(handle["uri"]).set_terminated(handle["run_id"], status="FAILED")
+        with _store_errors(handle["uri"]):
+            _client(handle["uri"]).set_terminated(handle["run_id"], status="FAILED")

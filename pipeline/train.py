@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -446,7 +447,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             world, None)
             row = {"epoch": epoch + 1, "loss": train.loss, "accuracy": train.accuracy, "val_loss": val.loss,
                    "val_accuracy": val.accuracy, "train_samples": int(train.samples), "val_samples": int(val.samples),
-                   "seconds": round(time.time() - started, 2), "precision": s.precision}
+                   "seconds": round(time.time() - started, 2), "precision": s.precision,
+                   "worker_peak_rss_bytes": _peak_rss_per_rank(steps, rank, world)}
             state = {"epoch": epoch + 1, "history": state["history"] + [row]}
             _report(row, state, steps, rank, trained)
         if rank == 0:
@@ -454,6 +456,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             logs.log.info("%s epoch %d/%d: loss %.4f, accuracy %.4f, val_loss %.4f, val_accuracy %.4f, %.1fs",
                           s.kind, row["epoch"], s.epochs, row["loss"], row["accuracy"], row["val_loss"],
                           row["val_accuracy"], row["seconds"])
+
+
+def _peak_rss_per_rank(steps: DistributedSteps, rank: int, world: int) -> list[int]:
+    """Every worker's peak resident memory so far, in bytes, by rank. Ray Train keeps only rank
+    0's report, so the peaks are all-reduced (each rank fills its own slot) into every report."""
+    import tensorflow as tf
+
+    mine = np.zeros(world, dtype=np.float64)  # float64: exact for any byte count below 2**53
+    mine[rank] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux counts kB
+    return [int(v) for v in steps.count(tf.constant(mine)).numpy()]
 
 
 def _report(row: dict[str, Any], state: dict[str, Any], steps: DistributedSteps, rank: int,

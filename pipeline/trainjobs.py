@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline import storage, tracking, vgg16
+from pipeline import outputs, storage, tracking, vgg16
 from pipeline.cluster import inference_plan
-from pipeline.config import ExtractConfig, FinetuneConfig, ScratchConfig, TrainConfig, TrainTopConfig
+from pipeline.config import ExtractConfig, FinetuneConfig, ImageTrainConfig, ScratchConfig, TrainConfig, TrainTopConfig
 from pipeline.discover import DatasetIndex, discover
 from pipeline.errors import DataError, UserError
 from pipeline.extract import FLIPPED_SPLIT, read_split, run_extraction, run_name
@@ -42,6 +42,10 @@ from pipeline.versions import library_versions
 
 SUMMARY = "summary.json"
 SETTINGS = "settings.json"
+# What a training job writes in its folder (the module docstring); settings.json comes first.
+JOB_LAYOUT = outputs.Layout("a training run", markers=(SETTINGS, SUMMARY), files=(
+    MODEL_FILE, f"{SAVED_MODEL_DIR}/*", "metrics.csv", "evaluation.json", "curves.png", "rejects.parquet",
+    tracking.RUN_FILE, "ray_train/*"))
 log = logging.getLogger(__name__)
 
 
@@ -149,7 +153,7 @@ def _finish(kind: str, directory: str, model, metadata: dict[str, Any], run: Tra
                # the last epoch's figure was not chosen by them.
                "last_epoch_accuracy": history[-1]["val_accuracy"],
                "epochs": len(history), "best_epoch": run.best_epoch, "seconds": round(seconds, 2),
-               "images_per_s": round(samples_per_s, 2),
+               "images_per_s": round(samples_per_s, 2), "worker_peak_rss_bytes": worker_peaks(history),
                # Epoch seconds leave out start-up, export and the final evaluation; the wall time has them.
                "wall_s": round(time.monotonic() - started, 2),
                "model": storage.join(directory, MODEL_FILE), "curves": storage.join(directory, "curves.png"),
@@ -160,15 +164,25 @@ def _finish(kind: str, directory: str, model, metadata: dict[str, Any], run: Tra
     log.info(f"{kind}: validation accuracy {evaluation['accuracy']:.4f}, loss {evaluation['loss']:.4f} "
           f"after {len(history)} epochs, {seconds:.0f}s of epochs ({samples_per_s:.1f} samples/s), "
           f"{summary['wall_s']:.0f}s in all -> {directory}")
+    log.info("%s: peak resident memory of the training workers by rank: %s", kind,
+             ", ".join(f"{b / 2**30:.2f} GiB" for b in summary["worker_peak_rss_bytes"]) or "not reported")
     return summary
+
+
+def worker_peaks(history: list[dict[str, Any]]) -> list[int]:
+    """Each training worker's peak resident memory in bytes, by rank, over the epochs of
+    ``history``: a restarted worker starts a new process, so its epochs' peaks are maxed."""
+    reported = [h["worker_peak_rss_bytes"] for h in history if h.get("worker_peak_rss_bytes")]
+    return [max(ranks) for ranks in zip(*reported)]
 
 
 def _prepare(directory: str, kind: str, settings: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
     """The one reuse rule: a finished job with the same settings is reused (its summary returned),
     an unfinished one resumes from its checkpoints; one with other settings is refused, naming
-    them. ``overwrite`` starts afresh."""
-    if overwrite:
-        storage.delete_dir(directory)
+    them. ``overwrite`` starts afresh. Holds the folder's output lock for the rest of the job, and
+    refuses a folder holding what a training job does not write (``outputs.prepare``)."""
+    outputs.hold_lock(directory)
+    outputs.prepare(directory, JOB_LAYOUT, overwrite)
     recorded_at = storage.join(directory, SETTINGS)
     if storage.exists(recorded_at):
         require_same(directory, f"a {kind} run", storage.read_json(recorded_at), settings)
@@ -220,6 +234,7 @@ def _feature_datasets(features_dir: str, manifest: dict[str, Any], cfg: TrainTop
     return datasets, held, mirrored
 
 
+@outputs.holding_locks
 def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     """Fit the top MLP on feature shards; export it joined to its VGG16 base as one image → class model."""
     from pipeline import models
@@ -270,38 +285,39 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     return _finish("top", directory, model, metadata, run, evaluation)
 
 
-def _good_rows(index: DatasetIndex, image_size: int, max_reject_fraction: float, directory: str) -> dict[str, pa.Table]:
+def _good_rows(index: DatasetIndex, image_size: int, cfg: ImageTrainConfig, directory: str) -> dict[str, pa.Table]:
     """The decodable files per split; undecodable ones go to ``<job>/rejects.parquet``."""
     from pipeline.extract import REJECT_SCHEMA
 
-    rejects = find_rejects(index.files, index.root, image_size).rename_columns(
+    rejects = find_rejects(index.files, index.root, image_size, cfg.max_pixels).rename_columns(
         {"relpath": "path"}).select(REJECT_SCHEMA.names).cast(REJECT_SCHEMA)
     storage.write_parquet(storage.join(directory, "rejects.parquet"), rejects)
-    check_reject_fraction(rejects, len(index.files), max_reject_fraction, f"See {directory}/rejects.parquet")
+    check_reject_fraction(rejects, len(index.files), cfg.max_reject_fraction, f"See {directory}/rejects.parquet")
     good = index.files.join(rejects.select(["path"]).rename_columns(["relpath"]), "relpath", join_type="left anti")
     return {split: good.filter(pc.equal(good.column("split"), split)).sort_by("relpath") for split in index.split_names}
 
 
-def _image_datasets(files: dict[str, pa.Table], root: str, image_size: int, seed: int) -> dict[str, Any]:
+def _image_datasets(files: dict[str, pa.Table], root: str, image_size: int, cfg: ImageTrainConfig) -> dict[str, Any]:
     """Decoded-image datasets; the training files in a seeded random order.
 
     Files are listed class by class; streamed in that order, even a local shuffle buffer
     yields batches of one class, and a small CNN trained on them collapses to a constant.
     """
     plan = inference_plan(1)
-    order = {"train": np.random.default_rng(seed).permutation(len(files["train"])), "validation": None}
-    return {split: decoded_images(files[split], root, image_size, plan.decode_cpus, order=order[split])
+    order = {"train": np.random.default_rng(cfg.seed).permutation(len(files["train"])), "validation": None}
+    return {split: decoded_images(files[split], root, image_size, plan.decode_cpus, order=order[split],
+                                  max_pixels=cfg.max_pixels)
             .select_columns(["image", "label"]) for split in ("train", "validation")}
 
 
 def _evaluate_model_file(path: str, files: pa.Table, root: str, classes: list[str], image_size: int,
-                         precision: str, batch_size: int) -> dict[str, Any]:
+                         precision: str, batch_size: int, max_pixels: int) -> dict[str, Any]:
     """Evaluate a saved classifier on ``files`` (``relpath``, ``label`` under ``root``) with the
     batch-prediction pipeline."""
     from pipeline.predict import collect_probabilities, predictions_dataset
 
     ds = predictions_dataset(path, files.select(["relpath"]), root, image_size, precision, inference_plan(1),
-                             batch_size)
+                             batch_size, max_pixels=max_pixels)
     paths, probs, rejects = collect_probabilities(ds)
     if rejects:
         raise DataError(f"{len(rejects)} validation files could not be decoded during evaluation: {rejects[:3]}")
@@ -312,9 +328,9 @@ def _evaluate_model_file(path: str, files: pa.Table, root: str, classes: list[st
 def _image_job(kind: str, cfg: FinetuneConfig | ScratchConfig, index: DatasetIndex, directory: str,
                image_size: int, precision: str, metadata: dict[str, Any], extras: dict[str, Any], model_fn,
                rotation: float = 0.0) -> dict[str, Any]:
-    files = _good_rows(index, image_size, cfg.max_reject_fraction, directory)
+    files = _good_rows(index, image_size, cfg, directory)
     require_one_batch(len(files["train"]), cfg.batch_size)
-    datasets = _image_datasets(files, index.root, image_size, cfg.seed)
+    datasets = _image_datasets(files, index.root, image_size, cfg)
     settings = _settings(kind, cfg, precision, len(index.classes), len(files["train"]), image_size=image_size,
                          augment=True, rotation=rotation, shift=cfg.shift,
                          preprocessing=metadata.get("preprocessing", "unit"), extras=extras)
@@ -329,7 +345,7 @@ def _image_job(kind: str, cfg: FinetuneConfig | ScratchConfig, index: DatasetInd
                                   files["validation"], index.root)
 
 
-def _train_export_evaluate(kind: str, cfg: TrainConfig, settings: LoopSettings, datasets: dict[str, Any],
+def _train_export_evaluate(kind: str, cfg: ImageTrainConfig, settings: LoopSettings, datasets: dict[str, Any],
                            directory: str, export, metadata: dict[str, Any], validation: pa.Table,
                            root: str) -> dict[str, Any]:
     """Train, turn the best checkpoint into an image → class model (``export``), evaluate it, write the outputs."""
@@ -340,7 +356,7 @@ def _train_export_evaluate(kind: str, cfg: TrainConfig, settings: LoopSettings, 
         tmp_path = os.path.join(tmp, MODEL_FILE)
         save_classifier(model, tmp_path, {**metadata, "kind": kind})
         evaluation = _evaluate_model_file(tmp_path, validation, root, metadata["classes"], metadata["image_size"],
-                                          settings.precision, cfg.batch_size)
+                                          settings.precision, cfg.batch_size, cfg.max_pixels)
     return _finish(kind, directory, model, metadata, run, evaluation)
 
 
@@ -360,6 +376,7 @@ def _top_model(cfg: FinetuneConfig) -> tuple[str, dict[str, Any]]:
     return top_path, meta
 
 
+@outputs.holding_locks
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune VGG16's block 5 and the top, starting from a train_top model, on augmented images
     (or, with ``cache_block4``, on cached block-4 outputs of the top model's feature folder)."""
@@ -484,6 +501,7 @@ def ensure_block4_cache(features_dir: str | None) -> dict[str, Any]:
     return run_extraction(ExtractConfig(**settings))
 
 
+@outputs.holding_locks
 def train_scratch(cfg: ScratchConfig) -> dict[str, Any]:
     """Train the reference article's small CNN from scratch on augmented images."""
     from pipeline import models

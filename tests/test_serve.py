@@ -1,10 +1,12 @@
 """Online prediction: ``python -m jobs.serve`` on loopback answers real HTTP requests exactly as
 ``jobs.predict`` answers the same files, refuses bad uploads with 400 and oversized ones with 413,
-and keeps serving."""
+requests without its token with 401, decodes huge images without holding up small ones, and keeps
+serving."""
 
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import shutil
@@ -20,11 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from pipeline import models
 from pipeline.config import PredictConfig
 from pipeline.modelfile import save_classifier
 from pipeline.predict import run_prediction
+from pipeline.serve_auth import TOKEN_ENV
 from tests.conftest import real_images
 from tests.images import jpeg_bytes
 
@@ -32,20 +36,31 @@ pytestmark = pytest.mark.timeout(600)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 48
 CLASSES = ["cats", "dogs"]
-UPLOAD_LIMIT_MB = 0.25
+UPLOAD_LIMIT_MB = 1.0
+MAX_IMAGES = 8
+# Above the default (50), so that the 88-Mpx images below decode.
+MAX_MEGAPIXELS = 89
+TOKEN = "test-token-0123456789"
 
 
-def post(url: str, data: bytes, content_type: str = "application/octet-stream") -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type}, method="POST")
+def post(url: str, data: bytes, content_type: str = "application/octet-stream",
+         token: str | None = TOKEN) -> tuple[int, dict]:
+    status, body, _ = post_with_headers(url, data, content_type, token)
+    return status, body
+
+
+def post_with_headers(url: str, data: bytes, content_type: str, token: str | None) -> tuple[int, dict, dict]:
+    headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
-            status, body = response.status, response.read()
+            status, body, answered = response.status, response.read(), dict(response.headers)
     except urllib.error.HTTPError as exc:
-        status, body = exc.code, exc.read()
+        status, body, answered = exc.code, exc.read(), dict(exc.headers)
     try:
-        return status, json.loads(body)
+        return status, json.loads(body), answered
     except ValueError:  # Serve's proxy answers in plain text until the application is up
-        return status, {"text": body.decode(errors="replace")}
+        return status, {"text": body.decode(errors="replace")}, answered
 
 
 def _free_port() -> int:
@@ -71,8 +86,10 @@ def server(ray_cluster, tmp_path_factory):
             shutil.copyfile(path, photos / cls / os.path.basename(path))
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "jobs.serve", "--model", model, "--port", str(port),
-                             "--max-upload-mb", str(UPLOAD_LIMIT_MB)], cwd=REPO, start_new_session=True,
-                            env={**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address},
+                             "--max-upload-mb", str(UPLOAD_LIMIT_MB), "--max-images-per-request", str(MAX_IMAGES),
+                             "--max-image-megapixels", str(MAX_MEGAPIXELS)], cwd=REPO, start_new_session=True,
+                            env={**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+                                 TOKEN_ENV: TOKEN},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/predict"
     _wait_until_serving(url, proc, photos / "cats")
@@ -139,3 +156,62 @@ def test_bad_uploads_are_refused_with_the_reason_and_the_server_keeps_serving(se
     assert status == 200 and answer["predictions"][0]["error"] == "not an image"
     assert answer["predictions"][1]["predicted_class"] in CLASSES
     assert post(url, photo)[0] == 200
+
+
+def png_bytes(width: int, height: int) -> bytes:
+    """A one-colour PNG: a few hundred KB that decode to ``width`` x ``height`` pixels."""
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (120, 30, 200)).save(out, "PNG", compress_level=9)
+    return out.getvalue()
+
+
+def a_photo(photos: str) -> bytes:
+    folder = os.path.join(photos, "cats")
+    return open(os.path.join(folder, sorted(os.listdir(folder))[0]), "rb").read()
+
+
+def test_hostile_bodies_are_refused_quickly_with_the_reason_and_the_server_keeps_serving(server):
+    url, _, photos = server
+    photo = a_photo(photos)
+    started = time.monotonic()
+    status, answer = post(url, json.dumps({"images": ["QUFB"] * 20_000}).encode(), "application/json")
+    assert time.monotonic() - started < 5
+    assert (status, answer["error"]) == (413, "too many images")
+    assert f"20000 images; the limit is {MAX_IMAGES}" in answer["detail"]
+    status, answer = post(url, b"[" * 100_000 + b"]" * 100_000, "application/json")
+    assert (status, answer["error"], answer["detail"]) == (400, "invalid json", "nested too deeply")
+    status, answer = post(url, png_bytes(9_440, 9_440), "image/png")  # 89.1 Mpx: under Pillow's limit, over ours
+    assert (status, answer["error"]) == (400, "too large")
+    assert f"limit of {MAX_MEGAPIXELS} Mpx (--max-image-megapixels)" in answer["detail"]
+    status, answer = post(url, photo, "text/plain")
+    assert (status, answer["error"]) == (415, "unsupported media type")
+    status, answer = post(url, json.dumps({"images": [base64.b64encode(photo).decode()]}).encode(),
+                          "Application/JSON; charset=utf-8")
+    assert status == 200 and answer["predictions"][0]["predicted_class"] in CLASSES
+    assert post(url, photo)[0] == 200
+
+
+def test_a_request_without_the_token_gets_401_and_with_it_200(server):
+    url, _, photos = server
+    photo = a_photo(photos)
+    for token in (None, "wrong-token", TOKEN[:-1]):
+        status, answer, headers = post_with_headers(url, photo, "image/jpeg", token)
+        assert (status, answer["error"]) == (401, "unauthorized")
+        assert headers.get("www-authenticate", headers.get("WWW-Authenticate")) == "Bearer"
+    assert post_with_headers(url, photo, "image/jpeg", TOKEN)[0] == 200
+
+
+def test_a_normal_photo_is_answered_within_2_s_while_huge_images_decode(server):
+    url, _, photos = server
+    photo, huge = a_photo(photos), png_bytes(11_000, 8_000)  # 88 Mpx, about 2 s of decoding each
+    latencies = []
+    with ThreadPoolExecutor(2) as pool:
+        heavy = [pool.submit(post, url, huge, "image/png") for _ in range(2)]
+        while not all(f.done() for f in heavy):
+            started = time.monotonic()
+            assert post(url, photo)[0] == 200
+            latencies.append(time.monotonic() - started)
+        assert [f.result()[0] for f in heavy] == [200, 200]
+    # Several answers while the huge ones were in flight: they did decode at the same time.
+    assert len(latencies) >= 3, latencies
+    assert max(latencies) < 2, latencies

@@ -39,6 +39,12 @@ def _top_weights(checkpoint, shape):
     return model.get_weights()
 
 
+def _plausible_worker_rss(peak: int) -> bool:
+    """A training worker's peak resident bytes: above what TensorFlow and Keras alone take once
+    imported (a few hundred MiB), below the machine's memory."""
+    return 100 * 2**20 < peak < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def test_two_workers_give_the_weights_of_one(small_features, tmp_path):
     """Full-batch steps: 20 rows, global batch 20. One worker computes the mean gradient over all
     20; two workers each compute 10 and all-reduce. With the loss scaled by the global batch the
@@ -90,6 +96,9 @@ def test_three_workers_on_held_data_take_the_steps_of_one(small_features, tmp_pa
         assert result.error is None
         history = read_checkpoint_state(result.checkpoint)["history"]
         assert [(h["train_samples"], h["val_samples"]) for h in history] == [(18, 20), (18, 20)], workers
+        # Rank 0's report carries every rank's peak memory: each slot filled by its own worker.
+        assert all(len(h["worker_peak_rss_bytes"]) == workers and all(map(_plausible_worker_rss, h["worker_peak_rss_bytes"]))
+                   for h in history), [h["worker_peak_rss_bytes"] for h in history]
         weights[workers] = _top_weights(result.checkpoint, shape)
     for one, three in zip(weights[1], weights[3]):
         np.testing.assert_allclose(one, three, rtol=1e-5, atol=1e-6)
@@ -154,6 +163,7 @@ def test_train_top_job_writes_model_metrics_evaluation_and_curves(small_features
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= rows[0].keys()
     # The wall time holds start-up, export and the final evaluation besides the epochs.
     assert summary["wall_s"] > summary["seconds"] > 0 and "job_started" not in read_metadata(os.path.join(out, "top", "model.keras"))
+    assert len(summary["worker_peak_rss_bytes"]) == 1 and _plausible_worker_rss(summary["worker_peak_rss_bytes"][0])
     with open(os.path.join(job, "evaluation.json")) as f:
         evaluation = json.load(f)
     assert evaluation["num_samples"] == 20 and evaluation["accuracy"] == summary["accuracy"]

@@ -1,0 +1,116 @@
+"""Listing the files of a local data root so that each real file is one row, whatever links,
+loops and names the folder holds.
+
+Rules (``LocalTree.walk``):
+
+- a folder symlink is followed only when it leads outside the data root (a folder of photos
+  linked in), never when it leads back inside the root or to a folder that holds the root: that
+  tree is walked under its own path anyway, so its photos keep their own split and class, and a
+  link such as ``train/dogs/loop -> ..`` cannot make the walk go round;
+- each real folder (by device and inode) is walked once;
+- a file reached by two paths is listed once: a file symlink into the root is left to its
+  target's own path, and hard links or several links to one outside file are listed at the
+  first path in sorted order;
+- a broken symlink is listed (decoding records it as the reject ``missing``);
+- names are listed in their stored form (``pipeline.names.escape``), sorted, hidden ones skipped.
+
+Memory stays small at a million files: device and inode are kept only for folders and for
+files that are links or have more than one hard link.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from typing import Iterator
+
+from pipeline import names
+
+log = logging.getLogger(__name__)
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+class LocalTree:
+    """The listing state of one local data root: the folders and multiply-reachable files
+    already listed, shared by every ``walk`` of folders under it (so a file hard-linked into
+    two class folders is one row)."""
+
+    def __init__(self, root: str):
+        self.root = os.path.realpath(root)
+        self._folders: set[tuple[int, int]] = set()
+        self._files: set[tuple[int, int]] = set()
+        self._reported: set[str] = set()
+
+    def walk(self, folder: str) -> Iterator[tuple[str, str]]:
+        """``(stored path relative to folder, stamp)`` of every file under ``folder`` (a local
+        path inside the root), depth first and sorted as ``os.walk`` goes; ``stamp`` is
+        ``size:mtime_ns``, ``missing`` for a broken link."""
+        try:
+            st = os.stat(folder)
+        except OSError:
+            return
+        self._folders.add((st.st_dev, st.st_ino))
+        yield from self._walk(folder, "")
+
+    def _walk(self, path: str, prefix: str) -> Iterator[tuple[str, str]]:
+        try:
+            with os.scandir(path) as entries:
+                listed = sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError as exc:
+            self._report(path, f"cannot be listed ({exc.strerror}); its files are left out")
+            return
+        folders = []
+        for entry in listed:
+            if entry.is_dir():
+                folders.append(entry)
+                continue
+            stamp = self._file_stamp(entry)
+            if stamp is not None:
+                yield prefix + names.escape(entry.name), stamp
+        for entry in folders:
+            if self._enter(entry):
+                yield from self._walk(entry.path, prefix + names.escape(entry.name) + "/")
+
+    def _file_stamp(self, entry: os.DirEntry) -> str | None:
+        """The stamp of a file entry, or None when the file is listed at another path."""
+        try:
+            st = entry.stat()
+        except OSError:
+            return "missing"
+        if entry.is_symlink() or st.st_nlink > 1:
+            if entry.is_symlink() and stat.S_ISREG(st.st_mode) and _within(os.path.realpath(entry.path), self.root):
+                return None  # its target is listed under its own path (own split and class)
+            key = (st.st_dev, st.st_ino)
+            if key in self._files:
+                return None
+            self._files.add(key)
+        return f"{st.st_size}:{st.st_mtime_ns}"
+
+    def _enter(self, entry: os.DirEntry) -> bool:
+        """Whether to descend into a folder entry: a real folder not walked yet, or a link
+        that leads outside the root (and not to a folder that holds it)."""
+        if entry.is_symlink():
+            target = os.path.realpath(entry.path)
+            if _within(target, self.root) or _within(self.root, target):
+                self._report(entry.path, f"is a link to {names.escape(target)!r}, which is the data root, inside it or "
+                                         f"holds it; not followed (those files are listed under their own path)")
+                return False
+        try:
+            st = entry.stat()
+        except OSError:
+            return False
+        key = (st.st_dev, st.st_ino)
+        if key in self._folders:
+            self._report(entry.path, "leads to a folder already listed; not followed again")
+            return False
+        self._folders.add(key)
+        return True
+
+    def _report(self, path: str, problem: str) -> None:
+        if path not in self._reported:
+            self._reported.add(path)
+            log.warning("listing %s: %s %s", names.escape(self.root), names.escape(path), problem)

@@ -1,0 +1,57 @@
+"""File names as the product stores them: any name a filesystem allows, as a UTF-8 string that
+gives back the exact name.
+
+A name on a local disk is a string of bytes (anything but ``/`` and NUL); Arrow, Parquet, JSON
+and CSV hold only UTF-8 text. Every path the product lists, stores (``relpath`` of features,
+the ledger, rejects and predictions) and passes between its processes is therefore *escaped*:
+
+- the name's bytes are read as UTF-8;
+- each byte that is not part of valid UTF-8 is written as ``\\xNN`` (two lowercase hex
+  digits): ``b"chat\\xe9.jpg"`` (Latin-1, as old cameras and Windows shares write it) is
+  stored as ``chat\\xe9.jpg``;
+- each literal backslash is written as two: ``back\\slash.jpg`` is stored as ``back\\\\slash.jpg``;
+- nothing else changes: ordinary names, spaces, quotes, commas, newlines and non-ASCII UTF-8
+  are stored as they are, and Unicode is never normalised (the NFC and NFD spellings of
+  ``café.jpg`` are two different files and stay two different paths).
+
+To find a stored path's file again, undo the two rules: in Python
+``os.fsdecode(pipeline.names.unescape(relpath))`` (or ``pipeline.names.os_path(relpath)``),
+in a shell ``ls "$(printf '%b' 'train/cats/chat\\xe9.jpg')"`` (bash's ``printf %b`` reads ``\\xNN``
+and ``\\\\`` exactly as written here).
+
+Object-store keys (``s3://``, ``gs://``) are already UTF-8, so only their backslashes are
+doubled; reading one undoes that the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+_ESCAPE = re.compile(rb"\\(\\|x[0-9a-f]{2})")
+
+
+def escape(name: str | bytes) -> str:
+    """The stored form of a name or path: ``name`` as bytes (an OS string, surrogate-escaped as
+    ``os.listdir`` returns it, or bytes) read as UTF-8, each byte that is not valid UTF-8 as
+    ``\\xNN`` and each backslash doubled. Valid UTF-8; ``unescape`` gives the bytes back."""
+    if isinstance(name, str):
+        if "\\" not in name and name.isascii():
+            return name  # the common case, without a copy
+        name = os.fsencode(name)
+    return name.replace(b"\\", b"\\\\").decode("utf-8", errors="backslashreplace")
+
+
+def unescape(stored: str) -> bytes:
+    """The exact bytes of the name or path that ``escape`` made ``stored`` from.
+
+    A backslash that starts neither ``\\\\`` nor ``\\xNN`` (never written by ``escape``) is
+    kept as it is."""
+    return _ESCAPE.sub(lambda m: b"\\" if m.group(1) == b"\\" else bytes([int(m.group(1)[1:], 16)]),
+                       stored.encode("utf-8"))
+
+
+def os_path(stored: str) -> str:
+    """A stored path as the string ``open``/``os.stat`` take for those bytes (surrogate-escaped
+    where they are not UTF-8); a URI comes back as the UTF-8 key it names."""
+    return os.fsdecode(unescape(stored))

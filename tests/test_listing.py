@@ -1,0 +1,144 @@
+"""Local listing: link loops end, links out of the root are followed, one file is one row."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+from pipeline import storage
+from pipeline.discover import discover
+from tests.images import jpeg_bytes, write
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _tree(root: str, per_class: int = 3) -> dict[str, str]:
+    """A splits-layout root of small photos; returns relpath -> class."""
+    files = {}
+    for split in ("train", "validation"):
+        for cls in ("cats", "dogs"):
+            for i in range(per_class):
+                rel = f"{split}/{cls}/{cls}.{i}.jpg"
+                write(os.path.join(root, rel), jpeg_bytes(color=(i, len(files), 9)))
+                files[rel] = cls
+    return files
+
+
+def _listed(root: str) -> dict[str, str]:
+    rows = discover(root).files.select(["relpath", "class_name"]).to_pylist()
+    relpaths = [r["relpath"] for r in rows]
+    assert len(relpaths) == len(set(relpaths)), "a file listed twice"
+    return {r["relpath"]: r["class_name"] for r in rows}
+
+
+def test_link_loops_are_not_followed_and_are_logged(tmp_path, caplog):
+    root = str(tmp_path / "root")
+    expected = _tree(root, per_class=20)
+    os.symlink("..", os.path.join(root, "train", "dogs", "loop"))
+    os.symlink("../..", os.path.join(root, "validation", "cats", "again"))
+    with caplog.at_level(logging.WARNING, logger="pipeline.localtree"):
+        assert _listed(root) == expected
+    for link in ("train/dogs/loop", "validation/cats/again"):
+        assert sum(link in r.getMessage() for r in caplog.records) == 1, caplog.text
+
+
+def test_a_link_to_an_ancestor_of_the_root_is_not_followed(tmp_path, caplog):
+    root = str(tmp_path / "root")
+    expected = _tree(root)
+    os.symlink(str(tmp_path), os.path.join(root, "train", "cats", "up"))
+    os.symlink("/", os.path.join(root, "train", "dogs", "slash"))
+    with caplog.at_level(logging.WARNING, logger="pipeline.localtree"):
+        assert _listed(root) == expected
+    assert "train/cats/up" in caplog.text and "train/dogs/slash" in caplog.text
+
+
+def test_a_link_to_a_folder_outside_the_root_is_followed_once(tmp_path):
+    root = str(tmp_path / "root")
+    expected = _tree(root)
+    for name in ("x.jpg", "y.jpg"):
+        write(str(tmp_path / "outside" / "more" / name), jpeg_bytes())
+    os.symlink(str(tmp_path / "outside" / "more"), os.path.join(root, "validation", "dogs", "linked"))
+    # A second link to the same folder, and a link inside it back to the outside tree's top.
+    os.symlink(str(tmp_path / "outside" / "more"), os.path.join(root, "validation", "dogs", "linked2"))
+    os.symlink("..", str(tmp_path / "outside" / "more" / "top"))
+    expected.update({"validation/dogs/linked/x.jpg": "dogs", "validation/dogs/linked/y.jpg": "dogs"})
+    assert _listed(root) == expected
+
+
+def test_one_file_by_two_paths_is_one_row(tmp_path):
+    root = str(tmp_path / "root")
+    expected = _tree(root)
+    os.link(os.path.join(root, "train/cats/cats.0.jpg"), os.path.join(root, "train/cats/zz-hard.jpg"))
+    os.link(os.path.join(root, "train/cats/cats.1.jpg"), os.path.join(root, "validation/dogs/hard-from-cats.jpg"))
+    os.symlink("../cats/cats.2.jpg", os.path.join(root, "train/dogs/alias.jpg"))
+    write(str(tmp_path / "outside.jpg"), jpeg_bytes())
+    os.symlink(str(tmp_path / "outside.jpg"), os.path.join(root, "train/dogs/out-a.jpg"))
+    os.symlink(str(tmp_path / "outside.jpg"), os.path.join(root, "train/dogs/out-b.jpg"))
+    expected["train/dogs/out-a.jpg"] = "dogs"
+    assert _listed(root) == expected
+
+
+def test_a_broken_link_is_still_listed_as_missing(tmp_path):
+    root = str(tmp_path / "root")
+    _tree(root)
+    os.symlink("nowhere.jpg", os.path.join(root, "train/cats/broken.jpg"))
+    stamps = dict(storage.walk_files(os.path.join(root, "train", "cats")))
+    assert stamps["broken.jpg"] == "missing"
+    assert stamps["cats.0.jpg"] == f"{os.path.getsize(os.path.join(root, 'train/cats/cats.0.jpg'))}:" \
+                                   f"{os.stat(os.path.join(root, 'train/cats/cats.0.jpg')).st_mtime_ns}"
+
+
+def test_listing_is_sorted_and_skips_hidden_names(tmp_path):
+    root = str(tmp_path / "root")
+    for rel in ("b/2.jpg", "b/1.jpg", "a.jpg", ".hidden.jpg", ".git/x.jpg", "c/.d/y.jpg"):
+        write(os.path.join(root, rel), b"x")
+    assert [rel for rel, _ in storage.walk_files(root)] == ["a.jpg", "b/1.jpg", "b/2.jpg"]
+
+
+@pytest.mark.parametrize("layout", ["splits", "kaggle"])
+def test_files_that_are_not_image_names_are_counted_by_extension(tmp_path, layout):
+    root = str(tmp_path / "root")
+    if layout == "splits":
+        _tree(root, per_class=1)
+        folder = os.path.join(root, "train", "cats")
+    else:
+        for name in ("cat.1.jpg", "dog.1.jpg", "cat.2.jpg", "dog.2.jpg", "cat.3.jpg", "dog.3.jpg"):
+            write(os.path.join(root, name), jpeg_bytes())
+        folder = root
+    for name in ("IMG_1.HEIC", "IMG_2.heic", "notes.txt", "Makefile", "sub/scan.tiff"):
+        write(os.path.join(folder, name), b"x")
+    index = discover(root, layout, validation_fraction=0.5)
+    assert index.ignored == {"": 1, ".heic": 2, ".tiff": 1, ".txt": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_extraction_over_odd_names_and_loops_makes_each_photo_one_row(ray_cluster, tmp_path):
+    from pipeline.config import ExtractConfig
+    from pipeline.extract import read_split, run_extraction
+    from tests.hostile import ODD_NAMES
+
+    root = str(tmp_path / "ro\\xe9ot")  # the root's own name holds a backslash the stored paths keep
+    expected = _tree(root, per_class=2)
+    for i, (disk, stored) in enumerate(ODD_NAMES):
+        write(os.fsdecode(os.path.join(os.fsencode(root), b"train/cats", disk)), jpeg_bytes(color=(i, 7, 7)))
+        expected[f"train/cats/{stored}"] = "cats"
+    os.symlink("..", os.path.join(root, "train", "dogs", "loop"))
+    os.symlink("../..", os.path.join(root, "validation", "dogs", "again"))
+    os.link(os.path.join(root, "train/cats/cats.0.jpg"), os.path.join(root, "train/cats/zz-hard.jpg"))
+    write(str(tmp_path / "outside" / "more" / "x.jpg"), jpeg_bytes())
+    os.symlink(str(tmp_path / "outside" / "more"), os.path.join(root, "validation", "dogs", "linked"))
+    expected["validation/dogs/linked/x.jpg"] = "dogs"
+    out = str(tmp_path / "out")
+    manifest = run_extraction(ExtractConfig(data_dir=root, output_dir=out, weights="none", image_size=32,
+                                            precision="float32"))
+    assert manifest["num_rejects"] == 0
+    got = {}
+    for split in ("train", "validation"):
+        table = read_split(out, split)
+        for path, cls in zip(table.column("path").to_pylist(), table.column("class_name").to_pylist()):
+            assert path not in got, f"{path!r} is two rows"
+            got[path] = cls
+    assert got == expected

@@ -1,0 +1,248 @@
+"""Outputs never delete what the product did not write: --overwrite aimed at a user's folder, ledger
+entries naming paths outside the output, and a second run into a held training output are refused.
+
+The job entry points refuse before Ray starts, so this is the fast tier (the S3 case excepted)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import zipfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from PIL import Image
+
+from jobs import extract_features, finetune, predict, run_all, train_scratch, train_top
+from pipeline import ledger, outputs, storage
+from pipeline.config import RunAllConfig, ScratchConfig, TrainTopConfig
+from pipeline.errors import OutputError
+from pipeline.extract import OUTPUT_LAYOUT
+from pipeline.runall import run_all as run_all_job
+from pipeline.trainjobs import JOB_LAYOUT, train_scratch as train_scratch_job, train_top as train_top_job
+
+
+def _jpeg(path, shade: int) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", (8, 8), (shade, 0, 0)).save(path, format="JPEG")
+
+
+def user_folder(path) -> str:
+    """A user's own folder: photos in class folders, notes and a hidden file."""
+    for split in ("train", "validation"):
+        for i, cls in enumerate(("cats", "dogs")):
+            for n in range(2):
+                _jpeg(os.path.join(path, split, cls, f"{cls}.{n}.jpg"), 40 * i + n)
+    with open(os.path.join(path, "notes.txt"), "w") as f:
+        f.write("my notes")
+    with open(os.path.join(path, ".hidden"), "w") as f:
+        f.write("mine too")
+    return str(path)
+
+
+def snapshot(root) -> dict[str, tuple[int, str]]:
+    """Every file under ``root`` (hidden ones too): size and sha256."""
+    found = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            full = os.path.join(dirpath, name)
+            with open(full, "rb") as f:
+                found[os.path.relpath(full, root)] = (os.path.getsize(full), hashlib.sha256(f.read()).hexdigest())
+    return found
+
+
+def model_file(path) -> str:
+    """A file that reads as a classifier (its metadata is all ``PredictConfig`` checks)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("classifier.json", json.dumps({"kind": "top", "classes": ["cats", "dogs"], "image_size": 32}))
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+    return str(path)
+
+
+def _refused(main, argv, capsys) -> str:
+    was_running = ray.is_initialized()
+    assert main(argv) == 2
+    assert ray.is_initialized() == was_running, "the refusal came after Ray started"
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("job", ["extract_features", "predict", "run_all", "train_top", "finetune", "train_scratch"])
+def test_overwrite_aimed_at_a_users_folder_deletes_nothing(job, tmp_path, capsys):
+    parent = tmp_path / "mine"
+    # The training jobs write <output-dir>/<job>/: the user's folder sits where that would be.
+    sub = {"train_top": "top", "finetune": "finetune", "train_scratch": "scratch"}.get(job)
+    folder = user_folder(parent / sub if sub else parent)
+    before = snapshot(parent)
+    out = str(parent)
+    argv = {
+        "extract_features": (extract_features.main, ["--output-dir", out, "--weights", "none", "--overwrite"]),
+        "predict": (predict.main, ["--model", model_file(tmp_path / "m.keras"), "--input", folder, "--output", out,
+                                   "--overwrite"]),
+        "run_all": (run_all.main, ["--output-dir", out, "--overwrite"]),
+        "train_top": (train_top.main, ["--output-dir", out, "--overwrite"]),
+        "finetune": (finetune.main, ["--output-dir", out, "--overwrite"]),
+        "train_scratch": (train_scratch.main, ["--output-dir", out, "--overwrite"]),
+    }[job]
+    err = _refused(*argv, capsys)
+    assert "holds files that are not" in err and "notes.txt" in err and "nothing was deleted" in err
+    assert "more (" in err  # a few names, then the count
+    assert snapshot(parent) == before
+
+
+def test_a_previous_output_with_a_stray_user_file_is_refused(tmp_path, capsys):
+    out = tmp_path / "features"
+    storage.write_json(str(out / "run.json"), {"settings": {}})
+    storage.write_parquet(str(out / "train" / "part-x-00000-0000.parquet"), pa.table({"path": ["a.jpg"]}))
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    err = _refused(extract_features.main, ["--output-dir", str(out), "--weights", "none", "--overwrite"], capsys)
+    assert "holds files that are not an extraction of this project: notes.txt;" in err
+    assert snapshot(out) == before
+
+
+def test_files_named_like_an_output_but_without_its_record_are_refused(tmp_path):
+    out = tmp_path / "features"
+    os.makedirs(out / "train")
+    (out / "train" / "part-1.parquet").write_bytes(b"x")
+    with pytest.raises(OutputError, match="none of manifest.json, run.json"):
+        outputs.prepare(str(out), OUTPUT_LAYOUT, overwrite=True)
+    assert (out / "train" / "part-1.parquet").exists()
+
+
+def test_a_previous_output_is_replaced_with_overwrite(tmp_path):
+    out = tmp_path / "features"
+    os.makedirs(out / "block4" / "train")
+    for name in ("manifest.json", "run.json", "ledger.parquet", "rejects.parquet", "train/part-a.parquet",
+                 "block4/train/part-a.parquet", "validation/part-b.parquet.tmp-12-34", "_ledger/part-c.parquet"):
+        storage.write_bytes(str(out / name), b"x")
+    assert outputs.check(str(out), OUTPUT_LAYOUT)
+    outputs.prepare(str(out), OUTPUT_LAYOUT, overwrite=True)
+    assert not out.exists()
+    assert not outputs.check(str(out), OUTPUT_LAYOUT)  # missing: fine
+
+
+def test_a_run_all_folder_is_judged_stage_by_stage(tmp_path):
+    from pipeline.runall import LAYOUT
+
+    out = tmp_path / "run"
+    for name in ("report.md", "features/manifest.json", "features/train/part-a.parquet", "top/settings.json",
+                 "top/ray_train/run/checkpoint_000000/state.pkl", "top/saved_model/saved_model.pb", "scratch.lock"):
+        storage.write_bytes(str(out / name), b"x")
+    assert outputs.check(str(out), LAYOUT)
+    storage.write_bytes(str(out / "scratch" / "model.keras"), b"someone's")  # a stage folder without its record
+    with pytest.raises(OutputError, match=r"not a run_all output of this project: scratch/model.keras;"):
+        outputs.check(str(out), LAYOUT)
+
+
+def test_a_single_file_output_is_replaced_only_when_a_prediction_wrote_it(tmp_path, capsys):
+    target = tmp_path / "results.csv"
+    target.write_text("the user's own table")
+    argv = ["--model", model_file(tmp_path / "m.keras"), "--input", user_folder(tmp_path / "photos"),
+            "--output", str(target), "--overwrite"]
+    err = _refused(predict.main, argv, capsys)
+    assert "has no results.summary.json beside it" in err
+    assert target.read_text() == "the user's own table"
+
+
+def _plant_entry(out: str, part: str, replaces: str = "") -> None:
+    table = pa.table({"relpath": ["a.jpg"], "split": ["train"], "stamp": ["1:1"], "part": [part], "reason": [""],
+                      "error": [""]}, schema=ledger.SCHEMA.with_metadata({ledger.REPLACES: replaces}))
+    os.makedirs(os.path.join(out, ledger.LEDGER_DIR), exist_ok=True)
+    pq.write_table(table, os.path.join(out, ledger.LEDGER_DIR, "part-x-00000-0000.parquet"))
+
+
+@pytest.mark.parametrize("how", ["replaces", "absolute", "part column"])
+def test_a_ledger_entry_naming_a_path_outside_deletes_nothing(how, tmp_path):
+    precious = tmp_path / "elsewhere" / "precious.parquet"
+    precious.parent.mkdir()
+    precious.write_bytes(b"precious")
+    out = str(tmp_path / "a" / "out")
+    bad = {"replaces": "../../elsewhere/precious", "absolute": str(precious)[:-len(".parquet")],
+           "part column": "../../elsewhere/precious"}[how]
+    if how == "part column":
+        _plant_entry(out, bad)
+    else:
+        _plant_entry(out, "part-x-00000-0000", replaces=bad)
+    listing = pa.table({"relpath": ["b.jpg"], "split": ["train"], "stamp": ["2:2"]})
+    with pytest.raises(OutputError, match=f"the ledger entry .*part-x-00000-0000.parquet names part '{bad}'"):
+        ledger.refresh(out, listing, ["train"], "checking", lambda todo, run_id: None)
+    assert precious.read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("location", ["s3://data/out/../x", "s3://other/out/x", "s3://data/outer/x", "/tmp/x",
+                                      "s3://data/out"])
+def test_recorded_paths_outside_the_output_are_refused(location):
+    with pytest.raises(OutputError, match="not under the output"):
+        outputs.require_inside("s3://data/out", location, "an entry")
+
+
+def test_recorded_paths_inside_the_output_are_kept(tmp_path):
+    assert outputs.require_inside("s3://data/out/", "s3://data/out/_ledger/part-1.parquet", "e") == \
+        "s3://data/out/_ledger/part-1.parquet"
+    assert outputs.require_inside("out", "out/a/../b", "e") == os.path.abspath("out/b")
+    with pytest.raises(OutputError):
+        outputs.require_inside("out", "out/../elsewhere", "e")
+
+
+def test_a_training_job_refuses_an_output_another_run_holds(tmp_path):
+    features = tmp_path / "features"
+    storage.write_json(str(features / "manifest.json"), {"fingerprint": "f", "data_dir": str(tmp_path)})
+    out = str(tmp_path / "out")
+    cfg = TrainTopConfig(features_dir=str(features), output_dir=out)
+    with storage.output_lock(os.path.join(out, "top")):
+        with pytest.raises(OutputError, match="is being written by another run"):
+            train_top_job(cfg)
+    root = user_folder(tmp_path / "photos")
+    with storage.output_lock(os.path.join(out, "scratch")):
+        with pytest.raises(OutputError, match="is being written by another run"):
+            train_scratch_job(ScratchConfig(data_dir=root, output_dir=out))
+    assert not os.path.exists(os.path.join(out, "top", "settings.json"))
+
+
+def test_the_lock_is_released_when_a_training_job_ends(tmp_path):
+    out = str(tmp_path / "out")
+    os.makedirs(os.path.join(out, "top"))
+    (tmp_path / "out" / "top" / "notes.txt").write_text("mine")
+    features = tmp_path / "features"
+    storage.write_json(str(features / "manifest.json"), {"fingerprint": "f", "data_dir": str(tmp_path)})
+    with pytest.raises(OutputError, match="notes.txt"):
+        train_top_job(TrainTopConfig(features_dir=str(features), output_dir=out))
+    with storage.output_lock(os.path.join(out, "top")):  # free again: no "being written by another run"
+        pass
+
+
+def test_a_second_run_all_into_a_held_output_is_refused(tmp_path):
+    out = str(tmp_path / "run")
+    cfg = RunAllConfig(data_dir=user_folder(tmp_path / "photos"), output_dir=out)
+    with storage.output_lock(out):
+        with pytest.raises(OutputError, match="is being written by another run"):
+            run_all_job(cfg)
+    assert not os.path.exists(out)
+
+
+@pytest.mark.slow
+def test_user_files_on_s3_are_refused_and_a_previous_output_replaced(tmp_path, monkeypatch):
+    from tests.clusters import s3_client, s3_server
+
+    with s3_server(("out",)) as aws:
+        for key, value in aws.items():
+            monkeypatch.setenv(key, value)
+        client = s3_client(aws)
+        for key in ("photos/train/cats/a.jpg", "photos/notes.txt", "old/run.json", "old/train/part-a.parquet"):
+            client.put_object(Bucket="out", Key=key, Body=b"x")
+        with pytest.raises(OutputError, match="holds files that are not an extraction.*notes.txt"):
+            outputs.prepare("s3://out/photos", OUTPUT_LAYOUT, overwrite=True)
+        outputs.prepare("s3://out/old", OUTPUT_LAYOUT, overwrite=True)
+        keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket="out").get("Contents", []))
+        assert keys == ["photos/notes.txt", "photos/train/cats/a.jpg"]
+
+
+def test_training_layout_names_what_training_writes():
+    assert JOB_LAYOUT.allows_file("ray_train/run/checkpoint_000001/checkpoint.pkl")
+    assert not JOB_LAYOUT.allows_file("holiday.jpg")
