@@ -23,7 +23,8 @@ default; WebPs half that) is the reject "too large" before its pixels are decode
 makes a full-size float or 16-bit copy: JPEGs decode at a reduced DCT scale, 16-bit images turn
 into 8 bits a strip at a time, greyscale is resized before it becomes RGB. So one decode holds
 at most about 9 bytes per allowed pixel on top of its process: peak RSS <= 170 MiB (Python,
-numpy, Pillow, numba) + 10 B x ``max_pixels``, 647 MiB at the default (checked by
+numpy, Pillow, numba) + 10 B x ``max_pixels`` + the file's bytes (at most ``max_file_bytes``, 4 B x
+``max_pixels``: larger files are never read), so at most 839 MiB at the default (checked by
 ``tests/test_hostile_images.py``; measured in a fresh process: 561-593 MiB for the worst case, a
 palette PNG with transparency at the cap; 361 MiB for a 50-Mpx RGB PNG, 170 MiB for a 48-Mpx
 JPEG). A JPEG whose data ends before its declared pixels do is the reject "truncated" on both
@@ -90,7 +91,7 @@ def read_bytes(path: str, max_pixels: int = MAX_PIXELS) -> bytes:
     except storage.FileTooLarge as exc:
         raise DecodeError("too large", f"a file of {exc.size} bytes; no image of at most {max_pixels / 1e6:g} Mpx "
                                        f"(--max-image-megapixels) takes more than {exc.limit}") from exc
-    except IsADirectoryError as exc:
+    except (IsADirectoryError, storage.NotARegularFile) as exc:
         raise DecodeError("not a file", exc.strerror or type(exc).__name__) from exc
     except FileNotFoundError as exc:
         raise DecodeError("missing", f"{exc.strerror or exc} (a broken symlink or a file removed during the run)") from exc

@@ -310,7 +310,7 @@ def _infer(cfg: ExtractConfig, root: str, todo: pa.Table, weights: WeightsSource
         "image_size": cfg.image_size, "weight_arrays": arrays,
         "preprocessing": weights.preprocessing, "precision": cfg.precision, "batch_size": cfg.batch_size,
         "mirror": mirrored(cfg, cache), "cache_block4": cache,
-    }, plan, cfg.batch_size)
+    }, plan, cfg.batch_size, cfg.block_files)
     dim, block4_dim = (int(np.prod(s)) for s in (vgg16.feature_shape(cfg.image_size), vgg16.block4_shape(cfg.image_size)))
     sink = FeatureSink(output, run_id, dim, cfg.mirror_train, block4_dim if cache else None)
     ds.write_datasink(sink, ray_remote_args=write_args(output))

@@ -150,10 +150,11 @@ def plan_inference(options: InferenceOptions) -> InferencePlan:
 
 
 def map_with_actors(ds: ray.data.Dataset, actor_cls: type, constructor_kwargs: dict[str, Any],
-                    plan: InferencePlan, batch_size: int) -> ray.data.Dataset:
-    """Run ``actor_cls`` over ``ds`` in a pool of ``plan.actors`` actors, each built once; the
-    stage feeding them runs at most ``runahead.run_ahead_blocks(plan.actors)`` blocks ahead."""
-    cap_run_ahead(ds.context, plan.actors)
+                    plan: InferencePlan, batch_size: int, block_rows: int = BLOCK_ROWS) -> ray.data.Dataset:
+    """Run ``actor_cls`` over ``ds`` (blocks of ``block_rows`` rows) in a pool of ``plan.actors``
+    actors, each built once; the stage feeding them runs at most ``runahead.run_ahead_blocks``
+    blocks ahead."""
+    cap_run_ahead(ds.context, plan.actors, -(-batch_size // block_rows))
     return ds.map_batches(
         actor_cls,
         fn_constructor_kwargs=constructor_kwargs,

@@ -41,6 +41,7 @@ class LocalTree:
 
     def __init__(self, root: str):
         self.root = os.path.realpath(root)
+        self.given = os.path.abspath(root)
         self._folders: set[tuple[int, int]] = set()
         self._files: set[tuple[int, int]] = set()
         self._reported: set[str] = set()
@@ -53,27 +54,42 @@ class LocalTree:
             st = os.stat(folder)
         except OSError:
             return
-        self._folders.add((st.st_dev, st.st_ino))
-        yield from self._walk(folder, "")
-
-    def _walk(self, path: str, prefix: str) -> Iterator[tuple[str, str]]:
-        try:
-            with os.scandir(path) as entries:
-                listed = sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
-        except OSError as exc:
-            self._report(path, f"cannot be listed ({exc.strerror}); its files are left out")
+        if (os.path.islink(folder) and os.path.abspath(folder) != self.given
+                and _within(os.path.realpath(folder), self.root)):
+            # A split or class folder that is a link into the root (validation/cats -> ../train/cats).
+            self._report(folder, "is a link inside the data root; not followed (its files are listed under "
+                                 "their own path)")
             return
-        folders = []
-        for entry in listed:
-            if entry.is_dir():
-                folders.append(entry)
+        if (st.st_dev, st.st_ino) in self._folders:
+            self._report(folder, "is a folder already listed; not listed again")
+            return
+        self._folders.add((st.st_dev, st.st_ino))
+        yield from self._walk(folder)
+
+    def _walk(self, top: str) -> Iterator[tuple[str, str]]:
+        # Depth first with a stack of its own (a recursion would end at Python's limit, about a
+        # thousand nested folders); a folder is judged by ``_enter`` when its turn comes, so the
+        # first path in sorted order is the one a twice-reached folder is listed under.
+        stack: list[tuple[os.DirEntry | None, str, str]] = [(None, top, "")]
+        while stack:
+            entry, path, prefix = stack.pop()
+            if entry is not None and not self._enter(entry):
                 continue
-            stamp = self._file_stamp(entry)
-            if stamp is not None:
-                yield prefix + names.escape(entry.name), stamp
-        for entry in folders:
-            if self._enter(entry):
-                yield from self._walk(entry.path, prefix + names.escape(entry.name) + "/")
+            try:
+                with os.scandir(path) as entries:
+                    listed = sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+            except OSError as exc:
+                self._report(path, f"cannot be listed ({exc.strerror}); its files are left out")
+                continue
+            folders = []
+            for item in listed:
+                if item.is_dir():
+                    folders.append(item)
+                    continue
+                stamp = self._file_stamp(item)
+                if stamp is not None:
+                    yield prefix + names.escape(item.name), stamp
+            stack += [(f, f.path, prefix + names.escape(f.name) + "/") for f in reversed(folders)]
 
     def _file_stamp(self, entry: os.DirEntry) -> str | None:
         """The stamp of a file entry, or None when the file is listed at another path."""

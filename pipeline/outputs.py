@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import fnmatch
 import functools
+import os
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from typing import Any, Callable, Mapping, TypeVar
 
 from pyarrow import fs as pafs
 
-from pipeline import storage
+from pipeline import names, storage
 from pipeline.errors import OutputError
 
 # storage writes a file as ``<name>.tmp-<pid>[-<thread>]`` and renames it; a killed run leaves it.
@@ -64,11 +65,31 @@ def _listing(uri: str) -> tuple[list[str], list[str]]:
     filesystem, base = storage.split_uri(uri)
     if filesystem.get_file_info(base).type != pafs.FileType.Directory:
         return [], []
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return _local_listing(base)
     infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
     cut = len(base.rstrip("/")) + 1
     files = sorted(i.path[cut:] for i in infos if i.type != pafs.FileType.Directory)
     folders = sorted(i.path[cut:] for i in infos if i.type == pafs.FileType.Directory)
     return files, folders
+
+
+def _local_listing(base: str) -> tuple[list[str], list[str]]:
+    """``_listing`` of a local folder, links not followed: the project never writes a link, so a
+    link (to a folder or a file) is listed as a file, which no layout allows; a deletion can then
+    never reach through one. Names that are not UTF-8 are listed escaped (``pipeline.names``)."""
+    files, folders = [], []
+    for top, dirs, names_here in os.walk(base, followlinks=False):
+        rel = os.path.relpath(top, base)
+        prefix = "" if rel == "." else names.escape(rel) + "/"
+        for d in list(dirs):
+            if os.path.islink(os.path.join(top, d)):
+                dirs.remove(d)
+                names_here.append(d)
+            else:
+                folders.append(prefix + names.escape(d))
+        files += [prefix + names.escape(n) for n in names_here]
+    return sorted(files), sorted(folders)
 
 
 def _judge(files: list[str], folders: list[str], layout: Layout) -> tuple[list[str], bool]:
@@ -125,6 +146,7 @@ def _checked(uri: str, layout: Layout) -> list[str]:
     """The files in ``uri``, after refusing a folder that holds anything ``layout`` does not allow."""
     files, folders = _listing(uri)
     foreign, marked = _judge(files, folders, layout)
+    foreign += [f for f in files if _is_link(uri, f) and f not in foreign]
     if foreign:
         raise OutputError(f"{uri} holds files that are not {layout.what} of this project: {_named(foreign)}; "
                           f"nothing was deleted. Choose another output folder (or move those files away)")
@@ -133,6 +155,11 @@ def _checked(uri: str, layout: Layout) -> list[str]:
                           f"{layout.what} of this project writes first; nothing was deleted. Choose another "
                           f"output folder (or delete it yourself)")
     return files
+
+
+def _is_link(uri: str, name: str) -> bool:
+    filesystem, base = storage.split_uri(uri)
+    return isinstance(filesystem, pafs.LocalFileSystem) and os.path.islink(os.path.join(base, names.os_path(name)))
 
 
 def _all_markers(layout: Layout) -> set[str]:

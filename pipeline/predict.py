@@ -25,6 +25,7 @@ from pipeline.discover import UNLABELED_SCHEMA, check_root, columnar, discover_u
 from pipeline.errors import DataError, OutputError
 from pipeline.extract import REJECTS_FILE
 from pipeline.faults import maybe_fail
+from pipeline.redact import redact_values
 from pipeline.inference import (BLOCK_ROWS, CommittingSink, actor_identity, actors_precision, decoded_images, map_with_actors,
                                 plan_inference, run_model_on_good_rows, stamp_actor, write_args)
 
@@ -90,7 +91,7 @@ def predictions_dataset(model: str | bytes, files: pa.Table, root: str, image_si
     model_ref = ray.put(model if isinstance(model, bytes) else storage.read_bytes(model))
     ds = decoded_images(files, root, image_size, plan.decode_cpus, block_files, max_pixels=max_pixels)
     return map_with_actors(ds, ClassifierActor, {"model_bytes": model_ref, "precision": precision,
-                                                 "batch_size": batch_size}, plan, batch_size)
+                                                 "batch_size": batch_size}, plan, batch_size, block_files)
 
 
 def collect_probabilities(ds: ray.data.Dataset) -> tuple[list[str], np.ndarray, list[dict[str, str]]]:
@@ -216,13 +217,16 @@ def check_targets(output: str, overwrite: bool) -> None:
     single file without the ``<stem>.summary.json`` a prediction writes beside it."""
     work, final, single = _output_targets(output)
     outputs.check(work, OUTPUT_LAYOUT)
-    if single and storage.exists(final):
+    summary = _side_file(final, ".summary.json")
+    written = [final, _side_file(final, ".rejects.parquet"), summary] if single else []
+    existing = [storage.basename(p) for p in written if storage.exists(p)]
+    if existing:
         if not overwrite:
-            raise OutputError(f"{final} exists; pass --overwrite to replace it")
-        if not storage.is_file(_side_file(final, ".summary.json")):
-            raise OutputError(f"{final} exists but has no {storage.basename(_side_file(final, '.summary.json'))} "
-                              f"beside it, which a prediction of this project writes: it is not replaced; nothing "
-                              f"was deleted. Choose another output name")
+            raise OutputError(f"{', '.join(existing)} exist(s) beside {final}; pass --overwrite to replace them")
+        if not storage.is_file(summary):
+            raise OutputError(f"{', '.join(existing)} exist(s) but no {storage.basename(summary)}, which a "
+                              f"prediction of this project writes: not replaced; nothing was deleted. Choose "
+                              f"another output name")
 
 
 def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
@@ -240,8 +244,8 @@ def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
     root, files = list_inputs(cfg.input)
     files = files.append_column("split", pa.array([""] * len(files), pa.string()))
     model = storage.read_bytes(cfg.model)
-    settings = {"model_sha256": hashlib.sha256(model).hexdigest(), "input": storage.absolute(cfg.input),
-                "precision": cfg.precision}
+    settings = redact_values({"model_sha256": hashlib.sha256(model).hexdigest(), "input": storage.absolute(cfg.input),
+                              "precision": cfg.precision, "max_pixels": cfg.max_pixels})
     inputs = fingerprint_files(files)
     work, final, single = _output_targets(cfg.output)
     with storage.output_lock(final):

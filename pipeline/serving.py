@@ -11,9 +11,9 @@ would, for one image or a few.
   reason (``pipeline.serve_requests``); with a token (``pipeline.serve_auth``), a request without
   it: 401. Either way the replica goes on serving.
 
-Decoding runs in thread pools sized from the replica's CPUs, never on its event loop, and images
-over ``LARGE_PIXELS`` (by their header) have a pool of their own: heavy uploads queue behind each
-other, never in front of a normal photo.
+Decoding runs in a thread pool sized from the replica's CPUs, never on its event loop, and images
+over ``LARGE_PIXELS`` (by their header) in a pool of one thread of their own: heavy uploads queue
+behind each other (one decode's memory at a time), never in front of a normal photo.
 
 Each replica decodes with ``pipeline.decode.decode_image`` and predicts with
 ``pipeline.predict.LoadedClassifier`` (the model file batch prediction loads, padded batches of
@@ -62,10 +62,11 @@ class ClassifierService:
         self.classifier = LoadedClassifier(storage.read_bytes(model), precision, max_batch_size)
         self.limits = limits
         self.digest = digest
-        # Decoders release the GIL, so each pool decodes in parallel on the replica's cores.
-        threads = len(os.sched_getaffinity(0))
-        self.decoders = ThreadPoolExecutor(threads, thread_name_prefix="decode")
-        self.large_decoders = ThreadPoolExecutor(threads, thread_name_prefix="decode-large")
+        # Decoders release the GIL, so the pool decodes in parallel on the replica's cores. Large
+        # images (up to the pixel cap, hundreds of MB each while decoding) take turns in a pool of
+        # one, so a burst of them holds one decode's memory, and never the small images' threads.
+        self.decoders = ThreadPoolExecutor(len(os.sched_getaffinity(0)), thread_name_prefix="decode")
+        self.large_decoders = ThreadPoolExecutor(1, thread_name_prefix="decode-large")
         self._probabilities.set_max_batch_size(max_batch_size)
         self._probabilities.set_batch_wait_timeout_s(batch_wait_s)
 
@@ -110,7 +111,8 @@ class ClassifierService:
     async def _answer(self, data: bytes) -> dict[str, Any]:
         """The prediction for one image's bytes, or why they were rejected (as batch prediction records it)."""
         try:
-            pool = self.large_decoders if _pixels(data) > LARGE_PIXELS else self.decoders
+            # Even reading a header can take a while (Pillow inflates a PNG's text chunks first).
+            pool = self.large_decoders if await asyncio.to_thread(_pixels, data) > LARGE_PIXELS else self.decoders
             image = await asyncio.get_running_loop().run_in_executor(pool, self._decode, data)
         except Exception as exc:  # noqa: BLE001 - one odd upload is a rejected upload, never a failed replica
             reason, detail = rejection(exc)

@@ -16,12 +16,14 @@ one PUT on object stores. A ``<output>.lock`` keeps two runs from writing one ou
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import io
 import json
 import os
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -251,11 +253,29 @@ class FileTooLarge(ValueError):
         self.size, self.limit = size, limit
 
 
+class NotARegularFile(OSError):
+    """A local path that is a FIFO, socket or device: reading it could block for ever."""
+
+
+def _open_regular(path: str):
+    """A local file opened for reading; NotARegularFile for anything else (opened without
+    blocking, so that a FIFO under a photo's name cannot hang its reader)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    kind = os.fstat(fd).st_mode
+    if not stat.S_ISREG(kind):
+        os.close(fd)
+        if stat.S_ISDIR(kind):
+            raise IsADirectoryError(errno.EISDIR, "is a folder")
+        raise NotARegularFile(errno.EINVAL, "not a regular file (a FIFO, socket or device)")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def read_bytes(uri: str, limit: int | None = None) -> bytes:
     """The bytes of a file; with ``limit``, a larger file raises FileTooLarge before it is read
     (its size is asked first, and a file growing meanwhile is cut off at ``limit + 1`` bytes)."""
     filesystem, path = split_uri(uri)
-    opened = open(path, "rb") if isinstance(filesystem, pafs.LocalFileSystem) else filesystem.open_input_file(path)
+    opened = _open_regular(path) if isinstance(filesystem, pafs.LocalFileSystem) else filesystem.open_input_file(path)
     with opened as f:
         if limit is None:
             return f.read()

@@ -8,15 +8,13 @@ paths are written out literally (the escape rule of README: a byte that is not U
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import unicodedata
 from dataclasses import dataclass, field
 
-from PIL import Image
-
-from tests.images import bad_files, jpeg_bytes, write
+from tests.image_bombs import GREY, POSTSCRIPT, flat_png, jpeg_with_declared_size
+from tests.images import bad_files, write
 
 # Real photos under names that broke or could break a listing, a Parquet column or a CSV:
 # (name on disk as bytes, the stored relpath's file name).
@@ -30,7 +28,6 @@ ODD_NAMES = [
     (unicodedata.normalize("NFC", "café.jpg").encode(), unicodedata.normalize("NFC", "café.jpg")),
     (unicodedata.normalize("NFD", "café.jpg").encode(), unicodedata.normalize("NFD", "café.jpg")),
 ]
-EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n"
 
 
 @dataclass
@@ -44,21 +41,10 @@ class Expected:
     ignored: dict[str, int] = field(default_factory=dict)
 
 
-def liar_jpeg(declared: int = 4000) -> bytes:
-    """A JPEG whose header declares ``declared`` x ``declared`` pixels (under the pixel cap, so
-    only its data can betray it) and whose data stops after a 16x16 picture's worth."""
-    data = bytearray(jpeg_bytes(size=(16, 16)))
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = declared.to_bytes(2, "big") * 2  # height, width
-    return bytes(data)
-
-
 def huge_png(side: int = 9400) -> bytes:
     """A 16-bit greyscale PNG of ``side`` x ``side`` pixels: a few hundred KB on disk, 177 MB as
     16-bit pixels (and 1.4 GB as the float64 copy decoding used to make)."""
-    buf = io.BytesIO()
-    Image.new("I;16", (side, side), 1000).save(buf, "PNG")
-    return buf.getvalue()
+    return flat_png(side, side, GREY, 16, 1000)
 
 
 def _copy(photo: str, path: bytes) -> None:
@@ -108,10 +94,16 @@ def _rejects(root: str, exp: Expected, huge: bytes | None) -> None:
         exp.rejects[f"train/dogs/{name}"] = {reason}
     write(os.path.join(folder, "huge16.png"), huge if huge is not None else huge_png())
     exp.rejects["train/dogs/huge16.png"] = {"too large"}
-    write(os.path.join(folder, "poster.jpg"), EPS)
+    write(os.path.join(folder, "poster.jpg"), POSTSCRIPT)
     exp.rejects["train/dogs/poster.jpg"] = {"unsupported format"}
-    write(os.path.join(folder, "liar.jpg"), liar_jpeg())
+    # Its header declares 4000x4000 (under the pixel cap, so only its data can betray it).
+    write(os.path.join(folder, "liar.jpg"), jpeg_with_declared_size(4000, 4000))
     exp.rejects["train/dogs/liar.jpg"] = {"truncated"}
+    # A FIFO and a device under photo names: opening them for reading would block (or never end).
+    os.mkfifo(os.path.join(folder, "fifo.jpg"))
+    os.symlink("/dev/zero", os.path.join(folder, "zeros.jpg"))
+    exp.rejects["train/dogs/fifo.jpg"] = {"not a file"}
+    exp.rejects["train/dogs/zeros.jpg"] = {"not a file"}
     # Not image names: never read, counted by extension in the manifest and named in the log.
     for name in ("notes.txt", "IMG_0001.HEIC", "scan.tiff", "README"):
         write(os.path.join(folder, name), b"not read")

@@ -9,6 +9,7 @@ import pytest
 
 from pipeline import storage
 from pipeline.discover import discover
+from pipeline.errors import DataError
 from tests.images import jpeg_bytes, write
 
 pytestmark = pytest.mark.timeout(30)
@@ -95,6 +96,42 @@ def test_listing_is_sorted_and_skips_hidden_names(tmp_path):
     for rel in ("b/2.jpg", "b/1.jpg", "a.jpg", ".hidden.jpg", ".git/x.jpg", "c/.d/y.jpg"):
         write(os.path.join(root, rel), b"x")
     assert [rel for rel, _ in storage.walk_files(root)] == ["a.jpg", "b/1.jpg", "b/2.jpg"]
+
+
+def test_a_class_folder_that_links_inside_the_root_is_not_listed_twice(tmp_path, caplog):
+    root = str(tmp_path / "root")
+    files = _tree(root)
+    for rel in [r for r in files if r.startswith("validation/cats/")]:
+        os.remove(os.path.join(root, rel))
+        del files[rel]
+    os.rmdir(os.path.join(root, "validation", "cats"))
+    os.symlink(os.path.join("..", "train", "cats"), os.path.join(root, "validation", "cats"))
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(DataError, match="no images for class"):
+            discover(root)  # the validation cats are the training cats: nothing of its own
+    assert "validation/cats is a link inside the data root" in caplog.text
+
+
+def test_a_data_root_given_as_a_link_is_listed(tmp_path):
+    files = _tree(str(tmp_path / "real"))
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    assert _listed(str(tmp_path / "link")) == files
+    assert [rel for rel, _ in storage.walk_files(str(tmp_path / "link" / "train"))] == sorted(
+        rel[len("train/"):] for rel in files if rel.startswith("train/"))
+
+
+def test_a_thousand_nested_folders_are_listed(tmp_path):
+    chain = [str(tmp_path)]
+    for _ in range(1500):  # os.makedirs (and Python 3.11's shutil.rmtree) recurse once per level
+        chain.append(os.path.join(chain[-1], "d"))
+        os.mkdir(chain[-1])
+    write(os.path.join(chain[-1], "x.jpg"), b"x")
+    try:
+        assert [rel for rel, _ in storage.walk_files(str(tmp_path))] == ["d/" * 1500 + "x.jpg"]
+    finally:
+        os.remove(os.path.join(chain[-1], "x.jpg"))
+        for folder in reversed(chain[1:]):
+            os.rmdir(folder)
 
 
 @pytest.mark.parametrize("layout", ["splits", "kaggle"])

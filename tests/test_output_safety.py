@@ -9,6 +9,9 @@ import hashlib
 import io
 import json
 import os
+import socket
+import subprocess
+import sys
 import zipfile
 
 import pyarrow as pa
@@ -24,6 +27,8 @@ from pipeline.errors import OutputError
 from pipeline.extract import OUTPUT_LAYOUT
 from pipeline.runall import run_all as run_all_job
 from pipeline.trainjobs import JOB_LAYOUT, train_scratch as train_scratch_job, train_top as train_top_job
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _jpeg(path, shade: int) -> None:
@@ -95,6 +100,21 @@ def test_overwrite_aimed_at_a_users_folder_deletes_nothing(job, tmp_path, capsys
     assert snapshot(parent) == before
 
 
+def test_the_refusal_comes_before_ray_starts(tmp_path):
+    """A job process that would have to reach Ray (at a closed port) before refusing fails on
+    Ray instead; the refusal therefore names the user's files, and nothing is deleted."""
+    folder = user_folder(tmp_path / "mine")
+    before = snapshot(tmp_path / "mine")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    proc = subprocess.run([sys.executable, "-m", "jobs.extract_features", "--data-dir", folder, "--output-dir", folder,
+                           "--weights", "none", "--overwrite"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RAY_ADDRESS": closed})
+    assert proc.returncode == 2 and "holds files that are not" in proc.stderr, proc.stderr[-2000:]
+    assert snapshot(tmp_path / "mine") == before
+
+
 def test_a_previous_output_with_a_stray_user_file_is_refused(tmp_path, capsys):
     out = tmp_path / "features"
     storage.write_json(str(out / "run.json"), {"settings": {}})
@@ -127,6 +147,32 @@ def test_a_previous_output_is_replaced_with_overwrite(tmp_path):
     assert not outputs.check(str(out), OUTPUT_LAYOUT)  # missing: fine
 
 
+@pytest.mark.parametrize("link", ["ray_train/elsewhere", "ray_train/run/checkpoint_000000/file.pkl"])
+def test_a_link_inside_an_earlier_output_is_refused_and_nothing_behind_it_deleted(tmp_path, link):
+    """Every pattern of a training folder would admit what lies behind a link under ray_train/."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("mine")
+    out = tmp_path / "top"
+    storage.write_bytes(str(out / "settings.json"), b"{}")
+    storage.write_bytes(str(out / "ray_train" / "run" / "state.pkl"), b"x")
+    target = precious if link.endswith("elsewhere") else precious / "keep.txt"
+    os.makedirs(os.path.dirname(out / link), exist_ok=True)
+    os.symlink(target, out / link)
+    with pytest.raises(OutputError, match=f"{link}"):
+        outputs.prepare(str(out), JOB_LAYOUT, overwrite=True)
+    assert (precious / "keep.txt").read_text() == "mine" and os.path.islink(out / link)
+
+
+def test_a_name_that_is_not_utf8_in_an_output_is_named_not_a_crash(tmp_path):
+    out = tmp_path / "features"
+    storage.write_bytes(str(out / "manifest.json"), b"{}")
+    with open(os.path.join(str(out).encode(), b"caf\xe9.txt"), "wb") as f:
+        f.write(b"mine")
+    with pytest.raises(OutputError, match=r"caf\\xe9.txt"):
+        outputs.prepare(str(out), OUTPUT_LAYOUT, overwrite=True)
+
+
 def test_a_run_all_folder_is_judged_stage_by_stage(tmp_path):
     from pipeline.runall import LAYOUT
 
@@ -146,8 +192,20 @@ def test_a_single_file_output_is_replaced_only_when_a_prediction_wrote_it(tmp_pa
     argv = ["--model", model_file(tmp_path / "m.keras"), "--input", user_folder(tmp_path / "photos"),
             "--output", str(target), "--overwrite"]
     err = _refused(predict.main, argv, capsys)
-    assert "has no results.summary.json beside it" in err
+    assert "results.csv exist(s) but no results.summary.json" in err
     assert target.read_text() == "the user's own table"
+
+
+def test_files_beside_a_single_file_output_are_not_replaced_unless_a_prediction_wrote_them(tmp_path, capsys):
+    """results.csv is new, but results.rejects.parquet (which a prediction would write too) is the user's."""
+    side = tmp_path / "results.rejects.parquet"
+    side.write_text("the user's own file")
+    argv = ["--model", model_file(tmp_path / "m.keras"), "--input", user_folder(tmp_path / "photos"),
+            "--output", str(tmp_path / "results.csv")]
+    assert "results.rejects.parquet exist(s) beside" in _refused(predict.main, argv, capsys)
+    err = _refused(predict.main, argv + ["--overwrite"], capsys)
+    assert "results.rejects.parquet exist(s) but no results.summary.json" in err
+    assert side.read_text() == "the user's own file"
 
 
 def _plant_entry(out: str, part: str, replaces: str = "") -> None:

@@ -38,6 +38,15 @@ def test_the_stage_feeding_the_actors_may_run_three_blocks_ahead_per_actor(actor
     assert mapped._logical_plan.dag.compute.max_tasks_in_flight_per_actor == 2
 
 
+def test_a_batch_of_several_blocks_gets_room_for_whole_batches():
+    """An actor's call waits for a whole batch: with 512-row batches of 64-row blocks, a cap of 3
+    blocks would let no call start (Ray's liveness fallback would then trickle one block at a time)."""
+    plan = InferencePlan(actors=2, num_cpus=0.5, num_gpus=0.0, decode_cpus=0.5)
+    mapped = map_with_actors(empty_dataset(), Identity, {}, plan, batch_size=512, block_rows=64)
+    caps = [p for p in get_backpressure_policies(mapped.context, {}, None) if isinstance(p, RunAheadCap)]
+    assert [c.blocks for c in caps] == [3 * 8 * 2]
+
+
 def test_the_cap_stays_with_its_dataset():
     map_with_actors(empty_dataset(), Identity, {}, InferencePlan(2, 0.5, 0.0, 0.5), batch_size=8)
     other = empty_dataset()

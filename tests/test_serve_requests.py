@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 
 import pytest
 from hypothesis import given, settings
@@ -70,9 +69,7 @@ def test_deeply_nested_json_is_a_400_naming_the_nesting():
 def test_too_many_images_are_refused_before_any_is_decoded():
     # Entries that are not base64 at all: decoding any of them would give "bad base64" instead.
     body = json.dumps({"images": ["!"] * 20_000}).encode()
-    started = time.monotonic()
     exc = refusal(body)
-    assert time.monotonic() - started < 2
     assert (exc.status, exc.error) == (413, "too many images")
     assert "20000 images; the limit is 64 (--max-images-per-request)" == exc.detail
     assert len(parse_body(json.dumps({"images": [b64(b"x")] * LIMIT}).encode(), "application/json", LIMIT).images) == LIMIT
