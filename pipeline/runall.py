@@ -12,6 +12,7 @@ from pipeline import outputs, storage
 from pipeline.config import ExtractConfig, FinetuneConfig, RunAllConfig, ScratchConfig, TrainTopConfig
 from pipeline.extract import OUTPUT_LAYOUT, run_extraction, run_name
 from pipeline.modelfile import MODEL_FILE
+from pipeline.redact import redact
 from pipeline.report import write_report
 from pipeline.synthetic import NOTE, default_data_dir, note_builtin_data
 from pipeline.trainjobs import JOB_LAYOUT, finetune, train_scratch, train_top
@@ -67,6 +68,11 @@ def stage_options(cfg: RunAllConfig, data_dir: str, output_dir: str, synthetic: 
     }
 
 
+def report_command(argv: list[str]) -> str:
+    """The command line the report shows, credentials in URIs redacted (``--mlflow-uri``...)."""
+    return redact(" ".join(["python -m jobs.run_all", *map(shlex.quote, argv)]))
+
+
 def run_all(cfg: RunAllConfig) -> str:
     """Run every stage into ``<output-dir>`` and return the path of ``report.md``.
 
@@ -104,7 +110,6 @@ def _run_stages(cfg: RunAllConfig, data_dir: str, output_dir: str, synthetic: bo
     if "scratch" not in cfg.skipped():
         stage("train_scratch", train_scratch, ScratchConfig(**options["train_scratch"]))
     report = storage.join(output_dir, REPORT)
-    command = "python -m jobs.run_all " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    write_report(report, stages, NOTE if synthetic else None, command.strip())
+    write_report(report, stages, NOTE if synthetic else None, report_command(sys.argv[1:]))
     log.info(f"report: {report}")
     return report

@@ -175,3 +175,10 @@ def test_job_error_naming_a_uri_prints_it_redacted(ray_cluster, capsys):
     assert run_job(_JobCfg, "a job", body, []) == 2
     err = capsys.readouterr().err
     assert "error: s3://key:***@bucket/out is held by another run" in err.splitlines() and SECRET not in err
+
+
+def test_the_run_report_shows_the_command_with_its_password_redacted():
+    from pipeline.runall import report_command
+
+    shown = report_command(["--mlflow-uri", f"http://user:{SECRET}@127.0.0.1:5000", "--epochs", "2"])
+    assert shown == "python -m jobs.run_all --mlflow-uri http://user:***@127.0.0.1:5000 --epochs 2"
