@@ -22,12 +22,12 @@ image whose header declares more than ``max_pixels`` pixels (``--max-image-megap
 default; WebPs half that) is the reject "too large" before its pixels are decoded, and no step
 makes a full-size float or 16-bit copy: JPEGs decode at a reduced DCT scale, 16-bit images turn
 into 8 bits a strip at a time, greyscale is resized before it becomes RGB. So one decode holds
-at most about 9 bytes per allowed pixel on top of its process: peak RSS <= 170 MiB (Python,
-numpy, Pillow, numba) + 10 B x ``max_pixels`` + the file's bytes (at most ``max_file_bytes``, 4 B x
-``max_pixels``: larger files are never read), so at most 839 MiB at the default (checked by
-``tests/test_hostile_images.py``; measured in a fresh process: 561-593 MiB for the worst case, a
-palette PNG with transparency at the cap; 361 MiB for a 50-Mpx RGB PNG, 170 MiB for a 48-Mpx
-JPEG). A JPEG whose data ends before its declared pixels do is the reject "truncated" on both
+at most about 9 bytes per allowed pixel on top of its process: one decode adds at most
+10 B x ``max_pixels`` + the file's bytes (at most ``max_file_bytes``, 4 B x ``max_pixels``:
+larger files are never read) to the process, 668 MiB at the default, on top of the 130-230 MiB
+that the libraries take (Python, numpy, Pillow, numba, pyarrow): under 1 GiB (checked by
+``tests/test_hostile_images.py`` in a fresh process; measured: +284 MiB at most, for a grey PNG
+with alpha at the cap). A JPEG whose data ends before its declared pixels do is the reject "truncated" on both
 paths, never a grey picture.
 """
 
