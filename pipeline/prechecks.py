@@ -13,13 +13,7 @@ from pipeline import outputs, runall
 from pipeline.config import ExtractConfig, FinetuneConfig, PredictConfig, RunAllConfig, ScratchConfig, TrainTopConfig
 from pipeline.extract import OUTPUT_LAYOUT
 from pipeline.predict import check_targets
-from pipeline.trainjobs import JOB_LAYOUT, job_dir
-
-
-def _training_folder(cfg: Any) -> str:
-    if isinstance(cfg, FinetuneConfig):
-        return "finetune" if cfg.cache_block4 else "finetune_streamed"
-    return "scratch" if isinstance(cfg, ScratchConfig) else "top"
+from pipeline.trainjobs import JOB_LAYOUT, job_dir, job_folder
 
 
 def check_outputs(cfg: Any) -> None:
@@ -31,6 +25,6 @@ def check_outputs(cfg: Any) -> None:
     elif isinstance(cfg, ExtractConfig):
         outputs.check(cfg.output_dir, OUTPUT_LAYOUT)
     elif isinstance(cfg, (TrainTopConfig, FinetuneConfig, ScratchConfig)):
-        outputs.check(job_dir(cfg.output_dir, _training_folder(cfg)), JOB_LAYOUT)
+        outputs.check(job_dir(cfg.output_dir, job_folder(cfg)), JOB_LAYOUT)
     elif isinstance(cfg, RunAllConfig):
         outputs.check(cfg.output_dir, runall.LAYOUT)

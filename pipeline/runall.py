@@ -15,14 +15,13 @@ from pipeline.modelfile import MODEL_FILE
 from pipeline.redact import redact
 from pipeline.report import write_report
 from pipeline.synthetic import NOTE, default_data_dir, note_builtin_data
-from pipeline.trainjobs import JOB_LAYOUT, finetune, train_scratch, train_top
+from pipeline.trainjobs import JOB_FOLDERS, JOB_LAYOUT, finetune, train_scratch, train_top
 
 log = logging.getLogger(__name__)
 
 SYNTHETIC_EPOCHS = 5
 REPORT = "report.md"
-STAGE_FOLDERS = {"features": OUTPUT_LAYOUT, **{kind: JOB_LAYOUT for kind in ("top", "finetune", "finetune_streamed",
-                                                                               "scratch")}}
+STAGE_FOLDERS = {"features": OUTPUT_LAYOUT, **{kind: JOB_LAYOUT for kind in JOB_FOLDERS}}
 # The output folder: report.md, each stage's folder (judged by that stage's layout) and the locks
 # the stages hold beside their folders; a report or a recognised stage folder marks it as ours.
 LAYOUT = outputs.Layout("a run_all output", markers=(REPORT,), files=tuple(f"{f}.lock" for f in STAGE_FOLDERS),

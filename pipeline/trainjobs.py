@@ -53,6 +53,17 @@ class TrainingError(UserError):
     """A Ray Train run that ended in an error (after its allowed restarts)."""
 
 
+# The training jobs' folders under <output-dir>, one per job (fine-tuning's two modes apart).
+JOB_FOLDERS = ("top", "finetune", "finetune_streamed", "scratch")
+
+
+def job_folder(cfg: TrainConfig) -> str:
+    """The name of the folder (one of ``JOB_FOLDERS``) that the job of ``cfg`` writes."""
+    if isinstance(cfg, FinetuneConfig):
+        return "finetune" if cfg.cache_block4 else "finetune_streamed"
+    return "scratch" if isinstance(cfg, ScratchConfig) else "top"
+
+
 def job_dir(output_dir: str, kind: str) -> str:
     """``<output-dir>/<job>``: the job's folder is named after it (``top``, ``finetune``, ``finetune_streamed``, ``scratch``)."""
     return storage.join(output_dir, kind)
@@ -383,7 +394,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     started = time.monotonic()
     top_path, meta = _top_model(cfg)
     output_dir = cfg.output_dir or storage.parent(storage.parent(storage.absolute(top_path)))
-    directory = job_dir(output_dir, "finetune" if cfg.cache_block4 else "finetune_streamed")
+    directory = job_dir(output_dir, job_folder(cfg))
     manifest, index = _finetune_data(cfg, meta)
     recorded = job_settings(cfg, drop=("top_model", "data_dir"),
                             data=manifest["fingerprint"] if manifest else index.fingerprint(),
