@@ -33,11 +33,11 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench.result_file import cpu_name  # noqa: E402
-from pipeline.cluster import init_ray  # noqa: E402
+from pipeline.batch.cluster import init_ray  # noqa: E402
+from pipeline.batch.extract import run_extraction  # noqa: E402
 from pipeline.config import ExtractConfig, FinetuneConfig, ScratchConfig, TrainTopConfig  # noqa: E402
-from pipeline.extract import run_extraction  # noqa: E402
-from pipeline.report import REFERENCE_FIGURES  # noqa: E402
-from pipeline.trainjobs import finetune, train_scratch, train_top  # noqa: E402
+from pipeline.training.jobs import finetune, train_scratch, train_top  # noqa: E402
+from pipeline.training.report import REFERENCE_FIGURES  # noqa: E402
 
 MODELS = ("top", "finetune", "finetune_streamed", "scratch")
 # Issue 15's goals on cats_vs_dogs_small, met by the mean of the last epoch's accuracy.

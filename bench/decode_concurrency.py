@@ -5,8 +5,8 @@
 
 Starts a local Ray cluster that declares ``--cpus`` CPUs and ``--gpus`` GPUs (the shape of a
 16-core GPU node, on any machine: the GPUs are only a resource here), plans the product's
-inference pool for it (``pipeline.cluster.inference_plan``) and streams the product's decode
-tasks (``pipeline.inference.decoded_images``) into actors that reserve what the inference
+inference pool for it (``pipeline.batch.cluster.inference_plan``) and streams the product's decode
+tasks (``pipeline.batch.inference.decoded_images``) into actors that reserve what the inference
 actors reserve but do no work, so only scheduling can limit decoding. Ray's task events give
 every decode task's start and end; the script prints the peak and the time-weighted mean of
 decode tasks running at once, against the CPUs the actors leave free. On a machine with fewer
@@ -56,9 +56,9 @@ def main() -> None:
     import ray
     from ray.util.state import list_tasks
 
-    from pipeline.cluster import inference_plan
-    from pipeline.discover import discover
-    from pipeline.inference import decoded_images
+    from pipeline.batch.cluster import inference_plan
+    from pipeline.batch.inference import decoded_images
+    from pipeline.data.discover import discover
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     ray.init(num_cpus=args.cpus, num_gpus=args.gpus, include_dashboard=True, configure_logging=False)

@@ -1,5 +1,5 @@
 """Decode + resize throughput: the decoder before the fast JPEG path (Pillow alone) against
-today's (libjpeg-turbo through simplejpeg at Pillow's DCT scale + pipeline.resample), on the
+today's (libjpeg-turbo through simplejpeg at Pillow's DCT scale + pipeline.images.resample), on the
 same real photos, one run.
 
     python bench/decode_throughput.py [--data-dir ../shared/data/cats_vs_dogs_small] [--image-size 150]
@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench.result_file import cpu_name  # noqa: E402
-from pipeline.decode import decode_image  # noqa: E402
+from pipeline.images.decode import decode_image  # noqa: E402
 
 DECODERS = {"pillow": functools.partial(decode_image, fast_jpeg=False), "fast": decode_image}
 _PHOTOS: list[bytes] = []  # filled before forking, so the workers share the bytes

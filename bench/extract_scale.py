@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from pipeline.discover import discover  # noqa: E402
+from pipeline.data.discover import discover  # noqa: E402
 
 
 def link_root(source: str, root: str, total: int) -> int:

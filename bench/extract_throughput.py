@@ -32,12 +32,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pipeline import models, vgg16  # noqa: E402
 from bench.result_file import cpu_name  # noqa: E402
-from pipeline.decode import load_image  # noqa: E402
-from pipeline.discover import discover  # noqa: E402
-from pipeline.precision import precision_for  # noqa: E402
-from pipeline.weights import load_weight_arrays, resolve_weights  # noqa: E402
+from pipeline.nets import vgg16  # noqa: E402
+from pipeline.data.discover import discover  # noqa: E402
+from pipeline.images.decode import load_image  # noqa: E402
+from pipeline.nets import models
+from pipeline.nets.precision import precision_for  # noqa: E402
+from pipeline.nets.weights import load_weight_arrays, resolve_weights  # noqa: E402
 
 
 def seed_way(data_dir: str, model, size: int) -> tuple[float, int]:

@@ -2,7 +2,7 @@
 
 Measures, on whatever machine it runs on:
 
-1. the VGG16 conv base (the project's own ``pipeline.models.feature_extractor``) with Keras 3
+1. the VGG16 conv base (the project's own ``pipeline.nets.models.feature_extractor``) with Keras 3
    on the JAX backend, float32 vs mixed bfloat16, at the project's batch sizes: images/s and
    peak GPU memory — the per-GPU ceiling of one inference actor;
 2. the project's own decode function on real JPEGs, the fast JPEG path against Pillow alone
@@ -44,7 +44,7 @@ def _model_throughput(args: tuple[int, str, int, float]) -> dict[str, float]:
     size, precision, batch, seconds = args
     import jax
 
-    from pipeline.models import feature_extractor
+    from pipeline.nets.models import feature_extractor
 
     model = feature_extractor(size, None, "torch", precision)
     x = np.random.default_rng(0).integers(0, 256, size=(batch, size, size, 3)).astype(np.float32)
@@ -63,7 +63,7 @@ def _finetune_throughput(args: tuple[int, int, float, bool]) -> dict[str, float]
     size, batch, seconds, cached = args
     import keras
 
-    from pipeline import models, vgg16
+    from pipeline.nets import models, vgg16
 
     if cached:
         model = models.block5_classifier(vgg16.block4_shape(size), 2, "bfloat16")

@@ -35,8 +35,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from bench.result_file import write_result  # noqa: E402
-from pipeline.decode import MAX_PIXELS  # noqa: E402
-from pipeline.extract import read_split  # noqa: E402
+from pipeline.data.shards import read_split  # noqa: E402
+from pipeline.images.decode import MAX_PIXELS  # noqa: E402
 from tests.conftest import real_images  # noqa: E402
 from tests.hostile import build, huge_png  # noqa: E402
 

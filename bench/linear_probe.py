@@ -16,8 +16,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, ".")
-from pipeline import storage  # noqa: E402
-from pipeline.extract import features_as_array, read_split  # noqa: E402
+from pipeline.data import storage  # noqa: E402
+from pipeline.data.shards import read_split  # noqa: E402
+from pipeline.data.shards import features_as_array
 
 
 def load(features_dir: str, split: str, shape) -> tuple[np.ndarray, np.ndarray]:

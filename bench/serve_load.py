@@ -39,9 +39,9 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench.result_file import write_result  # noqa: E402
-from pipeline.cluster import init_ray  # noqa: E402
+from pipeline.batch.cluster import init_ray  # noqa: E402
 from pipeline.config import MAX_IMAGE_MEGAPIXELS, ServeConfig  # noqa: E402
-from pipeline.serving import start_server, stop_server  # noqa: E402
+from pipeline.serving.server import start_server, stop_server  # noqa: E402
 
 
 def send(url: str, data: bytes, content_type: str = "image/jpeg") -> tuple[int, float]:

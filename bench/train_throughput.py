@@ -27,8 +27,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import ray  # noqa: E402
 
 from pipeline.config import FinetuneConfig, ScratchConfig, TrainTopConfig  # noqa: E402
-from pipeline.modelfile import read_metadata  # noqa: E402
-from pipeline.trainjobs import ensure_block4_cache, finetune, train_scratch, train_top  # noqa: E402
+from pipeline.nets.modelfile import read_metadata  # noqa: E402
+from pipeline.training.jobs import ensure_block4_cache, finetune, train_scratch, train_top  # noqa: E402
 
 
 def measure(name: str, fn, cfg) -> dict[str, float]:

@@ -16,11 +16,11 @@ def run_job(config_cls: type[C], description: str, body: Callable[[C], object],
             argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` into ``config_cls`` (invalid options exit 2 before any work), then run ``body``."""
     cfg = parse_config(config_cls, argv, description)
-    from pipeline.cluster import init_ray
-    from pipeline.prechecks import check_outputs
+    from pipeline.batch.cluster import init_ray
+    from pipeline.prechecks import preflight
 
     try:
-        check_outputs(cfg)  # an unusable output fails before the cluster starts
+        preflight(cfg)  # what the options name is checked before the cluster starts
         init_ray(verbose=cfg.verbose)
         body(cfg)
         return 0

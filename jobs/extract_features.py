@@ -6,8 +6,8 @@ import sys
 from typing import Sequence
 
 from jobs._cli import run_job
+from pipeline.batch.extract import run_extraction
 from pipeline.config import ExtractConfig
-from pipeline.extract import run_extraction
 
 
 def _run(cfg: ExtractConfig) -> None:

@@ -6,8 +6,8 @@ import sys
 from typing import Sequence
 
 from jobs._cli import run_job
+from pipeline.batch.predict import run_prediction
 from pipeline.config import PredictConfig
-from pipeline.predict import run_prediction
 
 
 def _run(cfg: PredictConfig) -> None:

@@ -10,7 +10,7 @@ from typing import Sequence
 
 from jobs._cli import run_job
 from pipeline.config import ServeConfig
-from pipeline.serving import serve_until_interrupted
+from pipeline.serving.server import serve_until_interrupted
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,8 +16,8 @@ import typing
 from typing import Any, Sequence, TypeVar
 
 from pipeline.errors import ConfigError, UserError
+from pipeline.images.decode import MAX_IMAGE_MEGAPIXELS, PILLOW_LIMIT_MEGAPIXELS
 from pipeline.redact import redact
-from pipeline.serve_auth import check_exposure, read_token
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 PREPROCESSINGS = ("auto", "torch", "caffe")
@@ -74,7 +74,7 @@ def check_output_location(name: str, value: str | None) -> None:
     """Refuse an output location that is an existing regular file, or on a bucket that does not exist."""
     if not value:
         return
-    from pipeline import storage
+    from pipeline.data import storage
 
     problem = storage.describe_output_problem(value)
     if problem:
@@ -85,7 +85,7 @@ def check_output_location(name: str, value: str | None) -> None:
 
 def check_input_location(name: str, value: str | None, want: str = "folder") -> None:
     """Refuse an input location (local path or URI) that is missing, of the wrong kind or unreadable."""
-    from pipeline import storage
+    from pipeline.data import storage
 
     problem = storage.describe_problem(value, want) if value is not None else None
     if problem:
@@ -160,11 +160,6 @@ class LogOptions:
                                       "progress bars and one line per training epoch)", kw_only=True)
 
 
-# 50 megapixels admits a 48-Mpx phone photo (8000x6000) and refuses 9400x9400 (88 Mpx), which
-# Pillow's own bomb limit (89.5 Mpx, Image.MAX_IMAGE_PIXELS) still lets through; it bounds what
-# one decode holds (pipeline/decode.py states the bound). Above Pillow's limit, Pillow refuses.
-MAX_IMAGE_MEGAPIXELS = 50.0
-PILLOW_LIMIT_MEGAPIXELS = 89.478485
 
 
 @dataclasses.dataclass
@@ -182,7 +177,7 @@ class DecodeOptions:
 
     @property
     def max_pixels(self) -> int:
-        """``--max-image-megapixels`` in pixels, as ``pipeline.decode`` takes it."""
+        """``--max-image-megapixels`` in pixels, as ``pipeline.images.decode`` takes it."""
         return round(self.max_image_megapixels * 1_000_000)
 
 
@@ -306,9 +301,6 @@ class TrainConfig(LogOptions):
     mlflow_experiment: str = field_help(DEFAULT_EXPERIMENT, "MLflow experiment the run is logged to")
 
     def __post_init__(self) -> None:
-        from pipeline.tracking import check_available
-
-        check_available(self.mlflow_uri)
         check_positive("num_workers", self.num_workers)
         check_positive("epochs", self.epochs)
         check_positive("batch_size", self.batch_size)
@@ -453,9 +445,6 @@ class RunAllConfig(DataOptions, LogOptions):
     mlflow_experiment: str = field_help(DEFAULT_EXPERIMENT, "MLflow experiment the training jobs are logged to")
 
     def __post_init__(self) -> None:
-        from pipeline.tracking import check_available
-
-        check_available(self.mlflow_uri)
         self.check_data_options()
         for name in ("image_size", "scratch_image_size"):
             value = getattr(self, name)
@@ -503,8 +492,8 @@ class PredictConfig(InferenceOptions, DecodeOptions, LogOptions):
     overwrite: bool = field_help(False, "replace an existing output")
 
     def __post_init__(self) -> None:
-        from pipeline import storage
-        from pipeline.modelfile import read_metadata
+        from pipeline.data import storage
+        from pipeline.nets.modelfile import read_metadata
 
         self.check_inference_options()
         self.check_decode_options()
@@ -542,9 +531,6 @@ class ServeConfig(DecodeOptions, LogOptions):
                                 kw_only=True)
 
     def __post_init__(self) -> None:
-        from pipeline.modelfile import read_metadata
-
-        check_exposure(self.host, read_token(self.auth_token_file), self.insecure)
         check_range("port", self.port, 1, 65535)
         check_positive("replicas", self.replicas, allow_none=True)
         check_positive("max_batch_size", self.max_batch_size)
@@ -553,4 +539,3 @@ class ServeConfig(DecodeOptions, LogOptions):
         check_positive("max_images_per_request", self.max_images_per_request)
         self.check_decode_options()
         check_choice("precision", self.precision, PRECISIONS)
-        read_metadata(self.model)  # a missing or foreign model file fails here, before any work

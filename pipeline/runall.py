@@ -8,14 +8,15 @@ import shlex
 import sys
 from typing import Any
 
-from pipeline import outputs, storage
+from pipeline.batch.extract import OUTPUT_LAYOUT, run_extraction
 from pipeline.config import ExtractConfig, FinetuneConfig, RunAllConfig, ScratchConfig, TrainTopConfig
-from pipeline.extract import OUTPUT_LAYOUT, run_extraction, run_name
-from pipeline.modelfile import MODEL_FILE
+from pipeline.data import outputs, storage
+from pipeline.data.shards import data_name
+from pipeline.data.synthetic import NOTE, default_data_dir, note_builtin_data
+from pipeline.nets.modelfile import MODEL_FILE
 from pipeline.redact import redact
-from pipeline.report import write_report
-from pipeline.synthetic import NOTE, default_data_dir, note_builtin_data
-from pipeline.trainjobs import JOB_FOLDERS, JOB_LAYOUT, finetune, train_scratch, train_top
+from pipeline.training.jobs import JOB_FOLDERS, JOB_LAYOUT, finetune, train_scratch, train_top
+from pipeline.training.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def run_all(cfg: RunAllConfig) -> str:
     data_dir = default_data_dir() if synthetic else cfg.data_dir
     if synthetic:
         note_builtin_data()
-    output_dir = cfg.output_dir or os.path.join("outputs", run_name(data_dir))
+    output_dir = cfg.output_dir or os.path.join("outputs", data_name(data_dir))
     with storage.output_lock(output_dir):
         outputs.check(output_dir, LAYOUT)
         return _run_stages(cfg, data_dir, output_dir, synthetic)

@@ -15,7 +15,7 @@ def ray_cluster():
     """A real local Ray cluster, started once for the whole session."""
     import ray
 
-    from pipeline.cluster import init_ray
+    from pipeline.batch.cluster import init_ray
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # The product's own start: its processes address this cluster, not the machine's latest

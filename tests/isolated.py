@@ -12,10 +12,9 @@ import sys
 
 def logical_gpus(data_dir: str, output_dir: str) -> dict:
     """Extraction on a CPU-only cluster that declares two logical GPUs."""
-    from pipeline.cluster import init_ray
-
+    from pipeline.batch.cluster import init_ray
+    from pipeline.batch.extract import run_extraction
     from pipeline.config import ExtractConfig
-    from pipeline.extract import run_extraction
 
     init_ray(local=True, num_cpus=2, num_gpus=2, include_dashboard=False)
     manifest = run_extraction(ExtractConfig(data_dir=data_dir, output_dir=output_dir, weights="none",
@@ -25,10 +24,9 @@ def logical_gpus(data_dir: str, output_dir: str) -> dict:
 
 def s3_extract(data_dir: str, uri: str) -> dict:
     """Extraction into an S3 URI (the endpoint and credentials come from the environment)."""
-    from pipeline.cluster import init_ray
-
+    from pipeline.batch.cluster import init_ray
+    from pipeline.batch.extract import run_extraction
     from pipeline.config import ExtractConfig
-    from pipeline.extract import run_extraction
 
     init_ray(local=True, num_cpus=2, include_dashboard=False)
     manifest = run_extraction(ExtractConfig(data_dir=data_dir, output_dir=uri, weights="none", image_size=32,
@@ -38,10 +36,9 @@ def s3_extract(data_dir: str, uri: str) -> dict:
 
 def extract(data_dir: str, output_dir: str) -> dict:
     """A plain extraction on a cluster of its own (the environment may carry RIC_FAULT_KILL)."""
-    from pipeline.cluster import init_ray
-
+    from pipeline.batch.cluster import init_ray
+    from pipeline.batch.extract import run_extraction
     from pipeline.config import ExtractConfig
-    from pipeline.extract import run_extraction
 
     init_ray(local=True, num_cpus=2, include_dashboard=False)
     manifest = run_extraction(ExtractConfig(data_dir=data_dir, output_dir=output_dir, weights="none", image_size=32,
@@ -51,10 +48,9 @@ def extract(data_dir: str, output_dir: str) -> dict:
 
 def predict(model: str, input_dir: str, output: str) -> dict:
     """A plain prediction on a cluster of its own (the environment may carry RIC_FAULT_KILL)."""
-    from pipeline.cluster import init_ray
-
+    from pipeline.batch.cluster import init_ray
+    from pipeline.batch.predict import run_prediction
     from pipeline.config import PredictConfig
-    from pipeline.predict import run_prediction
 
     init_ray(local=True, num_cpus=2, include_dashboard=False)
     summary = run_prediction(PredictConfig(model=model, input=input_dir, output=output, precision="float32",
@@ -70,10 +66,10 @@ def train_beside(workdir: str) -> dict:
 
     import ray
 
-    from pipeline.cluster import init_ray
+    from pipeline.batch.cluster import init_ray
+    from pipeline.batch.extract import run_extraction
     from pipeline.config import ExtractConfig, TrainTopConfig
-    from pipeline.extract import run_extraction
-    from pipeline.trainjobs import train_top
+    from pipeline.training.jobs import train_top
 
     # A temp folder of its own, as an in-process cluster beside a `ray start` head has: the
     # machine's record of its latest cluster (under RAY_TMPDIR) then names the other one.

@@ -6,8 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.train import (LoopSettings, _restore, _save, averaged_weights, batch_inputs, build_model,
-                            ema_momentum)
+from pipeline.training.train import (
+    LoopSettings,
+    _restore,
+    _save,
+    averaged_weights,
+    batch_inputs,
+    build_model,
+    ema_momentum,
+)
 
 
 @pytest.mark.parametrize("requested, steps, expected", [
@@ -51,7 +58,7 @@ def test_evaluation_sees_the_average_and_training_goes_on_from_its_own_weights(t
     import keras
     from ray.train import Checkpoint
 
-    from pipeline.train import load_checkpoint_weights
+    from pipeline.training.train import load_checkpoint_weights
 
     exported, _ = build_model(settings)
     load_checkpoint_weights(Checkpoint.from_directory(str(tmp_path)), exported)

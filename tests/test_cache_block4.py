@@ -10,11 +10,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import models, storage, vgg16, weights
+from pipeline.batch.extract import run_extraction
 from pipeline.config import ExtractConfig, FinetuneConfig, TrainTopConfig
-from pipeline.decode import load_image
+from pipeline.data import storage
+from pipeline.data.shards import features_as_array, read_split
 from pipeline.errors import ConfigError
-from pipeline.extract import features_as_array, read_split, run_extraction
+from pipeline.images.decode import load_image
+from pipeline.nets import models, vgg16, weights
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -87,9 +89,9 @@ def test_cached_outputs_equal_the_network_on_the_images(plain_then_cached, real_
 
 
 def test_finetune_on_the_cache_exports_the_model_it_trained(plain_then_cached, real_root, tmp_path):
-    from pipeline.modelfile import load_classifier, read_metadata
-    from pipeline.train import load_checkpoint_weights
-    from pipeline.trainjobs import finetune, train_top
+    from pipeline.nets.modelfile import load_classifier, read_metadata
+    from pipeline.training.jobs import finetune, train_top
+    from pipeline.training.train import load_checkpoint_weights
 
     _, manifest = plain_then_cached
     out = str(tmp_path / "run")

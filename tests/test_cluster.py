@@ -51,7 +51,7 @@ def test_ray_job_submit_runs_extraction_on_a_local_head_node(head_node, real_roo
         "--precision", "float32", "--output-dir", out], timeout=480)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in (proc.stdout + proc.stderr).lower()
-    from pipeline.extract import read_split
+    from pipeline.data.shards import read_split
 
     assert len(read_split(out, "train")) == 20 and len(read_split(out, "validation")) == 20
     # Without the cluster's token the same cluster refuses the client.
@@ -126,9 +126,9 @@ def test_an_unreachable_cluster_fails_fast_naming_it(tmp_path, where):
 
 
 def test_gpus_that_never_join_are_a_clear_error(ray_cluster, real_root, tmp_path):
-    from pipeline.cluster import ClusterError
+    from pipeline.batch.cluster import ClusterError
+    from pipeline.batch.extract import run_extraction
     from pipeline.config import ExtractConfig
-    from pipeline.extract import run_extraction
 
     out = tmp_path / "out"
     with pytest.raises(ClusterError, match=r"--gpus 1: the cluster still has 0 GPU\(s\) after 3 s"):

@@ -6,8 +6,15 @@ import dataclasses
 
 import pytest
 
-from pipeline.config import (IMAGE_STAGE_OPTIONS, PER_STAGE_OPTIONS, ExtractConfig, FinetuneConfig, RunAllConfig, ScratchConfig,
-                             TrainTopConfig)
+from pipeline.config import (
+    IMAGE_STAGE_OPTIONS,
+    PER_STAGE_OPTIONS,
+    ExtractConfig,
+    FinetuneConfig,
+    RunAllConfig,
+    ScratchConfig,
+    TrainTopConfig,
+)
 from pipeline.runall import stage_options
 
 STAGES = {"extract_features": (ExtractConfig, None), "train_top": (TrainTopConfig, "top"),

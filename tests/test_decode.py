@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from pipeline.decode import DECODED_BY, DecodeError, decode_batch, decode_image, load_image
+from pipeline.images.decode import DECODED_BY, DecodeError, decode_batch, decode_image, load_image
 from tests.images import bad_files, half_split_image, jpeg_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,7 +122,7 @@ def test_file_without_read_permission():
         os.chmod(path, 0)
         # A fresh interpreter, not a fork of this one (which runs Ray's and TensorFlow's threads).
         # Imports first: once it is 'nobody', the interpreter may not read all of its own modules.
-        code = ("import os, sys\nimport pipeline.storage\nfrom pipeline.decode import DecodeError, load_image\n"
+        code = ("import os, sys\nimport pipeline.data.storage\nfrom pipeline.images.decode import DecodeError, load_image\n"
                 "if os.geteuid() == 0:\n    os.seteuid(65534)\n"
                 "try:\n    load_image(sys.argv[1], int(sys.argv[2]))\n    print('decoded')\n"
                 "except DecodeError as exc:\n    print(exc.reason)\n")
@@ -209,8 +209,8 @@ def test_truncated_jpeg_is_still_rejected_mid_scan():
 @pytest.mark.slow
 def test_real_photos_keep_their_features(real_root):
     """The fast path moves pixels slightly; VGG16's features of real photos must not move (cosine >= 0.995)."""
-    from pipeline import weights
-    from pipeline.models import feature_extractor
+    from pipeline.nets import weights
+    from pipeline.nets.models import feature_extractor
 
     paths = sorted(os.path.join(d, f) for d, _, names in os.walk(real_root) for f in names)[:24]
     model = feature_extractor(150, weights.load_weight_arrays(weights.resolve_weights("torchvision"), 150),

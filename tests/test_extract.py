@@ -13,11 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.extract_features import main as extract_main
-from pipeline import storage, weights
+from pipeline.batch.extract import run_extraction
 from pipeline.config import ExtractConfig
-from pipeline.decode import load_image
+from pipeline.data import storage
+from pipeline.data.shards import features_as_array, read_split
 from pipeline.errors import ConfigError, DataError, OutputError, WeightsError
-from pipeline.extract import features_as_array, read_split, run_extraction
+from pipeline.images.decode import load_image
+from pipeline.nets import weights
 from tests.conftest import make_real_root, real_images
 from tests.images import bad_files
 
@@ -59,7 +61,7 @@ def test_each_actor_records_its_busy_time(torchvision_extraction):
 
 
 def test_a_call_split_over_two_written_blocks_counts_once():
-    from pipeline.inference import merge_tallies, tally_batch
+    from pipeline.batch.inference import merge_tallies, tally_batch
 
     def block(rows, start, end, actor='{"node": "n", "pid": 1}'):
         return tally_batch({"actor": np.array([actor] * rows, object), "decode_node": np.array(["d"] * rows, object),
@@ -73,7 +75,7 @@ def test_a_call_split_over_two_written_blocks_counts_once():
 
 def test_features_match_the_same_model_in_process(torchvision_extraction, real_root):
     cfg, manifest = torchvision_extraction
-    from pipeline.models import feature_extractor
+    from pipeline.nets.models import feature_extractor
 
     source = weights.resolve_weights("torchvision")
     model = feature_extractor(cfg.image_size, weights.load_weight_arrays(source, cfg.image_size), "torch", "float32")
@@ -89,7 +91,7 @@ def test_training_rows_carry_their_mirror_images_features(torchvision_extraction
     """The top MLP's flip augmentation: features_flipped of a training row is the network on the
     mirrored photo; validation rows have none (nothing augments them)."""
     cfg, manifest = torchvision_extraction
-    from pipeline.models import feature_extractor
+    from pipeline.nets.models import feature_extractor
 
     assert manifest["flipped_split"] == "train"
     assert "features_flipped" not in read_split(cfg.output_dir, "validation").column_names
@@ -226,7 +228,7 @@ def test_another_run_holding_the_output_is_refused(ray_cluster, real_root, tmp_p
 
 
 def test_class_mismatch_is_a_clear_error(tmp_path):
-    from pipeline.discover import discover
+    from pipeline.data.discover import discover
 
     for split, classes in (("train", ("cats", "dogs")), ("validation", ("cats", "horses"))):
         for cls in classes:
@@ -261,7 +263,7 @@ def test_weights_files_are_read_without_keras_in_both_formats(tmp_path):
     import h5py
     from keras.src.legacy.saving import legacy_h5_format
 
-    from pipeline.models import scratch_cnn, vgg16_conv_base
+    from pipeline.nets.models import scratch_cnn, vgg16_conv_base
 
     source = weights.resolve_weights("torchvision")
     model = vgg16_conv_base(64)
@@ -337,7 +339,7 @@ def test_help_lists_every_option(capsys):
 def test_caffe_preprocessing_in_built_in_layers_equals_bgr_minus_mean(tmp_path):
     """Caffe-style weights take BGR minus the ImageNet mean. The model does it with a built-in
     Normalization on RGB and the first kernel's input channels reversed; same features."""
-    from pipeline.models import CAFFE_MEAN_BGR, feature_extractor, vgg16_conv_base
+    from pipeline.nets.models import CAFFE_MEAN_BGR, feature_extractor, vgg16_conv_base
 
     path = weights.resolve_weights("torchvision").path
     source = weights.resolve_weights(path)  # a weights file: caffe preprocessing by default

@@ -13,7 +13,7 @@ from collections import Counter
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.extract import read_split
+from pipeline.data.shards import read_split
 from tests.conftest import real_images
 from tests.hostile import build
 

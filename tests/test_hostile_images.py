@@ -22,16 +22,27 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline import decode
 from pipeline.config import ExtractConfig, FinetuneConfig, PredictConfig, RunAllConfig, ScratchConfig
-from pipeline.decode import MAX_PIXELS, DecodeError, decode_image, load_image, max_file_bytes
 from pipeline.errors import ConfigError
-from tests.image_bombs import (GREY, GREY_ALPHA, PALETTE, PDF, POSTSCRIPT, RGB, RGBA, flat_png,
-                               jpeg_with_declared_size, palette_chunks, png_chunk)
+from pipeline.images import decode
+from pipeline.images.decode import MAX_PIXELS, DecodeError, decode_image, load_image, max_file_bytes
+from tests.image_bombs import (
+    GREY,
+    GREY_ALPHA,
+    PALETTE,
+    PDF,
+    POSTSCRIPT,
+    RGB,
+    RGBA,
+    flat_png,
+    jpeg_with_declared_size,
+    palette_chunks,
+    png_chunk,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEAR_CAP = 7071  # 7071 x 7071 = 49.998 Mpx, just under the default cap of 50 Mpx
-# The bound pipeline/decode.py states for what one decode adds to its process: at most 10 bytes
+# The bound pipeline/images/decode.py states for what one decode adds to its process: at most 10 bytes
 # per allowed pixel, plus the file's bytes (and a little slack for the allocator).
 SLACK = 16 * 2**20
 BYTES_PER_PIXEL = 10
@@ -96,7 +107,7 @@ def test_postscript_never_reaches_its_plugin_or_a_program():
     assert "EPS" not in decode.FORMATS
     code = ("import sys\nstarted = []\nsys.addaudithook(lambda event, args: started.append(event) "
             "if event in ('subprocess.Popen', 'os.system', 'os.exec', 'os.posix_spawn') else None)\n"
-            "from pipeline.decode import DecodeError, decode_image\n"
+            "from pipeline.images.decode import DecodeError, decode_image\n"
             "try:\n    decode_image(sys.stdin.buffer.read(), 32)\nexcept DecodeError as exc:\n    print(exc.reason)\n"
             "print(started)\n")
     out = subprocess.run([sys.executable, "-c", code], input=POSTSCRIPT, cwd=REPO, capture_output=True, timeout=120)
@@ -161,7 +172,7 @@ def worst_cases(folder) -> dict[str, str]:
 
 MEASURE = """
 import json, sys, time
-from pipeline.decode import DecodeError, load_image
+from pipeline.images.decode import DecodeError, load_image
 def status(field):
     return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
 load_image(sys.argv[1], 224)  # libraries loaded and numba compiled before the first measurement

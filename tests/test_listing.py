@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from pipeline import storage
-from pipeline.discover import discover
+from pipeline.data import storage
+from pipeline.data.discover import discover
 from pipeline.errors import DataError
 from tests.images import jpeg_bytes, write
 
@@ -39,7 +39,7 @@ def test_link_loops_are_not_followed_and_are_logged(tmp_path, caplog):
     expected = _tree(root, per_class=20)
     os.symlink("..", os.path.join(root, "train", "dogs", "loop"))
     os.symlink("../..", os.path.join(root, "validation", "cats", "again"))
-    with caplog.at_level(logging.WARNING, logger="pipeline.localtree"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.localtree"):
         assert _listed(root) == expected
     for link in ("train/dogs/loop", "validation/cats/again"):
         assert sum(link in r.getMessage() for r in caplog.records) == 1, caplog.text
@@ -50,7 +50,7 @@ def test_a_link_to_an_ancestor_of_the_root_is_not_followed(tmp_path, caplog):
     expected = _tree(root)
     os.symlink(str(tmp_path), os.path.join(root, "train", "cats", "up"))
     os.symlink("/", os.path.join(root, "train", "dogs", "slash"))
-    with caplog.at_level(logging.WARNING, logger="pipeline.localtree"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.localtree"):
         assert _listed(root) == expected
     assert "train/cats/up" in caplog.text and "train/dogs/slash" in caplog.text
 
@@ -153,8 +153,9 @@ def test_files_that_are_not_image_names_are_counted_by_extension(tmp_path, layou
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_extraction_over_odd_names_and_loops_makes_each_photo_one_row(ray_cluster, tmp_path):
+    from pipeline.batch.extract import run_extraction
     from pipeline.config import ExtractConfig
-    from pipeline.extract import read_split, run_extraction
+    from pipeline.data.shards import read_split
     from tests.hostile import ODD_NAMES
 
     root = str(tmp_path / "ro\\xe9ot")  # the root's own name holds a backslash the stored paths keep

@@ -11,9 +11,16 @@ import sys
 import pytest
 
 from pipeline import logs
-from pipeline.config import (ExtractConfig, FinetuneConfig, PredictConfig, RunAllConfig, ScratchConfig, TrainTopConfig,
-                             build_parser)
-from pipeline.reuse import job_settings
+from pipeline.config import (
+    ExtractConfig,
+    FinetuneConfig,
+    PredictConfig,
+    RunAllConfig,
+    ScratchConfig,
+    TrainTopConfig,
+    build_parser,
+)
+from pipeline.data.reuse import job_settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMPORT_TENSORFLOW = """

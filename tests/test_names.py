@@ -12,10 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import names, storage
-from pipeline.decode import decode_batch
-from pipeline.discover import discover
-from pipeline.predict import list_inputs
+from pipeline import names
+from pipeline.batch.predict import list_inputs
+from pipeline.data import storage
+from pipeline.data.discover import discover
+from pipeline.images.decode import decode_batch
 from tests.hostile import ODD_NAMES
 from tests.images import jpeg_bytes, write
 
@@ -58,7 +59,7 @@ def test_odd_names_decode_through_the_products_path(tmp_path):
     root, content = _odd_root(str(tmp_path))
     index = discover(root)
     relpaths = index.files.column("relpath").to_pylist()
-    # As pipeline.inference builds a decode task's paths: the stored root joined with each relpath.
+    # As pipeline.batch.inference builds a decode task's paths: the stored root joined with each relpath.
     paths = np.array([storage.join(names.escape(root), r) for r in relpaths], dtype=object)
     out = decode_batch({"path": paths}, 16)
     assert list(out["reason"]) == [""] * len(relpaths), list(zip(relpaths, out["error"]))

@@ -21,12 +21,14 @@ import ray
 from PIL import Image
 
 from jobs import extract_features, finetune, predict, run_all, train_scratch, train_top
-from pipeline import ledger, outputs, storage
+from pipeline.batch.extract import OUTPUT_LAYOUT
 from pipeline.config import RunAllConfig, ScratchConfig, TrainTopConfig
+from pipeline.data import ledger, outputs, storage
 from pipeline.errors import OutputError
-from pipeline.extract import OUTPUT_LAYOUT
 from pipeline.runall import run_all as run_all_job
-from pipeline.trainjobs import JOB_LAYOUT, train_scratch as train_scratch_job, train_top as train_top_job
+from pipeline.training.jobs import JOB_LAYOUT
+from pipeline.training.jobs import train_scratch as train_scratch_job
+from pipeline.training.jobs import train_top as train_top_job
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

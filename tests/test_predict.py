@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.predict import main as predict_main
-from pipeline import models, vgg16
+from pipeline.batch.predict import run_prediction
 from pipeline.config import PredictConfig
-from pipeline.decode import load_image
 from pipeline.errors import DataError
-from pipeline.modelfile import load_classifier, save_classifier
-from pipeline.predict import run_prediction
+from pipeline.images.decode import load_image
+from pipeline.nets import models, vgg16
+from pipeline.nets.modelfile import load_classifier, save_classifier
 from tests.conftest import real_images
 from tests.images import bad_files
 
@@ -158,7 +158,7 @@ def test_a_model_file_with_code_in_it_is_refused(tmp_path, precision):
     on every loading path (float32, and the bf16 rebuild) before any prediction."""
     import keras
 
-    from pipeline.modelfile import save_classifier
+    from pipeline.nets.modelfile import save_classifier
 
     inputs = keras.Input((SIZE, SIZE, 3))
     outputs = keras.layers.Dense(2, activation="softmax")(
@@ -174,8 +174,8 @@ def test_bfloat16_loading_computes_in_bfloat16_and_agrees_with_float32(tmp_path)
     weights, and its probabilities stay within bf16's precision of float32's."""
     import keras
 
-    from pipeline.models import scratch_cnn
-    from pipeline.modelfile import save_classifier
+    from pipeline.nets.modelfile import save_classifier
+    from pipeline.nets.models import scratch_cnn
 
     path = str(tmp_path / "scratch.keras")
     save_classifier(scratch_cnn(SIZE, 2), path, {"kind": "scratch", "classes": CLASSES, "image_size": SIZE})

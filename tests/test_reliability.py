@@ -17,10 +17,11 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.batch.extract import run_extraction
 from pipeline.config import ExtractConfig
-from pipeline.discover import discover
+from pipeline.data.discover import discover
+from pipeline.data.shards import read_split
 from pipeline.errors import DataError, OutputError
-from pipeline.extract import read_split, run_extraction
 from tests.conftest import make_real_root, real_images
 from tests.images import bad_files
 
@@ -151,8 +152,8 @@ def test_process_killed_mid_extraction(real_root, tmp_path, record_case, fault, 
 
 
 def _small_model(path: str) -> str:
-    from pipeline import models
-    from pipeline.modelfile import save_classifier
+    from pipeline.nets import models
+    from pipeline.nets.modelfile import save_classifier
 
     save_classifier(models.scratch_cnn(32, 2), path, {"kind": "scratch", "classes": ["cats", "dogs"], "image_size": 32})
     return path
@@ -232,8 +233,8 @@ def test_driver_interrupted_during_extraction_then_rerun(ray_cluster, real_root,
 
 
 def test_driver_interrupted_during_prediction_then_rerun(ray_cluster, real_root, tmp_path, record_case):
+    from pipeline.batch.predict import run_prediction
     from pipeline.config import PredictConfig
-    from pipeline.predict import run_prediction
 
     model = _small_model(str(tmp_path / "m.keras"))
     out = str(tmp_path / "pred.parquet")
@@ -258,13 +259,13 @@ def test_driver_interrupted_during_prediction_then_rerun(ray_cluster, real_root,
 def test_training_worker_killed_resumes(ray_cluster, real_root, tmp_path, record_case):
     """Covered in depth by tests/test_train.py; recorded here for the matrix with the metrics file."""
     from pipeline.config import TrainTopConfig
-    from pipeline.trainjobs import train_top
+    from pipeline.training.jobs import train_top
 
     features = run_extraction(ExtractConfig(data_dir=real_root, output_dir=str(tmp_path / "f"), weights="none",
                                             image_size=32, precision="float32"))
     import csv
 
-    from pipeline import train as train_module
+    from pipeline.training import train as train_module
 
     marker = tmp_path / "killed"
     original = train_module.LoopSettings.to_config

@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.batch.extract import run_extraction
 from pipeline.config import ExtractConfig, PredictConfig
-from pipeline.extract import run_extraction
 from tests.clusters import s3_keys, s3_server
 from tests.conftest import make_real_root, real_images
 
@@ -107,7 +107,7 @@ def test_sigkilled_extraction_resumes_and_matches_a_clean_run(ray_cluster, root,
     assert not os.path.exists(os.path.join(out, "manifest.json")), "a killed run must not look finished"
     from pipeline.config import TrainTopConfig
     from pipeline.errors import DataError
-    from pipeline.trainjobs import train_top
+    from pipeline.training.jobs import train_top
 
     with pytest.raises(DataError, match="is not a finished extraction"):
         train_top(TrainTopConfig(features_dir=out, output_dir=str(tmp_path / "run"), epochs=1))
@@ -169,9 +169,9 @@ def test_interrupted_update_leaves_an_unfinished_output_that_a_rerun_completes(r
 
 
 def test_prediction_folder_output_is_updated_in_place(ray_cluster, root, tmp_path):
-    from pipeline import models
-    from pipeline.modelfile import save_classifier
-    from pipeline.predict import run_prediction
+    from pipeline.batch.predict import run_prediction
+    from pipeline.nets import models
+    from pipeline.nets.modelfile import save_classifier
 
     model = str(tmp_path / "m.keras")
     save_classifier(models.scratch_cnn(32, 2), model, {"kind": "scratch", "classes": ["cats", "dogs"], "image_size": 32})
@@ -239,7 +239,7 @@ def test_the_audit_refuses_duplicated_and_missing_rows(tmp_path):
     """What an output must pass before it is marked finished, driven to fail."""
     import pyarrow as pa
 
-    from pipeline import ledger
+    from pipeline.data import ledger
 
     live = pa.table({"relpath": ["a.jpg", "b.jpg", "c.jpg"], "split": ["train"] * 3, "stamp": ["1:1"] * 3,
                      "part": ["p1", "p1", "p2"], "reason": ["", "", "corrupt"], "error": ["", "", "bad"]},
@@ -262,7 +262,7 @@ def test_the_audit_refuses_duplicated_and_missing_rows(tmp_path):
 def test_a_ledger_with_a_file_twice_or_missing_is_not_finished(tmp_path):
     import pyarrow as pa
 
-    from pipeline import ledger
+    from pipeline.data import ledger
 
     listing = pa.table({"relpath": ["a.jpg", "b.jpg"], "split": ["train"] * 2, "stamp": ["1:1"] * 2})
     out = str(tmp_path / "out")

@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pytest
 
+from pipeline.batch.predict import run_prediction
 from pipeline.config import PredictConfig
-from pipeline.predict import run_prediction
+from pipeline.data.synthetic import CLASSES, default_data_dir
 from pipeline.runall import SYNTHETIC_EPOCHS
-from pipeline.synthetic import CLASSES, default_data_dir
 
 pytestmark = pytest.mark.timeout(900)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,7 +95,7 @@ def _prints_a_readable_summary(output: str) -> None:
 
 
 def _same_predictions_without_the_project(job_dir: str, validation: str, result) -> None:
-    from pipeline.modelfile import load_classifier
+    from pipeline.nets.modelfile import load_classifier
 
     photos = [os.path.join(validation, c, sorted(os.listdir(os.path.join(validation, c)))[0]) for c in CLASSES]
     proc = subprocess.run([sys.executable, "-c", PLAIN_KERAS, os.path.join(job_dir, "model.keras"),

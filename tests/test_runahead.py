@@ -1,4 +1,4 @@
-"""The cap on how far decoding runs ahead of the inference actors (pipeline/runahead.py), read
+"""The cap on how far decoding runs ahead of the inference actors (pipeline/batch/runahead.py), read
 back from the real Ray Data objects that ``map_with_actors`` builds; no Ray cluster needed."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from ray.data._internal.logical.interfaces import LogicalPlan
 from ray.data._internal.logical.operators import InputData
 from ray.data._internal.stats import DatasetStats
 
-from pipeline.cluster import InferencePlan
-from pipeline.inference import map_with_actors
-from pipeline.runahead import RunAheadCap
+from pipeline.batch.cluster import InferencePlan
+from pipeline.batch.inference import map_with_actors
+from pipeline.batch.runahead import RunAheadCap
 
 
 class Identity:

@@ -18,12 +18,13 @@ from hypothesis import strategies as st
 
 from jobs._cli import run_job
 from jobs.extract_features import main as extract_main
-from pipeline import storage, tracking
 from pipeline.config import LogOptions
+from pipeline.data import storage
+from pipeline.data.reuse import differences, job_settings
 from pipeline.errors import TrackingError, UserError
 from pipeline.logs import RedactFilter, install_redaction
 from pipeline.redact import redact, redact_values
-from pipeline.reuse import differences, job_settings
+from pipeline.training import tracking
 
 SECRET = "S3CRETpw"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +101,8 @@ def test_settings_are_redacted_and_a_changed_password_is_not_a_change(tmp_path):
 
 TRACKING_SCRIPT = """
 import json, sys
-from pipeline import logs, tracking
+from pipeline import logs
+from pipeline.training import tracking
 logs.setup_driver(False)
 store, job = sys.argv[1], sys.argv[2]
 settings = {{"data_dir": "s3://key:{secret}@bucket/photos", "loader": {{"url": "https://h/x?token={secret}"}}}}

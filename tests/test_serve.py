@@ -22,11 +22,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import models
+from pipeline.batch.predict import run_prediction
 from pipeline.config import PredictConfig
-from pipeline.modelfile import save_classifier
-from pipeline.predict import run_prediction
-from pipeline.serve_auth import TOKEN_ENV
+from pipeline.nets import models
+from pipeline.nets.modelfile import save_classifier
+from pipeline.serving.auth import TOKEN_ENV
 from tests.conftest import real_images
 from tests.image_bombs import RGB, flat_png
 from tests.images import jpeg_bytes

@@ -11,10 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import ServeConfig, parse_config
+from jobs.serve import main as serve_main
+from pipeline.config import ServeConfig
 from pipeline.errors import ConfigError
-from pipeline.serve_auth import TOKEN_ENV, authorized, check_exposure, is_loopback, read_token, token_digest
-from pipeline.serve_requests import RequestError, parse_body
+from pipeline.prechecks import preflight
+from pipeline.serving.auth import TOKEN_ENV, authorized, check_exposure, is_loopback, read_token, token_digest
+from pipeline.serving.requests import RequestError, parse_body
 
 LIMIT = 64
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
@@ -107,14 +109,14 @@ def test_unknown_content_types_are_415(content_type):
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.5", "::", "example.com"])
-def test_a_host_beyond_loopback_without_a_token_is_refused_before_anything(host, monkeypatch):
+def test_a_host_beyond_loopback_without_a_token_is_refused_before_anything(host, monkeypatch, capsys):
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     # The model does not exist: the exposure is refused first, naming the options that fix it.
     with pytest.raises(ConfigError, match="--auth-token-file.*IMAGE_CLASSIFIER_TOKEN.*--insecure"):
-        ServeConfig(model="/nonexistent/model.keras", host=host)
-    with pytest.raises(SystemExit) as exited:
-        parse_config(ServeConfig, ["--model", "/nonexistent/model.keras", "--host", host], "jobs.serve")
-    assert exited.value.code == 2
+        preflight(ServeConfig(model="/nonexistent/model.keras", host=host))
+    # The job refuses it before Ray starts: run_job's preflight comes before init_ray.
+    assert serve_main(["--model", "/nonexistent/model.keras", "--host", host]) == 2
+    assert "--insecure" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost", "LOCALHOST"])

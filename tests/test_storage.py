@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from pipeline import storage
 from pipeline.config import ExtractConfig, PredictConfig
-from pipeline.discover import discover
+from pipeline.data import storage
+from pipeline.data.discover import discover
 from pipeline.errors import ConfigError, DataError, OutputError
-from pipeline.precision import precision_for
+from pipeline.nets.precision import precision_for
 from tests.clusters import s3_client, s3_server, upload_tree
 from tests.conftest import make_real_root, real_images
 
@@ -76,7 +76,7 @@ def test_outputs_on_a_missing_bucket_are_refused_before_any_work(s3):
 
 
 def test_prediction_globs_on_s3_match_like_local_globs(s3):
-    from pipeline.predict import list_inputs
+    from pipeline.batch.predict import list_inputs
 
     for pattern in ("**/*.jpg", "train/*/cat.*.jpg", "validation/dogs/dog.100?.jpg"):
         root, remote = list_inputs(f"s3://data/photos/{pattern}")
@@ -118,7 +118,7 @@ def test_a_lease_is_renewed_while_its_run_lasts(s3, monkeypatch):
 
 
 def test_a_model_file_on_s3_is_read_like_a_local_one(s3, tmp_path):
-    from pipeline.modelfile import ModelFileError, read_metadata
+    from pipeline.nets.modelfile import ModelFileError, read_metadata
 
     s3_client(s3["aws"]).put_object(Bucket="data", Key="models/not-a-model.keras", Body=b"plain text")
     with pytest.raises(ModelFileError, match="not a .keras model file"):
@@ -143,11 +143,11 @@ def test_a_local_lock_held_by_a_live_run_refuses_and_a_killed_runs_lock_is_taken
     import subprocess
     import sys
 
-    from pipeline import storage
+    from pipeline.data import storage
     from pipeline.errors import OutputError
 
     out = str(tmp_path / "out")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pipeline import storage\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pipeline.data import storage\n"
                                "held = storage.output_lock(sys.argv[1])\nheld.__enter__()\nprint('held', flush=True)\ntime.sleep(120)",
                                out], stdout=subprocess.PIPE, text=True,
                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

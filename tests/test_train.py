@@ -9,11 +9,11 @@ import os
 import numpy as np
 import pytest
 
-from pipeline import models
+from pipeline.batch.extract import run_extraction
 from pipeline.config import ExtractConfig, FinetuneConfig, TrainTopConfig
 from pipeline.errors import ConfigError, OutputError, UserError
-from pipeline.extract import run_extraction
-from pipeline.train import TRAINED_FILE, LoopSettings, fit, load_checkpoint_weights, read_checkpoint_state
+from pipeline.nets import models
+from pipeline.training.train import TRAINED_FILE, LoopSettings, fit, load_checkpoint_weights, read_checkpoint_state
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -69,7 +69,7 @@ def test_two_workers_give_the_weights_of_one(small_features, tmp_path):
         np.testing.assert_allclose(one, two, rtol=1e-5, atol=1e-6)
     import keras
 
-    from pipeline.train import build_model
+    from pipeline.training.train import build_model
 
     keras.utils.set_random_seed(settings.seed)  # the weights every worker starts from
     initial, _ = build_model(settings)
@@ -147,8 +147,8 @@ def test_killed_worker_restarts_from_checkpoint_without_duplicate_epochs(small_f
 
 
 def test_train_top_job_writes_model_metrics_evaluation_and_curves(small_features, tmp_path):
-    from pipeline.modelfile import read_metadata
-    from pipeline.trainjobs import train_top
+    from pipeline.nets.modelfile import read_metadata
+    from pipeline.training.jobs import train_top
 
     out = str(tmp_path / "run")
     summary = train_top(TrainTopConfig(features_dir=small_features["output_dir"], output_dir=out, epochs=2,
@@ -173,7 +173,7 @@ def test_train_top_job_writes_model_metrics_evaluation_and_curves(small_features
     with open(os.path.join(job, "curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     # The saved model is image → class: 32x32 RGB in, one sigmoid unit out.
-    from pipeline.modelfile import load_classifier
+    from pipeline.nets.modelfile import load_classifier
 
     model, _ = load_classifier(os.path.join(job, "model.keras"))
     assert model.input_shape == (None, 32, 32, 3) and model.output_shape == (None, 1)
@@ -186,7 +186,7 @@ def test_train_top_job_writes_model_metrics_evaluation_and_curves(small_features
 
 def test_one_reuse_rule_for_training_jobs(small_features, tmp_path, capsys):
     """Same settings: the finished model is reused. Other settings: refused, naming what differs."""
-    from pipeline.trainjobs import train_top
+    from pipeline.training.jobs import train_top
 
     def run(**changes):
         options = {"epochs": 1, "batch_size": 8, "precision": "float32", **changes}
@@ -209,15 +209,15 @@ def test_worker_counts_that_do_not_divide_the_batch_are_refused_naming_valid_one
 
 
 def test_finetune_refuses_to_start_without_a_top_model(tmp_path):
-    from pipeline.trainjobs import finetune
+    from pipeline.training.jobs import finetune
 
     with pytest.raises(UserError, match="python -m jobs.train_top"):
         finetune(FinetuneConfig(output_dir=str(tmp_path)))
 
 
 def test_finetune_refuses_a_top_model_of_the_wrong_kind(tmp_path):
-    from pipeline.modelfile import save_classifier
-    from pipeline.trainjobs import finetune
+    from pipeline.nets.modelfile import save_classifier
+    from pipeline.training.jobs import finetune
 
     path = str(tmp_path / "scratch.keras")
     save_classifier(models.scratch_cnn(32, 2), path, {"kind": "scratch", "classes": ["a", "b"], "image_size": 32})
@@ -230,7 +230,7 @@ def test_training_logs_to_mlflow_from_rank_zero(small_features, tmp_path):
     curves and the model, read back with MLflow's client from a local file store."""
     from mlflow import MlflowClient
 
-    from pipeline.trainjobs import train_top
+    from pipeline.training.jobs import train_top
 
     uri = (tmp_path / "mlruns").as_uri()
     summary = train_top(TrainTopConfig(features_dir=small_features["output_dir"], output_dir=str(tmp_path / "run"),

@@ -16,7 +16,7 @@ import tempfile
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.weights import cache_dir
+from pipeline.data.storage import cache_dir
 from tests.clusters import REPO, cluster_env, local_cluster, s3_keys, s3_read, s3_server, submit, upload_tree
 from tests.conftest import make_real_root
 

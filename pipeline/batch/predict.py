@@ -17,17 +17,29 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import ray
 
-from pipeline import ledger, names, outputs, storage
-from pipeline.cluster import InferencePlan, configure_tensorflow_devices
+from pipeline import names
+from pipeline.batch.cluster import InferencePlan, configure_tensorflow_devices
+from pipeline.batch.evaluation import evaluate
+from pipeline.batch.inference import (
+    BLOCK_ROWS,
+    CommittingSink,
+    actor_identity,
+    actors_precision,
+    decoded_images,
+    map_with_actors,
+    plan_inference,
+    run_model_on_good_rows,
+    stamp_actor,
+    write_args,
+)
 from pipeline.config import OUTPUT_FILE_SUFFIXES, PredictConfig
-from pipeline.decode import MAX_PIXELS
-from pipeline.discover import UNLABELED_SCHEMA, check_root, columnar, discover_unlabeled, is_image_name
+from pipeline.data import ledger, outputs, storage
+from pipeline.data.discover import UNLABELED_SCHEMA, check_root, columnar, discover_unlabeled, is_image_name
+from pipeline.data.shards import REJECTS_FILE
 from pipeline.errors import DataError, OutputError
-from pipeline.extract import REJECTS_FILE
 from pipeline.faults import maybe_fail
+from pipeline.images.decode import MAX_PIXELS
 from pipeline.redact import redact_values
-from pipeline.inference import (BLOCK_ROWS, CommittingSink, actor_identity, actors_precision, decoded_images, map_with_actors,
-                                plan_inference, run_model_on_good_rows, stamp_actor, write_args)
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +54,8 @@ class LoadedClassifier:
         import tempfile
 
         configure_tensorflow_devices()
-        from pipeline.modelfile import MODEL_FILE, load_classifier
-        from pipeline.precision import device_precision
+        from pipeline.nets.modelfile import MODEL_FILE, load_classifier
+        from pipeline.nets.precision import device_precision
 
         if isinstance(model_bytes, ray.ObjectRef):
             model_bytes = ray.get(model_bytes)
@@ -62,7 +74,7 @@ class LoadedClassifier:
     def probabilities(self, images: np.ndarray, ok: np.ndarray | None = None, batch_size: int | None = None) -> np.ndarray:
         """``(n, classes)`` probabilities of ``images``, run in batches padded to ``batch_size``
         (default the one given at load); NaN rows where ``ok`` is False."""
-        from pipeline.models import probabilities
+        from pipeline.nets.models import probabilities
 
         ok = np.ones(len(images), dtype=bool) if ok is None else ok
         out = np.full((len(images), self.num_classes), np.nan, dtype=np.float32)
@@ -236,8 +248,8 @@ def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
     an interrupted run; into a finished folder output it predicts only the added and changed
     files and drops the removed ones (a finished single file is replaced only with --overwrite).
     """
-    from pipeline.discover import fingerprint_files
-    from pipeline.modelfile import read_metadata
+    from pipeline.data.discover import fingerprint_files
+    from pipeline.nets.modelfile import read_metadata
 
     started = time.time()
     meta = read_metadata(cfg.model)
@@ -291,8 +303,6 @@ def _check_predictions(work: str, live: pa.Table, classes: list[str]) -> tuple[p
 def _summary(cfg: PredictConfig, meta: dict[str, Any], final: str, table: pa.Table, rejects: pa.Table,
              tally: dict[str, Any]) -> dict[str, Any]:
     """What a prediction run tells: counts, who ran it, and the evaluation when folders name the classes."""
-    from pipeline.report import evaluate
-
     classes = meta["classes"]
     summary: dict[str, Any] = {"model": cfg.model, "kind": meta["kind"], "input": cfg.input, "output": final,
                                "num_images": len(table), "num_rejects": len(rejects),

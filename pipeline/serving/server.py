@@ -8,15 +8,15 @@ would, for one image or a few.
   ``{"error": <reason>, "detail": ...}`` in its place.
 - An undecodable single image: HTTP 400 with the reason; a body over ``--max-upload-mb`` or a
   JSON list over ``--max-images-per-request``: HTTP 413; a malformed body: 400 or 415 with the
-  reason (``pipeline.serve_requests``); with a token (``pipeline.serve_auth``), a request without
+  reason (``pipeline.serving.requests``); with a token (``pipeline.serving.auth``), a request without
   it: 401. Either way the replica goes on serving.
 
 Decoding runs in a thread pool sized from the replica's CPUs, never on its event loop, and images
 over ``LARGE_PIXELS`` (by their header) in a pool of one thread of their own: heavy uploads queue
 behind each other (one decode's memory at a time), never in front of a normal photo.
 
-Each replica decodes with ``pipeline.decode.decode_image`` and predicts with
-``pipeline.predict.LoadedClassifier`` (the model file batch prediction loads, padded batches of
+Each replica decodes with ``pipeline.images.decode.decode_image`` and predicts with
+``pipeline.batch.predict.LoadedClassifier`` (the model file batch prediction loads, padded batches of
 the same size), so the two agree on every image. Concurrent requests are batched by
 ``@serve.batch``; replicas take a GPU each when the cluster has GPUs.
 """
@@ -38,13 +38,14 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from pipeline import logs, storage
-from pipeline.cluster import inference_plan
+from pipeline import logs
+from pipeline.batch.cluster import inference_plan
+from pipeline.batch.predict import LoadedClassifier, prediction_table
 from pipeline.config import ServeConfig
-from pipeline.decode import FORMATS, decode_image, rejection
-from pipeline.predict import LoadedClassifier, prediction_table
-from pipeline.serve_auth import authorized, read_token, token_digest
-from pipeline.serve_requests import Limits, RequestError, parse_body
+from pipeline.data import storage
+from pipeline.images.decode import FORMATS, decode_image, rejection
+from pipeline.serving.auth import authorized, check_exposure, read_token, token_digest
+from pipeline.serving.requests import Limits, RequestError, parse_body
 
 APP_NAME = "image-classifier"
 # A 12-Mpx phone JPEG decodes at a reduced DCT scale in milliseconds; PNGs and the like of this
@@ -149,6 +150,8 @@ def _pixels(data: bytes) -> int:
 
 def start_server(cfg: ServeConfig) -> str:
     """Deploy the application on the connected cluster and return its ``/predict`` URL."""
+    token = read_token(cfg.auth_token_file)
+    check_exposure(cfg.host, token, cfg.insecure)  # also when called without the job's preflight
     gpus = int(ray.cluster_resources().get("GPU", 0))
     plan = inference_plan(cfg.replicas or 1, (cfg.replicas or gpus) if gpus else None)
     actor_options: dict[str, Any] = {"num_cpus": plan.num_cpus, "num_gpus": plan.num_gpus}
@@ -162,7 +165,7 @@ def start_server(cfg: ServeConfig) -> str:
                                     max_ongoing_requests=2 * cfg.max_batch_size).bind(
         storage.absolute(cfg.model), cfg.precision, cfg.max_batch_size, cfg.batch_wait_s,
         Limits(int(cfg.max_upload_mb * 1024 * 1024), cfg.max_images_per_request, round(cfg.max_image_megapixels * 1e6)),
-        token_digest(read_token(cfg.auth_token_file)))
+        token_digest(token))
     serve.run(app, name=APP_NAME, route_prefix="/", logging_config=quiet)
     url = f"http://{cfg.host}:{cfg.port}/predict"
     log.info("serving %s with %d replica(s) at %s", cfg.model, plan.actors, url)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-from typing import Any, Sequence
-
-import numpy as np
+from typing import Any
 
 # The reference article's published validation accuracies ("image classification with very little data").
 REFERENCE_FIGURES = {"scratch": "0.79–0.81", "top": "0.90–0.91", "finetune": "0.94"}
@@ -20,57 +18,9 @@ def model_title(kind: str, cached_block4: bool = False) -> str:
     return MODEL_TITLES[kind] + (", streamed images" if kind == "finetune" and not cached_block4 else "")
 
 
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
-    """Area under the ROC curve (Mann-Whitney U with tied ranks averaged); None with one class."""
-    labels = np.asarray(labels).astype(bool)
-    pos, neg = int(labels.sum()), int((~labels).sum())
-    if pos == 0 or neg == 0:
-        return None
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = np.asarray(scores)[order]
-    i = 0
-    while i < len(sorted_scores):
-        j = i
-        while j + 1 < len(sorted_scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1
-        i = j + 1
-    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
-
-
-def evaluate(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
-    """Loss, accuracy, per-class precision/recall, confusion matrix and (two classes) ROC AUC."""
-    labels = np.asarray(labels, dtype=np.int64)
-    probs = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
-    n = len(classes)
-    predicted = probs.argmax(axis=1)
-    confusion = np.zeros((n, n), dtype=np.int64)
-    np.add.at(confusion, (labels, predicted), 1)
-    per_class = {}
-    for i, name in enumerate(classes):
-        tp = confusion[i, i]
-        predicted_i, actual_i = confusion[:, i].sum(), confusion[i, :].sum()
-        per_class[name] = {
-            "precision": float(tp / predicted_i) if predicted_i else None,
-            "recall": float(tp / actual_i) if actual_i else None,
-            "support": int(actual_i),
-        }
-    result = {
-        "num_samples": int(len(labels)),
-        "loss": float(-np.mean(np.log(probs[np.arange(len(labels)), labels]))) if len(labels) else None,
-        "accuracy": float((predicted == labels).mean()) if len(labels) else None,
-        "per_class": per_class,
-        "confusion_matrix": {"classes": list(classes), "rows_true_cols_predicted": confusion.tolist()},
-    }
-    if n == 2:
-        result["roc_auc"] = roc_auc(labels == 1, probs[:, 1])
-    return result
-
-
 def write_metrics_csv(history: list[dict[str, Any]], path: str) -> None:
     """One row per epoch (epoch, loss, accuracy, val_loss, val_accuracy, …)."""
-    from pipeline import storage
+    from pipeline.data import storage
 
     if not history:
         storage.write_text(path, "")
@@ -103,7 +53,7 @@ def plot_curves(history: list[dict[str, Any]], path: str, title: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    from pipeline import storage
+    from pipeline.data import storage
 
     storage.write_bytes(path, buf.getvalue())
 
@@ -131,6 +81,6 @@ def write_report(path: str, stages: list[dict[str, Any]], note: str | None, comm
     for st in stages:
         if st.get("curves"):
             lines += [f"## {model_title(st['kind'], st.get('cached_block4', False))}", "", f"![curves]({st['curves']})", ""]
-    from pipeline import storage
+    from pipeline.data import storage
 
     storage.write_text(path, "\n".join(lines))

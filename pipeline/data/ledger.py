@@ -38,9 +38,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import outputs, storage
+from pipeline.data import outputs, storage
+from pipeline.data.reuse import require_same
 from pipeline.errors import OutputError
-from pipeline.reuse import require_same
 
 log = logging.getLogger(__name__)
 

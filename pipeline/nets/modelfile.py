@@ -4,7 +4,7 @@ The metadata (class names, image size, weights source, preprocessing, kind) is
 stored as ``classifier.json`` inside the ``.keras`` zip archive, beside Keras' own
 files, so one file is all that prediction needs. Models are always loaded in Keras'
 safe mode (no arbitrary code from lambdas). A model file may be a local path or any
-URI ``pipeline.storage`` reads and writes (``s3://bucket/runs/1/top/model.keras``).
+URI ``pipeline.data.storage`` reads and writes (``s3://bucket/runs/1/top/model.keras``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import tempfile
 import zipfile
 from typing import Any
 
-from pipeline import storage
+from pipeline.data import storage
 from pipeline.errors import UserError
 
 METADATA_NAME = "classifier.json"
@@ -86,7 +86,7 @@ def with_policy(model, precision: str):
     ``precision``, the pinned float32 layers excepted; nested models are cloned layer by layer."""
     import keras
 
-    from pipeline.precision import keras_policy
+    from pipeline.nets.precision import keras_policy
 
     policy = keras.DTypePolicy(keras_policy(precision))
 

@@ -7,7 +7,7 @@ so the arrays produced here are plain 0..255 RGB pixels.
 JPEGs take a fast path that gives the same pixels as Pillow, about twice as fast
 (``bench/decode_throughput.py``): libjpeg-turbo through ``simplejpeg`` decodes at the DCT
 scale Pillow's ``draft`` would pick (Pillow bundles libjpeg-turbo too, so the pixels are
-identical), and ``pipeline.resample`` resizes exactly as Pillow does, three times faster.
+identical), and ``pipeline.images.resample`` resizes exactly as Pillow does, three times faster.
 ``simplejpeg`` (a 0.4 MB wheel for Linux x86-64 and aarch64, kept current with
 libjpeg-turbo) was chosen over OpenCV because its strict mode raises on a truncated or
 corrupt stream: such files fall back to Pillow and are accepted or rejected exactly as
@@ -42,8 +42,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageFile, ImageOps
 
-from pipeline.config import MAX_IMAGE_MEGAPIXELS
-from pipeline.resample import resize_bilinear
+from pipeline.images.resample import resize_bilinear
 
 # Truncated files must be rejected, never half-decoded into grey pixels.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -52,6 +51,11 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # the file to Ghostscript, an interpreter, and no other format is one a photo collection needs.
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
 _JPEG_FORMATS = ("JPEG", "MPO")
+# 50 megapixels admits a 48-Mpx phone photo (8000x6000) and refuses 9400x9400 (88 Mpx), which
+# Pillow's own bomb limit (89.5 Mpx, Image.MAX_IMAGE_PIXELS) still lets through; it bounds what
+# one decode holds (stated below). Above Pillow's limit, Pillow refuses.
+MAX_IMAGE_MEGAPIXELS = 50.0
+PILLOW_LIMIT_MEGAPIXELS = 89.478485
 # Images whose header declares more pixels are rejected before decoding (``--max-image-megapixels``).
 MAX_PIXELS = round(MAX_IMAGE_MEGAPIXELS * 1_000_000)
 # What Pillow holds per pixel while decoding is at most 9 bytes (a PNG palette with transparency:
@@ -84,7 +88,8 @@ def read_bytes(path: str, max_pixels: int = MAX_PIXELS) -> bytes:
     """The raw bytes of a local path or a pyarrow filesystem URI (``s3://…``), given in the stored
     form of ``pipeline.names``; a file over ``max_file_bytes(max_pixels)`` is the reject "too
     large" and is never read into memory (a video or disk image under a photo's name)."""
-    from pipeline import names, storage
+    from pipeline import names
+    from pipeline.data import storage
 
     try:
         return storage.read_bytes(names.os_path(path), limit=max_file_bytes(max_pixels))

@@ -23,7 +23,7 @@ import tempfile
 import time
 from typing import Any, Iterator
 
-from pipeline import storage
+from pipeline.data import storage
 from pipeline.errors import ConfigError, TrackingError
 from pipeline.redact import redact, redact_values
 

@@ -12,9 +12,11 @@ not on the number of files.
 from __future__ import annotations
 
 from ray.data import DataContext
-from ray.data._internal.execution.backpressure_policy import (ENABLED_BACKPRESSURE_POLICIES,
-                                                             ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY,
-                                                             BackpressurePolicy)
+from ray.data._internal.execution.backpressure_policy import (
+    ENABLED_BACKPRESSURE_POLICIES,
+    ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY,
+    BackpressurePolicy,
+)
 from ray.data._internal.execution.interfaces.physical_operator import PhysicalOperator
 from ray.data._internal.execution.operators.actor_pool_map_operator import ActorPoolMapOperator
 

@@ -7,7 +7,7 @@ same code as on a laptop. Credentials and endpoints come from the usual environm
 variables (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``…),
 which pyarrow reads itself.
 
-Jobs write their outputs in place and commit them piece by piece (``pipeline.ledger``); a
+Jobs write their outputs in place and commit them piece by piece (``pipeline.data.ledger``); a
 manifest written last marks a finished output, and every single object (a shard, a model
 file, a report) is written whole: under a temporary name then renamed on local disks, in
 one PUT on object stores. A ``<output>.lock`` keeps two runs from writing one output at once.
@@ -36,8 +36,8 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from pipeline import names
+from pipeline.data.localtree import LocalTree
 from pipeline.errors import OutputError
-from pipeline.localtree import LocalTree
 from pipeline.redact import redact_values
 
 MANIFEST = "manifest.json"
@@ -181,7 +181,7 @@ def walk_files(root: str, tree: LocalTree | None = None) -> Iterator[tuple[str, 
     Paths are in the stored form of ``pipeline.names`` (any name, as reversible UTF-8).
 
     Streams folder by folder, so a listing of a million objects holds one folder's names
-    at a time. Locally, links are followed as ``pipeline.localtree`` says (out of the data root
+    at a time. Locally, links are followed as ``pipeline.data.localtree`` says (out of the data root
     only, each real folder and file once; broken ones listed, so that decoding records them as
     rejects rather than letting them vanish); ``tree`` is the data root's listing state when
     ``root`` is one folder of it (see ``local_tree``).
@@ -486,3 +486,12 @@ def _remote_lock(lock: str, uri: str) -> Iterator[None]:
         with contextlib.suppress(OSError, ValueError):
             if _parse_holder(read_text(lock)).get("owner") == me["owner"]:
                 delete_file(lock)
+
+
+def cache_dir() -> str:
+    """The user's cache folder for this project (``RIC_CACHE_DIR`` overrides it)."""
+    root = os.environ.get("RIC_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ray-image-classifier"
+    )
+    os.makedirs(root, exist_ok=True)
+    return root

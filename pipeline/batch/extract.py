@@ -18,7 +18,7 @@ Output layout (``<output>/``)::
 shape is ``manifest["feature_shape"]`` (``manifest["block4"]["shape"]`` for the cache).
 Rows are written in a seeded random order, so every shard mixes the classes.
 
-A run commits block by block (``pipeline.ledger``): an interrupted run is resumed by the
+A run commits block by block (``pipeline.data.ledger``): an interrupted run is resumed by the
 next one with the same settings, and a rerun over a changed data root extracts only the
 added and changed files and drops the rows of removed ones.
 """
@@ -30,46 +30,45 @@ import os
 import time
 from collections import Counter
 from dataclasses import asdict
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline import ledger, outputs, storage, vgg16
-from pipeline.cluster import InferencePlan, configure_tensorflow_devices, pin_to_this_node
+from pipeline.batch.cluster import InferencePlan, configure_tensorflow_devices, pin_to_this_node
+from pipeline.batch.inference import (
+    CommittingSink,
+    actor_identity,
+    actors_precision,
+    check_reject_fraction,
+    decoded_images,
+    map_with_actors,
+    plan_inference,
+    run_model_on_good_rows,
+    stamp_actor,
+    write_args,
+)
 from pipeline.config import ExtractConfig
-from pipeline.discover import IMAGE_EXTENSIONS, OPTIONAL_SPLITS, REQUIRED_SPLITS, DatasetIndex, discover
+from pipeline.data import ledger, outputs, storage
+from pipeline.data.discover import IMAGE_EXTENSIONS, OPTIONAL_SPLITS, REQUIRED_SPLITS, DatasetIndex, discover
+from pipeline.data.reuse import fingerprint, job_settings
+from pipeline.data.shards import BLOCK4_DIR, FLIPPED_SPLIT, REJECT_SCHEMA, REJECTS_FILE, data_name, feature_schema
 from pipeline.faults import maybe_fail
-from pipeline.inference import (CommittingSink, actor_identity, actors_precision, check_reject_fraction, decoded_images,
-                                map_with_actors,
-                                plan_inference, run_model_on_good_rows, stamp_actor, write_args)
-from pipeline.precision import device_precision
-from pipeline.reuse import fingerprint, job_settings
+from pipeline.nets import vgg16
+from pipeline.nets.precision import device_precision
+from pipeline.nets.weights import WeightsSource, load_weight_arrays, resolve_weights
 from pipeline.versions import library_versions
-from pipeline.weights import WeightsSource, load_weight_arrays, resolve_weights
 
 log = logging.getLogger(__name__)
 
-BLOCK4_DIR = "block4"
-# Only training rows get the mirrored copy: it is the flip augmentation of the top MLP and of cached fine-tuning.
-FLIPPED_SPLIT = "train"
 ROW_ORDER_SEED = 0
-REJECTS_FILE = "rejects.parquet"
-REJECT_SCHEMA = pa.schema([("path", pa.string()), ("split", pa.string()), ("reason", pa.string()),
-                           ("error", pa.string())])
 SPLITS = list(REQUIRED_SPLITS + OPTIONAL_SPLITS)
 # What an extraction writes (see the module docstring): a data root's own train/ or validation/
 # photos are not part-*.parquet files, so an output aimed at a data root is refused.
 OUTPUT_LAYOUT = outputs.Layout("an extraction", markers=(storage.MANIFEST, ledger.RUN_FILE), files=(
     *ledger.FILES, REJECTS_FILE, *(f"{s}/part-*" for s in SPLITS), *(f"{BLOCK4_DIR}/{s}/part-*" for s in SPLITS)))
-
-
-def feature_schema(dim: int, columns: Iterable[str] = ("features",)) -> pa.Schema:
-    """The schema of a feature shard: path, label, class name and fixed-size float32 list columns."""
-    return pa.schema([("path", pa.string()), ("label", pa.int32()), ("class_name", pa.string())]
-                     + [(c, pa.list_(pa.float32(), dim)) for c in columns])
 
 
 def _rows_of(values: np.ndarray | None, ok: np.ndarray, dim: int) -> np.ndarray:
@@ -90,7 +89,7 @@ class FeatureActor:
     def __init__(self, image_size: int, weight_arrays: list[np.ndarray] | None, preprocessing: str,
                  precision: str, batch_size: int, mirror: bool = False, cache_block4: bool = False):
         configure_tensorflow_devices()
-        from pipeline.models import block4_and_features, feature_extractor
+        from pipeline.nets.models import block4_and_features, feature_extractor
 
         precision = device_precision(precision)
         if isinstance(weight_arrays, ray.ObjectRef):
@@ -159,23 +158,6 @@ class FeatureSink(CommittingSink):
         storage.write_parquet(uri, pa.table(data, schema=feature_schema(dim, columns)))
 
 
-def read_split(output_dir: str, split: str, columns: list[str] | None = None) -> pa.Table | None:
-    """One split's feature shards as an Arrow table, read with pyarrow alone."""
-    return storage.read_parquet_files(storage.list_parquet(storage.join(output_dir, split)), columns)
-
-
-def list_rows(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A fixed-size-list column as a 2-D numpy array, one row per list (no per-row Python work)."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
-
-
-def features_as_array(table: pa.Table, shape: Iterable[int]) -> np.ndarray:
-    """The ``features`` column as an ``(n, *shape)`` float32 array."""
-    return list_rows(table.column("features")).reshape(len(table), *shape).astype(np.float32, copy=False)
-
-
 def extraction_settings(cfg: ExtractConfig, weights: WeightsSource) -> dict[str, Any]:
     """What decides an extraction's rows: its options (the requested precision: with "auto" each
     actor chooses from its device, and the same request on other hardware is the same extraction)
@@ -193,14 +175,9 @@ def mirrored(cfg: ExtractConfig, cache: bool) -> bool:
     return cfg.mirror_train or cache
 
 
-def run_name(data_dir: str) -> str:
-    """A run's name: the data folder's name (the last part of a URI)."""
-    return storage.basename(data_dir)
-
-
 def default_output_dir(data_dir: str) -> str:
     """``outputs/<name of the data folder>/features``."""
-    return os.path.join("outputs", run_name(data_dir), "features")
+    return os.path.join("outputs", data_name(data_dir), "features")
 
 
 def _begin(output_dir: str, settings: dict[str, Any], cfg: ExtractConfig) -> tuple[dict[str, Any] | None, bool]:
@@ -224,7 +201,7 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
     updated when it changed; an unfinished one is resumed; one with other settings is
     refused, naming them, unless ``cfg.overwrite``.
     """
-    from pipeline.synthetic import default_data_dir, is_synthetic, note_builtin_data
+    from pipeline.data.synthetic import default_data_dir, is_synthetic, note_builtin_data
 
     started = time.time()
     data_dir = cfg.data_dir or default_data_dir()

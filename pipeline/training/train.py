@@ -27,7 +27,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline import logs, tracking
+from pipeline import logs
+from pipeline.training import tracking
 
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "model.weights.h5"
@@ -104,7 +105,7 @@ def build_model(s: LoopSettings, base_weights=None, top_weights=None):
     """The Keras model and optimizer of one training kind (under the current strategy scope)."""
     import keras
 
-    from pipeline import models
+    from pipeline.nets import models
 
     if s.kind == "top":
         model = models.top_classifier(s.feature_shape, s.num_classes, s.precision, dropout=s.dropout)
@@ -157,7 +158,7 @@ def block4_cells(shift: float, image_size: int) -> int:
 
 def batch_inputs(batch: dict[str, Any], s: LoopSettings, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
     """A Ray Data batch as (model input, labels); images are augmented when ``rng`` is given."""
-    from pipeline.augment import Augmentation, augment_batch, shift_maps
+    from pipeline.images.augment import Augmentation, augment_batch, shift_maps
 
     labels = np.asarray(batch["label"], dtype=np.int32)
     if s.kind == "top" or s.cached_block4:
@@ -179,7 +180,7 @@ def batch_inputs(batch: dict[str, Any], s: LoopSettings, rng: np.random.Generato
 
 def _float_rows(column, n: int, shape: tuple[int, ...]) -> np.ndarray:
     """A fixed-size-list column (pyarrow, or numpy rows) as a writable ``(n, *shape)`` float32 array."""
-    from pipeline.extract import list_rows
+    from pipeline.data.shards import list_rows
 
     if hasattr(column, "combine_chunks"):  # pyarrow
         flat = list_rows(column)
@@ -194,7 +195,7 @@ def load_shard(shard) -> dict[str, np.ndarray]:
     """A worker's whole dataset shard as numpy columns (fixed-size lists become 2-D float32 arrays)."""
     import pyarrow as pa
 
-    from pipeline.extract import list_rows
+    from pipeline.data.shards import list_rows
 
     parts: dict[str, list[np.ndarray]] = {}
     for batch in shard.iter_batches(batch_size=1024, batch_format="pyarrow"):
@@ -392,7 +393,7 @@ def run_epoch(steps: DistributedSteps, step_fn, batches: Iterator[dict], world: 
 
 def _settings_in_worker(config: dict[str, Any]) -> tuple[LoopSettings, dict[str, Any]]:
     """The loop settings (precision decided on this worker's device) and the extras."""
-    from pipeline.precision import device_precision
+    from pipeline.nets.precision import device_precision
 
     config = dict(config)
     extras = config.pop("extras", {}) or {}
@@ -408,7 +409,7 @@ def _share_cores(local_world_size: int) -> None:
     """Workers sharing a node split its cores instead of each starting one thread per core."""
     import tensorflow as tf
 
-    from pipeline.cluster import configure_tensorflow_devices
+    from pipeline.batch.cluster import configure_tensorflow_devices
 
     configure_tensorflow_devices()
     threads = max(1, (os.cpu_count() or 1) // max(1, local_world_size))

@@ -176,7 +176,7 @@ def pin_to_this_node(location: str) -> dict[str, Any]:
     Nothing else on a cluster without a shared filesystem can open a local path the driver
     named; object-store URIs need no pinning.
     """
-    from pipeline import storage
+    from pipeline.data import storage
 
     if not storage.is_local(location):
         return {}

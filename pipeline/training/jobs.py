@@ -25,19 +25,35 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline import outputs, storage, tracking, vgg16
-from pipeline.cluster import inference_plan
+from pipeline.batch.cluster import inference_plan
+from pipeline.batch.evaluation import evaluate
+from pipeline.batch.extract import run_extraction
+from pipeline.batch.inference import check_reject_fraction, decoded_images, find_rejects
 from pipeline.config import ExtractConfig, FinetuneConfig, ImageTrainConfig, ScratchConfig, TrainConfig, TrainTopConfig
-from pipeline.discover import DatasetIndex, discover
+from pipeline.data import outputs, storage
+from pipeline.data.discover import DatasetIndex, discover
+from pipeline.data.reuse import job_settings, require_same
+from pipeline.data.shards import FLIPPED_SPLIT, data_name, read_split
 from pipeline.errors import DataError, UserError
-from pipeline.extract import FLIPPED_SPLIT, read_split, run_extraction, run_name
-from pipeline.inference import check_reject_fraction, decoded_images, find_rejects
-from pipeline.modelfile import (MODEL_FILE, SAVED_MODEL_DIR, export_saved_model, load_classifier, read_metadata,
-                                save_classifier)
-from pipeline.reuse import job_settings, require_same
-from pipeline.report import evaluate, model_title, plot_curves, write_metrics_csv
-from pipeline.train import (LoopSettings, default_learning_rate, ema_momentum, fit, load_checkpoint_weights,
-                            read_checkpoint_state)
+from pipeline.nets import vgg16
+from pipeline.nets.modelfile import (
+    MODEL_FILE,
+    SAVED_MODEL_DIR,
+    export_saved_model,
+    load_classifier,
+    read_metadata,
+    save_classifier,
+)
+from pipeline.training import tracking
+from pipeline.training.report import model_title, plot_curves, write_metrics_csv
+from pipeline.training.train import (
+    LoopSettings,
+    default_learning_rate,
+    ema_momentum,
+    fit,
+    load_checkpoint_weights,
+    read_checkpoint_state,
+)
 from pipeline.versions import library_versions
 
 SUMMARY = "summary.json"
@@ -248,13 +264,13 @@ def _feature_datasets(features_dir: str, manifest: dict[str, Any], cfg: TrainTop
 @outputs.holding_locks
 def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     """Fit the top MLP on feature shards; export it joined to its VGG16 base as one image → class model."""
-    from pipeline import models
-    from pipeline.weights import load_weight_arrays, resolve_weights
+    from pipeline.nets import models
+    from pipeline.nets.weights import load_weight_arrays, resolve_weights
 
     started = time.monotonic()
     features_dir = cfg.features_dir or default_features(cfg.output_dir)
     manifest = finished_features(features_dir)
-    output_dir = cfg.output_dir or os.path.join("outputs", run_name(manifest["data_dir"]))
+    output_dir = cfg.output_dir or os.path.join("outputs", data_name(manifest["data_dir"]))
     directory = job_dir(output_dir, "top")
     reused = _prepare(directory, "top", job_settings(cfg, drop=("features_dir",), features=manifest["fingerprint"],
                                                     learning_rate=cfg.learning_rate or default_learning_rate("top")),
@@ -279,7 +295,7 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     top = models.top_classifier(shape, num_classes, "float32", dropout=cfg.dropout)
     load_checkpoint_weights(run.best, top)
     val = read_split(features_dir, "validation")
-    from pipeline.extract import features_as_array
+    from pipeline.data.shards import features_as_array
 
     probs = models.probabilities(top.predict(features_as_array(val, shape), batch_size=256, verbose=0), num_classes)
     evaluation = evaluate(val.column("label").to_numpy(), probs, manifest["classes"])
@@ -298,7 +314,7 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
 
 def _good_rows(index: DatasetIndex, image_size: int, cfg: ImageTrainConfig, directory: str) -> dict[str, pa.Table]:
     """The decodable files per split; undecodable ones go to ``<job>/rejects.parquet``."""
-    from pipeline.extract import REJECT_SCHEMA
+    from pipeline.data.shards import REJECT_SCHEMA
 
     rejects = find_rejects(index.files, index.root, image_size, cfg.max_pixels).rename_columns(
         {"relpath": "path"}).select(REJECT_SCHEMA.names).cast(REJECT_SCHEMA)
@@ -325,7 +341,7 @@ def _evaluate_model_file(path: str, files: pa.Table, root: str, classes: list[st
                          precision: str, batch_size: int, max_pixels: int) -> dict[str, Any]:
     """Evaluate a saved classifier on ``files`` (``relpath``, ``label`` under ``root``) with the
     batch-prediction pipeline."""
-    from pipeline.predict import collect_probabilities, predictions_dataset
+    from pipeline.batch.predict import collect_probabilities, predictions_dataset
 
     ds = predictions_dataset(path, files.select(["relpath"]), root, image_size, precision, inference_plan(1),
                              batch_size, max_pixels=max_pixels)
@@ -420,8 +436,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 def _finetuned_image_model(meta: dict[str, Any], base_weights: list[np.ndarray]):
     """A builder of the image → class model fine-tuning exports: VGG16 frozen below block 5 and a
     top; with ``block5_source``, the base weights with block 5 taken from that model."""
-    from pipeline import models
-    from pipeline.train import freeze_below_block5
+    from pipeline.nets import models
+    from pipeline.training.train import freeze_below_block5
 
     image_size, classes = meta["image_size"], meta["classes"]
     shape = tuple(vgg16.feature_shape(image_size))
@@ -440,7 +456,7 @@ def _finetuned_image_model(meta: dict[str, Any], base_weights: list[np.ndarray])
 def _finetune_cached(cfg: FinetuneConfig, meta: dict[str, Any], manifest: dict[str, Any], top_model,
                      directory: str, metadata: dict[str, Any]) -> dict[str, Any]:
     """Fine-tuning on the block-4 cache of the top model's feature folder (``--cache-block4``)."""
-    from pipeline import models
+    from pipeline.nets import models
 
     features, top = top_model.get_layer("vgg16_features"), top_model.get_layer("top")
     classes, shape = meta["classes"], tuple(vgg16.feature_shape(meta["image_size"]))
@@ -515,15 +531,15 @@ def ensure_block4_cache(features_dir: str | None) -> dict[str, Any]:
 @outputs.holding_locks
 def train_scratch(cfg: ScratchConfig) -> dict[str, Any]:
     """Train the reference article's small CNN from scratch on augmented images."""
-    from pipeline import models
-    from pipeline.synthetic import default_data_dir, is_synthetic, note_builtin_data
+    from pipeline.data.synthetic import default_data_dir, is_synthetic, note_builtin_data
+    from pipeline.nets import models
 
     started = time.monotonic()
     data_dir = cfg.data_dir or default_data_dir()
     synthetic = is_synthetic(data_dir)
     if synthetic:
         note_builtin_data()
-    output_dir = cfg.output_dir or os.path.join("outputs", run_name(data_dir))
+    output_dir = cfg.output_dir or os.path.join("outputs", data_name(data_dir))
     directory = job_dir(output_dir, "scratch")
     index = discover(data_dir, cfg.layout, cfg.validation_fraction, cfg.max_images_per_class)
     settings = job_settings(cfg, drop=("data_dir",), data=index.fingerprint(),

@@ -1,7 +1,7 @@
 """Keras model builders: the VGG16 conv base, the top MLP, the small CNN, and their joins.
 
 Pixel normalisation lives inside the models (a built-in ``Normalization`` or ``Rescaling``
-layer), so every model takes plain 0..255 RGB arrays from ``pipeline.decode``, a saved model
+layer), so every model takes plain 0..255 RGB arrays from ``pipeline.images.decode``, a saved model
 carries its own preprocessing, and plain Keras loads it without this project.
 """
 
@@ -12,8 +12,8 @@ from typing import Sequence
 import keras
 import numpy as np
 
-from pipeline.precision import dtype_policy
-from pipeline.vgg16 import BLOCK5_CONVS
+from pipeline.nets.precision import dtype_policy
+from pipeline.nets.vgg16 import BLOCK5_CONVS
 
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)

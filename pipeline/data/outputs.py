@@ -27,7 +27,8 @@ from typing import Any, Callable, Mapping, TypeVar
 
 from pyarrow import fs as pafs
 
-from pipeline import names, storage
+from pipeline import names
+from pipeline.data import storage
 from pipeline.errors import OutputError
 
 # storage writes a file as ``<name>.tmp-<pid>[-<thread>]`` and renames it; a killed run leaves it.

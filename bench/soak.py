@@ -1,0 +1,303 @@
+"""Soak: one extraction over a million real JPEGs on this machine, with flat memory, steady
+throughput, an exact audit, and a resume after SIGKILL.
+
+    python bench/soak.py [--files 1000000] [--image-size 32] [--weights none] [--kill-at 0.6]
+
+The data root holds ``--files`` JPEGs: the shared photos decoded once, shrunk to 64 px on the
+long side and re-encoded (a real JPEG decode per file, but small, so a million fit the time on
+2 cores), written round robin under distinct names into their split/class folders. The job runs
+as a user starts it (``python -m jobs.extract_features``, its own local Ray cluster) with a
+small ``--image-size`` and ``--weights none`` (the model's work is the same as with weights).
+
+Run 1, to the end: every 2 s the RSS of every process of the job's tree is sampled and each
+process is given a kind (driver, raylet, gcs, dashboard, decode tasks, inference actor, other
+Ray workers); committed rows are read from the ledger. Printed: each kind's peak RSS (largest
+single process, and the kind's sum) in the tenth of the run ending at 10%, 50% and 100%
+(flat: the 100% peak within 10% of the 10% one), the throughput of each tenth (the last at
+least 0.9 of the second), and the audit: every listed file in exactly one output row or one
+reject, none twice.
+Run 2, into a new output: SIGKILL of the whole tree once ``--kill-at`` of the files are
+committed, then the same command again: printed are the files the rerun processed against those
+left uncommitted (the difference is committed work redone) and the same audit.
+Figures go to ``bench/results/soak.json`` (date, CPU, commit, command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pyarrow.parquet as pq
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from bench.result_file import write_result  # noqa: E402
+from pipeline.data.discover import discover  # noqa: E402
+
+SPLITS = ("train", "validation")
+# The jobs' logs, kept after the data and outputs are removed.
+LOGS = "/tmp/ric-soak-logs"
+
+
+def small_jpegs(source: str, side: int = 64) -> list[tuple[str, str, bytes]]:
+    """(split, class, JPEG bytes) of every photo of ``source``, shrunk to ``side`` px."""
+    out = []
+    for row in discover(source).rows():
+        with Image.open(row["path"]) as im:
+            im = im.convert("RGB")
+            im.thumbnail((side, side))
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=85)
+        out.append((row["split"], row["class_name"], buf.getvalue()))
+    return out
+
+
+def build_root(source: str, root: str, files: int) -> dict[str, int]:
+    """``files`` JPEGs under ``root``/<split>/<class>/, round robin over the shrunk photos."""
+    photos = small_jpegs(source)
+    folders = {(s, c) for s, c, _ in photos}
+    for s, c in folders:
+        os.makedirs(os.path.join(root, s, c), exist_ok=True)
+    total_bytes = 0
+    for i in range(files):
+        split, cls, data = photos[i % len(photos)]
+        with open(os.path.join(root, split, cls, f"{i:08d}.jpg"), "wb") as f:
+            f.write(data)
+        total_bytes += len(data)
+    return {"files": files, "distinct_photos": len(photos), "mean_file_bytes": round(total_bytes / files)}
+
+
+def kind_of(proc: psutil.Process, driver_pid: int) -> str:
+    """The role of a process of the job's tree, from its command line."""
+    if proc.pid == driver_pid:
+        return "driver"
+    try:
+        cmd = " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return "gone"
+    for needle, kind in (("raylet", "raylet"), ("gcs_server", "gcs"), ("dashboard", "dashboard"),
+                         ("DashboardAgent", "dashboard"), ("RuntimeEnvAgent", "ray_agents"),
+                         ("log_monitor", "ray_agents"), ("monitor.py", "ray_agents"),
+                         ("MapWorker", "inference_actor"), ("ReadImageBlocks", "decode_workers"),
+                         ("ray::IDLE", "decode_workers"), ("ray::_", "ray_data_actors"),
+                         ("ActorLocationTracker", "ray_data_actors"), ("ray::", "ray_workers_other")):
+        if needle in cmd:
+            return kind
+    return "other:" + proc.name()
+
+
+def committed_rows(output: str, seen: dict[str, int]) -> int:
+    """Rows of the ledger entries committed so far (``seen`` caches the entries already read)."""
+    folder = os.path.join(output, "_ledger")
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        if name.endswith(".parquet") and name not in seen:
+            try:
+                seen[name] = pq.read_metadata(os.path.join(folder, name)).num_rows
+            except (OSError, ValueError):  # being written right now: read on the next call
+                continue
+    return sum(seen.values())
+
+
+class Sampler(threading.Thread):
+    """Samples the job tree's RSS by process kind and the committed rows every ``period`` s."""
+
+    def __init__(self, driver_pid: int, output: str, period: float = 2.0):
+        super().__init__(daemon=True)
+        self.driver, self.output, self.period = psutil.Process(driver_pid), output, period
+        self.samples: list[tuple[float, int, dict[str, list[int]], str]] = []
+        self.seen: dict[str, int] = {}
+        self.stop = threading.Event()
+
+    def committed(self) -> int:
+        return committed_rows(self.output, self.seen)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            by_kind: dict[str, list[int]] = collections.defaultdict(list)
+            try:
+                procs = [self.driver, *self.driver.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                break
+            for p in procs:
+                try:
+                    by_kind[kind_of(p, self.driver.pid)].append(p.memory_info().rss)
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+            self.samples.append((time.time(), self.committed(), dict(by_kind), ""))
+            self.stop.wait(self.period)
+
+
+def start_job(root: str, out: str, log_path: str, extra: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "jobs.extract_features", "--data-dir", root,
+                                 "--output-dir", out, *extra], cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process it started (Ray's too), as a machine loss would."""
+    tree = []
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        pass
+    for p in [*tree]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    psutil.wait_procs(tree, timeout=30)
+
+
+def tenth_figures(samples: list, total: int, started: float) -> dict:
+    """Throughput per tenth of the files and each kind's peaks in the tenths ending at 10/50/100%."""
+    bounds = [started]
+    for t, done, _, _ in samples:
+        while len(bounds) <= 10 and done >= total * len(bounds) / 10:
+            bounds.append(t)
+    while len(bounds) <= 10:  # the last rows committed after the last sample
+        bounds.append(samples[-1][0])
+    rate = [round(total / 10 / max(b - a, 1e-9), 1) for a, b in zip(bounds, bounds[1:])]
+    peaks: dict[str, dict] = {}
+    for label, tenth in (("10%", 0), ("50%", 4), ("100%", 9)):
+        window = [s for s in samples if min(9, s[1] * 10 // total) == tenth]
+        kinds = sorted({kind for s in window for kind in s[2]})
+        peaks[label] = {kind: {"max_process_mib": round(max(max(s[2].get(kind, [0])) for s in window) / 2**20),
+                               "kind_sum_mib": round(max(sum(s[2].get(kind, [0])) for s in window) / 2**20)}
+                        for kind in kinds}
+        peaks[label]["whole_tree_mib"] = round(max((sum(sum(v) for v in s[2].values()) for s in window),
+                                                   default=0) / 2**20)
+        peaks[label]["samples"] = len(window)
+    return {"images_per_s_by_tenth": rate, "peaks": peaks,
+            "last_over_second_tenth": round(rate[9] / rate[1], 3)}
+
+
+def flatness(peaks: dict) -> dict:
+    """Each kind's sum at 100% over its sum at 10% (flat: <= 1.10)."""
+    first, last = peaks["10%"], peaks["100%"]
+    out = {kind: round(last[kind]["kind_sum_mib"] / max(first[kind]["kind_sum_mib"], 1), 3)
+           for kind in first if kind in last and isinstance(first[kind], dict)}
+    out["whole_tree"] = round(last["whole_tree_mib"] / max(first["whole_tree_mib"], 1), 3)
+    return out
+
+
+def audit(root: str, out: str) -> dict:
+    """Every listed file in exactly one output row or reject; nothing else, nothing twice."""
+    files = discover(root).files
+    listed = set(zip(files.column("split").to_pylist(), files.column("relpath").to_pylist()))
+    rows: list[tuple[str, str]] = []
+    for split in SPLITS:
+        table = pq.read_table(os.path.join(out, split), columns=["path"])
+        rows += [(split, p) for p in table.column("path").to_pylist()]
+    rejects = pq.read_table(os.path.join(out, "rejects.parquet"))
+    rows += list(zip(rejects.column("split").to_pylist(), rejects.column("path").to_pylist()))
+    counts = collections.Counter(rows)
+    return {"listed": len(listed), "rows_and_rejects": len(rows), "rejects": rejects.num_rows,
+            "twice": sum(1 for c in counts.values() if c > 1), "missing": len(listed - set(counts)),
+            "not_listed": len(set(counts) - listed),
+            "exact": len(rows) == len(listed) and set(counts) == listed}
+
+
+def full_run(root: str, out: str, extra: list[str], total: int) -> dict:
+    started = time.time()
+    job = start_job(root, out, LOGS + "/full.log", extra)
+    sampler = Sampler(job.pid, out)
+    sampler.start()
+    code = job.wait()
+    sampler.stop.set()
+    sampler.join()
+    if code != 0:
+        raise SystemExit(f"extraction failed (exit {code}); see {LOGS}/full.log")
+    with open(os.path.join(out, "manifest.json")) as f:
+        manifest = json.load(f)
+    last_commit = max(t for t, done, _, _ in sampler.samples if done < total) if sampler.samples else started
+    figures = {"seconds": round(time.time() - started), "processed": manifest["processed"],
+               "seconds_after_last_commit": round(time.time() - last_commit),
+               **tenth_figures(sampler.samples, total, started)}
+    figures["flat_ratio_100_over_10"] = flatness(figures["peaks"])
+    figures["audit"] = audit(root, out)
+    return figures
+
+
+def killed_run(root: str, out: str, extra: list[str], total: int, kill_at: float) -> dict:
+    job = start_job(root, out, LOGS + "/killed.log", extra)
+    sampler = Sampler(job.pid, out, period=1.0)
+    sampler.start()
+    try:
+        while sampler.committed() < kill_at * total:
+            if job.poll() is not None:
+                raise SystemExit(f"the job ended before {kill_at:.0%} was committed; see {LOGS}/killed.log")
+            time.sleep(0.5)
+    finally:
+        kill_tree(job)
+        sampler.stop.set()
+        sampler.join()
+    committed = committed_rows(out, {})
+    started = time.time()
+    rerun = start_job(root, out, LOGS + "/rerun.log", extra)
+    if rerun.wait() != 0:
+        raise SystemExit(f"the rerun failed; see {LOGS}/rerun.log")
+    with open(os.path.join(out, "manifest.json")) as f:
+        processed = json.load(f)["processed"]
+    left = total - committed
+    return {"committed_at_kill": committed, "left_at_kill": left, "rerun_processed": processed,
+            "redone": processed - left, "rerun_seconds": round(time.time() - started), "audit": audit(root, out)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=os.path.join(REPO, "..", "shared", "data", "cats_vs_dogs_small"))
+    parser.add_argument("--files", type=int, default=1_000_000)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--weights", default="none")
+    parser.add_argument("--kill-at", type=float, default=0.6)
+    parser.add_argument("--parts", default="full,killed", help="full, killed or both")
+    parser.add_argument("--work-dir", default="/tmp/ric-soak")
+    args = parser.parse_args()
+    extra = ["--image-size", str(args.image_size), "--weights", args.weights]
+    shutil.rmtree(args.work_dir, ignore_errors=True)
+    os.makedirs(LOGS, exist_ok=True)
+    root = os.path.join(args.work_dir, "data")
+    started = time.time()
+    figures: dict = {"data": build_root(os.path.abspath(args.data_dir), root, args.files),
+                     "image_size": args.image_size, "weights": args.weights}
+    figures["data"]["build_seconds"] = round(time.time() - started)
+    print(f"built {args.files} files in {figures['data']['build_seconds']} s", flush=True)
+    try:
+        if "full" in args.parts:
+            figures["full"] = full_run(root, os.path.join(args.work_dir, "full"), extra, args.files)
+            print(json.dumps(figures["full"]), flush=True)
+        if "killed" in args.parts:
+            figures["killed"] = killed_run(root, os.path.join(args.work_dir, "killed"), extra, args.files,
+                                           args.kill_at)
+            print(json.dumps(figures["killed"]), flush=True)
+    finally:
+        write_result("soak" if args.files >= 1_000_000 else f"soak-{args.files}", figures)
+        shutil.rmtree(args.work_dir, ignore_errors=True)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

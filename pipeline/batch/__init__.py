@@ -1,0 +1,1 @@
+"""Ray Data batch jobs: the cluster's plan, decode and inference over many files, feature extraction, prediction."""

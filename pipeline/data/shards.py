@@ -1,0 +1,49 @@
+"""Feature shards as extraction writes them and every later stage reads them: Parquet files
+per split (``<output>/<split>/part-*.parquet``), one row per image with its ``path``, ``label``,
+``class_name`` and a fixed-size-list ``features`` column; the block-4 cache the same way under
+``block4/``; the rejects in one file. Any Arrow reader opens them; these are the project's own
+readers.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.data import storage
+
+BLOCK4_DIR = "block4"
+# Only training rows get the mirrored copy: it is the flip augmentation of the top MLP and of cached fine-tuning.
+FLIPPED_SPLIT = "train"
+REJECTS_FILE = "rejects.parquet"
+REJECT_SCHEMA = pa.schema([("path", pa.string()), ("split", pa.string()), ("reason", pa.string()),
+                           ("error", pa.string())])
+
+def feature_schema(dim: int, columns: Iterable[str] = ("features",)) -> pa.Schema:
+    """The schema of a feature shard: path, label, class name and fixed-size float32 list columns."""
+    return pa.schema([("path", pa.string()), ("label", pa.int32()), ("class_name", pa.string())]
+                     + [(c, pa.list_(pa.float32(), dim)) for c in columns])
+
+
+def read_split(output_dir: str, split: str, columns: list[str] | None = None) -> pa.Table | None:
+    """One split's feature shards as an Arrow table, read with pyarrow alone."""
+    return storage.read_parquet_files(storage.list_parquet(storage.join(output_dir, split)), columns)
+
+
+def list_rows(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A fixed-size-list column as a 2-D numpy array, one row per list (no per-row Python work)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
+
+
+def features_as_array(table: pa.Table, shape: Iterable[int]) -> np.ndarray:
+    """The ``features`` column as an ``(n, *shape)`` float32 array."""
+    return list_rows(table.column("features")).reshape(len(table), *shape).astype(np.float32, copy=False)
+
+
+def data_name(data_dir: str) -> str:
+    """A run's name: the data folder's name (the last part of a URI)."""
+    return storage.basename(data_dir)

@@ -1,0 +1,1 @@
+"""Image bytes to arrays: decoding with its limits, resampling, augmentation."""

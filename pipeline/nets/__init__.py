@@ -1,0 +1,1 @@
+"""The networks: VGG16 and its weights, the three models, model files, numeric precision."""

@@ -1,0 +1,1 @@
+"""HTTP serving of a trained model: the server, request parsing and limits, authentication."""
