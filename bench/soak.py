@@ -33,10 +33,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 
-import psutil
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -44,6 +42,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from bench.result_file import write_result  # noqa: E402
+from bench.process_memory import Sampler, committed_rows  # noqa: E402
 from pipeline.data.discover import discover  # noqa: E402
 
 SPLITS = ("train", "validation")
@@ -79,70 +78,6 @@ def build_root(source: str, root: str, files: int) -> dict[str, int]:
     return {"files": files, "distinct_photos": len(photos), "mean_file_bytes": round(total_bytes / files)}
 
 
-def kind_of(proc: psutil.Process, driver_pid: int) -> str:
-    """The role of a process of the job's tree, from its command line."""
-    if proc.pid == driver_pid:
-        return "driver"
-    try:
-        cmd = " ".join(proc.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return "gone"
-    for needle, kind in (("raylet", "raylet"), ("gcs_server", "gcs"), ("dashboard", "dashboard"),
-                         ("DashboardAgent", "dashboard"), ("RuntimeEnvAgent", "ray_agents"),
-                         ("log_monitor", "ray_agents"), ("monitor.py", "ray_agents"),
-                         ("MapWorker", "inference_actor"), ("ReadImageBlocks", "decode_workers"),
-                         ("ray::IDLE", "decode_workers"), ("ray::_", "ray_data_actors"),
-                         ("ActorLocationTracker", "ray_data_actors"), ("ray::", "ray_workers_other")):
-        if needle in cmd:
-            return kind
-    return "other:" + proc.name()
-
-
-def committed_rows(output: str, seen: dict[str, int]) -> int:
-    """Rows of the ledger entries committed so far (``seen`` caches the entries already read)."""
-    folder = os.path.join(output, "_ledger")
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return 0
-    for name in names:
-        if name.endswith(".parquet") and name not in seen:
-            try:
-                seen[name] = pq.read_metadata(os.path.join(folder, name)).num_rows
-            except (OSError, ValueError):  # being written right now: read on the next call
-                continue
-    return sum(seen.values())
-
-
-class Sampler(threading.Thread):
-    """Samples the job tree's RSS by process kind and the committed rows every ``period`` s."""
-
-    def __init__(self, driver_pid: int, output: str, period: float = 2.0):
-        super().__init__(daemon=True)
-        self.driver, self.output, self.period = psutil.Process(driver_pid), output, period
-        self.samples: list[tuple[float, int, dict[str, list[int]], str]] = []
-        self.seen: dict[str, int] = {}
-        self.stop = threading.Event()
-
-    def committed(self) -> int:
-        return committed_rows(self.output, self.seen)
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            by_kind: dict[str, list[int]] = collections.defaultdict(list)
-            try:
-                procs = [self.driver, *self.driver.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                break
-            for p in procs:
-                try:
-                    by_kind[kind_of(p, self.driver.pid)].append(p.memory_info().rss)
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-            self.samples.append((time.time(), self.committed(), dict(by_kind), ""))
-            self.stop.wait(self.period)
-
-
 def start_job(root: str, out: str, log_path: str, extra: list[str]) -> subprocess.Popen:
     env = {**os.environ, "RAY_ADDRESS": "local"}
     with open(log_path, "w") as log:
@@ -174,7 +109,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
 def tenth_figures(samples: list, total: int, started: float) -> dict:
     """Throughput per tenth of the files and each kind's peaks in the tenths ending at 10/50/100%."""
     bounds = [started]
-    for t, done, _, _ in samples:
+    for t, done, _ in samples:
         while len(bounds) <= 10 and done >= total * len(bounds) / 10:
             bounds.append(t)
     while len(bounds) <= 10:  # the last rows committed after the last sample
@@ -182,14 +117,8 @@ def tenth_figures(samples: list, total: int, started: float) -> dict:
     rate = [round(total / 10 / max(b - a, 1e-9), 1) for a, b in zip(bounds, bounds[1:])]
     peaks: dict[str, dict] = {}
     for label, tenth in (("10%", 0), ("50%", 4), ("100%", 9)):
-        window = [s for s in samples if min(9, s[1] * 10 // total) == tenth]
-        kinds = sorted({kind for s in window for kind in s[2]})
-        peaks[label] = {kind: {"max_process_mib": round(max(max(s[2].get(kind, [0])) for s in window) / 2**20),
-                               "kind_sum_mib": round(max(sum(s[2].get(kind, [0])) for s in window) / 2**20)}
-                        for kind in kinds}
-        peaks[label]["whole_tree_mib"] = round(max((sum(sum(v) for v in s[2].values()) for s in window),
-                                                   default=0) / 2**20)
-        peaks[label]["samples"] = len(window)
+        times = [s[0] for s in samples if min(9, s[1] * 10 // total) == tenth]
+        peaks[label] = {**Sampler.peaks_of(samples, min(times), max(times)), "samples": len(times)}
     return {"images_per_s_by_tenth": rate, "peaks": peaks,
             "last_over_second_tenth": round(rate[9] / rate[1], 3)}
 
@@ -198,8 +127,8 @@ def flatness(peaks: dict) -> dict:
     """Each kind's sum at 100% over its sum at 10% (flat: <= 1.10)."""
     first, last = peaks["10%"], peaks["100%"]
     out = {kind: round(last[kind]["kind_sum_mib"] / max(first[kind]["kind_sum_mib"], 1), 3)
-           for kind in first if kind in last and isinstance(first[kind], dict)}
-    out["whole_tree"] = round(last["whole_tree_mib"] / max(first["whole_tree_mib"], 1), 3)
+           for kind in first if kind in last and "kind_sum_mib" in first[kind]}
+    out["whole_tree"] = round(last["whole_tree"]["sum_mib"] / max(first["whole_tree"]["sum_mib"], 1), 3)
     return out
 
 
@@ -232,7 +161,7 @@ def full_run(root: str, out: str, extra: list[str], total: int) -> dict:
         raise SystemExit(f"extraction failed (exit {code}); see {LOGS}/full.log")
     with open(os.path.join(out, "manifest.json")) as f:
         manifest = json.load(f)
-    last_commit = max(t for t, done, _, _ in sampler.samples if done < total) if sampler.samples else started
+    last_commit = max(t for t, done, _ in sampler.samples if done < total) if sampler.samples else started
     figures = {"seconds": round(time.time() - started), "processed": manifest["processed"],
                "seconds_after_last_commit": round(time.time() - last_commit),
                **tenth_figures(sampler.samples, total, started)}
