@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pyarrow.parquet as pq
 from PIL import Image
 
