@@ -119,7 +119,8 @@ def tenth_figures(samples: list, total: int, started: float) -> dict:
     peaks: dict[str, dict] = {}
     for label, tenth in (("10%", 0), ("50%", 4), ("100%", 9)):
         times = [s[0] for s in samples if min(9, s[1] * 10 // total) == tenth]
-        peaks[label] = {**Sampler.peaks_of(samples, min(times), max(times)), "samples": len(times)}
+        # A short run may have no sample in a tenth: then nothing is said of it.
+        peaks[label] = {**(Sampler.peaks_of(samples, min(times), max(times)) if times else {}), "samples": len(times)}
     return {"images_per_s_by_tenth": rate, "peaks": peaks,
             "last_over_second_tenth": round(rate[9] / rate[1], 3)}
 
@@ -127,6 +128,8 @@ def tenth_figures(samples: list, total: int, started: float) -> dict:
 def flatness(peaks: dict) -> dict:
     """Each kind's sum at 100% over its sum at 10% (flat: <= 1.10)."""
     first, last = peaks["10%"], peaks["100%"]
+    if not first["samples"] or not last["samples"]:
+        return {}
     out = {kind: round(last[kind]["kind_sum_mib"] / max(first[kind]["kind_sum_mib"], 1), 3)
            for kind in first if kind in last and "kind_sum_mib" in first[kind]}
     out["whole_tree"] = round(last["whole_tree"]["sum_mib"] / max(first["whole_tree"]["sum_mib"], 1), 3)

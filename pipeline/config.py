@@ -25,13 +25,13 @@ NAMED_WEIGHTS = ("torchvision", "keras", "none")
 LAYOUTS = ("splits", "kaggle")
 SKIPPABLE = ("finetune", "scratch")
 # VGG16 sees images at the size it was trained on (ImageNet's 224 px): its features there beat
-# 150 px ones by about a point of the top MLP's accuracy on cats_vs_dogs_small (README, Accuracy).
+# 150 px ones by about a point of the top MLP's accuracy on cats_vs_dogs_small (docs/performance.md, Accuracy).
 # The small CNN keeps the reference article's 150 px.
 VGG16_IMAGE_SIZE = 224
 SCRATCH_IMAGE_SIZE = 150
 # The small CNN's defaults go past the article's (batch 32, 50 epochs, shear, zoom and flips
 # only), as Chollet's later book does: twice the steps per epoch, twice the epochs, rotations
-# and shifts as well (README, Accuracy).
+# and shifts as well (docs/performance.md, Accuracy).
 SCRATCH_EPOCHS = 100
 SCRATCH_BATCH_SIZE = 16
 SCRATCH_ROTATION = 20.0

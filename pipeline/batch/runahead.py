@@ -3,7 +3,7 @@
 Decoding runs about 50 times faster than VGG16 on a CPU. Left alone, decode tasks keep
 going and their blocks wait in Ray's object store until Ray Data's own backpressure (a
 share of the object store, GiBs) stops them, so the memory of the Ray processes grew with
-the data set (README, "Memory"). ``RunAheadCap`` is a Ray Data backpressure policy that
+the data set (docs/performance.md, "Memory"). ``RunAheadCap`` is a Ray Data backpressure policy that
 holds back an operator feeding an actor pool while a fixed number of its blocks are alive
 (queued, handed to an actor, or in an actor's call): memory then depends on the actor count,
 not on the number of files.
