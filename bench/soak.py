@@ -131,7 +131,7 @@ def flatness(peaks: dict) -> dict:
     if not first["samples"] or not last["samples"]:
         return {}
     out = {kind: round(last[kind]["kind_sum_mib"] / max(first[kind]["kind_sum_mib"], 1), 3)
-           for kind in first if kind in last and "kind_sum_mib" in first[kind]}
+           for kind in first if kind in last and isinstance(first[kind], dict) and "kind_sum_mib" in first[kind]}
     out["whole_tree"] = round(last["whole_tree"]["sum_mib"] / max(first["whole_tree"]["sum_mib"], 1), 3)
     return out
 
