@@ -95,3 +95,24 @@ class Sampler(threading.Thread):
         found["whole_tree"] = {"sum_mib": round(max((sum(sum(v) for v in s[2].values()) for s in window),
                                                     default=0) / 2**20)}
         return found
+
+
+def run_sampled(args: list[str], cwd: str, log_path: str, period: float = 1.0) -> tuple[float, Sampler]:
+    """Run ``python -m <args>`` (a job on its own local Ray cluster) to its end while sampling its
+    tree; its seconds and the sampler. Raises SystemExit with the log's end when it fails."""
+    import subprocess
+    import sys
+
+    started = time.time()
+    with open(log_path, "w") as log:
+        job = subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env={**os.environ, "RAY_ADDRESS": "local"},
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    sampler = Sampler(job.pid, period=period)
+    sampler.start()
+    code = job.wait()
+    sampler.stop.set()
+    sampler.join()
+    if code != 0:
+        with open(log_path) as f:
+            raise SystemExit(f"python -m {' '.join(args)} failed (exit {code}):\n{f.read()[-3000:]}")
+    return time.time() - started, sampler

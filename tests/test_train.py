@@ -164,6 +164,11 @@ def test_train_top_job_writes_model_metrics_evaluation_and_curves(small_features
     # The wall time holds start-up, export and the final evaluation besides the epochs.
     assert summary["wall_s"] > summary["seconds"] > 0 and "job_started" not in read_metadata(os.path.join(out, "top", "model.keras"))
     assert len(summary["worker_peak_rss_bytes"]) == 1 and _plausible_worker_rss(summary["worker_peak_rss_bytes"][0])
+    # Memory before reading data, and the data each worker held: every feature row of both splits.
+    assert len(summary["worker_base_rss_bytes"]) == 1
+    assert 0 < summary["worker_base_rss_bytes"][0] <= summary["worker_peak_rss_bytes"][0]
+    rows = sum(sum(small_features["counts"][split].values()) for split in ("train", "validation"))
+    assert summary["held_bytes_per_worker"] == rows * int(np.prod(small_features["feature_shape"])) * 4
     with open(os.path.join(job, "evaluation.json")) as f:
         evaluation = json.load(f)
     assert evaluation["num_samples"] == 20 and evaluation["accuracy"] == summary["accuracy"]

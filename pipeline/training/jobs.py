@@ -93,11 +93,34 @@ def finished_summary(directory: str) -> dict[str, Any] | None:
     return None
 
 
-def fits_in_memory(nbytes: float, workers: int) -> bool:
-    """Whether training data of ``nbytes`` may be held by each of ``workers`` workers (each holds
-    all of it): all their copies within a quarter of the memory Ray may hand out across the
-    cluster, so even uneven nodes keep room for the rest."""
-    return nbytes * workers <= 0.25 * float(ray.cluster_resources().get("memory", 0))
+# A training worker's memory, measured by bench/train_memory.py (bench/results/train_memory.json):
+# a fixed part before it reads any data (TensorFlow, Ray, the model and its optimizer), and at its
+# peak at most this many bytes per byte of the data it holds (its own copy, Ray's blocks it read
+# from, the batches in flight).
+WORKER_BASE_BYTES = 2 * 2**30
+HELD_BYTES_FACTOR = 2.0
+# The share of the memory Ray may hand out (cluster-wide) that training workers holding their
+# data may take together; the rest is for everything else that runs beside them.
+HOLD_SHARE = 0.5
+
+
+def worker_footprint(nbytes: float) -> float:
+    """The measured peak memory of a training worker that holds ``nbytes`` of data."""
+    return WORKER_BASE_BYTES + HELD_BYTES_FACTOR * nbytes
+
+
+def fits_in_memory(nbytes: float, workers: int, memory: float | None = None) -> bool:
+    """Whether each of ``workers`` workers may hold training data of ``nbytes`` (each holds all
+    of it): their measured footprints together within ``HOLD_SHARE`` of ``memory`` (default: the
+    memory Ray may hand out across the cluster). Otherwise the data is streamed."""
+    if memory is None:
+        memory = float(ray.cluster_resources().get("memory", 0))
+    return workers * worker_footprint(nbytes) <= HOLD_SHARE * memory
+
+
+def held_bytes(nbytes: float, workers: int) -> int:
+    """``nbytes`` when each worker may hold data of that size, else 0 (streamed)."""
+    return int(nbytes) if fits_in_memory(nbytes, workers) else 0
 
 
 def _rows(manifest: dict[str, Any], split: str) -> int:
@@ -130,6 +153,7 @@ class TrainedRun:
     seconds: float
     samples_per_s: float
     tracking: dict[str, str] | None  # the MLflow run's handle, when tracking is on
+    held_bytes: int = 0  # the data each worker held (0: streamed)
 
 
 def _run(settings: LoopSettings, datasets: dict[str, Any], cfg: TrainConfig, directory: str) -> TrainedRun:
@@ -157,7 +181,8 @@ def _run(settings: LoopSettings, datasets: dict[str, Any], cfg: TrainConfig, dir
     best = max(result.best_checkpoints, key=lambda cm: (cm[1]["val_accuracy"], -cm[1]["val_loss"], cm[1]["epoch"]))
     seconds = sum(h.get("seconds", 0.0) for h in history)
     samples = sum(h["train_samples"] for h in history)
-    return TrainedRun(best[0], int(best[1]["epoch"]), history, seconds, samples / max(seconds, 1e-9), handle)
+    return TrainedRun(best[0], int(best[1]["epoch"]), history, seconds, samples / max(seconds, 1e-9), handle,
+                      settings.held_bytes)
 
 
 def _finish(kind: str, directory: str, model, metadata: dict[str, Any], run: TrainedRun,
@@ -181,6 +206,8 @@ def _finish(kind: str, directory: str, model, metadata: dict[str, Any], run: Tra
                "last_epoch_accuracy": history[-1]["val_accuracy"],
                "epochs": len(history), "best_epoch": run.best_epoch, "seconds": round(seconds, 2),
                "images_per_s": round(samples_per_s, 2), "worker_peak_rss_bytes": worker_peaks(history),
+               "worker_base_rss_bytes": worker_peaks(history, "worker_base_rss_bytes"),
+               "held_bytes_per_worker": run.held_bytes,
                # Epoch seconds leave out start-up, export and the final evaluation; the wall time has them.
                "wall_s": round(time.monotonic() - started, 2),
                "model": storage.join(directory, MODEL_FILE), "curves": storage.join(directory, "curves.png"),
@@ -191,15 +218,19 @@ def _finish(kind: str, directory: str, model, metadata: dict[str, Any], run: Tra
     log.info(f"{kind}: validation accuracy {evaluation['accuracy']:.4f}, loss {evaluation['loss']:.4f} "
           f"after {len(history)} epochs, {seconds:.0f}s of epochs ({samples_per_s:.1f} samples/s), "
           f"{summary['wall_s']:.0f}s in all -> {directory}")
-    log.info("%s: peak resident memory of the training workers by rank: %s", kind,
-             ", ".join(f"{b / 2**30:.2f} GiB" for b in summary["worker_peak_rss_bytes"]) or "not reported")
+    log.info("%s: peak resident memory of the training workers by rank: %s (before reading data: %s; data held "
+             "by each: %.2f GiB)", kind,
+             ", ".join(f"{b / 2**30:.2f} GiB" for b in summary["worker_peak_rss_bytes"]) or "not reported",
+             ", ".join(f"{b / 2**30:.2f} GiB" for b in summary["worker_base_rss_bytes"]) or "not reported",
+             run.held_bytes / 2**30)
     return summary
 
 
-def worker_peaks(history: list[dict[str, Any]]) -> list[int]:
-    """Each training worker's peak resident memory in bytes, by rank, over the epochs of
-    ``history``: a restarted worker starts a new process, so its epochs' peaks are maxed."""
-    reported = [h["worker_peak_rss_bytes"] for h in history if h.get("worker_peak_rss_bytes")]
+def worker_peaks(history: list[dict[str, Any]], field: str = "worker_peak_rss_bytes") -> list[int]:
+    """Each training worker's peak resident memory in bytes (``field``: overall, or before it read
+    data), by rank, over the epochs of ``history``: a restarted worker starts a new process, so its
+    epochs' peaks are maxed."""
+    reported = [h[field] for h in history if h.get(field)]
     return [max(ranks) for ranks in zip(*reported)]
 
 
@@ -241,9 +272,9 @@ def default_features(output_dir: str | None) -> str:
     return run_extraction(cfg)["output_dir"]
 
 
-def _feature_datasets(features_dir: str, manifest: dict[str, Any], cfg: TrainTopConfig) -> tuple[dict[str, Any], bool, bool]:
-    """The top MLP's training and validation datasets, whether each worker may hold them in
-    memory, and whether the training rows carry their mirror images' features (the flip
+def _feature_datasets(features_dir: str, manifest: dict[str, Any], cfg: TrainTopConfig) -> tuple[dict[str, Any], int, bool]:
+    """The top MLP's training and validation datasets, the bytes each worker holds of them (0:
+    streamed), and whether the training rows carry their mirror images' features (the flip
     augmentation, where the extraction has them)."""
     mirrored = manifest.get("flipped_split") == FLIPPED_SPLIT
     columns = {"train": ["path", "label", "features"] + (["features_flipped"] if mirrored else []),
@@ -252,7 +283,7 @@ def _feature_datasets(features_dir: str, manifest: dict[str, Any], cfg: TrainTop
     datasets = {split: ray.data.read_parquet(storage.join(features_dir, split)).select_columns(columns[split])
                 for split in ("train", "validation")}
     rows = (1 + mirrored) * _rows(manifest, "train") + _rows(manifest, "validation")
-    held = fits_in_memory(rows * np.prod(manifest["feature_shape"]) * 4, cfg.num_workers)
+    held = held_bytes(rows * np.prod(manifest["feature_shape"]) * 4, cfg.num_workers)
     if not held:
         # Streamed every epoch: a seeded global shuffle gives every batch a mix of classes
         # even from shards written class by class (older extractions); the local buffer
@@ -289,7 +320,7 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     precision = cfg.precision
     datasets, held, mirrored = _feature_datasets(features_dir, manifest, cfg)
     settings = _settings("top", cfg, precision, num_classes, _rows(manifest, "train"), feature_shape=shape,
-                         hold_in_memory=held, augment=mirrored)
+                         hold_in_memory=held > 0, held_bytes=held, augment=mirrored)
     run = _run(settings, datasets, cfg, directory)
 
     top = models.top_classifier(shape, num_classes, "float32", dropout=cfg.dropout)
@@ -471,11 +502,12 @@ def _finetune_cached(cfg: FinetuneConfig, meta: dict[str, Any], manifest: dict[s
                 .select_columns(["path", "label", "block4", "block4_flipped"]).randomize_block_order(seed=cfg.seed),
                 "validation": ray.data.read_parquet(storage.join(cache, "validation"))
                 .select_columns(["path", "label", "block4"])}
-    held = fits_in_memory((2 * _rows(manifest, "train") + _rows(manifest, "validation")) * np.prod(block4_shape) * 4,
-                          cfg.num_workers)
+    held = held_bytes((2 * _rows(manifest, "train") + _rows(manifest, "validation")) * np.prod(block4_shape) * 4,
+                      cfg.num_workers)
     settings = _settings("finetune", cfg, cfg.precision, len(classes), _rows(manifest, "train"),
                          image_size=meta["image_size"], augment=True, shift=cfg.shift,
-                         cached_block4=True, block4_shape=block4_shape, feature_shape=shape, hold_in_memory=held,
+                         cached_block4=True, block4_shape=block4_shape, feature_shape=shape, hold_in_memory=held > 0,
+                         held_bytes=held,
                          extras={"base_weights": ray.put(models.block5_weights(features)),
                                  "top_weights": ray.put(top.get_weights())})
     image_model = _finetuned_image_model(meta, features.get_weights())

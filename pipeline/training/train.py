@@ -62,6 +62,8 @@ class LoopSettings:
     # once and draws every later epoch from memory, in a fresh seeded order, instead of
     # re-running the Ray Data pipeline (Parquet decoding, shuffling) every epoch.
     hold_in_memory: bool = False
+    # The bytes of the data each worker holds (0: streamed), reported in the job's summary.
+    held_bytes: int = 0
     dropout: float = 0.5
     # Momentum of the weights' moving average that evaluation, checkpoints and the export use (0: off).
     ema_momentum: float = 0.0
@@ -192,21 +194,37 @@ def _float_rows(column, n: int, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def load_shard(shard) -> dict[str, np.ndarray]:
-    """A worker's whole dataset shard as numpy columns (fixed-size lists become 2-D float32 arrays)."""
+    """A worker's whole dataset shard as numpy columns sorted by path, so that its order does not
+    depend on how Ray read it (fixed-size lists become 2-D arrays). Each of Ray's blocks is
+    copied once, straight into its sorted rows: the worker holds the data once (a concatenation
+    and then a sorted copy held it three times at the peak)."""
     import pyarrow as pa
 
     from pipeline.data.shards import list_rows
 
-    parts: dict[str, list[np.ndarray]] = {}
-    for batch in shard.iter_batches(batch_size=1024, batch_format="pyarrow"):
-        for name in batch.column_names:
-            column = batch.column(name).combine_chunks()
-            if pa.types.is_fixed_size_list(column.type):
-                values = list_rows(column)
-            else:
-                values = column.to_numpy(zero_copy_only=False)
-            parts.setdefault(name, []).append(values)
-    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+    blocks = [b for b in shard.iter_batches(batch_size=None, batch_format="pyarrow") if b.num_rows]
+    if not blocks:
+        return {}
+    total = sum(b.num_rows for b in blocks)
+    where = np.arange(total)
+    if "path" in blocks[0].column_names:
+        order = np.argsort(np.concatenate([b.column("path").to_numpy(zero_copy_only=False).astype(str)
+                                           for b in blocks]), kind="stable")
+        where[order] = np.arange(total)
+    held: dict[str, np.ndarray] = {}
+    start = 0
+    for block in blocks:
+        rows = where[start:start + block.num_rows]
+        for name in block.column_names:
+            column = block.column(name)
+            column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+            values = list_rows(column) if pa.types.is_fixed_size_list(column.type) else column.to_numpy(
+                zero_copy_only=False)
+            if name not in held:
+                held[name] = np.empty((total, *values.shape[1:]), dtype=values.dtype)
+            held[name][rows] = values
+        start += block.num_rows
+    return held
 
 
 def _held_batches(columns: dict[str, np.ndarray], per_worker: int, rank: int, world: int, drop_last: bool,
@@ -228,13 +246,6 @@ def _held_batches(columns: dict[str, np.ndarray], per_worker: int, rank: int, wo
     for start in range(0, n - n % batch, batch):
         rows = order[start + rank * per_worker:start + (rank + 1) * per_worker]
         yield {name: values[rows] for name, values in columns.items()}
-
-
-def _sorted_by_path(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    if "path" not in columns:
-        return columns
-    order = np.argsort(columns["path"].astype(str), kind="stable")
-    return {name: values[order] for name, values in columns.items()}
 
 
 def _batches(shard, batch_size: int, drop_last: bool, s: LoopSettings, seed: int | None) -> Iterator[dict]:
@@ -356,7 +367,7 @@ def epoch_batches(split: str, s: LoopSettings, per_worker: int, drop_last: bool,
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if s.hold_in_memory:
         if split not in held:
-            held[split] = _sorted_by_path(load_shard(shard))
+            held[split] = load_shard(shard)
         return _held_batches(held[split], per_worker, rank, world, drop_last, shuffle_seed)
     # Streamed shards differ between workers; so do their local shuffles.
     return _batches(shard, per_worker, drop_last, s, None if shuffle_seed is None else (shuffle_seed + rank) % 2**31)
@@ -436,6 +447,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state = _restore(d, steps.model, steps.optimizer)
     per_worker = s.batch_size // world  # exact: the configs refuse worker counts that do not divide the batch
     held: dict[str, dict[str, np.ndarray]] = {}
+    # A worker's memory before it reads any data: the fixed part of its footprint (libraries, model, optimizer).
+    base_rss = _peak_rss_per_rank(steps, rank, world)
     for epoch in range(state["epoch"], s.epochs):
         _log_epoch_start(extras.get("fault"), epoch + 1, rank, steps.model)
         started = time.time()
@@ -449,7 +462,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             row = {"epoch": epoch + 1, "loss": train.loss, "accuracy": train.accuracy, "val_loss": val.loss,
                    "val_accuracy": val.accuracy, "train_samples": int(train.samples), "val_samples": int(val.samples),
                    "seconds": round(time.time() - started, 2), "precision": s.precision,
-                   "worker_peak_rss_bytes": _peak_rss_per_rank(steps, rank, world)}
+                   "worker_peak_rss_bytes": _peak_rss_per_rank(steps, rank, world), "worker_base_rss_bytes": base_rss}
             state = {"epoch": epoch + 1, "history": state["history"] + [row]}
             _report(row, state, steps, rank, trained)
         if rank == 0:
