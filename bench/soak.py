@@ -153,6 +153,13 @@ def audit(root: str, out: str) -> dict:
             "exact": len(rows) == len(listed) and set(counts) == listed}
 
 
+def output_sizes(out: str) -> dict:
+    """What the output holds: the folded ledger's bytes, and the data parts' count and bytes."""
+    parts = [os.path.join(out, split, n) for split in SPLITS for n in os.listdir(os.path.join(out, split))]
+    return {"ledger_bytes": os.path.getsize(os.path.join(out, "ledger.parquet")), "data_parts": len(parts),
+            "data_bytes": sum(os.path.getsize(p) for p in parts)}
+
+
 def full_run(root: str, out: str, extra: list[str], total: int) -> dict:
     started = time.time()
     job = start_job(root, out, LOGS + "/full.log", extra)
@@ -171,6 +178,7 @@ def full_run(root: str, out: str, extra: list[str], total: int) -> dict:
                **tenth_figures(sampler.samples, total, started)}
     figures["flat_ratio_100_over_10"] = flatness(figures["peaks"])
     figures["audit"] = audit(root, out)
+    figures["output"] = output_sizes(out)
     return figures
 
 
