@@ -58,6 +58,8 @@ class Sampler(threading.Thread):
         self.driver, self.output, self.period = psutil.Process(driver_pid), output, period
         # (time, committed rows, {kind: [RSS of each process of that kind]})
         self.samples: list[tuple[float, int, dict[str, list[int]]]] = []
+        # The machine's 1-minute load average at each sample: whether others shared the cores.
+        self.load: list[float] = []
         self.seen: dict[str, int] = {}
         self.stop = threading.Event()
 
@@ -77,6 +79,7 @@ class Sampler(threading.Thread):
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
             self.samples.append((time.time(), self.committed() if self.output else 0, dict(by_kind)))
+            self.load.append(os.getloadavg()[0])
             self.stop.wait(self.period)
 
     def peaks(self, since: float = 0.0, until: float = float("inf")) -> dict[str, dict[str, int]]:

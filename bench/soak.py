@@ -125,6 +125,14 @@ def tenth_figures(samples: list, total: int, started: float) -> dict:
             "last_over_second_tenth": round(rate[9] / rate[1], 3)}
 
 
+def load_by_tenth(sampler: Sampler, total: int) -> list[float | None]:
+    """The mean 1-minute load average in each tenth of the files: above 2 (the cores), others shared them."""
+    tenths: list[list[float]] = [[] for _ in range(10)]
+    for (_, done, _), load in zip(sampler.samples, sampler.load):
+        tenths[min(9, done * 10 // total)].append(load)
+    return [round(sum(t) / len(t), 1) if t else None for t in tenths]
+
+
 def flatness(peaks: dict) -> dict:
     """Each kind's sum at 100% over its sum at 10% (flat: <= 1.10)."""
     first, last = peaks["10%"], peaks["100%"]
@@ -175,7 +183,8 @@ def full_run(root: str, out: str, extra: list[str], total: int) -> dict:
     last_commit = max(t for t, done, _ in sampler.samples if done < total) if sampler.samples else started
     figures = {"seconds": round(time.time() - started), "processed": manifest["processed"],
                "seconds_after_last_commit": round(time.time() - last_commit),
-               **tenth_figures(sampler.samples, total, started)}
+               **tenth_figures(sampler.samples, total, started),
+               "load_average_by_tenth": load_by_tenth(sampler, total)}
     figures["flat_ratio_100_over_10"] = flatness(figures["peaks"])
     figures["audit"] = audit(root, out)
     figures["output"] = output_sizes(out)
