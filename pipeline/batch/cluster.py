@@ -112,10 +112,6 @@ class InferencePlan:
     num_gpus: float
     decode_cpus: float
 
-    @property
-    def uses_gpus(self) -> bool:
-        return self.num_gpus > 0
-
 
 def inference_plan(cpu_workers: int, gpus: int | None = None) -> InferencePlan:
     """``gpus`` one-GPU actors when asked; else one per GPU of the cluster, or ``cpu_workers``
@@ -171,7 +167,8 @@ def wait_for_gpus(count: int, timeout_s: float, poll_s: float = 2.0) -> None:
 
 
 def pin_to_this_node(location: str) -> dict[str, Any]:
-    """Ray remote args that keep tasks reading or writing a local path on the driver's node.
+    """Ray remote args that keep tasks and actors (Serve replicas too, as ``ray_actor_options``)
+    reading or writing a local path on the driver's node.
 
     Nothing else on a cluster without a shared filesystem can open a local path the driver
     named; object-store URIs need no pinning.

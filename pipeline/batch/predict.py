@@ -4,11 +4,11 @@ run by an actor pool (one actor per GPU, or fractional-CPU actors), the model lo
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import io
 import logging
 import os
-import re
 import time
 from typing import Any, Sequence
 
@@ -165,31 +165,24 @@ def list_inputs(spec: str) -> tuple[str, pa.Table]:
     check_root(root)
     # Local globs too match the listing rather than glob.glob, which went round link loops and
     # gave names that are not UTF-8; the pattern is put in the listing's stored form.
-    pattern = _glob_regex(names.escape("/".join(parts[first:])))
+    pattern = names.escape("/".join(parts[first:])).split("/")
     files = columnar(((rel, stamp) for rel, stamp in storage.walk_files(root)
-                      if is_image_name(rel) and pattern.fullmatch(rel)), UNLABELED_SCHEMA)
+                      if is_image_name(rel) and _glob_matches(pattern, rel.split("/"))), UNLABELED_SCHEMA)
     if not len(files):
         raise DataError(f"no image files match {spec!r}")
     return root, files
 
 
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    """A glob over '/'-separated paths as a regex: ``**`` spans folders, ``*``, ``?`` and ``[…]``
-    stay within one (as ``glob.glob(recursive=True)`` does on local folders)."""
-    parts = pattern.split("/")
-    out = []
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if part == "**":
-            out.append(".*" if last else "(?:[^/]+/)*")
-            continue
-        for token in re.findall(r"\[[^\]]*\]|.", part):
-            if token.startswith("[!") and len(token) > 2:
-                token = "[^" + token[2:]  # glob's negation, which a regex writes as [^…]
-            out.append({"*": "[^/]*", "?": "[^/]"}.get(token, token if token.startswith("[") and len(token) > 1
-                                                        else re.escape(token)))
-        out.append("" if last else "/")
-    return re.compile("".join(out), re.DOTALL)  # a name may hold a newline
+def _glob_matches(pattern: list[str], parts: list[str]) -> bool:
+    """Whether a path's '/'-separated ``parts`` match a glob's: ``**`` spans folders, ``*``, ``?``
+    and ``[…]`` stay within one (as ``glob.glob(recursive=True)`` does on local folders)."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        # Last, it takes the rest; between, zero or more folders, leaving the rest their parts.
+        return bool(parts) if len(pattern) == 1 else any(
+            _glob_matches(pattern[1:], parts[i:]) for i in range(len(parts)))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_matches(pattern[1:], parts[1:])
 
 
 def _true_labels(paths: list[str], classes: list[str]) -> np.ndarray | None:

@@ -169,12 +169,6 @@ def delete_file(uri: str) -> None:
         filesystem.delete_file(path)
 
 
-def make_dir(uri: str) -> None:
-    """Create a folder and its parents."""
-    filesystem, path = split_uri(uri)
-    filesystem.create_dir(path, recursive=True)
-
-
 def walk_files(root: str, tree: LocalTree | None = None) -> Iterator[tuple[str, str]]:
     """``(stored path relative to root, stamp)`` of every file under ``root``, recursively, sorted,
     hidden files and folders skipped; ``stamp`` is ``size:mtime_ns`` (``missing`` for a broken link).
@@ -310,13 +304,14 @@ def upload_dir(local_dir: str, uri: str) -> None:
 
 
 @contextlib.contextmanager
-def local_copy(uri: str, suffix: str = "") -> Iterator[str]:
-    """A local path holding the file at ``uri``: the file itself when local, else a temporary download."""
+def local_copy(uri: str, suffix: str = "", name: str | None = None) -> Iterator[str]:
+    """A local path holding the file at ``uri``: the file itself when local, else a temporary
+    download named ``name`` (by default ``file`` + ``suffix``)."""
     if is_local(uri):
         yield split_uri(uri)[1]
         return
     with tempfile.TemporaryDirectory(prefix="ric-") as tmp:
-        path = os.path.join(tmp, "file" + suffix)
+        path = os.path.join(tmp, name or "file" + suffix)
         with open(path, "wb") as f:
             f.write(read_bytes(uri))
         yield path

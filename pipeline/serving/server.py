@@ -39,7 +39,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from pipeline import logs
-from pipeline.batch.cluster import inference_plan
+from pipeline.batch.cluster import inference_plan, pin_to_this_node
 from pipeline.batch.predict import LoadedClassifier, prediction_table
 from pipeline.config import ServeConfig
 from pipeline.data import storage
@@ -154,10 +154,8 @@ def start_server(cfg: ServeConfig) -> str:
     check_exposure(cfg.host, token, cfg.insecure)  # also when called without the job's preflight
     gpus = int(ray.cluster_resources().get("GPU", 0))
     plan = inference_plan(cfg.replicas or 1, (cfg.replicas or gpus) if gpus else None)
-    actor_options: dict[str, Any] = {"num_cpus": plan.num_cpus, "num_gpus": plan.num_gpus}
-    if storage.is_local(cfg.model):
-        # Only this node surely has a local model file.
-        actor_options["resources"] = {f"node:{ray.util.get_node_ip_address()}": 0.001}
+    # Only this node surely has a local model file.
+    actor_options = {"num_cpus": plan.num_cpus, "num_gpus": plan.num_gpus, **pin_to_this_node(cfg.model)}
     quiet = {"log_level": "DEBUG" if logs.verbose() else "WARNING", "enable_access_log": logs.verbose()}
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=quiet)
     # Room for two full batches per replica: one being computed, the next filling.

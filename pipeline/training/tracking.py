@@ -19,7 +19,6 @@ import contextlib
 import importlib.util
 import logging
 import os
-import tempfile
 import time
 from typing import Any, Iterator
 
@@ -132,12 +131,9 @@ def _log_results(client, run_id: str, evaluation: dict[str, Any], files: list[st
                if isinstance(value, (int, float)) and not isinstance(value, bool)}
     for key, value in figures.items():
         client.log_metric(run_id, key, value)
-    with tempfile.TemporaryDirectory(prefix="ric-") as tmp:
-        for path in files:
-            local = storage.split_uri(path)[1] if storage.is_local(path) else os.path.join(tmp, storage.basename(path))
-            if not storage.is_local(path):
-                with open(local, "wb") as f:
-                    f.write(storage.read_bytes(path))
+    for path in files:
+        # MLflow names an artifact after its local file, so a download keeps the file's own name.
+        with storage.local_copy(path, name=storage.basename(path)) as local:
             client.log_artifact(run_id, local, artifact_path="model" if path.endswith(".keras") else None)
     client.set_terminated(run_id, status="FINISHED")
 
