@@ -237,9 +237,6 @@ class InferenceOptions:
         check_positive("block_files", self.block_files)
 
 
-MIRROR_HELP = ("also extract the features of every training image's mirror image (column features_flipped), which "
-               "train_top then draws for a random half of each batch (flip augmentation): one more VGG16 pass over "
-               "the training split")
 EMA_HELP = ("momentum of the moving average of the weights that every epoch's evaluation, the checkpoints and the "
             "exported model use (lowered so that it spans at most the last tenth of the run's steps); 0: the trained "
             "weights themselves")
@@ -253,7 +250,6 @@ class ExtractConfig(InferenceOptions, DataOptions, LogOptions):
     image_size: int = field_help(VGG16_IMAGE_SIZE, "images are resized to this many pixels square (at least 32)")
     weights: str = field_help("torchvision", "VGG16 weights: torchvision, keras, none, or a path to a Keras weights file")
     preprocessing: str = field_help("auto", "pixel normalisation; auto follows the weights", PREPROCESSINGS)
-    mirror_train: bool = field_help(False, MIRROR_HELP)
     cache_block4: bool = field_help(False, "also write VGG16's block-4 outputs (training images: also of their mirror "
                                            "image) under <output-dir>/block4/, for jobs.finetune --cache-block4")
     overwrite: bool = field_help(False, "redo the extraction even if a finished one with the same settings exists")
@@ -437,7 +433,6 @@ class RunAllConfig(DataOptions, LogOptions):
     finetune_shift: float = field_help(FINETUNE_SHIFT, "finetune --shift")
     scratch_shift: float = field_help(SCRATCH_SHIFT, "train_scratch --shift")
     rotation: float = field_help(SCRATCH_ROTATION, ROTATION_HELP)
-    mirror_train: bool = field_help(False, MIRROR_HELP)
     cache_block4: bool = field_help(True, "extract VGG16's block-4 outputs too and fine-tune on them (see "
                                           "jobs.finetune --cache-block4); --no-cache-block4 streams the images")
     overwrite: bool = field_help(False, "redo every stage even if finished results exist")

@@ -56,8 +56,7 @@ def stage_options(cfg: RunAllConfig, data_dir: str, output_dir: str, synthetic: 
                                  weights=cfg.weights, preprocessing=cfg.preprocessing, precision=cfg.precision,
                                  workers=cfg.workers, gpus=cfg.gpus, gpu_wait_s=cfg.gpu_wait_s,
                                  batch_size=cfg.batch_size, block_files=cfg.block_files,
-                                 mirror_train=cfg.mirror_train, cache_block4=cfg.cache_block4, overwrite=cfg.overwrite,
-                                 **images),
+                                 cache_block4=cfg.cache_block4, overwrite=cfg.overwrite, **images),
         "train_top": trainer("top"),
         # Cached fine-tuning reads the images' block-4 outputs from the extraction, not the images.
         "finetune": {**trainer("finetune"), "shift": cfg.finetune_shift, "cache_block4": cfg.cache_block4,

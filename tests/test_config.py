@@ -15,6 +15,7 @@ from pipeline.config import (
     ScratchConfig,
     TrainTopConfig,
 )
+from pipeline.errors import ConfigError
 from pipeline.runall import stage_options
 
 STAGES = {"extract_features": (ExtractConfig, None), "train_top": (TrainTopConfig, "top"),
@@ -40,12 +41,12 @@ def test_run_all_offers_every_option_of_each_stage(stage):
 def test_run_all_hands_each_stage_its_own_options(tmp_path):
     cfg = RunAllConfig(data_dir=str(tmp_path), image_size=64, scratch_image_size=96, rotation=15.0, scratch_shift=0.05, finetune_shift=0.2, preprocessing="caffe", workers=3, block_files=16,
                        epochs=7, finetune_epochs=2, top_learning_rate=0.01, scratch_learning_rate=0.002,
-                       dropout=0.3, ema_momentum=0.9, mirror_train=True, max_failures=0, num_workers=2, batch_size=16,
+                       dropout=0.3, ema_momentum=0.9, cache_block4=False, max_failures=0, num_workers=2, batch_size=16,
                        scratch_batch_size=8, seed=5)
     options = stage_options(cfg, str(tmp_path), str(tmp_path / "run"), synthetic=False)
     extract = options["extract_features"]
     assert (extract["image_size"], extract["preprocessing"], extract["workers"], extract["block_files"]) == (64, "caffe", 3, 16)
-    assert extract["mirror_train"] is True
+    assert extract["cache_block4"] is False
     assert [options[s]["epochs"] for s in ("train_top", "finetune", "train_scratch")] == [7, 2, 7]
     assert [options[s]["learning_rate"] for s in ("train_top", "finetune", "train_scratch")] == [0.01, None, 0.002]
     assert (options["train_scratch"]["image_size"], options["train_scratch"]["rotation"],
@@ -78,11 +79,11 @@ def test_without_epochs_each_job_keeps_its_default_and_the_builtin_data_gets_fiv
                                                   ("ema_momentum", 1.0, r"--ema-momentum must be in \[0, 1\)"),
                                                   ("preprocessing", "tf", "one of auto, torch, caffe")])
 def test_invalid_run_all_options_name_the_option(option, value, message):
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(ConfigError, match=message):
         RunAllConfig(**{option: value})
 
 
 def test_run_all_checks_the_small_cnns_batch_against_the_workers_too():
-    with pytest.raises(Exception, match="--num-workers 4 does not divide --scratch-batch-size 18"):
+    with pytest.raises(ConfigError, match="--num-workers 4 does not divide --scratch-batch-size 18"):
         RunAllConfig(num_workers=4, batch_size=32, scratch_batch_size=18)
     assert ScratchConfig().batch_size == 16 and ScratchConfig().epochs == 100

@@ -8,9 +8,7 @@ Output layout (``<output>/``)::
     run.json               the settings every run into this output must share
     ledger.parquet         every input file once: its stamp, its part, its reject reason if any
     rejects.parquet        path, split, reason, error of every file that could not be decoded
-    train/part-*.parquet   path, label, class_name, features (fixed_size_list<float32>[H*W*C]),
-                           with --mirror-train features_flipped (the mirror image's)
-    validation/…, test/…   path, label, class_name, features
+    <split>/part-*.parquet path, label, class_name, features (fixed_size_list<float32>[H*W*C])
     block4/<split>/…       with --cache-block4: path, label, class_name, block4, and for the
                            train split block4_flipped (block-4 output of the mirrored image)
 
@@ -82,12 +80,12 @@ def _rows_of(values: np.ndarray | None, ok: np.ndarray, dim: int) -> np.ndarray:
 class FeatureActor:
     """A Ray Data actor that holds one VGG16 and turns image batches into bottleneck features.
 
-    With ``mirror`` it also runs the mirror image of every training row (``features_flipped``);
-    with ``cache_block4`` it also returns the block-4 output of every image it runs.
+    With ``cache_block4`` it also returns the block-4 output of every image, and of every training
+    row's mirror image (``block4_flipped``).
     """
 
     def __init__(self, image_size: int, weight_arrays: list[np.ndarray] | None, preprocessing: str,
-                 precision: str, batch_size: int, mirror: bool = False, cache_block4: bool = False):
+                 precision: str, batch_size: int, cache_block4: bool = False):
         configure_tensorflow_devices()
         from pipeline.nets.models import block4_and_features, feature_extractor
 
@@ -96,7 +94,7 @@ class FeatureActor:
             weight_arrays = ray.get(weight_arrays)
         build = block4_and_features if cache_block4 else feature_extractor
         self.model = build(image_size, weight_arrays, preprocessing, precision)
-        self.mirror, self.cache_block4 = mirror, cache_block4
+        self.cache_block4 = cache_block4
         self.batch_size = batch_size
         self.feature_dim = int(np.prod(vgg16.feature_shape(image_size)))
         self.block4_dim = int(np.prod(vgg16.block4_shape(image_size)))
@@ -107,39 +105,32 @@ class FeatureActor:
         maybe_fail("extract")
         images = batch.pop("image")
         ok = batch["reason"] == ""
-        self._run(batch, images, ok, "")
-        if self.mirror:
-            self._run(batch, images[:, :, ::-1], ok & (np.asarray(batch["split"]) == FLIPPED_SPLIT), "_flipped")
-        return stamp_actor(batch, self.identity, started)
-
-    def _run(self, batch: dict[str, np.ndarray], images: np.ndarray, rows: np.ndarray, suffix: str) -> None:
-        """The model's outputs for ``rows`` of ``images`` into ``batch`` (zeros elsewhere), as
-        ``features<suffix>`` (and ``block4<suffix>``)."""
-        outputs = run_model_on_good_rows(self.model.predict_on_batch, images, rows, self.batch_size)
+        outputs = run_model_on_good_rows(self.model.predict_on_batch, images, ok, self.batch_size)
         if self.cache_block4:
             block4, outputs = outputs if outputs is not None else (None, None)
-            batch["block4" + suffix] = _rows_of(block4, rows, self.block4_dim)
-        batch["features" + suffix] = _rows_of(outputs, rows, self.feature_dim)
+            batch["block4"] = _rows_of(block4, ok, self.block4_dim)
+            # Cached fine-tuning's flip augmentation; the mirror images' features are not kept.
+            mirrored = ok & (np.asarray(batch["split"]) == FLIPPED_SPLIT)
+            flipped = run_model_on_good_rows(self.model.predict_on_batch, images[:, :, ::-1], mirrored, self.batch_size)
+            batch["block4_flipped"] = _rows_of(None if flipped is None else flipped[0], mirrored, self.block4_dim)
+        batch["features"] = _rows_of(outputs, ok, self.feature_dim)
+        return stamp_actor(batch, self.identity, started)
 
 
 class FeatureSink(CommittingSink):
     """Commits each block: its good rows into ``<split>/<part>.parquet`` (with ``block4_dim``
     also the block-4 cache into ``block4/<split>/``), then its ledger entry."""
 
-    def __init__(self, output: str, run_id: str, dim: int, flipped_features: bool, block4_dim: int | None = None):
+    def __init__(self, output: str, run_id: str, dim: int, block4_dim: int | None = None):
         super().__init__(output, run_id)
         self.dim = dim
-        self.flipped_features = flipped_features
         self.block4_dim = block4_dim
 
     def write_block(self, part: str, batch: dict[str, np.ndarray], ok: np.ndarray) -> None:
         splits = np.asarray([str(s) for s in batch["split"]])
         for split in sorted(set(splits[ok])):
             rows = ok & (splits == split)
-            # The block-4 cache runs the mirror images too; their features are kept only when asked for.
-            flipped = self.flipped_features and split == FLIPPED_SPLIT
-            columns = ["features", "features_flipped"] if flipped else ["features"]
-            self._write(storage.join(self.output, split, f"{part}.parquet"), batch, rows, self.dim, columns)
+            self._write(storage.join(self.output, split, f"{part}.parquet"), batch, rows, self.dim, ["features"])
             if self.block4_dim is not None:
                 columns = ["block4", "block4_flipped"] if split == FLIPPED_SPLIT else ["block4"]
                 self._write(storage.join(self.output, BLOCK4_DIR, split, f"{part}.parquet"), batch, rows,
@@ -167,12 +158,6 @@ def extraction_settings(cfg: ExtractConfig, weights: WeightsSource) -> dict[str,
     return job_settings(cfg, drop=("data_dir", "weights", "cache_block4", "workers", "gpus", "batch_size",
                                    "block_files", "max_reject_fraction"),
                         weights_sha256=weights.sha256, preprocessing=weights.preprocessing)
-
-
-def mirrored(cfg: ExtractConfig, cache: bool) -> bool:
-    """Whether the training rows' mirror images are run too: for their features (``--mirror-train``)
-    or for the block-4 cache's ``block4_flipped``."""
-    return cfg.mirror_train or cache
 
 
 def default_output_dir(data_dir: str) -> str:
@@ -263,8 +248,6 @@ def _extract(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, ou
         "feature_shape": list(shape), "feature_column": f"fixed_size_list<float32>[{int(np.prod(shape))}]",
         "block4": {"dir": BLOCK4_DIR, "shape": list(block4_shape), "flipped_split": FLIPPED_SPLIT,
                    "columns": ["block4", "block4_flipped"]} if cache else None,
-        # Where the mirror images' features are (column features_flipped), if anywhere.
-        "flipped_split": FLIPPED_SPLIT if cfg.mirror_train else None,
         "inference": asdict(plan) if plan else None, "inference_actors": tally["actors"],
         "decode_nodes": tally["decode_nodes"], "driver_node": ray.get_runtime_context().get_node_id()[:12],
         "config": asdict(cfg), "versions": library_versions(),
@@ -286,10 +269,10 @@ def _infer(cfg: ExtractConfig, root: str, todo: pa.Table, weights: WeightsSource
     ds = map_with_actors(ds, FeatureActor, {
         "image_size": cfg.image_size, "weight_arrays": arrays,
         "preprocessing": weights.preprocessing, "precision": cfg.precision, "batch_size": cfg.batch_size,
-        "mirror": mirrored(cfg, cache), "cache_block4": cache,
+        "cache_block4": cache,
     }, plan, cfg.batch_size, cfg.block_files)
     dim, block4_dim = (int(np.prod(s)) for s in (vgg16.feature_shape(cfg.image_size), vgg16.block4_shape(cfg.image_size)))
-    sink = FeatureSink(output, run_id, dim, cfg.mirror_train, block4_dim if cache else None)
+    sink = FeatureSink(output, run_id, dim, block4_dim if cache else None)
     ds.write_datasink(sink, ray_remote_args=write_args(output))
     return plan, sink.tally
 

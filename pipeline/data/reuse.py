@@ -23,6 +23,9 @@ from pipeline.redact import redact_values
 # printed, not what is computed.
 NOT_SETTINGS = frozenset({"output_dir", "overwrite", "max_failures", "gpu_wait_s", "verbose", "mlflow_uri",
                           "mlflow_experiment"})
+# Options this project no longer has, with the value every output made without them computed:
+# recorded with that value, an option is the same as its absence (recorded otherwise, it differs).
+RETIRED = {"mirror_train": False}
 
 
 def job_settings(cfg: Any, drop: tuple[str, ...] = (), **inputs: Any) -> dict[str, Any]:
@@ -42,6 +45,7 @@ def differences(recorded: dict[str, Any] | None, settings: dict[str, Any]) -> li
     if recorded is None:
         return ["settings: not recorded (made by an older version of this project)"]
     recorded = redact_values(recorded)  # recorded before redaction existed: compare like with like
+    recorded = {k: v for k, v in recorded.items() if k not in RETIRED or RETIRED[k] != v}
     return [f"{key}: {recorded.get(key)!r} → {settings.get(key)!r}"
             for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 from pipeline.data import storage
 
 BLOCK4_DIR = "block4"
-# Only training rows get the mirrored copy: it is the flip augmentation of the top MLP and of cached fine-tuning.
+# Only training rows get the mirrored copy (block4_flipped): it is cached fine-tuning's flip augmentation.
 FLIPPED_SPLIT = "train"
 REJECTS_FILE = "rejects.parquet"
 REJECT_SCHEMA = pa.schema([("path", pa.string()), ("split", pa.string()), ("reason", pa.string()),

@@ -33,7 +33,7 @@ from pipeline.config import ExtractConfig, FinetuneConfig, ImageTrainConfig, Scr
 from pipeline.data import outputs, storage
 from pipeline.data.discover import DatasetIndex, discover
 from pipeline.data.reuse import job_settings, require_same
-from pipeline.data.shards import FLIPPED_SPLIT, data_name, read_split
+from pipeline.data.shards import data_name, read_split
 from pipeline.errors import DataError, UserError
 from pipeline.nets import vgg16
 from pipeline.nets.modelfile import (
@@ -272,24 +272,21 @@ def default_features(output_dir: str | None) -> str:
     return run_extraction(cfg)["output_dir"]
 
 
-def _feature_datasets(features_dir: str, manifest: dict[str, Any], cfg: TrainTopConfig) -> tuple[dict[str, Any], int, bool]:
-    """The top MLP's training and validation datasets, the bytes each worker holds of them (0:
-    streamed), and whether the training rows carry their mirror images' features (the flip
-    augmentation, where the extraction has them)."""
-    mirrored = manifest.get("flipped_split") == FLIPPED_SPLIT
-    columns = {"train": ["path", "label", "features"] + (["features_flipped"] if mirrored else []),
-               "validation": ["path", "label", "features"]}
-    # The path gives held data an order that does not depend on how Ray read it.
-    datasets = {split: ray.data.read_parquet(storage.join(features_dir, split)).select_columns(columns[split])
+def _feature_datasets(features_dir: str, manifest: dict[str, Any], cfg: TrainTopConfig) -> tuple[dict[str, Any], int]:
+    """The top MLP's training and validation datasets and the bytes each worker holds of them (0: streamed)."""
+    # The path gives held data an order that does not depend on how Ray read it. Other columns
+    # stay unread: an older extraction's train shards may also hold features_flipped.
+    columns = ["path", "label", "features"]
+    datasets = {split: ray.data.read_parquet(storage.join(features_dir, split)).select_columns(columns)
                 for split in ("train", "validation")}
-    rows = (1 + mirrored) * _rows(manifest, "train") + _rows(manifest, "validation")
+    rows = _rows(manifest, "train") + _rows(manifest, "validation")
     held = held_bytes(rows * np.prod(manifest["feature_shape"]) * 4, cfg.num_workers)
     if not held:
         # Streamed every epoch: a seeded global shuffle gives every batch a mix of classes
         # even from shards written class by class (older extractions); the local buffer
         # reorders them every epoch. Held shards are reshuffled in memory every epoch.
         datasets["train"] = datasets["train"].random_shuffle(seed=cfg.seed)
-    return datasets, held, mirrored
+    return datasets, held
 
 
 @outputs.holding_locks
@@ -318,9 +315,9 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     num_classes = len(manifest["classes"])
     shape = tuple(manifest["feature_shape"])
     precision = cfg.precision
-    datasets, held, mirrored = _feature_datasets(features_dir, manifest, cfg)
+    datasets, held = _feature_datasets(features_dir, manifest, cfg)
     settings = _settings("top", cfg, precision, num_classes, _rows(manifest, "train"), feature_shape=shape,
-                         hold_in_memory=held > 0, held_bytes=held, augment=mirrored)
+                         hold_in_memory=held > 0, held_bytes=held)
     run = _run(settings, datasets, cfg, directory)
 
     top = models.top_classifier(shape, num_classes, "float32", dropout=cfg.dropout)

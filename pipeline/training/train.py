@@ -159,20 +159,20 @@ def block4_cells(shift: float, image_size: int) -> int:
 
 
 def batch_inputs(batch: dict[str, Any], s: LoopSettings, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
-    """A Ray Data batch as (model input, labels); images are augmented when ``rng`` is given."""
+    """A Ray Data batch as (model input, labels); images and cached block-4 maps are augmented
+    when ``rng`` is given, the top MLP's features never."""
     from pipeline.images.augment import Augmentation, augment_batch, shift_maps
 
     labels = np.asarray(batch["label"], dtype=np.int32)
-    if s.kind == "top" or s.cached_block4:
-        # Columnar inputs; their augmentation: the mirror image's outputs for a random half
-        # (and, for block-4 maps, shifts by whole cells).
-        column, shape = ("features", s.feature_shape) if s.kind == "top" else ("block4", s.block4_shape)
-        x = _float_rows(batch[column], len(labels), shape)
+    if s.kind == "top":
+        x = _float_rows(batch["features"], len(labels), s.feature_shape)
+    elif s.cached_block4:
+        # The cached maps' augmentation: the mirror image's maps for a random half, then shifts by whole cells.
+        x = _float_rows(batch["block4"], len(labels), s.block4_shape)
         if rng is not None:
             mirrored = rng.random(len(labels)) < 0.5
-            x[mirrored] = _float_rows(batch[f"{column}_flipped"], len(labels), shape)[mirrored]
-            if s.cached_block4:
-                x = shift_maps(x, rng, block4_cells(s.shift, s.image_size))
+            x[mirrored] = _float_rows(batch["block4_flipped"], len(labels), s.block4_shape)[mirrored]
+            x = shift_maps(x, rng, block4_cells(s.shift, s.image_size))
     else:
         images = np.asarray(batch["image"])
         aug = Augmentation(rotation=s.rotation, shift=s.shift)
