@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -263,6 +264,28 @@ def test_a_training_job_refuses_an_output_another_run_holds(tmp_path):
         with pytest.raises(OutputError, match="is being written by another run"):
             train_scratch_job(ScratchConfig(data_dir=root, output_dir=out))
     assert not os.path.exists(os.path.join(out, "top", "settings.json"))
+
+
+# A concurrent run: another process holds the output's lock until its stdin closes.
+HOLD_LOCK = ("import sys\nfrom pipeline.data import storage\nwith storage.output_lock(sys.argv[1]):\n"
+             "    print('held', flush=True)\n    sys.stdin.read()\n")
+
+
+def test_a_training_job_refuses_an_output_another_process_holds_naming_it(tmp_path):
+    features = tmp_path / "features"
+    storage.write_json(str(features / "manifest.json"), {"fingerprint": "f", "data_dir": str(tmp_path)})
+    out = str(tmp_path / "out")
+    held = os.path.join(out, "top")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, held], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputError, match=rf"^{re.escape(held)} is being written by another run \(pid {holder.pid} "):
+            train_top_job(TrainTopConfig(features_dir=str(features), output_dir=out))
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert holder.returncode == 0 and not os.path.exists(os.path.join(held, "settings.json"))
 
 
 def test_the_lock_is_released_when_a_training_job_ends(tmp_path):

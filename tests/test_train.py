@@ -189,6 +189,30 @@ def test_train_top_job_writes_model_metrics_evaluation_and_curves(small_features
     assert summary["settings"]["features"] == small_features["fingerprint"]
 
 
+def test_train_top_reads_an_older_extraction_with_mirror_features(small_features, tmp_path):
+    """Versions with --mirror-train wrote features_flipped into the train shards (and flipped_split
+    into the manifest): the top trains on such a folder, reading and holding the features alone."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from pipeline.data import storage
+    from pipeline.training.jobs import train_top
+
+    older = tmp_path / "older"
+    shutil.copytree(small_features["output_dir"], older)
+    for shard in storage.list_parquet(str(older / "train")):
+        table = pq.read_table(shard)
+        pq.write_table(table.append_column("features_flipped", table.column("features")), shard)
+    manifest = json.loads((older / "manifest.json").read_text())
+    (older / "manifest.json").write_text(json.dumps({**manifest, "flipped_split": "train"}))
+    summary = train_top(TrainTopConfig(features_dir=str(older), output_dir=str(tmp_path / "run"), epochs=1,
+                                       batch_size=8, precision="float32"))
+    assert summary["epochs"] == 1
+    rows = sum(sum(small_features["counts"][split].values()) for split in ("train", "validation"))
+    assert summary["held_bytes_per_worker"] == rows * int(np.prod(small_features["feature_shape"])) * 4
+
+
 def test_one_reuse_rule_for_training_jobs(small_features, tmp_path, capsys):
     """Same settings: the finished model is reused. Other settings: refused, naming what differs."""
     from pipeline.training.jobs import train_top
@@ -255,3 +279,88 @@ def test_training_logs_to_mlflow_from_rank_zero(small_features, tmp_path):
     logged = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"curves.png", "evaluation.json", "metrics.csv", "model"} <= logged
     assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.keras"]
+
+
+def test_a_training_split_smaller_than_one_batch_is_refused_before_training(small_features, tmp_path):
+    """One row short of a batch: every epoch would drop its only (partial) batch and take no step."""
+    from pipeline.errors import DataError
+    from pipeline.training.jobs import train_top
+
+    rows = sum(small_features["counts"]["train"].values())
+    job = tmp_path / "run" / "top"
+    with pytest.raises(DataError, match=rf"the training split has {rows} images, fewer than one batch of {rows + 1}: "
+                                        rf"pass --batch-size {rows} or less"):
+        train_top(TrainTopConfig(features_dir=small_features["output_dir"], output_dir=str(tmp_path / "run"), epochs=1,
+                                 batch_size=rows + 1, precision="float32"))
+    assert not (job / "model.keras").exists() and not (job / "ray_train").exists(), "nothing may have been trained"
+
+
+def test_the_best_and_the_last_checkpoints_are_kept(ray_cluster, tmp_path):
+    """Validation labels are the inverse of the rule the training labels follow, so validation
+    accuracy falls as training learns: the best epoch comes before the last one. The run's
+    storage must hold exactly those two checkpoints (the best to export, the last to resume)."""
+    import glob
+
+    import pyarrow as pa
+    import ray
+
+    rng = np.random.default_rng(0)
+
+    def rows(n: int, inverted: bool):
+        x = rng.normal(size=(n, 8)).astype(np.float32)
+        labels = ((x[:, 0] > 0) != inverted).astype(np.int32)
+        return ray.data.from_arrow(pa.table({"label": labels, "features": pa.FixedSizeListArray.from_arrays(
+            pa.array(x.reshape(-1)), 8)}))
+
+    settings = LoopSettings(kind="top", epochs=4, batch_size=16, learning_rate=1e-3, seed=0, precision="float32",
+                            num_classes=2, feature_shape=(8,), dropout=0.0)
+    result = fit(settings, {"train": rows(64, False), "validation": rows(200, True)}, 1, False, str(tmp_path), "run", 0)
+    assert result.error is None
+    accuracy = {h["epoch"]: h["val_accuracy"] for h in read_checkpoint_state(result.checkpoint)["history"]}
+    best, last = max(accuracy.values()), max(accuracy)
+    assert sorted(accuracy) == [1, 2, 3, 4] and accuracy[last] < best, f"an earlier epoch must be the best: {accuracy}"
+    kept = []
+    for folder in glob.glob(os.path.join(tmp_path, "run", "checkpoint_*")):
+        if os.path.isdir(folder):
+            with open(os.path.join(folder, "state.json")) as f:
+                kept.append(json.load(f)["history"][-1]["epoch"])
+    assert len(kept) == 2 and last in kept, f"checkpoints of epochs {sorted(kept)} kept; accuracy by epoch {accuracy}"
+    assert accuracy[min(kept)] == best, f"checkpoints of epochs {sorted(kept)} kept; accuracy by epoch {accuracy}"
+
+
+# Run as a job process in which MLflow cannot be imported. ``sys.modules[name] = None`` is how
+# Python marks a module as unavailable: ``importlib.util.find_spec`` answers None and ``import``
+# raises ImportError, as without the extra. ``ray.init`` is replaced by a sentinel that stops
+# the process, so a check made after Ray started shows as exit code 3.
+WITHOUT_MLFLOW = """
+import sys
+sys.modules["mlflow"] = None
+import ray
+
+
+def started(*args, **kwargs):
+    print("ray.init called", flush=True)
+    raise SystemExit(3)
+
+
+ray.init = started
+from jobs import train_top
+sys.exit(train_top.main(sys.argv[1:]))
+"""
+
+
+def test_mlflow_uri_without_mlflow_installed_fails_before_ray_starts(tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.data import storage
+
+    features, out = tmp_path / "features", tmp_path / "out"
+    storage.write_json(str(features / "manifest.json"), {"fingerprint": "f", "data_dir": str(tmp_path)})
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_MLFLOW, "--features-dir", str(features), "--output-dir",
+                           str(out), "--mlflow-uri", (tmp_path / "mlruns").as_uri()], cwd=repo, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": "local"})
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert 'error: MLflow tracking needs the mlflow extra: pip install -e ".[mlflow]"' in proc.stderr, proc.stderr[-2000:]
+    assert "ray.init called" not in proc.stdout and not out.exists()
