@@ -36,8 +36,10 @@ from bench.result_file import cpu_name  # noqa: E402
 from pipeline.batch.cluster import init_ray  # noqa: E402
 from pipeline.batch.extract import run_extraction  # noqa: E402
 from pipeline.config import ExtractConfig, FinetuneConfig, ScratchConfig, TrainTopConfig  # noqa: E402
-from pipeline.training.jobs import finetune, train_scratch, train_top  # noqa: E402
-from pipeline.training.report import REFERENCE_FIGURES  # noqa: E402
+from pipeline.training.finetune import finetune  # noqa: E402
+from pipeline.training.kinds import KINDS  # noqa: E402
+from pipeline.training.scratch import train_scratch  # noqa: E402
+from pipeline.training.top import train_top  # noqa: E402
 
 MODELS = ("top", "finetune", "finetune_streamed", "scratch")
 # Issue 15's goals on cats_vs_dogs_small, met by the mean of the last epoch's accuracy.
@@ -123,7 +125,7 @@ def main() -> None:
     for model, f in result["models"].items():
         last = f"{f['last_epoch']['mean']:.4f} ± {f['last_epoch']['sd']:.4f}"
         print(f"{model:<16} {last:>24} {f['best_epoch']['mean']:>11.4f} {str(f['goal'] or '–'):>6} "
-              f"{str(f['meets_goal'] if f['goal'] else '–'):>5} {REFERENCE_FIGURES[model.split('_')[0]]:>10} "
+              f"{str(f['meets_goal'] if f['goal'] else '–'):>5} {KINDS[model].reference:>10} "
               f"{f['epochs']:>6} {f['minutes']:>7}")
     print(json.dumps(result))
     with open(os.path.join(args.output_dir, f"accuracy-{'-'.join(result['models'])}.json"), "w") as f:

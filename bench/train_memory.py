@@ -8,7 +8,7 @@ workers, the job's defaults but ``--epochs``: a worker's memory is reached withi
 epochs and does not grow after them, which the per-epoch peaks in each summary show). For each
 job it prints, per worker: its resident memory before reading data, its peak, the bytes of data
 it held (0: streamed), and whether the peak is within the footprint the hold-or-stream rule
-assumes (``pipeline.training.jobs.worker_footprint``: WORKER_BASE_BYTES + HELD_BYTES_FACTOR x
+assumes (``pipeline.training.batches.worker_footprint``: WORKER_BASE_BYTES + HELD_BYTES_FACTOR x
 held); also the peak of each kind of process of the job's tree. The figures go to
 ``bench/results/train_memory.json`` (date, CPU, commit, command).
 """
@@ -26,7 +26,7 @@ sys.path.insert(0, REPO)
 
 from bench.process_memory import run_sampled  # noqa: E402
 from bench.result_file import write_result  # noqa: E402
-from pipeline.training.jobs import HELD_BYTES_FACTOR, WORKER_BASE_BYTES, worker_footprint  # noqa: E402
+from pipeline.training.batches import HELD_BYTES_FACTOR, WORKER_BASE_BYTES, worker_footprint  # noqa: E402
 
 GIB = 2**30
 

@@ -28,7 +28,9 @@ import ray  # noqa: E402
 
 from pipeline.config import FinetuneConfig, ScratchConfig, TrainTopConfig  # noqa: E402
 from pipeline.nets.modelfile import read_metadata  # noqa: E402
-from pipeline.training.jobs import ensure_block4_cache, finetune, train_scratch, train_top  # noqa: E402
+from pipeline.training.finetune import ensure_block4_cache, finetune  # noqa: E402
+from pipeline.training.scratch import train_scratch  # noqa: E402
+from pipeline.training.top import train_top  # noqa: E402
 
 
 def measure(name: str, fn, cfg) -> dict[str, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence, TypeVar
 
+from pipeline.batch.cluster import init_ray
 from pipeline.config import parse_config
 from pipeline.errors import UserError
 from pipeline.redact import redact
@@ -16,7 +17,7 @@ def run_job(config_cls: type[C], description: str, body: Callable[[C], object],
             argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` into ``config_cls`` (invalid options exit 2 before any work), then run ``body``."""
     cfg = parse_config(config_cls, argv, description)
-    from pipeline.batch.cluster import init_ray
+    # Deferred: the prechecks import every job's modules (training, serving, audit); --help and bad options exit first.
     from pipeline.prechecks import preflight
 
     try:

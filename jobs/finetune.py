@@ -8,7 +8,7 @@ from typing import Sequence
 
 from jobs._cli import run_job
 from pipeline.config import FinetuneConfig
-from pipeline.training.jobs import finetune
+from pipeline.training.finetune import finetune
 
 
 def main(argv: Sequence[str] | None = None) -> int:

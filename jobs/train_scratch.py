@@ -7,7 +7,7 @@ from typing import Sequence
 
 from jobs._cli import run_job
 from pipeline.config import ScratchConfig
-from pipeline.training.jobs import train_scratch
+from pipeline.training.scratch import train_scratch
 
 
 def main(argv: Sequence[str] | None = None) -> int:

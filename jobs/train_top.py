@@ -7,7 +7,7 @@ from typing import Sequence
 
 from jobs._cli import run_job
 from pipeline.config import TrainTopConfig
-from pipeline.training.jobs import train_top
+from pipeline.training.top import train_top
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,8 +15,10 @@ import types
 import typing
 from typing import Any, Sequence, TypeVar
 
+from pipeline.data import storage
 from pipeline.errors import ConfigError, UserError
 from pipeline.images.decode import MAX_IMAGE_MEGAPIXELS, PILLOW_LIMIT_MEGAPIXELS
+from pipeline.nets.modelfile import read_metadata
 from pipeline.redact import redact
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
@@ -74,8 +76,6 @@ def check_output_location(name: str, value: str | None) -> None:
     """Refuse an output location that is an existing regular file, or on a bucket that does not exist."""
     if not value:
         return
-    from pipeline.data import storage
-
     problem = storage.describe_output_problem(value)
     if problem:
         raise ConfigError(f"--{name.replace('_', '-')} {value!r} cannot be written: {problem}")
@@ -85,8 +85,6 @@ def check_output_location(name: str, value: str | None) -> None:
 
 def check_input_location(name: str, value: str | None, want: str = "folder") -> None:
     """Refuse an input location (local path or URI) that is missing, of the wrong kind or unreadable."""
-    from pipeline.data import storage
-
     problem = storage.describe_problem(value, want) if value is not None else None
     if problem:
         raise ConfigError(f"--{name.replace('_', '-')} {value!r} cannot be used: {problem}")
@@ -191,6 +189,9 @@ class DataOptions(DecodeOptions):
     validation_fraction: float = field_help(0.2, "fraction of files hashed into validation (kaggle layout)")
     max_images_per_class: int | None = field_help(None, "use at most this many images per class and split (smoke tests)")
     max_reject_fraction: float = field_help(0.05, "fail if more than this fraction of files cannot be decoded")
+    exclude: str | None = field_help(None, "a text file of photos to leave out, one path a line relative to the "
+                                           "data root (train/cats/cat.1.jpg), as the suspects.txt of "
+                                           "jobs.audit_data lists them")
 
     def check_data_options(self) -> None:
         """Validate the data options (called from each job config's ``__post_init__``)."""
@@ -200,6 +201,7 @@ class DataOptions(DecodeOptions):
         check_range("max_reject_fraction", self.max_reject_fraction, 0, 1)
         self.check_decode_options()
         check_input_location("data_dir", self.data_dir)
+        check_input_location("exclude", self.exclude, "file")
 
 
 # 128 files: a few MB of decoded pixels per block at 150 px (Ray Data's blocks are happiest
@@ -359,11 +361,12 @@ class FinetuneConfig(ImageTrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_input_location("top_model", self.top_model, "file")
-        if self.cache_block4 and (self.data_dir is not None or self.max_images_per_class is not None):
+        if self.cache_block4 and (self.data_dir is not None or self.max_images_per_class is not None
+                                  or self.exclude is not None):
             raise ConfigError("--cache-block4 (the default) trains on the images the top model's features were "
-                              "extracted from; to fine-tune on --data-dir or --max-images-per-class, add "
-                              "--no-cache-block4 (or extract that data with jobs.extract_features --cache-block4 "
-                              "and train a top model on it)")
+                              "extracted from; to fine-tune on --data-dir, --max-images-per-class or --exclude, add "
+                              "--no-cache-block4 (or extract that data with jobs.extract_features --cache-block4, "
+                              "which takes --exclude too, and train a top model on it)")
 
 
 @dataclasses.dataclass
@@ -438,6 +441,9 @@ class RunAllConfig(DataOptions, LogOptions):
     overwrite: bool = field_help(False, "redo every stage even if finished results exist")
     mlflow_uri: str | None = field_help(None, MLFLOW_URI_HELP)
     mlflow_experiment: str = field_help(DEFAULT_EXPERIMENT, "MLflow experiment the training jobs are logged to")
+    audit: bool = field_help(False, "run jobs.audit_data (its defaults) on the features between extraction and "
+                                    "training: <output-dir>/audit/report.html beside report.md; it excludes nothing "
+                                    "(pass its suspects.txt, once checked, as --exclude)")
 
     def __post_init__(self) -> None:
         self.check_data_options()
@@ -487,9 +493,6 @@ class PredictConfig(InferenceOptions, DecodeOptions, LogOptions):
     overwrite: bool = field_help(False, "replace an existing output")
 
     def __post_init__(self) -> None:
-        from pipeline.data import storage
-        from pipeline.nets.modelfile import read_metadata
-
         self.check_inference_options()
         self.check_decode_options()
         read_metadata(self.model)  # a missing or foreign model file fails here, before any work
@@ -534,3 +537,40 @@ class ServeConfig(DecodeOptions, LogOptions):
         check_positive("max_images_per_request", self.max_images_per_request)
         self.check_decode_options()
         check_choice("precision", self.precision, PRECISIONS)
+
+
+# Cosine similarity of pooled VGG16 features at or above which two photos are near duplicates:
+# above every pair of distinct photos of the shared sample (up to 0.932), below 99.8 % of generated
+# copies (bench/audit_calibration.py: re-encoded, resized, cropped, brightened).
+NEAR_THRESHOLD = 0.935
+
+
+@dataclasses.dataclass
+class AuditConfig(DataOptions, LogOptions):
+    """Settings of ``jobs.audit_data``: duplicates and leakage, likely wrong labels and strays, and a report."""
+
+    features_dir: str | None = field_help(None, "output of jobs.extract_features, every split of it audited; default: "
+                                                "extract --data-dir (the built-in data set without it) first")
+    output_dir: str | None = field_help(None, "where the report and the scores go (local path or URI); default "
+                                              "outputs/<data folder name>/audit")
+    folds: int = field_help(5, "cross-validation folds of the out-of-sample probabilities the label check reads")
+    near_threshold: float = field_help(NEAR_THRESHOLD, "cosine similarity of pooled VGG16 features at or above which "
+                                                       "two photos are near duplicates")
+    top_k: int = field_help(24, "suspects of each kind shown in the report and listed in suspects.txt")
+    top_model: str | None = field_help(None, "model.keras of jobs.train_top on these features: the leakage's effect "
+                                             "on validation accuracy is measured with it (default: with the "
+                                             "cross-validation probabilities)")
+    overwrite: bool = field_help(False, "redo the audit even if a finished one with the same settings exists")
+
+    def __post_init__(self) -> None:
+        if self.features_dir is not None and self.data_dir is not None:
+            raise ConfigError("give --features-dir (an extraction to audit) or --data-dir (photos to extract "
+                              "first), not both")
+        self.check_data_options()
+        check_input_location("features_dir", self.features_dir)
+        if self.folds is None or self.folds < 2:
+            raise ConfigError(f"--folds must be an integer of at least 2; got {self.folds!r}")
+        check_range("near_threshold", self.near_threshold, 0, 1, open_low=True)
+        check_positive("top_k", self.top_k)
+        check_input_location("top_model", self.top_model, "file")
+        check_output_location("output_dir", self.output_dir)

@@ -1,4 +1,5 @@
-"""Fault-injection hooks for reliability tests: kill or stall the current process at a chosen point.
+"""Fault-injection hooks for reliability tests: kill or stall the current process at a chosen
+point, and trace what processes did around it.
 
 ``RIC_FAULT_KILL=<site>:<n>:<marker path>`` in the environment of a Ray cluster's processes:
 the n-th call of ``maybe_fail(site)`` in a process exits that process abruptly (as a crashed
@@ -9,18 +10,43 @@ left alone.
 good, so a test can interrupt a job at a known point (after exactly n-1 blocks of a one-actor
 pool) instead of racing it.
 
-Unset (always, outside tests), both do nothing.
+``RIC_FAULT_TRACE=<path>``: every ``trace(site, details)`` call appends one JSON line to that
+file, so a test sees what each process did before and after a fault (a restarted training
+worker: the epoch it starts and the weights it starts from).
+
+Ray Train's workers do not inherit a driver's environment on a cluster that was already
+running, so ``fit`` hands them these variables (``environment()``). Unset (always, outside
+tests), all of them do nothing.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter
+from typing import Any, Callable
 
 ENV = "RIC_FAULT_KILL"
 PAUSE_ENV = "RIC_FAULT_PAUSE"
+TRACE_ENV = "RIC_FAULT_TRACE"
 _calls: Counter[str] = Counter()
+
+
+def environment() -> dict[str, str]:
+    """The fault-injection variables set in this process's environment, to hand to processes
+    that do not inherit it."""
+    return {name: os.environ[name] for name in (ENV, PAUSE_ENV, TRACE_ENV) if os.environ.get(name)}
+
+
+def trace(site: str, details: Callable[[], dict[str, Any]]) -> None:
+    """With ``RIC_FAULT_TRACE``, append ``{"site": site, **details()}`` to its file as one JSON
+    line; ``details`` is called only then, so a costly one costs nothing outside tests."""
+    path = os.environ.get(TRACE_ENV)
+    if not path:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps({"site": site, **details()}) + "\n")
 
 
 def maybe_fail(site: str) -> None:

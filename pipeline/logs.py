@@ -121,6 +121,7 @@ def quiet_ray_data_loggers() -> None:
 
 def quiet_ray_data() -> None:
     """Ray Data's per-dataset execution plans and issue reports off; its progress bars stay."""
+    # Deferred: Ray Data takes about a second to load, and every Ray worker imports this module for its setup hook.
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

@@ -13,9 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline import runall
+from pipeline.audit import doctor
+from pipeline.audit.leakage import check_top_model
 from pipeline.batch.extract import OUTPUT_LAYOUT
 from pipeline.batch.predict import check_targets
 from pipeline.config import (
+    AuditConfig,
     ExtractConfig,
     FinetuneConfig,
     PredictConfig,
@@ -39,6 +42,8 @@ def preflight(cfg: Any) -> None:
         # Exposure first: a server that must not start says so whatever else is wrong.
         check_exposure(cfg.host, read_token(cfg.auth_token_file), cfg.insecure)
         read_metadata(cfg.model)  # a missing or foreign model file
+    if isinstance(cfg, AuditConfig) and cfg.top_model:
+        check_top_model(cfg.top_model)
     check_outputs(cfg)
 
 
@@ -54,3 +59,5 @@ def check_outputs(cfg: Any) -> None:
         outputs.check(job_dir(cfg.output_dir, job_folder(cfg)), JOB_LAYOUT)
     elif isinstance(cfg, RunAllConfig):
         outputs.check(cfg.output_dir, runall.LAYOUT)
+    elif isinstance(cfg, AuditConfig):
+        outputs.check(cfg.output_dir, doctor.LAYOUT)

@@ -8,21 +8,25 @@ import shlex
 import sys
 from typing import Any
 
+from pipeline.audit import doctor
 from pipeline.batch.extract import OUTPUT_LAYOUT, run_extraction
-from pipeline.config import ExtractConfig, FinetuneConfig, RunAllConfig, ScratchConfig, TrainTopConfig
+from pipeline.config import AuditConfig, ExtractConfig, FinetuneConfig, RunAllConfig, ScratchConfig, TrainTopConfig
 from pipeline.data import outputs, storage
 from pipeline.data.shards import data_name
 from pipeline.data.synthetic import NOTE, default_data_dir, note_builtin_data
 from pipeline.nets.modelfile import MODEL_FILE
 from pipeline.redact import redact
-from pipeline.training.jobs import JOB_FOLDERS, JOB_LAYOUT, finetune, train_scratch, train_top
+from pipeline.training.finetune import finetune
+from pipeline.training.jobs import JOB_FOLDERS, JOB_LAYOUT
 from pipeline.training.report import write_report
+from pipeline.training.scratch import train_scratch
+from pipeline.training.top import train_top
 
 log = logging.getLogger(__name__)
 
 SYNTHETIC_EPOCHS = 5
 REPORT = "report.md"
-STAGE_FOLDERS = {"features": OUTPUT_LAYOUT, **{kind: JOB_LAYOUT for kind in JOB_FOLDERS}}
+STAGE_FOLDERS = {"features": OUTPUT_LAYOUT, "audit": doctor.LAYOUT, **{kind: JOB_LAYOUT for kind in JOB_FOLDERS}}
 # The output folder: report.md, each stage's folder (judged by that stage's layout) and the locks
 # the stages hold beside their folders; a report or a recognised stage folder marks it as ours.
 LAYOUT = outputs.Layout("a run_all output", markers=(REPORT,), files=tuple(f"{f}.lock" for f in STAGE_FOLDERS),
@@ -42,7 +46,7 @@ def stage_options(cfg: RunAllConfig, data_dir: str, output_dir: str, synthetic: 
     stage before has run: the top MLP's feature folder, fine-tuning's top model)."""
     images = dict(data_dir=data_dir, layout=cfg.layout, validation_fraction=cfg.validation_fraction,
                   max_images_per_class=cfg.max_images_per_class, max_reject_fraction=cfg.max_reject_fraction,
-                  max_image_megapixels=cfg.max_image_megapixels)
+                  max_image_megapixels=cfg.max_image_megapixels, exclude=cfg.exclude)
     training = dict(output_dir=output_dir, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, batch_size=cfg.batch_size,
                     dropout=cfg.dropout, ema_momentum=cfg.ema_momentum, seed=cfg.seed, precision=cfg.precision,
                     max_failures=cfg.max_failures,
@@ -57,6 +61,9 @@ def stage_options(cfg: RunAllConfig, data_dir: str, output_dir: str, synthetic: 
                                  workers=cfg.workers, gpus=cfg.gpus, gpu_wait_s=cfg.gpu_wait_s,
                                  batch_size=cfg.batch_size, block_files=cfg.block_files,
                                  cache_block4=cfg.cache_block4, overwrite=cfg.overwrite, **images),
+        # The doctor reads the extraction's features (with its own defaults); it excludes nothing.
+        "audit_data": dict(output_dir=storage.join(output_dir, "audit"), overwrite=cfg.overwrite,
+                           max_image_megapixels=cfg.max_image_megapixels),
         "train_top": trainer("top"),
         # Cached fine-tuning reads the images' block-4 outputs from the extraction, not the images.
         "finetune": {**trainer("finetune"), "shift": cfg.finetune_shift, "cache_block4": cfg.cache_block4,
@@ -90,13 +97,17 @@ def run_all(cfg: RunAllConfig) -> str:
 
 
 def _run_stages(cfg: RunAllConfig, data_dir: str, output_dir: str, synthetic: bool) -> str:
-    """Extraction, the training stages not skipped, then the report; returns the report's path."""
+    """Extraction, the audit when asked, the training stages not skipped, then the report; returns the report's path."""
     options = stage_options(cfg, data_dir, output_dir, synthetic)
     stages: list[dict[str, Any]] = []
 
     manifest = run_extraction(ExtractConfig(**options["extract_features"]))
     stages.append({"stage": "extract_features", "seconds": manifest["elapsed_s"],
                    "images_per_s": manifest["images_per_s"]})
+    if cfg.audit:
+        audit = doctor.audit_data(AuditConfig(features_dir=manifest["output_dir"], **options["audit_data"]))
+        stages.append({"stage": f"audit_data: [report]({storage.relative(audit['report'], output_dir)})",
+                       "seconds": audit["elapsed_s"]})
 
     def stage(name: str, fn, job_cfg) -> None:
         summary = fn(job_cfg)

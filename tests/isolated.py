@@ -69,7 +69,7 @@ def train_beside(workdir: str) -> dict:
     from pipeline.batch.cluster import init_ray
     from pipeline.batch.extract import run_extraction
     from pipeline.config import ExtractConfig, TrainTopConfig
-    from pipeline.training.jobs import train_top
+    from pipeline.training.top import train_top
 
     # A temp folder of its own, as an in-process cluster beside a `ray start` head has: the
     # machine's record of its latest cluster (under RAY_TMPDIR) then names the other one.

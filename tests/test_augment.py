@@ -68,7 +68,7 @@ def test_rotation_turns_about_the_centre_and_shift_moves_the_image():
 
 
 def test_feature_maps_shift_by_whole_cells_with_edges_repeated():
-    from pipeline.training.train import block4_cells
+    from pipeline.training.kinds import block4_cells
 
     maps = np.arange(2 * 5 * 5 * 3, dtype=np.float32).reshape(2, 5, 5, 3)
     assert shift_maps(maps, np.random.default_rng(0), 0) is maps
@@ -87,7 +87,8 @@ def test_feature_maps_shift_by_whole_cells_with_edges_repeated():
 
 
 def test_cached_finetuning_batches_mirror_and_shift_the_block4_maps():
-    from pipeline.training.train import LoopSettings, batch_inputs
+    from pipeline.training.batches import batch_inputs
+    from pipeline.training.settings import LoopSettings
 
     s = LoopSettings(kind="finetune", epochs=1, batch_size=8, learning_rate=1e-4, seed=0, precision="float32",
                      num_classes=2, image_size=64, cached_block4=True, block4_shape=(4, 4, 2), shift=0.25)

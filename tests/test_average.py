@@ -6,15 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.training.train import (
-    LoopSettings,
-    _restore,
-    _save,
-    averaged_weights,
-    batch_inputs,
-    build_model,
-    ema_momentum,
-)
+from pipeline.training.batches import batch_inputs
+from pipeline.training.checkpoints import averaged_weights, restore_checkpoint, save_checkpoint
+from pipeline.training.loop import build_model
+from pipeline.training.settings import LoopSettings, ema_momentum
 
 
 @pytest.mark.parametrize("requested, steps, expected", [
@@ -49,7 +44,7 @@ def test_evaluation_sees_the_average_and_training_goes_on_from_its_own_weights(t
     with averaged_weights(model, optimizer) as kept:
         for v, a in zip(model.trainable_variables, averages):
             np.testing.assert_array_equal(np.array(v), a)
-        _save(str(tmp_path), model, optimizer, {"epoch": 1, "history": []}, kept)
+        save_checkpoint(str(tmp_path), model, optimizer, {"epoch": 1, "history": []}, kept)
     for v, t in zip(model.trainable_variables, trained):
         np.testing.assert_array_equal(np.array(v), t)
 
@@ -58,7 +53,7 @@ def test_evaluation_sees_the_average_and_training_goes_on_from_its_own_weights(t
     import keras
     from ray.train import Checkpoint
 
-    from pipeline.training.train import load_checkpoint_weights
+    from pipeline.training.checkpoints import load_checkpoint_weights
 
     exported, _ = build_model(settings)
     load_checkpoint_weights(Checkpoint.from_directory(str(tmp_path)), exported)
@@ -66,7 +61,7 @@ def test_evaluation_sees_the_average_and_training_goes_on_from_its_own_weights(t
         np.testing.assert_array_equal(np.array(v), a)
     keras.utils.set_random_seed(1)
     resumed, resumed_optimizer = build_model(settings)
-    _restore(str(tmp_path), resumed, resumed_optimizer)
+    restore_checkpoint(str(tmp_path), resumed, resumed_optimizer)
     for v, t in zip(resumed.trainable_variables, trained):
         np.testing.assert_array_equal(np.array(v), t)
     for a, b in zip(resumed_optimizer._model_variables_moving_average, averages):

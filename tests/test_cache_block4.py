@@ -89,8 +89,9 @@ def test_cached_outputs_equal_the_network_on_the_images(plain_then_cached, real_
 
 def test_finetune_on_the_cache_exports_the_model_it_trained(plain_then_cached, real_root, tmp_path):
     from pipeline.nets.modelfile import load_classifier, read_metadata
-    from pipeline.training.jobs import finetune, train_top
-    from pipeline.training.train import load_checkpoint_weights
+    from pipeline.training.checkpoints import load_checkpoint_weights
+    from pipeline.training.finetune import finetune
+    from pipeline.training.top import train_top
 
     _, manifest = plain_then_cached
     out = str(tmp_path / "run")

@@ -3,7 +3,7 @@ not the raw bytes of its data."""
 
 from __future__ import annotations
 
-from pipeline.training.jobs import HELD_BYTES_FACTOR, HOLD_SHARE, WORKER_BASE_BYTES, fits_in_memory, held_bytes
+from pipeline.training.batches import HELD_BYTES_FACTOR, HOLD_SHARE, WORKER_BASE_BYTES, fits_in_memory, held_bytes
 
 
 def test_held_data_is_counted_by_the_measured_footprint_not_its_raw_bytes():

@@ -28,8 +28,8 @@ from pipeline.data import ledger, outputs, storage
 from pipeline.errors import OutputError
 from pipeline.runall import run_all as run_all_job
 from pipeline.training.jobs import JOB_LAYOUT
-from pipeline.training.jobs import train_scratch as train_scratch_job
-from pipeline.training.jobs import train_top as train_top_job
+from pipeline.training.scratch import train_scratch as train_scratch_job
+from pipeline.training.top import train_top as train_top_job
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import zipfile
 
 import numpy as np
 import pyarrow.csv as pacsv
@@ -12,8 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.predict import main as predict_main
+from pipeline.batch import predict as batch_predict
 from pipeline.batch.predict import run_prediction
 from pipeline.config import PredictConfig
+from pipeline.data import storage
 from pipeline.errors import DataError
 from pipeline.images.decode import load_image
 from pipeline.nets import models, vgg16
@@ -136,6 +140,70 @@ def test_model_without_metadata_is_refused_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit):
         predict_main(["--model", str(tmp_path / "fake.keras"), "--input", str(tmp_path), "--output", str(tmp_path / "o.csv")])
     assert "not a .keras model file" in capsys.readouterr().err
+
+
+class _CountedFile:
+    """A file that records the size of every read."""
+
+    def __init__(self, f, reads: list[int]):
+        self.f, self.reads = f, reads
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read() if n is None or n < 0 else self.f.read(n)
+        self.reads.append(len(data))
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+
+class _CountedFilesystem:
+    """A filesystem whose opened files count their reads in ``opened`` (one list per file)."""
+
+    def __init__(self, filesystem, opened: list[list[int]]):
+        self.filesystem, self.opened = filesystem, opened
+
+    def open_input_file(self, path: str) -> _CountedFile:
+        self.opened.append([])
+        return _CountedFile(self.filesystem.open_input_file(path), self.opened[-1])
+
+    def __getattr__(self, name: str):
+        return getattr(self.filesystem, name)
+
+
+def test_the_check_reads_only_the_metadata_and_the_job_reads_the_model_once(tmp_path, monkeypatch):
+    """A model file (often remote, tens of MB) is read whole once per job: its check reads the
+    archive's directory and metadata, and the job's metadata, hash and actors' copy share one read."""
+    model = str(tmp_path / "model.keras")
+    with zipfile.ZipFile(model, "w") as z:
+        z.writestr("model.weights.h5", os.urandom(2_000_000))
+        z.writestr("classifier.json", json.dumps({"kind": "top", "classes": CLASSES, "image_size": SIZE}))
+    os.makedirs(tmp_path / "photos")
+    shutil.copyfile(real_images("validation", "cats", 1)[0], tmp_path / "photos" / "cat.jpg")
+    opened: list[list[int]] = []
+    split_uri = storage.split_uri
+    monkeypatch.setattr(storage, "split_uri", lambda uri: (
+        (_CountedFilesystem(split_uri(uri)[0], opened), split_uri(uri)[1]) if uri == model else split_uri(uri)))
+    cfg = PredictConfig(model=model, input=str(tmp_path / "photos"), output=str(tmp_path / "out"))
+    assert len(opened) == 1 and 0 < sum(opened[0]) < 100_000, opened
+
+    class Stop(Exception):
+        pass
+
+    def stop(_files):
+        raise Stop  # the model has been read by now; what follows needs a cluster
+
+    monkeypatch.setattr(batch_predict, "fingerprint_files", stop)
+    opened.clear()
+    with pytest.raises(Stop):
+        run_prediction(cfg)
+    assert [sum(reads) for reads in opened] == [os.path.getsize(model)]
 
 
 def test_existing_output_needs_overwrite(model_files, tmp_path):

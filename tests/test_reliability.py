@@ -256,31 +256,20 @@ def test_driver_interrupted_during_prediction_then_rerun(ray_cluster, real_root,
     assert set(got) == expected and len(got) == 40 and summary["processed"] == 30
 
 
-def test_training_worker_killed_resumes(ray_cluster, real_root, tmp_path, record_case):
+def test_training_worker_killed_resumes(ray_cluster, real_root, tmp_path, record_case, monkeypatch):
     """Covered in depth by tests/test_train.py; recorded here for the matrix with the metrics file."""
+    import csv
+
     from pipeline.config import TrainTopConfig
-    from pipeline.training.jobs import train_top
+    from pipeline.training.top import train_top
 
     features = run_extraction(ExtractConfig(data_dir=real_root, output_dir=str(tmp_path / "f"), weights="none",
                                             image_size=32, precision="float32"))
-    import csv
-
-    from pipeline.training import train as train_module
-
     marker = tmp_path / "killed"
-    original = train_module.LoopSettings.to_config
-
-    def with_fault(self):
-        config = original(self)
-        config["extras"] = {**config["extras"], "fault": {"kill_at_epoch": 2, "rank": 1, "marker": str(marker)}}
-        return config
-
-    train_module.LoopSettings.to_config = with_fault
-    try:
-        train_top(TrainTopConfig(features_dir=features["output_dir"], output_dir=str(tmp_path / "run"), epochs=3,
-                                 batch_size=8, num_workers=2, precision="float32", max_failures=2))
-    finally:
-        train_module.LoopSettings.to_config = original
+    # Rank 1 dies after its first step of epoch 2 (the job hands the driver's fault to its workers).
+    monkeypatch.setenv("RIC_FAULT_KILL", f"train_epoch2_rank1:1:{marker}")
+    train_top(TrainTopConfig(features_dir=features["output_dir"], output_dir=str(tmp_path / "run"), epochs=3,
+                             batch_size=8, num_workers=2, precision="float32", max_failures=2))
     with open(tmp_path / "run" / "top" / "metrics.csv") as f:
         epochs = [int(r["epoch"]) for r in csv.DictReader(f)]
     record_case("training worker killed in epoch 2", "resume, epochs 1-3 once",

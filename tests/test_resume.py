@@ -108,7 +108,7 @@ def test_sigkilled_extraction_resumes_and_matches_a_clean_run(ray_cluster, root,
     assert not os.path.exists(os.path.join(out, "manifest.json")), "a killed run must not look finished"
     from pipeline.config import TrainTopConfig
     from pipeline.errors import DataError
-    from pipeline.training.jobs import train_top
+    from pipeline.training.top import train_top
 
     with pytest.raises(DataError, match="is not a finished extraction"):
         train_top(TrainTopConfig(features_dir=out, output_dir=str(tmp_path / "run"), epochs=1))

@@ -13,7 +13,9 @@ from pipeline.batch.extract import run_extraction
 from pipeline.config import ExtractConfig, FinetuneConfig, TrainTopConfig
 from pipeline.errors import ConfigError, OutputError, UserError
 from pipeline.nets import models
-from pipeline.training.train import TRAINED_FILE, LoopSettings, fit, load_checkpoint_weights, read_checkpoint_state
+from pipeline.training.checkpoints import TRAINED_FILE, load_checkpoint_weights, read_checkpoint_state
+from pipeline.training.fit import fit
+from pipeline.training.settings import LoopSettings
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -69,7 +71,7 @@ def test_two_workers_give_the_weights_of_one(small_features, tmp_path):
         np.testing.assert_allclose(one, two, rtol=1e-5, atol=1e-6)
     import keras
 
-    from pipeline.training.train import build_model
+    from pipeline.training.loop import build_model
 
     keras.utils.set_random_seed(settings.seed)  # the weights every worker starts from
     initial, _ = build_model(settings)
@@ -124,21 +126,24 @@ def test_stopped_run_resumes_from_its_latest_checkpoint(small_features, tmp_path
 def test_killed_worker_restarts_from_checkpoint_without_duplicate_epochs(small_features, tmp_path, monkeypatch):
     """Rank 1 dies in epoch 2. The restarted group must resume: its first epoch is 2 (the one after
     the checkpoint of epoch 1), started from the weights the first group started epoch 2 with,
-    i.e. the checkpoint's. A group that started over would start epoch 1 from the initial weights."""
+    i.e. the checkpoint's. A group that started over would start epoch 1 from the initial weights.
+    The fault and the trace of epoch starts are set in this process's environment only (the
+    session's cluster was started without them): fit hands them to the workers."""
     import json
 
     shape = tuple(small_features["feature_shape"])
     marker, log = tmp_path / "killed", tmp_path / "epochs.jsonl"
     settings = LoopSettings(kind="top", epochs=3, batch_size=8, learning_rate=1e-3, seed=1, precision="float32",
-                            num_classes=2, feature_shape=shape,
-                            extras={"fault": {"kill_at_epoch": 2, "rank": 1, "marker": str(marker),
-                                              "epoch_log": str(log)}})
+                            num_classes=2, feature_shape=shape)
+    monkeypatch.setenv("RIC_FAULT_KILL", f"train_epoch2_rank1:1:{marker}")
+    monkeypatch.setenv("RIC_FAULT_TRACE", str(log))
     result = fit(settings, _datasets(small_features["output_dir"]), 2, False, str(tmp_path), "faulty", 2)
     assert marker.exists(), "the fault hook must have killed a worker"
     assert result.error is None
     history = read_checkpoint_state(result.checkpoint)["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     starts = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {s["site"] for s in starts} == {"epoch_start"}
     for rank in (0, 1):
         mine = [s for s in starts if s["rank"] == rank]
         assert [s["epoch"] for s in mine] == [1, 2, 2, 3], f"rank {rank}: {[s['epoch'] for s in mine]}"
@@ -148,7 +153,7 @@ def test_killed_worker_restarts_from_checkpoint_without_duplicate_epochs(small_f
 
 def test_train_top_job_writes_model_metrics_evaluation_and_curves(small_features, tmp_path):
     from pipeline.nets.modelfile import read_metadata
-    from pipeline.training.jobs import train_top
+    from pipeline.training.top import train_top
 
     out = str(tmp_path / "run")
     summary = train_top(TrainTopConfig(features_dir=small_features["output_dir"], output_dir=out, epochs=2,
@@ -197,7 +202,7 @@ def test_train_top_reads_an_older_extraction_with_mirror_features(small_features
     import pyarrow.parquet as pq
 
     from pipeline.data import storage
-    from pipeline.training.jobs import train_top
+    from pipeline.training.top import train_top
 
     older = tmp_path / "older"
     shutil.copytree(small_features["output_dir"], older)
@@ -215,7 +220,7 @@ def test_train_top_reads_an_older_extraction_with_mirror_features(small_features
 
 def test_one_reuse_rule_for_training_jobs(small_features, tmp_path, capsys):
     """Same settings: the finished model is reused. Other settings: refused, naming what differs."""
-    from pipeline.training.jobs import train_top
+    from pipeline.training.top import train_top
 
     def run(**changes):
         options = {"epochs": 1, "batch_size": 8, "precision": "float32", **changes}
@@ -238,7 +243,7 @@ def test_worker_counts_that_do_not_divide_the_batch_are_refused_naming_valid_one
 
 
 def test_finetune_refuses_to_start_without_a_top_model(tmp_path):
-    from pipeline.training.jobs import finetune
+    from pipeline.training.finetune import finetune
 
     with pytest.raises(UserError, match="python -m jobs.train_top"):
         finetune(FinetuneConfig(output_dir=str(tmp_path)))
@@ -246,7 +251,7 @@ def test_finetune_refuses_to_start_without_a_top_model(tmp_path):
 
 def test_finetune_refuses_a_top_model_of_the_wrong_kind(tmp_path):
     from pipeline.nets.modelfile import save_classifier
-    from pipeline.training.jobs import finetune
+    from pipeline.training.finetune import finetune
 
     path = str(tmp_path / "scratch.keras")
     save_classifier(models.scratch_cnn(32, 2), path, {"kind": "scratch", "classes": ["a", "b"], "image_size": 32})
@@ -259,7 +264,7 @@ def test_training_logs_to_mlflow_from_rank_zero(small_features, tmp_path):
     curves and the model, read back with MLflow's client from a local file store."""
     from mlflow import MlflowClient
 
-    from pipeline.training.jobs import train_top
+    from pipeline.training.top import train_top
 
     uri = (tmp_path / "mlruns").as_uri()
     summary = train_top(TrainTopConfig(features_dir=small_features["output_dir"], output_dir=str(tmp_path / "run"),
@@ -284,7 +289,7 @@ def test_training_logs_to_mlflow_from_rank_zero(small_features, tmp_path):
 def test_a_training_split_smaller_than_one_batch_is_refused_before_training(small_features, tmp_path):
     """One row short of a batch: every epoch would drop its only (partial) batch and take no step."""
     from pipeline.errors import DataError
-    from pipeline.training.jobs import train_top
+    from pipeline.training.top import train_top
 
     rows = sum(small_features["counts"]["train"].values())
     job = tmp_path / "run" / "top"

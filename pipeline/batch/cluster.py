@@ -10,8 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray._common.utils import get_ray_address_file
+from ray._private.utils import read_ray_address
 
 from pipeline import logs
+from pipeline.data import storage
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -49,9 +52,6 @@ def _target_address() -> str | None:
     instead of retrying for ever: ``RAY_ADDRESS``, else the cluster last started with
     ``ray start`` on this machine (recorded in Ray's temp folder).
     """
-    from ray._common.utils import get_ray_address_file
-    from ray._private.utils import read_ray_address
-
     env = os.environ.get("RAY_ADDRESS", "")
     if env == "local":
         return None
@@ -142,6 +142,7 @@ def wait_for_gpus(count: int, timeout_s: float, poll_s: float = 2.0) -> None:
     have = int(ray.cluster_resources().get("GPU", 0))
     if have >= count:
         return
+    # Deferred: the autoscaler's SDK takes a fifth of a second to load, for clusters that must grow.
     from ray.autoscaler.sdk import request_resources
 
     request_resources(bundles=[{"GPU": 1}] * count)
@@ -173,8 +174,6 @@ def pin_to_this_node(location: str) -> dict[str, Any]:
     Nothing else on a cluster without a shared filesystem can open a local path the driver
     named; object-store URIs need no pinning.
     """
-    from pipeline.data import storage
-
     if not storage.is_local(location):
         return {}
     # Ray's own local:// reads pin this way (a hard label constraint, which replaced
@@ -184,7 +183,7 @@ def pin_to_this_node(location: str) -> dict[str, Any]:
 
 def configure_tensorflow_devices() -> None:
     """Let TensorFlow grow GPU memory on demand, so one actor per GPU never grabs it all up front."""
-    import tensorflow as tf
+    import tensorflow as tf  # deferred: seconds to load, and only the actors that run a model need it
 
     for gpu in tf.config.list_physical_devices("GPU"):
         try:

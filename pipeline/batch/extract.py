@@ -3,7 +3,8 @@
 Output layout (``<output>/``)::
 
     manifest.json          classes, counts, rejects, weights, preprocessing, precision, timings,
-                           what the last run added, changed, removed and reused; written last:
+                           what the last run added, changed, removed and reused, what --exclude
+                           left out (its file, sha256 and count); written last:
                            an output without it is unfinished (or being updated)
     run.json               the settings every run into this output must share
     ledger.parquet         every input file once: its stamp, its part, its reject reason if any
@@ -53,6 +54,7 @@ from pipeline.data import ledger, outputs, storage
 from pipeline.data.discover import IMAGE_EXTENSIONS, OPTIONAL_SPLITS, REQUIRED_SPLITS, DatasetIndex, discover
 from pipeline.data.reuse import fingerprint, job_settings
 from pipeline.data.shards import BLOCK4_DIR, FLIPPED_SPLIT, REJECT_SCHEMA, REJECTS_FILE, data_name, feature_schema
+from pipeline.data.synthetic import default_data_dir, is_synthetic, note_builtin_data
 from pipeline.faults import maybe_fail
 from pipeline.nets import vgg16
 from pipeline.nets.precision import device_precision
@@ -87,6 +89,7 @@ class FeatureActor:
     def __init__(self, image_size: int, weight_arrays: list[np.ndarray] | None, preprocessing: str,
                  precision: str, batch_size: int, cache_block4: bool = False):
         configure_tensorflow_devices()
+        # Deferred: pipeline.nets.models loads Keras and TensorFlow, which the job's driver need not.
         from pipeline.nets.models import block4_and_features, feature_extractor
 
         precision = device_precision(precision)
@@ -186,15 +189,13 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
     updated when it changed; an unfinished one is resumed; one with other settings is
     refused, naming them, unless ``cfg.overwrite``.
     """
-    from pipeline.data.synthetic import default_data_dir, is_synthetic, note_builtin_data
-
     started = time.time()
     data_dir = cfg.data_dir or default_data_dir()
     synthetic = is_synthetic(data_dir)
     if synthetic:
         note_builtin_data()
     output_dir = cfg.output_dir or default_output_dir(data_dir)
-    index = discover(data_dir, cfg.layout, cfg.validation_fraction, cfg.max_images_per_class)
+    index = discover(data_dir, cfg.layout, cfg.validation_fraction, cfg.max_images_per_class, cfg.exclude)
     listed_s = time.time() - started
     log.info(f"listed {len(index.files)} files under {data_dir} in {listed_s:.1f}s")
     if index.ignored:
@@ -213,7 +214,7 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
         manifest = _extract(cfg, index, weights, output_dir, cache, previous)
         manifest.update(settings=settings, inputs=inputs, fingerprint=fingerprint({**settings, "inputs": inputs}),
                         synthetic=synthetic, data_dir=storage.absolute(data_dir), output_dir=output_dir,
-                        listing_s=round(listed_s, 2), ignored_by_extension=index.ignored)
+                        listing_s=round(listed_s, 2), ignored_by_extension=index.ignored, excluded=index.excluded)
         manifest["elapsed_s"] = round(time.time() - started, 2)
         manifest["images_per_s"] = round(manifest["processed"] / max(manifest["elapsed_s"], 1e-9), 2)
         storage.write_json(storage.join(output_dir, storage.MANIFEST), manifest)

@@ -9,6 +9,7 @@ import hashlib
 import io
 import logging
 import os
+import tempfile
 import time
 from typing import Any, Sequence
 
@@ -34,11 +35,20 @@ from pipeline.batch.inference import (
 )
 from pipeline.config import OUTPUT_FILE_SUFFIXES, PredictConfig
 from pipeline.data import ledger, outputs, storage
-from pipeline.data.discover import UNLABELED_SCHEMA, check_root, columnar, discover_unlabeled, is_image_name
+from pipeline.data.discover import (
+    UNLABELED_SCHEMA,
+    check_root,
+    columnar,
+    discover_unlabeled,
+    fingerprint_files,
+    is_image_name,
+)
 from pipeline.data.shards import REJECTS_FILE
 from pipeline.errors import DataError, OutputError
 from pipeline.faults import maybe_fail
 from pipeline.images.decode import MAX_PIXELS
+from pipeline.nets.modelfile import MODEL_FILE, load_classifier, metadata_in
+from pipeline.nets.precision import device_precision
 from pipeline.redact import redact_values
 
 log = logging.getLogger(__name__)
@@ -51,12 +61,7 @@ class LoadedClassifier:
     model, classes and image size, and probabilities computed in padded batches of one size."""
 
     def __init__(self, model_bytes: bytes, precision: str, batch_size: int):
-        import tempfile
-
         configure_tensorflow_devices()
-        from pipeline.nets.modelfile import MODEL_FILE, load_classifier
-        from pipeline.nets.precision import device_precision
-
         if isinstance(model_bytes, ray.ObjectRef):
             model_bytes = ray.get(model_bytes)
         precision = device_precision(precision)
@@ -74,6 +79,7 @@ class LoadedClassifier:
     def probabilities(self, images: np.ndarray, ok: np.ndarray | None = None, batch_size: int | None = None) -> np.ndarray:
         """``(n, classes)`` probabilities of ``images``, run in batches padded to ``batch_size``
         (default the one given at load); NaN rows where ``ok`` is False."""
+        # Deferred: pipeline.nets.models loads Keras and TensorFlow, which the job's driver need not.
         from pipeline.nets.models import probabilities
 
         ok = np.ones(len(images), dtype=bool) if ok is None else ok
@@ -241,14 +247,11 @@ def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
     an interrupted run; into a finished folder output it predicts only the added and changed
     files and drops the removed ones (a finished single file is replaced only with --overwrite).
     """
-    from pipeline.data.discover import fingerprint_files
-    from pipeline.nets.modelfile import read_metadata
-
     started = time.time()
-    meta = read_metadata(cfg.model)
+    model = storage.read_bytes(cfg.model)  # read once: its metadata, its hash and the actors' copy
+    meta = metadata_in(model, cfg.model)
     root, files = list_inputs(cfg.input)
     files = files.append_column("split", pa.array([""] * len(files), pa.string()))
-    model = storage.read_bytes(cfg.model)
     settings = redact_values({"model_sha256": hashlib.sha256(model).hexdigest(), "input": storage.absolute(cfg.input),
                               "precision": cfg.precision, "max_pixels": cfg.max_pixels})
     inputs = fingerprint_files(files)

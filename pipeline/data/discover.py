@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import itertools
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
@@ -24,6 +25,8 @@ from pipeline import names
 from pipeline.data import storage
 from pipeline.data.localtree import LocalTree
 from pipeline.errors import DataError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
 REQUIRED_SPLITS = ("train", "validation")
@@ -47,6 +50,8 @@ class DatasetIndex:
     # Files that listing passed over because their names are not image names, by extension:
     # what a user looks at when photos seem to be missing (HEIC, TIFF, RAW...).
     ignored: dict[str, int] = field(default_factory=dict)
+    # What --exclude left out: its file, the file's sha256, the paths it lists and those found (None: no --exclude).
+    excluded: dict[str, Any] | None = None
 
     @property
     def split_names(self) -> list[str]:
@@ -131,6 +136,51 @@ def iter_image_files(root: str, tree: LocalTree | None = None,
             ignored[os.path.splitext(rel)[1].lower()] += 1
 
 
+@dataclass(frozen=True)
+class Exclusion:
+    """The photos a user chose to leave out (``--exclude FILE``): stored paths relative to the data
+    root, as the feature shards' ``path`` column (and the audit's ``suspects.txt``) holds them."""
+
+    location: str
+    sha256: str
+    paths: frozenset[str]
+
+    def record(self, found: int) -> dict[str, Any]:
+        """What a manifest records of it: the file, its sha256, the paths listed and those found and left out."""
+        return {"file": self.location, "sha256": self.sha256, "listed": len(self.paths), "excluded": found}
+
+
+def read_exclusion(location: str) -> Exclusion:
+    """An exclusion file: one stored path a line (a trailing carriage return dropped, blank lines skipped)."""
+    data = storage.read_bytes(location)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"--exclude {location!r} is not UTF-8 text (byte {exc.start}); it lists stored paths, one a "
+                        f"line, as the feature shards' path column and the audit's suspects.txt hold them") from exc
+    paths = frozenset(line.removesuffix("\r") for line in text.split("\n") if line.strip())
+    return Exclusion(location, hashlib.sha256(data).hexdigest(), paths)
+
+
+def _without(rows: Iterator[tuple], exclusion: Exclusion | None, found: collections.Counter) -> Iterator[tuple]:
+    """``rows`` less those whose relpath (first field) ``exclusion`` lists, counted in ``found``."""
+    for row in rows:
+        if exclusion is not None and row[0] in exclusion.paths:
+            found["excluded"] += 1
+        else:
+            yield row
+
+
+def _note_exclusion(index: DatasetIndex, exclusion: Exclusion | None, found: collections.Counter) -> DatasetIndex:
+    if exclusion is not None:
+        index.excluded = exclusion.record(found["excluded"])
+        if found["excluded"] < len(exclusion.paths):
+            log.warning(f"{len(exclusion.paths) - found['excluded']} of the {len(exclusion.paths)} paths of --exclude "
+                        f"{exclusion.location} are not among the image files listed under {index.root} (paths are "
+                        f"relative to the data root, e.g. train/cats/cat.1.jpg)")
+    return index
+
+
 def check_root(root: str) -> None:
     """Raise DataError naming ``root`` and what is wrong when it is not a readable folder."""
     problem = storage.describe_problem(root, "folder")
@@ -138,8 +188,9 @@ def check_root(root: str) -> None:
         raise DataError(f"data folder {root!r} cannot be used: {problem}")
 
 
-def discover_splits(root: str, max_per_class: int | None = None) -> DatasetIndex:
-    """Index ``<root>/<split>/<class>/<image>`` with splits train, validation and optional test."""
+def discover_splits(root: str, max_per_class: int | None = None, exclusion: Exclusion | None = None) -> DatasetIndex:
+    """Index ``<root>/<split>/<class>/<image>`` with splits train, validation and optional test,
+    less the files ``exclusion`` lists."""
     check_root(root)
     found = storage.list_dirs(root)
     present = [s for s in REQUIRED_SPLITS + OPTIONAL_SPLITS if s in found]
@@ -166,16 +217,18 @@ def discover_splits(root: str, max_per_class: int | None = None) -> DatasetIndex
 
     tree = storage.local_tree(root)
     ignored: collections.Counter = collections.Counter()
+    found: collections.Counter = collections.Counter()
 
     def rows() -> Iterator[tuple]:
         for split in present:
             for label, name in enumerate(reference):
                 listed = iter_image_files(storage.join(root, split, names.os_path(name)), tree, ignored)
-                for rel, stamp in itertools.islice(listed, max_per_class):
-                    yield f"{split}/{name}/{rel}", split, label, name, stamp
+                labelled = ((f"{split}/{name}/{rel}", split, label, name, stamp) for rel, stamp in listed)
+                yield from itertools.islice(_without(labelled, exclusion, found), max_per_class)
 
     index = DatasetIndex(root=root, layout="splits", classes=reference, files=columnar(rows()))
     index.ignored = dict(sorted(ignored.items()))
+    _note_exclusion(index, exclusion, found)
     for split in present:
         if split not in index.split_names:
             raise DataError(f"split {split!r} under {root!r} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -203,11 +256,14 @@ def kaggle_split(relpath: str, validation_fraction: float) -> str:
     return "validation" if position < validation_fraction else "train"
 
 
-def discover_kaggle(root: str, validation_fraction: float, max_per_class: int | None = None) -> DatasetIndex:
-    """Index Kaggle's flat layout (``cat.123.jpg``): label = file-name prefix, split by path hash."""
+def discover_kaggle(root: str, validation_fraction: float, max_per_class: int | None = None,
+                    exclusion: Exclusion | None = None) -> DatasetIndex:
+    """Index Kaggle's flat layout (``cat.123.jpg``): label = file-name prefix, split by path hash;
+    less the files ``exclusion`` lists."""
     check_root(root)
     unlabeled: list[str] = []
     ignored: collections.Counter = collections.Counter()
+    found: collections.Counter = collections.Counter()
 
     def rows() -> Iterator[tuple]:
         for rel, stamp in iter_image_files(root, ignored=ignored):
@@ -217,7 +273,7 @@ def discover_kaggle(root: str, validation_fraction: float, max_per_class: int | 
             elif not unlabeled:
                 yield rel, kaggle_split(rel, validation_fraction), 0, label, stamp
 
-    files = columnar(rows())
+    files = columnar(_without(rows(), exclusion, found))
     if unlabeled:
         raise DataError(
             f"--layout kaggle needs file names like 'cat.123.jpg' (label, dot, id); "
@@ -243,15 +299,16 @@ def discover_kaggle(root: str, validation_fraction: float, max_per_class: int | 
     index = DatasetIndex(root=root, layout="kaggle", classes=classes, files=pa.concat_tables(parts),
                          ignored=dict(sorted(ignored.items())))
     _require_every_class(index)
-    return index
+    return _note_exclusion(index, exclusion, found)
 
 
 def discover(root: str, layout: str = "splits", validation_fraction: float = 0.2,
-             max_per_class: int | None = None) -> DatasetIndex:
-    """Index a labelled data root in either layout."""
+             max_per_class: int | None = None, exclude: str | None = None) -> DatasetIndex:
+    """Index a labelled data root in either layout, less the files that the ``exclude`` file lists."""
+    exclusion = read_exclusion(exclude) if exclude else None
     if layout == "kaggle":
-        return discover_kaggle(root, validation_fraction, max_per_class)
-    return discover_splits(root, max_per_class)
+        return discover_kaggle(root, validation_fraction, max_per_class, exclusion)
+    return discover_splits(root, max_per_class, exclusion)
 
 
 UNLABELED_SCHEMA = pa.schema([("relpath", pa.string()), ("stamp", pa.string())])

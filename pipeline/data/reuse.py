@@ -20,9 +20,10 @@ from pipeline.errors import OutputError
 from pipeline.redact import redact_values
 
 # Options that say where results (and their tracking) go, how failures are retried or what is
-# printed, not what is computed.
+# printed, not what is computed; and --exclude, whose effect is in the inputs' fingerprint (the
+# files it lists are not among the listed files), so the same list in another file is the same.
 NOT_SETTINGS = frozenset({"output_dir", "overwrite", "max_failures", "gpu_wait_s", "verbose", "mlflow_uri",
-                          "mlflow_experiment"})
+                          "mlflow_experiment", "exclude"})
 # Options this project no longer has, with the value every output made without them computed:
 # recorded with that value, an option is the same as its absence (recorded otherwise, it differs).
 RETIRED = {"mirror_train": False}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -75,7 +76,5 @@ def default_data_dir() -> str:
         os.rename(tmp, root)
     except OSError:
         # Another process generated it first; both copies are identical.
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return root

@@ -58,7 +58,7 @@ def random_transforms(rng: np.random.Generator, n: int, size: int, aug: Augmenta
 
 def augment_batch(images: np.ndarray, rng: np.random.Generator, aug: Augmentation = Augmentation()) -> np.ndarray:
     """Randomly sheared, zoomed and flipped copies of ``images`` (uint8 NHWC) as float32 0..255."""
-    import tensorflow as tf
+    import tensorflow as tf  # deferred: seconds to load, and only the training workers augment
 
     n, h, w, _ = images.shape
     transforms = random_transforms(rng, n, h, aug)

@@ -42,6 +42,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageFile, ImageOps
 
+from pipeline import names
+from pipeline.data import storage
 from pipeline.images.resample import resize_bilinear
 
 # Truncated files must be rejected, never half-decoded into grey pixels.
@@ -88,9 +90,6 @@ def read_bytes(path: str, max_pixels: int = MAX_PIXELS) -> bytes:
     """The raw bytes of a local path or a pyarrow filesystem URI (``s3://…``), given in the stored
     form of ``pipeline.names``; a file over ``max_file_bytes(max_pixels)`` is the reject "too
     large" and is never read into memory (a video or disk image under a photo's name)."""
-    from pipeline import names
-    from pipeline.data import storage
-
     try:
         return storage.read_bytes(names.os_path(path), limit=max_file_bytes(max_pixels))
     except storage.FileTooLarge as exc:

@@ -16,8 +16,11 @@ import tempfile
 import zipfile
 from typing import Any
 
+import pyarrow as pa
+
 from pipeline.data import storage
 from pipeline.errors import UserError
+from pipeline.nets.precision import keras_policy
 
 METADATA_NAME = "classifier.json"
 MODEL_FILE = "model.keras"
@@ -49,6 +52,7 @@ def export_saved_model(model, uri: str, image_size: int) -> None:
     """Export ``model`` as a TensorFlow SavedModel at ``uri`` for serving (TF Serving, ``tf.saved_model.load``):
     its ``serve`` signature takes ``images``, uint8 of shape (n, image_size, image_size, 3), and returns
     what the model returns (class probabilities)."""
+    # Deferred: TensorFlow takes seconds to load, and a job's command line and driver need not.
     import keras
     import tensorflow as tf
 
@@ -62,19 +66,31 @@ def export_saved_model(model, uri: str, image_size: int) -> None:
 
 
 def read_metadata(path: str) -> dict[str, Any]:
-    """The classifier metadata of a ``.keras`` file (local or URI); a clear error when it is not one of ours."""
+    """The classifier metadata of a ``.keras`` file (local or URI); a clear error when it is not one of ours.
+    Reads the archive's directory and its metadata entry, not the whole model."""
     problem = storage.describe_problem(path, "file")
     if problem:
         raise ModelFileError(f"model file {path!r} cannot be used: {problem}")
+    filesystem, name = storage.split_uri(path)
+    # A seekable file, not its bytes: zipfile reads the directory and one entry, not the (remote, large) weights.
+    with filesystem.open_input_file(name) as f:
+        return metadata_in(f, path)
+
+
+def metadata_in(archive: Any, path: str) -> dict[str, Any]:
+    """The classifier metadata in ``archive`` (a ``.keras`` file's bytes or a seekable file of it),
+    read from ``path``; a clear error when it is not one of ours."""
     try:
-        with zipfile.ZipFile(io.BytesIO(storage.read_bytes(path))) as z:
+        with zipfile.ZipFile(io.BytesIO(archive) if isinstance(archive, bytes) else archive) as z:
             if METADATA_NAME not in z.namelist():
                 raise ModelFileError(
                     f"{path} is a Keras file without classifier metadata ({METADATA_NAME}); use a model "
                     f"written by jobs.train_top, jobs.finetune or jobs.train_scratch"
                 )
             meta = json.loads(z.read(METADATA_NAME))
-    except zipfile.BadZipFile as exc:
+    # pyarrow's files refuse zipfile's seek to the end record of a file too short to hold one with
+    # ArrowInvalid, where Python's raise the OSError that zipfile turns into BadZipFile.
+    except (zipfile.BadZipFile, pa.ArrowInvalid) as exc:
         raise ModelFileError(f"{path} is not a .keras model file (not a zip archive)") from exc
     if meta.get("kind") not in MODEL_KINDS:
         raise ModelFileError(f"{path} has an unknown model kind {meta.get('kind')!r}; expected one of {MODEL_KINDS}")
@@ -84,9 +100,7 @@ def read_metadata(path: str) -> dict[str, Any]:
 def with_policy(model, precision: str):
     """A copy of ``model`` (weights included) whose layers compute under Keras' mixed policy of
     ``precision``, the pinned float32 layers excepted; nested models are cloned layer by layer."""
-    import keras
-
-    from pipeline.nets.precision import keras_policy
+    import keras  # deferred: Keras loads TensorFlow, which a job's command line and driver need not
 
     policy = keras.DTypePolicy(keras_policy(precision))
 
@@ -107,7 +121,7 @@ def load_classifier(path: str, precision: str = "float32"):
 
     Returns ``(model, metadata)``.
     """
-    import keras
+    import keras  # deferred: Keras loads TensorFlow, which a job's command line and driver need not
 
     meta = read_metadata(path)
     with storage.local_copy(path, ".keras") as local:

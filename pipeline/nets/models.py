@@ -117,6 +117,13 @@ def copy_block5(source: keras.Model, target: keras.Model) -> None:
         layers[name].set_weights(weights[2 * i:2 * i + 2])
 
 
+def freeze_below_block5(features_model: keras.Model) -> None:
+    """Blocks 1–4 of the VGG16 inside ``features_model`` frozen, block 5 trainable."""
+    vgg = features_model.get_layer("vgg16")
+    for layer in vgg.layers:
+        layer.trainable = layer.name.startswith("block5")
+
+
 def _head(x, num_classes: int):
     """The output layer: one sigmoid unit for two classes, a softmax for more; float32 always."""
     if num_classes == 2:

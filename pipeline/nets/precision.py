@@ -44,7 +44,7 @@ def device_precision(requested: str, allow_float16: bool = True) -> str:
     """``precision_for`` this process's device: its first visible GPU, else its CPU."""
     if requested != "auto":
         return requested
-    import tensorflow as tf
+    import tensorflow as tf  # deferred: seconds to load, and a job's command line and driver need not
 
     gpus = tf.config.list_physical_devices("GPU")
     capability = None
@@ -56,7 +56,7 @@ def device_precision(requested: str, allow_float16: bool = True) -> str:
 @contextlib.contextmanager
 def dtype_policy(precision: str) -> Iterator[None]:
     """Build Keras layers under ``mixed_bfloat16``/``mixed_float16`` (variables stay float32) or ``float32``."""
-    import keras
+    import keras  # deferred: Keras loads TensorFlow, which a job's command line and driver need not
 
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(keras_policy(precision))

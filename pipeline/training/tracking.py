@@ -45,7 +45,7 @@ def check_available(option: str | None) -> None:
 
 
 def _client(uri: str):
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # deferred: the optional mlflow extra, imported only when tracking is on
 
     return MlflowClient(tracking_uri=uri)
 
@@ -54,7 +54,7 @@ def _client(uri: str):
 def _store_errors(uri: str) -> Iterator[None]:
     """MLflow's errors as one TrackingError with the URI's credentials redacted (MLflow repeats
     the URI, password included, in its own messages)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # deferred: the optional mlflow extra (see _client)
 
     try:
         yield
@@ -79,7 +79,7 @@ def start_run(option: str | None, experiment: str, directory: str, kind: str,
         found = client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else client.create_experiment(experiment)
         run = client.create_run(experiment_id, run_name=kind, tags={"job": kind, "output": redact(directory)})
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # deferred: the optional mlflow extra (see _client)
 
         params = [Param(key, str(value)[:6000]) for key, value in sorted(_flatten(redact_values(settings)).items())]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
@@ -105,7 +105,7 @@ def log_epoch(handle: dict[str, str] | None, row: dict[str, Any]) -> None:
     never the training run."""
     if handle is None:
         return
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric  # deferred: the optional mlflow extra (see _client)
 
     now = int(time.time() * 1000)
     metrics = [Metric(key, float(row[key]), now, int(row["epoch"]))

@@ -1,0 +1,102 @@
+"""The near-duplicate cut-off of the data set doctor, calibrated on generated copies of real photos.
+
+``--photos`` photos per class of the shared sample's validation split are copied into a training
+split, and four edited copies of each (``tests/planted.py``: re-encoded at JPEG quality 30-50,
+resized to 50-70 %, cropped to 90 %, brightness changed by 10-15 %) into a validation split; the
+product's extraction (224 px, the default weights and precision) makes their features. Printed
+and written to ``bench/results/audit_calibration.json``: the cosine similarity of each copy's
+pooled features to its original's (quantiles per edit), the similarity of each original to its
+most similar *other* original, and the share of copies and of distinct photos at or above each
+candidate cut-off.
+
+    python bench/audit_calibration.py [--photos 60] [--work /tmp/audit_calibration]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from bench.result_file import write_result  # noqa: E402
+from pipeline.batch.cluster import init_ray  # noqa: E402
+from pipeline.batch.extract import run_extraction  # noqa: E402
+from pipeline.config import ExtractConfig  # noqa: E402
+from pipeline.data.shards import list_rows, read_split  # noqa: E402
+from pipeline.audit.pooled import pool  # noqa: E402
+from tests.conftest import real_images  # noqa: E402
+from tests.planted import EDITS, write_copy  # noqa: E402
+
+CUTS = (0.90, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97)
+
+
+def build(root: str, per_class: int, seed: int) -> None:
+    """Originals under train/, their edited copies (``<stem>.<edit>.jpg``) under validation/."""
+    rng = np.random.default_rng(seed)
+    for cls in ("cats", "dogs"):
+        pool_ = real_images("validation", cls, 400)
+        for src in rng.choice(pool_, size=per_class, replace=False):
+            name = os.path.basename(src)
+            os.makedirs(os.path.join(root, "train", cls), exist_ok=True)
+            shutil.copyfile(src, os.path.join(root, "train", cls, name))
+            for edit in EDITS:
+                write_copy(src, os.path.join(root, "validation", cls, f"{name[:-4]}.{edit}.jpg"), edit, rng)
+
+
+def pooled(features_dir: str, split: str, shape: list[int]) -> dict[str, np.ndarray]:
+    table = read_split(features_dir, split, ["path", "features"])
+    return dict(zip(table.column("path").to_pylist(), pool(list_rows(table.column("features")), shape)))
+
+
+def measure(features_dir: str, shape: list[int]) -> dict:
+    """Similarities of copies to their originals and of originals to their nearest other original."""
+    originals, copies = pooled(features_dir, "train", shape), pooled(features_dir, "validation", shape)
+    by_name = {os.path.basename(p): v for p, v in originals.items()}
+    copy_sims = {edit: [] for edit in EDITS}
+    for path, vector in copies.items():
+        stem, edit, _ = os.path.basename(path).rsplit(".", 2)
+        copy_sims[edit].append(float(vector @ by_name[f"{stem}.jpg"]))
+    matrix = np.stack(list(originals.values()))
+    gram = matrix @ matrix.T
+    np.fill_diagonal(gram, -1)
+    distinct = gram.max(axis=1)
+    every_copy = np.concatenate([np.asarray(v) for v in copy_sims.values()])
+    quantiles = (0.0, 0.01, 0.05, 0.5)
+    return {
+        "copies": len(every_copy), "originals": len(matrix),
+        "copy_similarity_quantiles": {e: dict(zip(map(str, quantiles), np.quantile(v, quantiles).round(4).tolist()))
+                                      for e, v in copy_sims.items()},
+        "distinct_nearest_quantiles": dict(zip(("0.5", "0.99", "1.0"), np.quantile(distinct, (0.5, 0.99, 1.0)).round(4).tolist())),
+        "share_at_or_above": {str(c): {"copies": round(float((every_copy >= c).mean()), 4),
+                                       "distinct_nearest": round(float((distinct >= c).mean()), 4)} for c in CUTS},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--photos", type=int, default=60, help="originals per class")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--work", default="/tmp/audit_calibration")
+    args = parser.parse_args()
+    root, features = os.path.join(args.work, "root"), os.path.join(args.work, "features")
+    if not os.path.isdir(root):
+        build(root, args.photos, args.seed)
+    init_ray()
+    started = time.time()
+    manifest = run_extraction(ExtractConfig(data_dir=root, output_dir=features))
+    figures = {"photos_per_class": args.photos, "seed": args.seed, "extraction_s": round(time.time() - started, 1),
+               "precision": manifest["precision"], **measure(features, manifest["feature_shape"])}
+    for key, value in figures.items():
+        print(f"{key}: {value}")
+    write_result("audit_calibration", figures)
+
+
+if __name__ == "__main__":
+    main()

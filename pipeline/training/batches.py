@@ -1,0 +1,141 @@
+"""A training worker's batches: held in memory or streamed from its shard, and the rule that
+chooses (``held_bytes``, on the driver).
+
+Columnar data (features, the block-4 cache) small enough to hold is read whole by every worker
+once, sorted by path, and each epoch's global batches are drawn from it in one seeded order, every
+worker taking its slice. Larger data, and images, stream from each worker's shard of the Ray
+Data pipeline every epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.train
+
+from pipeline.data.shards import list_rows
+from pipeline.training.kinds import kind_of
+from pipeline.training.settings import LoopSettings
+
+# A training worker's memory, measured by bench/train_memory.py (bench/results/train_memory.json):
+# a fixed part before it reads any data (TensorFlow, Ray, the model and its optimizer), and at its
+# peak at most this many bytes per byte of the data it holds (its own copy, Ray's blocks it read
+# from, the batches in flight).
+WORKER_BASE_BYTES = 2 * 2**30
+HELD_BYTES_FACTOR = 2.0
+# The share of the memory Ray may hand out (cluster-wide) that training workers holding their
+# data may take together; the rest is for everything else that runs beside them.
+HOLD_SHARE = 0.5
+
+
+def worker_footprint(nbytes: float) -> float:
+    """The measured peak memory of a training worker that holds ``nbytes`` of data."""
+    return WORKER_BASE_BYTES + HELD_BYTES_FACTOR * nbytes
+
+
+def fits_in_memory(nbytes: float, workers: int, memory: float | None = None) -> bool:
+    """Whether each of ``workers`` workers may hold training data of ``nbytes`` (each holds all
+    of it): their measured footprints together within ``HOLD_SHARE`` of ``memory`` (default: the
+    memory Ray may hand out across the cluster). Otherwise the data is streamed."""
+    if memory is None:
+        memory = float(ray.cluster_resources().get("memory", 0))
+    return workers * worker_footprint(nbytes) <= HOLD_SHARE * memory
+
+
+def held_bytes(nbytes: float, workers: int) -> int:
+    """``nbytes`` when each worker may hold data of that size, else 0 (streamed)."""
+    return int(nbytes) if fits_in_memory(nbytes, workers) else 0
+
+
+def batch_inputs(batch: dict[str, Any], s: LoopSettings, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+    """A Ray Data batch as (model input, labels); images and cached block-4 maps are augmented
+    when ``rng`` is given, the top MLP's features never (``kinds``)."""
+    labels = np.asarray(batch["label"], dtype=np.int32)
+    return kind_of(s.kind, s.cached_block4).inputs(batch, s, rng), labels
+
+
+def load_shard(shard) -> dict[str, np.ndarray]:
+    """A worker's whole dataset shard as numpy columns sorted by path, so that its order does not
+    depend on how Ray read it (fixed-size lists become 2-D arrays). Each of Ray's blocks is
+    copied once, straight into its sorted rows: the worker holds the data once (a concatenation
+    and then a sorted copy held it three times at the peak)."""
+    blocks = [b for b in shard.iter_batches(batch_size=None, batch_format="pyarrow") if b.num_rows]
+    if not blocks:
+        return {}
+    total = sum(b.num_rows for b in blocks)
+    where = np.arange(total)
+    if "path" in blocks[0].column_names:
+        order = np.argsort(np.concatenate([b.column("path").to_numpy(zero_copy_only=False).astype(str)
+                                           for b in blocks]), kind="stable")
+        where[order] = np.arange(total)
+    held: dict[str, np.ndarray] = {}
+    start = 0
+    for block in blocks:
+        rows = where[start:start + block.num_rows]
+        for name in block.column_names:
+            column = block.column(name)
+            column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+            values = list_rows(column) if pa.types.is_fixed_size_list(column.type) else column.to_numpy(
+                zero_copy_only=False)
+            if name not in held:
+                held[name] = np.empty((total, *values.shape[1:]), dtype=values.dtype)
+            held[name][rows] = values
+        start += block.num_rows
+    return held
+
+
+def _held_batches(columns: dict[str, np.ndarray], per_worker: int, rank: int, world: int, drop_last: bool,
+                  seed: int | None) -> Iterator[dict]:
+    """This worker's batches of a split every worker holds whole (sorted by path, so its order does
+    not depend on how Ray read it): each global batch of ``per_worker * world`` rows, drawn in one
+    seeded order, is cut into ``world`` slices and this worker takes slice ``rank``. N workers
+    so take exactly the steps one worker takes at the same global batch."""
+    n = len(columns["label"]) if columns else 0
+    order = np.random.default_rng(seed).permutation(n) if seed is not None else np.arange(n)
+    if not drop_last:
+        # Evaluation: every row once, spread over the workers. All take as many steps as the
+        # one with the most rows (an empty batch adds nothing), so no row is left unevaluated.
+        mine = order[rank::world]
+        for start in range(0, -(-n // world), per_worker):
+            yield {name: values[mine[start:start + per_worker]] for name, values in columns.items()}
+        return
+    batch = per_worker * world
+    for start in range(0, n - n % batch, batch):
+        rows = order[start + rank * per_worker:start + (rank + 1) * per_worker]
+        yield {name: values[rows] for name, values in columns.items()}
+
+
+def _streamed_batches(shard, batch_size: int, drop_last: bool, s: LoopSettings, seed: int | None) -> Iterator[dict]:
+    """This worker's batches of its own shard, in a local shuffle seeded by ``seed`` (None: in order)."""
+    columnar = kind_of(s.kind, s.cached_block4).columnar
+    kwargs: dict[str, Any] = {"batch_size": batch_size, "drop_last": drop_last,
+                              "batch_format": "pyarrow" if columnar else "numpy"}
+    if seed is not None:
+        kwargs.update(local_shuffle_buffer_size=max(4 * batch_size, 256), local_shuffle_seed=seed)
+    for batch in shard.iter_batches(**kwargs):
+        if columnar:
+            yield {name: batch.column(name) for name in batch.column_names}
+        else:
+            yield batch
+
+
+def epoch_batches(split: str, s: LoopSettings, per_worker: int, drop_last: bool, shuffle_seed: int | None,
+                  held: dict[str, dict[str, np.ndarray]]) -> Iterator[dict]:
+    """This worker's batches of ``split`` for one epoch: from memory when the settings hold the
+    data (every worker reads the whole split once into ``held``; see ``_held_batches``), else
+    streamed from the worker's shard of the split. ``shuffle_seed`` is the same on every worker."""
+    shard = ray.train.get_dataset_shard(split)
+    if shard is None:
+        return iter(())
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if s.hold_in_memory:
+        if split not in held:
+            held[split] = load_shard(shard)
+        return _held_batches(held[split], per_worker, rank, world, drop_last, shuffle_seed)
+    # Streamed shards differ between workers; so do their local shuffles.
+    return _streamed_batches(shard, per_worker, drop_last, s,
+                             None if shuffle_seed is None else (shuffle_seed + rank) % 2**31)

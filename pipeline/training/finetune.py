@@ -1,0 +1,175 @@
+"""The ``finetune`` job: VGG16's block 5 and the top, starting from a ``train_top`` model, on the
+block-4 cache of the top model's feature folder (the default) or on augmented images
+(``--no-cache-block4``); both export the full image → class model."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import numpy as np
+import ray
+
+from pipeline.batch.extract import run_extraction
+from pipeline.config import ExtractConfig, FinetuneConfig
+from pipeline.data import outputs, storage
+from pipeline.data.discover import DatasetIndex, discover
+from pipeline.data.reuse import job_settings
+from pipeline.data.shards import read_split
+from pipeline.errors import DataError, UserError
+from pipeline.nets import vgg16
+from pipeline.nets.modelfile import MODEL_FILE, load_classifier, read_metadata
+from pipeline.training.batches import held_bytes
+from pipeline.training.checkpoints import load_checkpoint_weights
+from pipeline.training.jobs import (
+    Job,
+    image_job,
+    job_dir,
+    job_folder,
+    loop_settings,
+    prepare,
+    require_one_batch,
+    split_rows,
+    train_export_evaluate,
+)
+from pipeline.training.kinds import KINDS
+
+
+def _top_model(cfg: FinetuneConfig) -> tuple[str, dict[str, Any]]:
+    """The ``train_top`` model fine-tuning starts from: its location and metadata."""
+    output_dir = cfg.output_dir
+    top_path = cfg.top_model or (storage.join(job_dir(output_dir, "top"), MODEL_FILE) if output_dir else None)
+    if top_path is None or not storage.is_file(top_path):
+        raise UserError(
+            f"fine-tuning needs a trained top model (from a random top the large gradients wreck the pretrained "
+            f"filters), and there is none at {top_path or '<output-dir>/top/model.keras'}; make one with "
+            f"`python -m jobs.train_top --output-dir {output_dir or 'OUTPUT_DIR'}` or pass --top-model"
+        )
+    meta = read_metadata(top_path)
+    if meta["kind"] != "top":
+        raise UserError(f"--top-model {top_path} is a {meta['kind']} model; fine-tuning starts from a train_top model")
+    return top_path, meta
+
+
+@outputs.holding_locks
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune VGG16's block 5 and the top, starting from a train_top model, on augmented images
+    (or, with ``cache_block4``, on cached block-4 outputs of the top model's feature folder)."""
+    started = time.monotonic()
+    top_path, meta = _top_model(cfg)
+    output_dir = cfg.output_dir or storage.parent(storage.parent(storage.absolute(top_path)))
+    manifest, index = _finetune_data(cfg, meta)
+    recorded = job_settings(cfg, drop=("top_model", "data_dir"),
+                            data=manifest["fingerprint"] if manifest else index.fingerprint(),
+                            top_model_sha256=hashlib.sha256(storage.read_bytes(top_path)).hexdigest(),
+                            learning_rate=cfg.learning_rate or KINDS[job_folder(cfg)].learning_rate)
+    job, reused = prepare("finetune", job_dir(output_dir, job_folder(cfg)), recorded, cfg.overwrite, started)
+    if reused:
+        return reused
+    top_model, _ = load_classifier(top_path)
+    metadata = {"weights": meta["weights"], "preprocessing": meta["preprocessing"],
+                "top_model": storage.absolute(top_path), "synthetic": meta.get("synthetic", False),
+                "classes": meta["classes"], "image_size": meta["image_size"], "cached_block4": cfg.cache_block4}
+    if cfg.cache_block4:
+        return _finetune_cached(job, cfg, meta, manifest, top_model, metadata)
+    features, top = top_model.get_layer("vgg16_features"), top_model.get_layer("top")
+    metadata.update(data_dir=storage.absolute(index.root), layout=index.layout,
+                    validation_fraction=_data_options(cfg, meta)[2], excluded=index.excluded)
+    export_model = _finetuned_image_model(meta, features.get_weights())
+    return image_job(job, cfg, index, meta["image_size"], metadata, export_model,
+                     base_weights=ray.put(features.get_weights()), top_weights=ray.put(top.get_weights()))
+
+
+def _finetuned_image_model(meta: dict[str, Any], base_weights: list[np.ndarray]):
+    """A builder of the image → class model fine-tuning exports: VGG16 frozen below block 5 and a
+    top; with ``block5_source``, the base weights with block 5 taken from that model."""
+    from pipeline.nets import models  # Keras (seconds to load): not before the job runs
+
+    image_size, classes = meta["image_size"], meta["classes"]
+    shape = tuple(vgg16.feature_shape(image_size))
+
+    def build(block5_source=None):
+        f = models.feature_extractor(image_size, base_weights if block5_source else None, meta["preprocessing"],
+                                     "float32")
+        if block5_source is not None:
+            models.copy_block5(block5_source, f)
+        models.freeze_below_block5(f)
+        return models.image_classifier(f, models.top_classifier(shape, len(classes), "float32"), name="vgg16_finetuned")
+
+    return build
+
+
+def _finetune_cached(job: Job, cfg: FinetuneConfig, meta: dict[str, Any], manifest: dict[str, Any], top_model,
+                     metadata: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tuning on the block-4 cache of the top model's feature folder (``--cache-block4``)."""
+    from pipeline.nets import models  # Keras (seconds to load): not before the job runs
+
+    features, top = top_model.get_layer("vgg16_features"), top_model.get_layer("top")
+    classes, shape = meta["classes"], tuple(vgg16.feature_shape(meta["image_size"]))
+    features_dir = meta.get("features_dir")
+    require_one_batch(split_rows(manifest, "train"), cfg.batch_size)
+    block4_shape = tuple(manifest["block4"]["shape"])
+    cache = storage.join(features_dir, manifest["block4"]["dir"])
+    # Shards already mix the classes (extraction writes rows in a seeded random order): a
+    # cache that streams needs only a per-epoch block order plus the local shuffle buffer;
+    # one that is held is reshuffled in memory every epoch.
+    datasets = {"train": ray.data.read_parquet(storage.join(cache, "train"))
+                .select_columns(["path", "label", "block4", "block4_flipped"]).randomize_block_order(seed=cfg.seed),
+                "validation": ray.data.read_parquet(storage.join(cache, "validation"))
+                .select_columns(["path", "label", "block4"])}
+    held = held_bytes((2 * split_rows(manifest, "train") + split_rows(manifest, "validation"))
+                      * np.prod(block4_shape) * 4, cfg.num_workers)
+    settings = loop_settings("finetune", cfg, len(classes), split_rows(manifest, "train"),
+                             image_size=meta["image_size"], augment=True, shift=cfg.shift,
+                             cached_block4=True, block4_shape=block4_shape, feature_shape=shape,
+                             hold_in_memory=held > 0, held_bytes=held,
+                             base_weights=ray.put(models.block5_weights(features)),
+                             top_weights=ray.put(top.get_weights()))
+    image_model = _finetuned_image_model(meta, features.get_weights())
+
+    def export(best):
+        trained = models.block5_classifier(block4_shape, len(classes), "float32")
+        load_checkpoint_weights(best, trained)
+        model = image_model(block5_source=trained)
+        model.get_layer("top").set_weights(trained.get_layer("top").get_weights())
+        return model
+
+    validation = read_split(cache, "validation", columns=["path", "label"]).rename_columns(["relpath", "label"])
+    metadata.update(data_dir=manifest["data_dir"], layout=manifest["layout"],
+                    validation_fraction=manifest["config"]["validation_fraction"], features_dir=features_dir)
+    return train_export_evaluate(job, cfg, settings, datasets, export, metadata, validation, manifest["data_dir"])
+
+
+def _finetune_data(cfg: FinetuneConfig, meta: dict[str, Any]) -> tuple[dict[str, Any] | None, DatasetIndex | None]:
+    """What fine-tuning trains on: the top model's feature folder with its block-4 cache (its
+    manifest), or the image files (their index: ``--data-dir``, else the top model's data)."""
+    if cfg.cache_block4:
+        return ensure_block4_cache(meta.get("features_dir")), None
+    data_dir, layout, fraction = _data_options(cfg, meta)
+    index = discover(data_dir, layout, fraction, cfg.max_images_per_class, cfg.exclude)
+    if index.classes != meta["classes"]:
+        raise DataError(f"the top model knows classes {meta['classes']} but {data_dir} has {index.classes}")
+    return None, index
+
+
+def _data_options(cfg: FinetuneConfig, meta: dict[str, Any]) -> tuple[str, str, float]:
+    """(data root, layout, validation fraction): ``--data-dir``'s, else those the top model was trained on."""
+    if cfg.data_dir is not None:
+        return cfg.data_dir, cfg.layout, cfg.validation_fraction
+    return meta["data_dir"], meta.get("layout", cfg.layout), meta.get("validation_fraction", cfg.validation_fraction)
+
+
+def ensure_block4_cache(features_dir: str | None) -> dict[str, Any]:
+    """The manifest of a feature folder (a top model's), with the block-4 cache added when it lacks one."""
+    if not features_dir or not storage.exists(storage.join(features_dir, storage.MANIFEST)):
+        raise DataError(f"--cache-block4 (the default) needs the feature folder the top model was trained on "
+                        f"({features_dir}), which is gone; run jobs.extract_features --cache-block4 and "
+                        f"jobs.train_top on it, or fine-tune on the images with --no-cache-block4")
+    manifest = storage.read_json(storage.join(features_dir, storage.MANIFEST))
+    if manifest.get("block4"):
+        return manifest
+    # Same settings as the first extraction, so its fingerprint matches and the folder is redone with the cache.
+    settings = {k: v for k, v in manifest["config"].items() if k in ExtractConfig.__dataclass_fields__}
+    settings.update(output_dir=features_dir, cache_block4=True, overwrite=False, data_dir=manifest["data_dir"])
+    return run_extraction(ExtractConfig(**settings))

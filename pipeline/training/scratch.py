@@ -1,0 +1,41 @@
+"""The ``train_scratch`` job: the reference article's small CNN, from scratch, on augmented images."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from pipeline.config import ScratchConfig
+from pipeline.data import outputs, storage
+from pipeline.data.discover import discover
+from pipeline.data.reuse import job_settings
+from pipeline.data.shards import data_name
+from pipeline.data.synthetic import default_data_dir, is_synthetic, note_builtin_data
+from pipeline.training.jobs import image_job, job_dir, prepare
+from pipeline.training.kinds import KINDS
+
+
+@outputs.holding_locks
+def train_scratch(cfg: ScratchConfig) -> dict[str, Any]:
+    """Train the reference article's small CNN from scratch on augmented images."""
+    from pipeline.nets import models  # Keras (seconds to load): not before the job runs
+
+    started = time.monotonic()
+    data_dir = cfg.data_dir or default_data_dir()
+    synthetic = is_synthetic(data_dir)
+    if synthetic:
+        note_builtin_data()
+    output_dir = cfg.output_dir or os.path.join("outputs", data_name(data_dir))
+    index = discover(data_dir, cfg.layout, cfg.validation_fraction, cfg.max_images_per_class, cfg.exclude)
+    settings = job_settings(cfg, drop=("data_dir",), data=index.fingerprint(),
+                            learning_rate=cfg.learning_rate or KINDS["scratch"].learning_rate)
+    job, reused = prepare("scratch", job_dir(output_dir, "scratch"), settings, cfg.overwrite, started)
+    if reused:
+        return reused
+    metadata = {"weights": None, "preprocessing": "unit",
+                "data_dir": storage.absolute(data_dir), "layout": cfg.layout,
+                "validation_fraction": cfg.validation_fraction, "synthetic": synthetic, "excluded": index.excluded}
+    return image_job(job, cfg, index, cfg.image_size, metadata,
+                     lambda: models.scratch_cnn(cfg.image_size, len(index.classes), "float32", dropout=cfg.dropout),
+                     rotation=cfg.rotation)

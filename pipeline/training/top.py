@@ -1,0 +1,104 @@
+"""The ``train_top`` job: the reference article's top MLP on VGG16 feature shards, exported joined
+to its VGG16 base as one image → class model."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+import ray
+
+from pipeline.batch.evaluation import evaluate
+from pipeline.batch.extract import run_extraction
+from pipeline.config import ExtractConfig, TrainTopConfig
+from pipeline.data import outputs, storage
+from pipeline.data.reuse import job_settings
+from pipeline.data.shards import data_name, features_as_array, read_split
+from pipeline.errors import DataError
+from pipeline.nets.weights import load_weight_arrays, resolve_weights
+from pipeline.training.batches import held_bytes
+from pipeline.training.checkpoints import load_checkpoint_weights
+from pipeline.training.jobs import finish, job_dir, loop_settings, prepare, require_one_batch, run, split_rows
+from pipeline.training.kinds import KINDS
+
+
+def finished_features(features_dir: str) -> dict[str, Any]:
+    """The manifest of a finished extraction; DataError for a folder an extraction has not finished
+    (interrupted, or being updated), whose shards are not a consistent set."""
+    location = storage.join(features_dir, storage.MANIFEST)
+    if not storage.exists(location):
+        raise DataError(f"{features_dir} is not a finished extraction (it has no {storage.MANIFEST}): an extraction "
+                        f"into it was interrupted or is updating it; rerun jobs.extract_features to finish it")
+    return storage.read_json(location)
+
+
+def default_features(output_dir: str | None) -> str:
+    """Extract the built-in data set (reused when already extracted) and return its feature folder."""
+    cfg = ExtractConfig(output_dir=storage.join(output_dir, "features") if output_dir else None)
+    return run_extraction(cfg)["output_dir"]
+
+
+def _feature_datasets(features_dir: str, manifest: dict[str, Any], cfg: TrainTopConfig) -> tuple[dict[str, Any], int]:
+    """The top MLP's training and validation datasets and the bytes each worker holds of them (0: streamed)."""
+    # The path gives held data an order that does not depend on how Ray read it. Other columns
+    # stay unread: an older extraction's train shards may also hold features_flipped.
+    columns = ["path", "label", "features"]
+    datasets = {split: ray.data.read_parquet(storage.join(features_dir, split)).select_columns(columns)
+                for split in ("train", "validation")}
+    rows = split_rows(manifest, "train") + split_rows(manifest, "validation")
+    held = held_bytes(rows * np.prod(manifest["feature_shape"]) * 4, cfg.num_workers)
+    if not held:
+        # Streamed every epoch: a seeded global shuffle gives every batch a mix of classes
+        # even from shards written class by class (older extractions); the local buffer
+        # reorders them every epoch. Held shards are reshuffled in memory every epoch.
+        datasets["train"] = datasets["train"].random_shuffle(seed=cfg.seed)
+    return datasets, held
+
+
+@outputs.holding_locks
+def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
+    """Fit the top MLP on feature shards; export it joined to its VGG16 base as one image → class model."""
+    from pipeline.nets import models  # Keras (seconds to load): not before the job runs
+
+    started = time.monotonic()
+    features_dir = cfg.features_dir or default_features(cfg.output_dir)
+    manifest = finished_features(features_dir)
+    output_dir = cfg.output_dir or os.path.join("outputs", data_name(manifest["data_dir"]))
+    job, reused = prepare("top", job_dir(output_dir, "top"),
+                          job_settings(cfg, drop=("features_dir",), features=manifest["fingerprint"],
+                                       learning_rate=cfg.learning_rate or KINDS["top"].learning_rate),
+                          cfg.overwrite, started)
+    if reused:
+        return reused
+    # The weights the exported model will carry must be the ones the features came from:
+    # checked before training, not after it.
+    source = resolve_weights(manifest["weights"]["source"], manifest["preprocessing"])
+    if source.sha256 != manifest["weights"]["sha256"]:
+        raise DataError(f"the weights {source.name} (sha256 {source.sha256}) differ from those the features were "
+                        f"extracted with ({manifest['weights']['sha256']}); re-extract the features")
+    require_one_batch(split_rows(manifest, "train"), cfg.batch_size)
+    num_classes = len(manifest["classes"])
+    shape = tuple(manifest["feature_shape"])
+    datasets, held = _feature_datasets(features_dir, manifest, cfg)
+    settings = loop_settings("top", cfg, num_classes, split_rows(manifest, "train"), feature_shape=shape,
+                             hold_in_memory=held > 0, held_bytes=held)
+    trained = run(job, settings, datasets, cfg)
+
+    top = models.top_classifier(shape, num_classes, "float32", dropout=cfg.dropout)
+    load_checkpoint_weights(trained.best, top)
+    val = read_split(features_dir, "validation")
+    probs = models.probabilities(top.predict(features_as_array(val, shape), batch_size=256, verbose=0), num_classes)
+    evaluation = evaluate(val.column("label").to_numpy(), probs, manifest["classes"])
+
+    features = models.feature_extractor(manifest["image_size"], load_weight_arrays(source, manifest["image_size"]),
+                                        manifest["preprocessing"], "float32")
+    model = models.image_classifier(features, top, name="vgg16_bottleneck_classifier")
+    metadata = {"classes": manifest["classes"], "image_size": manifest["image_size"],
+                "weights": manifest["weights"], "preprocessing": manifest["preprocessing"],
+                "data_dir": manifest["data_dir"], "layout": manifest["layout"],
+                "validation_fraction": manifest["config"]["validation_fraction"],
+                "features_dir": storage.absolute(features_dir),
+                "synthetic": manifest.get("synthetic", False)}
+    return finish(job, model, metadata, trained, evaluation)
