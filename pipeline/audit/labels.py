@@ -28,6 +28,9 @@ SEED = 0
 # C 0.05 96.4 % and 89.3 %, C 0.2 94.6 % and 85.7 %.
 REGULARISATION_C = 0.02
 REPEATS = 3
+# The memory a fold task declares per photo of the corpus (bench/audit_quality.py --scale: a fold's
+# process peaked at 1.96 GiB on 200,000 photos), so Ray runs only as many folds at once as a node holds.
+FOLD_BYTES_PER_PHOTO = 10_000
 
 
 def _fit_fold(features: np.ndarray, labels: np.ndarray, train: np.ndarray, held: np.ndarray,
@@ -53,7 +56,7 @@ def out_of_sample_probabilities(corpus: Corpus, folds: int) -> np.ndarray:
         raise DataError(f"--folds {folds} needs at least {folds} photos of every class; {', '.join(small)} "
                         f"has fewer: lower --folds")
     shared = ray.put(corpus.features)
-    task = ray.remote(_fit_fold).options(num_cpus=1)
+    task = ray.remote(_fit_fold).options(num_cpus=1, memory=FOLD_BYTES_PER_PHOTO * len(corpus))
     held_out, refs = [], []
     for repeat in range(REPEATS):
         split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=SEED + repeat)

@@ -30,7 +30,8 @@ CHUNK_ROWS = 20_000
 TRAIN_PER_CELL = 64
 KMEANS_ROUNDS = 10
 SEED = 0
-# A search task's memory beyond its copy of the index: Ray then runs only as many at once as a node holds.
+# The memory an IVF task declares, in multiples of the vectors' bytes (its copy of the index, faiss's
+# work): Ray then runs only as many at once as a node holds.
 TASK_MEMORY_FACTOR = 2.5
 
 
@@ -61,7 +62,9 @@ def ivf_index(vectors: np.ndarray) -> np.ndarray:
     index.cp.niter = KMEANS_ROUNDS
     index.train(np.ascontiguousarray(vectors[np.sort(sample)]))
     index.add(vectors)
-    return faiss.serialize_index(index)
+    serialised = faiss.serialize_index(index)
+    del index
+    return serialised
 
 
 def nearest(vectors: np.ndarray, k: int, flat_limit: int = FLAT_LIMIT) -> tuple[np.ndarray, np.ndarray]:
@@ -76,11 +79,11 @@ def nearest(vectors: np.ndarray, k: int, flat_limit: int = FLAT_LIMIT) -> tuple[
     if n <= flat_limit:
         task, args = ray.remote(_search_flat).options(num_cpus=1), (shared,)
     else:
-        # Each search task deserialises its own copy of the index (the vectors it searches are read in place).
-        serialised = ivf_index(vectors)
-        task = ray.remote(_search_index).options(num_cpus=1, memory=int(TASK_MEMORY_FACTOR * serialised.nbytes))
-        args = (ray.put(serialised), shared)
-        del serialised
+        # Built in a task, so the driver holds the vectors only; each search task deserialises its
+        # own copy of the index and reads the vectors it searches in place.
+        memory = int(TASK_MEMORY_FACTOR * vectors.nbytes)
+        index = ray.remote(ivf_index).options(num_cpus=1, memory=memory).remote(shared)
+        task, args = ray.remote(_search_index).options(num_cpus=1, memory=memory), (index, shared)
     # k + 1: a row finds itself (or an exact copy ranked before it), which is taken out below.
     found = ray.get([task.remote(*args, start, min(start + CHUNK_ROWS, n), k + 1) for start in range(0, n, CHUNK_ROWS)])
     sims = np.concatenate([s for s, _ in found])

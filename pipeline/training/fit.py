@@ -46,7 +46,7 @@ def fit(settings: LoopSettings, datasets: dict[str, Any], num_workers: int, use_
             failure_config=FailureConfig(max_failures=max_failures),
             # Ray Train's per-report and per-checkpoint lines stay in its log files unless --verbose.
             logging_config=LoggingConfig(log_level="INFO" if logs.verbose() else "WARNING"),
-            worker_runtime_env=None,
+            worker_runtime_env={"env_vars": fault_env} if fault_env else None,
         ),
         datasets=datasets,
         # Held data is small: every worker reads it whole and takes its own slices of each batch.
