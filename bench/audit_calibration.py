@@ -9,7 +9,8 @@ as the doctor pools them. The distinct photos are the whole shared sample (its e
 the same photo) are left out. Printed and written to ``bench/results/audit_calibration.json``: the
 cosine similarity of each copy to its original (quantiles per edit), each distinct photo's
 similarity to its most similar other photo, and the share of copies and the number of distinct
-photos at or above each candidate cut-off.
+photos at or above each candidate cut-off; the same without the pooling's square root
+(``plain_mean_pooling``).
 
     python bench/audit_calibration.py [--photos 60] [--work /tmp/audit_calibration]
 """
@@ -32,7 +33,7 @@ from pipeline.batch.cluster import init_ray  # noqa: E402
 from pipeline.batch.extract import run_extraction  # noqa: E402
 from pipeline.config import ExtractConfig  # noqa: E402
 from pipeline.data.shards import list_rows, read_split  # noqa: E402
-from pipeline.audit.pooled import pool  # noqa: E402
+from pipeline.audit.pooled import normalise, pool  # noqa: E402
 from tests.conftest import REAL_DATA, real_images  # noqa: E402
 from tests.planted import EDITS, write_copy  # noqa: E402
 
@@ -54,16 +55,22 @@ def build(root: str, per_class: int, seed: int) -> None:
                 write_copy(src, os.path.join(root, "validation", cls, f"{name[:-4]}.{edit}.jpg"), edit, rng)
 
 
-def pooled(features_dir: str, split: str, shape: list[int]) -> dict[str, np.ndarray]:
+def plain_mean(flat: np.ndarray, shape: list[int]) -> np.ndarray:
+    """The pooling without the doctor's square root, for comparison."""
+    h, w, c = shape
+    return normalise(flat.reshape(len(flat), h * w, c).mean(axis=1))
+
+
+def pooled(features_dir: str, split: str, shape: list[int], pooling=pool) -> dict[str, np.ndarray]:
     table = read_split(features_dir, split, ["path", "features"])
-    return dict(zip(table.column("path").to_pylist(), pool(list_rows(table.column("features")), shape)))
+    return dict(zip(table.column("path").to_pylist(), pooling(list_rows(table.column("features")), shape)))
 
 
-def distinct_nearest(sample_features: str, shape: list[int]) -> np.ndarray:
+def distinct_nearest(sample_features: str, shape: list[int], pooling=pool) -> np.ndarray:
     """Each photo of the sample's similarity to its most similar other photo, its own duplicates left out."""
     vectors = {}
     for split in ("train", "validation"):
-        vectors.update(pooled(sample_features, split, shape))
+        vectors.update(pooled(sample_features, split, shape, pooling))
     matrix = np.stack(list(vectors.values()))
     gram = matrix @ matrix.T
     np.fill_diagonal(gram, -1)
@@ -71,15 +78,16 @@ def distinct_nearest(sample_features: str, shape: list[int]) -> np.ndarray:
     return nearest[nearest < SAME_PHOTO]
 
 
-def measure(features_dir: str, sample_features: str, shape: list[int]) -> dict:
+def measure(features_dir: str, sample_features: str, shape: list[int], pooling=pool) -> dict:
     """Similarities of copies to their originals, and of distinct photos to their nearest other photo."""
-    originals, copies = pooled(features_dir, "train", shape), pooled(features_dir, "validation", shape)
+    originals = pooled(features_dir, "train", shape, pooling)
+    copies = pooled(features_dir, "validation", shape, pooling)
     by_name = {os.path.basename(p): v for p, v in originals.items()}
     copy_sims = {edit: [] for edit in EDITS}
     for path, vector in copies.items():
         stem, edit, _ = os.path.basename(path).rsplit(".", 2)
         copy_sims[edit].append(float(vector @ by_name[f"{stem}.jpg"]))
-    distinct = distinct_nearest(sample_features, shape)
+    distinct = distinct_nearest(sample_features, shape, pooling)
     every_copy = np.concatenate([np.asarray(v) for v in copy_sims.values()])
     quantiles = (0.0, 0.01, 0.05, 0.5)
     return {
@@ -110,6 +118,10 @@ def main() -> None:
     run_extraction(ExtractConfig(data_dir=REAL_DATA, output_dir=args.sample_features))
     figures = {"photos_per_class": args.photos, "seed": args.seed, "extraction_s": round(time.time() - started, 1),
                "precision": manifest["precision"], **measure(features, args.sample_features, manifest["feature_shape"])}
+    plain = measure(features, args.sample_features, manifest["feature_shape"], plain_mean)
+    figures["plain_mean_pooling"] = {"lowest_copies": plain["lowest_copies"],
+                                     "distinct_nearest_quantiles": plain["distinct_nearest_quantiles"],
+                                     "at_or_above": plain["at_or_above"]}
     for key, value in figures.items():
         print(f"{key}: {value}")
     write_result("audit_calibration", figures)

@@ -550,7 +550,8 @@ class AuditConfig(DataOptions, LogOptions):
     """Settings of ``jobs.audit_data``: duplicates and leakage, likely wrong labels and strays, and a report."""
 
     features_dir: str | None = field_help(None, "output of jobs.extract_features, every split of it audited; default: "
-                                                "extract --data-dir (the built-in data set without it) first")
+                                                "extract --data-dir (the built-in data set without it) first, into "
+                                                "outputs/<data folder name>/features as jobs.extract_features does")
     output_dir: str | None = field_help(None, "where the report and the scores go (local path or URI); default "
                                               "outputs/<data folder name>/audit")
     folds: int = field_help(5, "cross-validation folds of the out-of-sample probabilities the label check reads")

@@ -29,7 +29,8 @@ SEED = 0
 REGULARISATION_C = 0.02
 REPEATS = 3
 # The memory a fold task declares per photo of the corpus (bench/audit_quality.py --scale: a fold's
-# process peaked at 1.96 GiB on 200,000 photos), so Ray runs only as many folds at once as a node holds.
+# process peaked at 1.98 GiB on 200,000 photos, 8.4 KB a photo besides the worker itself), so Ray
+# runs only as many folds at once as a node holds.
 FOLD_BYTES_PER_PHOTO = 10_000
 
 

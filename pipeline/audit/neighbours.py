@@ -30,9 +30,10 @@ CHUNK_ROWS = 20_000
 TRAIN_PER_CELL = 64
 KMEANS_ROUNDS = 10
 SEED = 0
-# The memory an IVF task declares, in multiples of the vectors' bytes (its copy of the index, faiss's
-# work): Ray then runs only as many at once as a node holds.
-TASK_MEMORY_FACTOR = 2.5
+# The memory an IVF task declares, in multiples of the vectors' bytes (its copy of the index, the
+# vectors it maps, faiss's work; bench/audit_quality.py --scale: 3.3 on 200,000 vectors besides the
+# worker itself): Ray then runs only as many at once as a node holds.
+TASK_MEMORY_FACTOR = 3.5
 
 
 def _search_flat(vectors: np.ndarray, start: int, stop: int, k: int) -> tuple[np.ndarray, np.ndarray]:

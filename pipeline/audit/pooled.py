@@ -49,9 +49,10 @@ def pool(flat: np.ndarray, shape: list[int]) -> np.ndarray:
     """Flattened (h, w, c) feature maps, one per row, as the unit-length square roots of their means
     over the h x w grid.
 
-    The square root (power normalisation) damps the few channels that dominate a mean: on the
-    calibration copies (bench/audit_calibration.py) it separates copies from distinct photos better
-    than the plain mean (1 % of copies below 0.951 against 0.926, distinct photos up to 0.932 and 0.935)."""
+    The square root (power normalisation) damps the few channels that dominate a mean, which
+    separates edited copies from distinct photos better (bench/audit_calibration.py): at the lowest
+    cut-off above every pair of distinct photos of the shared sample, it keeps 99.8 % of the
+    generated copies (cut-off 0.935), the plain mean 97.9 % (0.94)."""
     h, w, c = shape
     return normalise(np.sqrt(np.maximum(flat.reshape(len(flat), h * w, c).mean(axis=1), 0)))
 
