@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import collections
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -100,16 +102,19 @@ class Sampler(threading.Thread):
         return found
 
 
-def run_sampled(args: list[str], cwd: str, log_path: str, period: float = 1.0) -> tuple[float, Sampler]:
-    """Run ``python -m <args>`` (a job on its own local Ray cluster) to its end while sampling its
-    tree; its seconds and the sampler. Raises SystemExit with the log's end when it fails."""
-    import subprocess
-    import sys
-
-    started = time.time()
+def start_job(args: list[str], cwd: str, log_path: str) -> subprocess.Popen:
+    """``python -m <args>`` as a user starts a job, on a local Ray cluster of its own, in a session
+    of its own (so that its whole tree can be killed), its output into ``log_path``."""
     with open(log_path, "w") as log:
-        job = subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env={**os.environ, "RAY_ADDRESS": "local"},
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env={**os.environ, "RAY_ADDRESS": "local"},
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def run_sampled(args: list[str], cwd: str, log_path: str, period: float = 1.0) -> tuple[float, Sampler]:
+    """Run ``python -m <args>`` (``start_job``) to its end while sampling its tree; its seconds
+    and the sampler. Raises SystemExit with the log's end when it fails."""
+    started = time.time()
+    job = start_job(args, cwd, log_path)
     sampler = Sampler(job.pid, period=period)
     sampler.start()
     code = job.wait()

@@ -43,6 +43,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from bench.result_file import write_result  # noqa: E402
+from bench import process_memory  # noqa: E402
 from bench.process_memory import Sampler, committed_rows  # noqa: E402
 from pipeline.data.discover import discover  # noqa: E402
 
@@ -80,11 +81,9 @@ def build_root(source: str, root: str, files: int) -> dict[str, int]:
 
 
 def start_job(root: str, out: str, log_path: str, extra: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "RAY_ADDRESS": "local"}
-    with open(log_path, "w") as log:
-        return subprocess.Popen([sys.executable, "-m", "jobs.extract_features", "--data-dir", root,
-                                 "--output-dir", out, *extra], cwd=REPO, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    """The extraction job over ``root`` into ``out`` (``process_memory.start_job``)."""
+    return process_memory.start_job(["jobs.extract_features", "--data-dir", root, "--output-dir", out, *extra],
+                                    REPO, log_path)
 
 
 def kill_tree(proc: subprocess.Popen) -> None:

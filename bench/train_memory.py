@@ -53,8 +53,8 @@ def job_figures(name: str, args: list[str], summary_path: str, logs: str) -> dic
 
 
 def summary_per_epoch(summary_path: str) -> list[list[int]]:
-    """Each epoch's reported worker peaks (metrics.csv beside the summary keeps no list: the
-    checkpoint history does; the summary's folder has it as metrics of every epoch)."""
+    """Each epoch's worker peaks, from the job's metrics.csv beside its summary (one row per
+    epoch; the peaks by rank are a list written as Python prints it)."""
     import csv
 
     with open(os.path.join(os.path.dirname(summary_path), "metrics.csv")) as f:

@@ -20,10 +20,13 @@ from pipeline.data.shards import list_rows
 from pipeline.training.kinds import kind_of
 from pipeline.training.settings import LoopSettings
 
-# A training worker's memory, measured by bench/train_memory.py (bench/results/train_memory.json):
-# a fixed part before it reads any data (TensorFlow, Ray, the model and its optimizer), and at its
-# peak at most this many bytes per byte of the data it holds (its own copy, Ray's blocks it read
-# from, the batches in flight).
+# A training worker's memory: a fixed part before it reads any data (TensorFlow, Ray, the model
+# and its optimizer), and at its peak at most this many bytes per byte of the data it holds (its
+# own copy, Ray's blocks it read from, the batches in flight). First estimates, not measurements:
+# from run_all on the 2800-photo sample before a held split was loaded as one copy (two cached
+# fine-tuning workers at 5.5 and 6.2 GB RSS for 1.9 GB of block-4 maps each: about 2 GiB + 2x).
+# Every job's summary reports base, peak and held bytes per worker; bench/train_memory.py
+# measures the three jobs against these figures.
 WORKER_BASE_BYTES = 2 * 2**30
 HELD_BYTES_FACTOR = 2.0
 # The share of the memory Ray may hand out (cluster-wide) that training workers holding their
