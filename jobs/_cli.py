@@ -6,7 +6,7 @@ import sys
 from typing import Callable, Sequence, TypeVar
 
 from pipeline.batch.cluster import init_ray
-from pipeline.config import parse_config
+from pipeline.options import parse_config
 from pipeline.errors import UserError
 from pipeline.redact import redact
 

@@ -6,8 +6,7 @@ import sys
 from typing import Sequence
 
 from jobs._cli import run_job
-from pipeline.config import RunAllConfig
-from pipeline.runall import run_all
+from pipeline.runall import RunAllConfig, run_all
 
 
 def main(argv: Sequence[str] | None = None) -> int:

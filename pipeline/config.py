@@ -1,25 +1,23 @@
-"""Typed job settings and the one way each job turns a command line into them.
-
-Every job has a dataclass whose fields are its options. ``field_help`` attaches the
-help text and, where the values are a closed set, the allowed choices; ``parse_config``
-builds an ``argparse`` parser from the dataclass so ``--help`` lists every option and
-``__post_init__`` validation runs before any work starts.
-"""
+"""Typed job settings: one dataclass per job, its fields the job's options (``pipeline.options``
+turns a command line or a config file into one), ``jobs.run_all``'s composed from its stages'."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-import types
-import typing
-from typing import Any, Sequence, TypeVar
 
 from pipeline.data import storage
-from pipeline.errors import ConfigError, UserError
+from pipeline.errors import ConfigError
 from pipeline.images.decode import MAX_IMAGE_MEGAPIXELS, PILLOW_LIMIT_MEGAPIXELS
 from pipeline.nets.modelfile import read_metadata
-from pipeline.redact import redact
+from pipeline.options import (
+    check_choice,
+    check_input_location,
+    check_output_location,
+    check_positive,
+    check_range,
+    field_help,
+)
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 PREPROCESSINGS = ("auto", "torch", "caffe")
@@ -40,55 +38,9 @@ SCRATCH_ROTATION = 20.0
 SCRATCH_SHIFT = 0.1
 # Fine-tuning's shifts: 0.15 of 224 px is 2 cells of the block-4 map that cached fine-tuning shifts.
 FINETUNE_SHIFT = 0.15
-
-T = TypeVar("T")
-
-
-def field_help(default: Any, help: str, choices: Sequence[str] | None = None, **kw: Any) -> Any:
-    """A dataclass field carrying its CLI help text and allowed choices."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices}, **kw)
-
-
-def check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
-    """Raise ConfigError naming the allowed values when ``value`` is not one of them."""
-    if value not in allowed:
-        raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}; got {value!r}")
-
-
-def check_positive(name: str, value: float | None, allow_none: bool = False) -> None:
-    """Raise ConfigError unless ``value`` is > 0 (or None when allowed)."""
-    if value is None and allow_none:
-        return
-    if value is None or value <= 0:
-        raise ConfigError(f"--{name.replace('_', '-')} must be a positive number; got {value!r}")
-
-
-def check_range(name: str, value: float, low: float, high: float, open_low: bool = False, open_high: bool = False) -> None:
-    """Raise ConfigError unless ``value`` lies between ``low`` and ``high``."""
-    above = value > low if open_low else value >= low
-    below = value < high if open_high else value <= high
-    if not (above and below):
-        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
-        raise ConfigError(f"--{name.replace('_', '-')} must be in {interval}; got {value!r}")
-
-
-def check_output_location(name: str, value: str | None) -> None:
-    """Refuse an output location that is an existing regular file, or on a bucket that does not exist."""
-    if not value:
-        return
-    problem = storage.describe_output_problem(value)
-    if problem:
-        raise ConfigError(f"--{name.replace('_', '-')} {value!r} cannot be written: {problem}")
-    if storage.is_file(value):
-        raise ConfigError(f"--{name.replace('_', '-')} must be a folder, but {value!r} is an existing file")
-
-
-def check_input_location(name: str, value: str | None, want: str = "folder") -> None:
-    """Refuse an input location (local path or URI) that is missing, of the wrong kind or unreadable."""
-    problem = storage.describe_problem(value, want) if value is not None else None
-    if problem:
-        raise ConfigError(f"--{name.replace('_', '-')} {value!r} cannot be used: {problem}")
-
+PRECISION_HELP = ("auto: decided by each process from its device: bfloat16 on GPUs of compute capability >= 8.0 and "
+                  "on bf16 CPUs, float16 on older GPUs (inference only), else float32")
+OVERWRITE_HELP = "redo the job even if a finished one with the same settings is in its output folder"
 
 def check_workers_divide_batch(num_workers: int, batch_size: int, option: str = "--batch-size") -> None:
     """Every Ray Train worker takes an equal share of each global batch, so N workers step exactly
@@ -101,52 +53,6 @@ def check_workers_divide_batch(num_workers: int, batch_size: int, option: str = 
     raise ConfigError(f"--num-workers {num_workers} does not divide {option} {batch_size} (each worker takes an "
                       f"equal share of every batch): use --num-workers {' or '.join(map(str, nearest))}, or "
                       f"{option} {' or '.join(map(str, batches))}")
-
-
-def _base_type(tp: Any) -> tuple[Any, bool]:
-    """The non-None member of ``Optional[X]`` and whether None was allowed."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], True
-    return tp, False
-
-
-def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one option per dataclass field of ``cls``."""
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        tp, _ = _base_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        choices = f.metadata.get("choices")
-        if choices:
-            help_text += f" (one of: {', '.join(choices)})"
-        if f.default is dataclasses.MISSING:
-            parser.add_argument(flag, type=tp, required=True, help=help_text, metavar=f.name.upper())
-        elif tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        else:
-            # choices are checked in __post_init__ so that every invalid value, from
-            # the CLI or from Python, gets the same message.
-            parser.add_argument(flag, type=tp, default=f.default, help=help_text, metavar=f.name.upper())
-    return parser
-
-
-def parse_config(cls: type[T], argv: Sequence[str] | None, description: str) -> T:
-    """Parse ``argv`` into ``cls``; invalid values exit with status 2 and a message."""
-    parser = build_parser(cls, description)
-    args = parser.parse_args(argv)
-    try:
-        return cls(**vars(args))
-    except UserError as exc:
-        parser.error(redact(str(exc)))
-        raise  # unreachable: parser.error exits
 
 
 @dataclasses.dataclass
@@ -214,9 +120,7 @@ DEFAULT_BLOCK_FILES = 128
 class InferenceOptions:
     """How the VGG16 / classifier actor pool of extraction and prediction is sized and run."""
 
-    precision: str = field_help("auto", "auto: decided by each inference actor from its device: bfloat16 on GPUs of "
-                                        "compute capability >= 8.0 and on bf16 CPUs, float16 on older GPUs, "
-                                        "else float32", PRECISIONS, kw_only=True)
+    precision: str = field_help("auto", PRECISION_HELP, PRECISIONS, kw_only=True)
     workers: int = field_help(1, "inference actors when the cluster has no GPUs and --gpus is not given",
                               kw_only=True)
     gpus: int | None = field_help(None, "run this many one-GPU inference actors, asking the cluster (its autoscaler) "
@@ -254,7 +158,7 @@ class ExtractConfig(InferenceOptions, DataOptions, LogOptions):
     preprocessing: str = field_help("auto", "pixel normalisation; auto follows the weights", PREPROCESSINGS)
     cache_block4: bool = field_help(False, "also write VGG16's block-4 outputs (training images: also of their mirror "
                                            "image) under <output-dir>/block4/, for jobs.finetune --cache-block4")
-    overwrite: bool = field_help(False, "redo the extraction even if a finished one with the same settings exists")
+    overwrite: bool = field_help(False, OVERWRITE_HELP)
 
     def __post_init__(self) -> None:
         self.check_data_options()
@@ -288,13 +192,14 @@ class TrainConfig(LogOptions):
     use_gpu: bool = field_help(False, "put each Ray Train worker on a GPU")
     epochs: int = field_help(50, "training epochs")
     batch_size: int = field_help(32, "global batch size (split evenly across workers)")
-    learning_rate: float | None = field_help(None, "default: rmsprop 1e-3 (top, scratch), SGD 1e-4 (finetune)")
+    learning_rate: float | None = field_help(None, "default: rmsprop 1e-3 (top, scratch), SGD 1e-4 (finetune)",
+                                             per_stage=True)
     dropout: float = field_help(0.5, "dropout rate before the output layer")
     ema_momentum: float = field_help(0.995, EMA_HELP)
     seed: int = field_help(0, "seed for initialisation, shuffling and augmentation")
-    precision: str = field_help("auto", "auto: mixed bfloat16 where the hardware has it", PRECISIONS)
+    precision: str = field_help("auto", PRECISION_HELP, PRECISIONS)
     max_failures: int = field_help(2, "worker-group restarts (from the last checkpoint) before giving up")
-    overwrite: bool = field_help(False, "retrain even if this job already finished in the output folder")
+    overwrite: bool = field_help(False, OVERWRITE_HELP)
     mlflow_uri: str | None = field_help(None, MLFLOW_URI_HELP)
     mlflow_experiment: str = field_help(DEFAULT_EXPERIMENT, "MLflow experiment the run is logged to")
 
@@ -386,97 +291,6 @@ class ScratchConfig(ImageTrainConfig):
         check_range("rotation", self.rotation, 0, 180)
 
 
-# Options whose defaults differ between the training jobs: run_all has one per job, named
-# with the job's prefix (--top-epochs, --finetune-learning-rate, ...).
-RUN_ALL_STAGES = ("top", "finetune", "scratch")
-PER_STAGE_OPTIONS = ("epochs", "learning_rate")
-# Options of the jobs that train on images only (run_all: --finetune-shift, --scratch-shift).
-IMAGE_STAGES = ("finetune", "scratch")
-IMAGE_STAGE_OPTIONS = ("shift",)
-
-
-@dataclasses.dataclass
-class RunAllConfig(DataOptions, LogOptions):
-    """Settings of ``jobs.run_all``: extraction → train_top → finetune → train_scratch → report.md.
-
-    It offers every option of its stages (``tests/test_config.py`` checks it): the shared
-    ones once, and those whose defaults differ between the training jobs once per job.
-    """
-
-    output_dir: str | None = field_help(None, "run folder (default outputs/<data folder name>)")
-    image_size: int = field_help(VGG16_IMAGE_SIZE, "VGG16's input: images are resized to this many pixels square "
-                                                   "for extraction (the top MLP and fine-tuning follow it)")
-    scratch_image_size: int = field_help(SCRATCH_IMAGE_SIZE, "the small CNN's input size in pixels (train_scratch "
-                                                             "--image-size)")
-    weights: str = field_help("torchvision", "VGG16 weights: torchvision, keras, none, or a Keras weights file")
-    preprocessing: str = field_help("auto", "pixel normalisation; auto follows the weights", PREPROCESSINGS)
-    precision: str = field_help("auto", "auto: bfloat16 where the hardware has it, else float32", PRECISIONS)
-    workers: int = field_help(1, "extraction: inference actors when the cluster has no GPUs and --gpus is not given")
-    gpus: int | None = field_help(None, "extraction: one-GPU inference actors to ask the cluster for (see "
-                                        "jobs.extract_features --gpus)")
-    gpu_wait_s: float = field_help(900.0, "with --gpus: how long to wait for the GPUs to join the cluster")
-    block_files: int = field_help(DEFAULT_BLOCK_FILES, "extraction: files per block, decoded, run and committed together")
-    num_workers: int = field_help(1, "Ray Train workers for each training job")
-    use_gpu: bool = field_help(False, "put each Ray Train worker on a GPU")
-    epochs: int | None = field_help(None, "epochs for every training job unless --top-epochs etc. say otherwise "
-                                          "(default: each job's own, 50, 10 and 100; 5 on the built-in data)")
-    top_epochs: int | None = field_help(None, "train_top epochs (default --epochs, else the job's 50)")
-    finetune_epochs: int | None = field_help(None, "finetune epochs (default --epochs, else the job's 10)")
-    scratch_epochs: int | None = field_help(None, "train_scratch epochs (default --epochs, else the job's 100)")
-    top_learning_rate: float | None = field_help(None, "train_top learning rate (default rmsprop 1e-3)")
-    finetune_learning_rate: float | None = field_help(None, "finetune learning rate (default SGD 1e-4)")
-    scratch_learning_rate: float | None = field_help(None, "train_scratch learning rate (default rmsprop 1e-3)")
-    batch_size: int = field_help(32, "global batch size for extraction, the top MLP and fine-tuning")
-    scratch_batch_size: int = field_help(SCRATCH_BATCH_SIZE, "train_scratch's global batch size")
-    dropout: float = field_help(0.5, "dropout rate before the output layer of every trained model")
-    ema_momentum: float = field_help(0.995, EMA_HELP)
-    seed: int = field_help(0, "seed for initialisation, shuffling and augmentation")
-    max_failures: int = field_help(2, "worker-group restarts (from the last checkpoint) per training job")
-    skip: str = field_help("", "comma-separated stages to skip: finetune, scratch")
-    finetune_shift: float = field_help(FINETUNE_SHIFT, "finetune --shift")
-    scratch_shift: float = field_help(SCRATCH_SHIFT, "train_scratch --shift")
-    rotation: float = field_help(SCRATCH_ROTATION, ROTATION_HELP)
-    cache_block4: bool = field_help(True, "extract VGG16's block-4 outputs too and fine-tune on them (see "
-                                          "jobs.finetune --cache-block4); --no-cache-block4 streams the images")
-    overwrite: bool = field_help(False, "redo every stage even if finished results exist")
-    mlflow_uri: str | None = field_help(None, MLFLOW_URI_HELP)
-    mlflow_experiment: str = field_help(DEFAULT_EXPERIMENT, "MLflow experiment the training jobs are logged to")
-    audit: bool = field_help(False, "run jobs.audit_data (its defaults) on the features between extraction and "
-                                    "training: <output-dir>/audit/report.html beside report.md; it excludes nothing "
-                                    "(pass its suspects.txt, once checked, as --exclude)")
-
-    def __post_init__(self) -> None:
-        self.check_data_options()
-        for name in ("image_size", "scratch_image_size"):
-            value = getattr(self, name)
-            if value is None or value < 32:
-                raise ConfigError(f"--{name.replace('_', '-')} must be an integer of at least 32; got {value!r}")
-        check_weights(self.weights)
-        check_choice("preprocessing", self.preprocessing, PREPROCESSINGS)
-        check_choice("precision", self.precision, PRECISIONS)
-        for name in ("workers", "gpu_wait_s", "block_files", "num_workers", "batch_size", "scratch_batch_size"):
-            check_positive(name, getattr(self, name))
-        check_positive("gpus", self.gpus, allow_none=True)
-        for name in ("epochs", *(f"{stage}_{option}" for stage in RUN_ALL_STAGES for option in PER_STAGE_OPTIONS)):
-            check_positive(name, getattr(self, name), allow_none=True)
-        check_workers_divide_batch(self.num_workers, self.batch_size)
-        check_workers_divide_batch(self.num_workers, self.scratch_batch_size, "--scratch-batch-size")
-        check_range("dropout", self.dropout, 0, 1, open_high=True)
-        check_range("ema_momentum", self.ema_momentum, 0, 1, open_high=True)
-        for stage in IMAGE_STAGES:
-            check_range(f"{stage}_shift", getattr(self, f"{stage}_shift"), 0, 1, open_high=True)
-        check_range("rotation", self.rotation, 0, 180)
-        if self.max_failures is None or self.max_failures < 0:
-            raise ConfigError(f"--max-failures must be 0 or more; got {self.max_failures!r}")
-        for stage in filter(None, (s.strip() for s in self.skip.split(","))):
-            check_choice("skip", stage, SKIPPABLE)
-        check_output_location("output_dir", self.output_dir)
-
-    def skipped(self) -> set[str]:
-        """The stages named in ``--skip``."""
-        return {s.strip() for s in self.skip.split(",") if s.strip()}
-
-
 OUTPUT_FILE_SUFFIXES = (".parquet", ".csv")
 
 
@@ -525,8 +339,7 @@ class ServeConfig(DecodeOptions, LogOptions):
                                                    "file (default: $IMAGE_CLASSIFIER_TOKEN when set, else no token)",
                                              kw_only=True)
     insecure: bool = field_help(False, "allow a --host beyond loopback without a token", kw_only=True)
-    precision: str = field_help("auto", "auto: bfloat16 where the hardware has it, else float32", PRECISIONS,
-                                kw_only=True)
+    precision: str = field_help("auto", PRECISION_HELP, PRECISIONS, kw_only=True)
 
     def __post_init__(self) -> None:
         check_range("port", self.port, 1, 65535)
@@ -561,7 +374,7 @@ class AuditConfig(DataOptions, LogOptions):
     top_model: str | None = field_help(None, "model.keras of jobs.train_top on these features: the leakage's effect "
                                              "on validation accuracy is measured with it (default: with the "
                                              "cross-validation probabilities)")
-    overwrite: bool = field_help(False, "redo the audit even if a finished one with the same settings exists")
+    overwrite: bool = field_help(False, OVERWRITE_HELP)
 
     def __post_init__(self) -> None:
         if self.features_dir is not None and self.data_dir is not None:

@@ -22,7 +22,6 @@ from pipeline.config import (
     ExtractConfig,
     FinetuneConfig,
     PredictConfig,
-    RunAllConfig,
     ScratchConfig,
     ServeConfig,
     TrainTopConfig,
@@ -57,7 +56,7 @@ def check_outputs(cfg: Any) -> None:
         outputs.check(cfg.output_dir, OUTPUT_LAYOUT)
     elif isinstance(cfg, (TrainTopConfig, FinetuneConfig, ScratchConfig)):
         outputs.check(job_dir(cfg.output_dir, job_folder(cfg)), JOB_LAYOUT)
-    elif isinstance(cfg, RunAllConfig):
+    elif isinstance(cfg, runall.RunAllConfig):
         outputs.check(cfg.output_dir, runall.LAYOUT)
     elif isinstance(cfg, AuditConfig):
         outputs.check(cfg.output_dir, doctor.LAYOUT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shlex
@@ -10,11 +11,30 @@ from typing import Any
 
 from pipeline.audit import doctor
 from pipeline.batch.extract import OUTPUT_LAYOUT, run_extraction
-from pipeline.config import AuditConfig, ExtractConfig, FinetuneConfig, RunAllConfig, ScratchConfig, TrainTopConfig
+from pipeline.compose import Composed, Stage, compose, split_options
+from pipeline.config import (
+    SKIPPABLE,
+    AuditConfig,
+    DataOptions,
+    DecodeOptions,
+    ExtractConfig,
+    FinetuneConfig,
+    ScratchConfig,
+    TrainTopConfig,
+)
 from pipeline.data import outputs, storage
 from pipeline.data.shards import data_name
 from pipeline.data.synthetic import NOTE, default_data_dir, note_builtin_data
 from pipeline.nets.modelfile import MODEL_FILE
+from pipeline.options import (
+    CONFIG_FILE,
+    check_choice,
+    check_output_location,
+    check_positive,
+    field_help,
+    resolved,
+    write_config,
+)
 from pipeline.redact import redact
 from pipeline.training.finetune import finetune
 from pipeline.training.jobs import JOB_FOLDERS, JOB_LAYOUT
@@ -24,54 +44,72 @@ from pipeline.training.top import train_top
 
 log = logging.getLogger(__name__)
 
+# The built-in data set only proves the installation: a few epochs show every stage working in
+# minutes; real data gets each job's own default unless an option says otherwise.
 SYNTHETIC_EPOCHS = 5
+TRAINING_STAGES = ("train_top", "finetune", "train_scratch")
+# What the audit reads is the extraction's features, never a data root.
+_DATA_ONLY = tuple(f.name for f in dataclasses.fields(DataOptions) if f.name not in
+                   {g.name for g in dataclasses.fields(DecodeOptions)})
+
+
+@dataclasses.dataclass(kw_only=True)
+class RunAllOptions(Composed):
+    """What ``jobs.run_all`` adds to its stages' options, and how it hands each stage its own."""
+
+    output_dir: str | None = field_help(None, "run folder: report.md and one folder per stage (default "
+                                              "outputs/<data folder name>)")
+    epochs: int | None = field_help(None, "epochs of every training job whose own --<job>-epochs is not given "
+                                          f"(default: each job's own; {SYNTHETIC_EPOCHS} on the built-in data)")
+    skip: str = field_help("", "comma-separated stages to skip", SKIPPABLE)
+    audit: bool = field_help(False, "run jobs.audit_data on the features between extraction and training: "
+                                    "<output-dir>/audit/report.html beside report.md; it excludes nothing "
+                                    "(pass its suspects.txt, once checked, as --exclude)")
+
+    def __post_init__(self) -> None:
+        check_positive("epochs", self.epochs, allow_none=True)
+        for stage in self.skipped():
+            check_choice("skip", stage, SKIPPABLE)
+        check_output_location("output_dir", self.output_dir)
+        for stage in self.STAGES:
+            self.stage_config(stage.name)  # each stage's own checks, before any work
+
+    def skipped(self) -> set[str]:
+        """The stages named in ``--skip``."""
+        return {s.strip() for s in self.skip.split(",") if s.strip()}
+
+    def stage_config(self, name: str, **inputs: object) -> object:
+        """Stage ``name``'s config: its options from these settings, ``inputs`` (what the run makes
+        or resolves: folders, the top model, the data root) on top."""
+        options = self.stage_options(name)
+        if name == "extract_features":
+            options["cache_block4"] = self.cache_block4  # written when fine-tuning will read it
+        if name == "finetune" and self.cache_block4:
+            # Cached fine-tuning reads the extraction's block-4 outputs, not the images.
+            options = {k: v for k, v in options.items() if k not in _DATA_ONLY}
+            inputs = {k: v for k, v in inputs.items() if k not in _DATA_ONLY}
+        if name in TRAINING_STAGES and "epochs" not in options:
+            epochs = self.epochs or (SYNTHETIC_EPOCHS if self.data_dir is None else None)
+            options.update({"epochs": epochs} if epochs else {})
+        return self.build(name, {**options, **inputs})
+
+
+RunAllConfig = compose("RunAllConfig", RunAllOptions, (
+    Stage("extract_features", ExtractConfig, "extract", given=("output_dir", "cache_block4")),
+    Stage("audit_data", AuditConfig, "audit", given=("output_dir", "features_dir", "top_model", *_DATA_ONLY)),
+    Stage("train_top", TrainTopConfig, "top", given=("output_dir", "features_dir")),
+    Stage("finetune", FinetuneConfig, "finetune", given=("output_dir", "top_model")),
+    Stage("train_scratch", ScratchConfig, "scratch", given=("output_dir",)),
+))
+RunAllConfig.__doc__ = ("Settings of ``jobs.run_all``: extraction → (audit) → train_top → finetune → train_scratch "
+                        "→ report.md; every option of its stages, each declared once (``pipeline.compose``).")
+
 REPORT = "report.md"
 STAGE_FOLDERS = {"features": OUTPUT_LAYOUT, "audit": doctor.LAYOUT, **{kind: JOB_LAYOUT for kind in JOB_FOLDERS}}
 # The output folder: report.md, each stage's folder (judged by that stage's layout) and the locks
 # the stages hold beside their folders; a report or a recognised stage folder marks it as ours.
-LAYOUT = outputs.Layout("a run_all output", markers=(REPORT,), files=tuple(f"{f}.lock" for f in STAGE_FOLDERS),
+LAYOUT = outputs.Layout("a run_all output", markers=(REPORT,), files=(CONFIG_FILE, *(f"{f}.lock" for f in STAGE_FOLDERS)),
                         folders=STAGE_FOLDERS)
-
-
-def _stage_epochs(cfg: RunAllConfig, stage: str, synthetic: bool) -> dict[str, int]:
-    # The built-in set only proves the installation: a few epochs show every stage working
-    # in minutes; real data gets each job's own default unless an option says otherwise.
-    chosen = [getattr(cfg, f"{stage}_epochs"), cfg.epochs, SYNTHETIC_EPOCHS if synthetic else None]
-    epochs = next((e for e in chosen if e is not None), None)
-    return {"epochs": epochs} if epochs is not None else {}
-
-
-def stage_options(cfg: RunAllConfig, data_dir: str, output_dir: str, synthetic: bool) -> dict[str, dict[str, Any]]:
-    """The options each stage's config is built from (less the inputs that exist only once the
-    stage before has run: the top MLP's feature folder, fine-tuning's top model)."""
-    images = dict(data_dir=data_dir, layout=cfg.layout, validation_fraction=cfg.validation_fraction,
-                  max_images_per_class=cfg.max_images_per_class, max_reject_fraction=cfg.max_reject_fraction,
-                  max_image_megapixels=cfg.max_image_megapixels, exclude=cfg.exclude)
-    training = dict(output_dir=output_dir, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, batch_size=cfg.batch_size,
-                    dropout=cfg.dropout, ema_momentum=cfg.ema_momentum, seed=cfg.seed, precision=cfg.precision,
-                    max_failures=cfg.max_failures,
-                    overwrite=cfg.overwrite, mlflow_uri=cfg.mlflow_uri, mlflow_experiment=cfg.mlflow_experiment)
-
-    def trainer(stage: str) -> dict[str, Any]:
-        return {**training, **_stage_epochs(cfg, stage, synthetic), "learning_rate": getattr(cfg, f"{stage}_learning_rate")}
-
-    return {
-        "extract_features": dict(output_dir=storage.join(output_dir, "features"), image_size=cfg.image_size,
-                                 weights=cfg.weights, preprocessing=cfg.preprocessing, precision=cfg.precision,
-                                 workers=cfg.workers, gpus=cfg.gpus, gpu_wait_s=cfg.gpu_wait_s,
-                                 batch_size=cfg.batch_size, block_files=cfg.block_files,
-                                 cache_block4=cfg.cache_block4, overwrite=cfg.overwrite, **images),
-        # The doctor reads the extraction's features (with its own defaults); it excludes nothing.
-        "audit_data": dict(output_dir=storage.join(output_dir, "audit"), overwrite=cfg.overwrite,
-                           max_image_megapixels=cfg.max_image_megapixels),
-        "train_top": trainer("top"),
-        # Cached fine-tuning reads the images' block-4 outputs from the extraction, not the images.
-        "finetune": {**trainer("finetune"), "shift": cfg.finetune_shift, "cache_block4": cfg.cache_block4,
-                     "max_image_megapixels": cfg.max_image_megapixels, **({} if cfg.cache_block4 else images)},
-        "train_scratch": {**trainer("scratch"), "batch_size": cfg.scratch_batch_size,
-                          "image_size": cfg.scratch_image_size, "shift": cfg.scratch_shift,
-                          "rotation": cfg.rotation, **images},
-    }
 
 
 def report_command(argv: list[str]) -> str:
@@ -79,12 +117,21 @@ def report_command(argv: list[str]) -> str:
     return redact(" ".join(["python -m jobs.run_all", *map(shlex.quote, argv)]))
 
 
+def resolved_options(cfg: RunAllConfig, output_dir: str) -> dict[str, Any]:
+    """``cfg`` as the run resolves it: the output folder, and each stage's own value of every
+    per-stage option left unset (``--epochs`` and the built-in data's epochs folded in)."""
+    built = {stage.name: cfg.stage_config(stage.name) for stage in cfg.STAGES}
+    unset = {key: getattr(built[stage.name], name) for key, (stage, name) in split_options(cfg.STAGES)[1].items()
+             if getattr(cfg, key) is None}
+    return resolved(cfg, output_dir=output_dir, epochs=None, **unset)
+
+
 def run_all(cfg: RunAllConfig) -> str:
     """Run every stage into ``<output-dir>`` and return the path of ``report.md``.
 
     Holds ``<output-dir>``'s lock throughout (the stages lock their own folders inside it), and
     refuses a folder holding what no stage writes (``LAYOUT``); with ``--overwrite`` each stage
-    replaces only its own folder.
+    replaces only its own folder. Writes ``config.yaml``, which ``--config`` reads back.
     """
     synthetic = cfg.data_dir is None
     data_dir = default_data_dir() if synthetic else cfg.data_dir
@@ -93,32 +140,33 @@ def run_all(cfg: RunAllConfig) -> str:
     output_dir = cfg.output_dir or os.path.join("outputs", data_name(data_dir))
     with storage.output_lock(output_dir):
         outputs.check(output_dir, LAYOUT)
+        write_config(storage.join(output_dir, CONFIG_FILE), "run_all", resolved_options(cfg, output_dir))
         return _run_stages(cfg, data_dir, output_dir, synthetic)
 
 
 def _run_stages(cfg: RunAllConfig, data_dir: str, output_dir: str, synthetic: bool) -> str:
     """Extraction, the audit when asked, the training stages not skipped, then the report; returns the report's path."""
-    options = stage_options(cfg, data_dir, output_dir, synthetic)
     stages: list[dict[str, Any]] = []
-
-    manifest = run_extraction(ExtractConfig(**options["extract_features"]))
+    features = storage.join(output_dir, "features")
+    manifest = run_extraction(cfg.stage_config("extract_features", output_dir=features, data_dir=data_dir))
     stages.append({"stage": "extract_features", "seconds": manifest["elapsed_s"],
                    "images_per_s": manifest["images_per_s"]})
     if cfg.audit:
-        audit = doctor.audit_data(AuditConfig(features_dir=manifest["output_dir"], **options["audit_data"]))
+        # The doctor reads the extraction's features; it excludes nothing.
+        audit = doctor.audit_data(cfg.stage_config("audit_data", output_dir=storage.join(output_dir, "audit"),
+                                                   features_dir=manifest["output_dir"]))
         stages.append({"stage": f"audit_data: [report]({storage.relative(audit['report'], output_dir)})",
                        "seconds": audit["elapsed_s"]})
 
-    def stage(name: str, fn, job_cfg) -> None:
-        summary = fn(job_cfg)
+    def stage(name: str, fn, **inputs: Any) -> None:
+        summary = fn(cfg.stage_config(name, output_dir=output_dir, **inputs))
         stages.append({"stage": name, **summary, "curves": storage.relative(summary["curves"], output_dir)})
 
-    stage("train_top", train_top, TrainTopConfig(features_dir=manifest["output_dir"], **options["train_top"]))
+    stage("train_top", train_top, features_dir=manifest["output_dir"])
     if "finetune" not in cfg.skipped():
-        stage("finetune", finetune, FinetuneConfig(top_model=storage.join(output_dir, "top", MODEL_FILE),
-                                                   **options["finetune"]))
+        stage("finetune", finetune, top_model=storage.join(output_dir, "top", MODEL_FILE), data_dir=data_dir)
     if "scratch" not in cfg.skipped():
-        stage("train_scratch", train_scratch, ScratchConfig(**options["train_scratch"]))
+        stage("train_scratch", train_scratch, data_dir=data_dir)
     report = storage.join(output_dir, REPORT)
     write_report(report, stages, NOTE if synthetic else None, report_command(sys.argv[1:]))
     log.info(f"report: {report}")

@@ -370,17 +370,13 @@ def test_an_exclusion_file_that_is_not_text_is_refused_naming_it(tmp_path):
 
 def test_run_all_hands_exclude_to_every_stage_that_lists_photos_and_offers_the_audit(tmp_path):
     from pipeline import runall
-    from pipeline.config import FinetuneConfig, RunAllConfig, ScratchConfig
+    from pipeline.config import FinetuneConfig
     from pipeline.data import outputs
 
     (tmp_path / "x.txt").write_text("train/cats/cat.1.jpg\n")
-    cfg = RunAllConfig(data_dir=str(tmp_path), exclude=str(tmp_path / "x.txt"), audit=True, cache_block4=False)
-    options = runall.stage_options(cfg, str(tmp_path), str(tmp_path / "run"), synthetic=False)
-    assert [options[s].get("exclude") for s in ("extract_features", "finetune", "train_scratch", "audit_data")] == \
-        [cfg.exclude] * 3 + [None]
-    ExtractConfig(**options["extract_features"]), ScratchConfig(**options["train_scratch"])
-    FinetuneConfig(top_model=None, **options["finetune"])
-    AuditConfig(features_dir=str(tmp_path), **options["audit_data"])
+    cfg = runall.RunAllConfig(data_dir=str(tmp_path), exclude=str(tmp_path / "x.txt"), audit=True, cache_block4=False)
+    stages = ("extract_features", "finetune", "train_scratch", "audit_data")
+    assert [getattr(cfg.stage_config(s), "exclude") for s in stages] == [cfg.exclude] * 3 + [None]
     with pytest.raises(ConfigError, match="--exclude, add --no-cache-block4"):
         FinetuneConfig(exclude=cfg.exclude)
     (tmp_path / "run" / "audit").mkdir(parents=True)
@@ -394,14 +390,13 @@ def test_run_all_hands_exclude_to_every_stage_that_lists_photos_and_offers_the_a
 def test_a_cleaned_run_all_excludes_the_suspects_and_records_it(corpora, planted_audit, tmp_path):
     import hashlib
 
-    from pipeline.config import RunAllConfig
-    from pipeline.runall import run_all
+    from pipeline.runall import RunAllConfig, run_all
 
     suspects = os.path.join(planted_audit["output_dir"], "suspects.txt")
     out = tmp_path / "run"
     report_md = run_all(RunAllConfig(data_dir=planted_audit["data_dir"], output_dir=str(out), exclude=suspects,
-                                     audit=True, skip="finetune,scratch", top_epochs=1, image_size=32, weights="none",
-                                     precision="float32", batch_size=8))
+                                     audit=True, skip="finetune,scratch", top_epochs=1, extract_image_size=32, weights="none",
+                                     precision="float32", extract_batch_size=8, top_batch_size=8))
     listed = open(suspects).read().splitlines()
     manifest = __import__("json").load(open(out / "features" / "manifest.json"))
     assert manifest["excluded"] == {"file": suspects, "sha256": hashlib.sha256(open(suspects, "rb").read()).hexdigest(),

@@ -22,10 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline.config import ExtractConfig, FinetuneConfig, PredictConfig, RunAllConfig, ScratchConfig
+from pipeline.config import ExtractConfig, FinetuneConfig, PredictConfig, ScratchConfig
 from pipeline.errors import ConfigError
 from pipeline.images import decode
 from pipeline.images.decode import MAX_PIXELS, DecodeError, decode_image, load_image, max_file_bytes
+from pipeline.runall import RunAllConfig
 from tests.image_bombs import (
     GREY,
     GREY_ALPHA,

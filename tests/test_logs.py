@@ -15,12 +15,12 @@ from pipeline.config import (
     ExtractConfig,
     FinetuneConfig,
     PredictConfig,
-    RunAllConfig,
     ScratchConfig,
     TrainTopConfig,
-    build_parser,
 )
 from pipeline.data.reuse import job_settings
+from pipeline.options import build_parser
+from pipeline.runall import RunAllConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # TensorFlow's own load-time lines depend on the CPU and the build, so the script plants one

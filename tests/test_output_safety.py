@@ -23,10 +23,11 @@ from PIL import Image
 
 from jobs import extract_features, finetune, predict, run_all, train_scratch, train_top
 from pipeline.batch.extract import OUTPUT_LAYOUT
-from pipeline.config import RunAllConfig, ScratchConfig, TrainTopConfig
+from pipeline.config import ScratchConfig, TrainTopConfig
 from pipeline.data import ledger, outputs, storage
 from pipeline.errors import OutputError
 from pipeline.runall import run_all as run_all_job
+from pipeline.runall import RunAllConfig
 from pipeline.training.jobs import JOB_LAYOUT
 from pipeline.training.scratch import train_scratch as train_scratch_job
 from pipeline.training.top import train_top as train_top_job

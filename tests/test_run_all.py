@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from pipeline.batch.predict import run_prediction
-from pipeline.config import PredictConfig
+from pipeline.config import PredictConfig, TrainTopConfig
 from pipeline.data.synthetic import CLASSES, default_data_dir
-from pipeline.runall import SYNTHETIC_EPOCHS
+from pipeline.options import parse_config
+from pipeline.runall import SYNTHETIC_EPOCHS, RunAllConfig
 
 pytestmark = pytest.mark.timeout(900)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +71,12 @@ def test_run_all_on_the_builtin_data_then_predict_with_each_model(ray_cluster, t
         assert rows[stage][2] == f"{evaluation['accuracy']:.4f}" and rows[stage][4] == f"{evaluation['loss']:.4f}"
         assert rows[stage][3] == f"{float(metrics[-1]['val_accuracy']):.4f}"
         assert rows[stage][6] == str(len(metrics)) == str(SYNTHETIC_EPOCHS)
+    # The run's resolved settings, fed back with --config, are this run's: each stage's epochs explicit.
+    again = parse_config(RunAllConfig, ["--config", os.path.join(out, "config.yaml")], "")
+    assert (again.output_dir, again.max_images_per_class, again.epochs) == (out, 16, None)
+    assert (again.top_epochs, again.finetune_epochs, again.scratch_epochs) == (SYNTHETIC_EPOCHS,) * 3
+    top = parse_config(TrainTopConfig, ["--config", os.path.join(out, "top", "config.yaml")], "")
+    assert (top.epochs, top.output_dir) == (SYNTHETIC_EPOCHS, out)
     validation = os.path.join(default_data_dir(), "validation")
     for kind in ("top", "finetune", "scratch"):
         for name in ("model.keras", "metrics.csv", "evaluation.json", "curves.png"):

@@ -22,7 +22,8 @@ from tests.conftest import make_real_root
 
 pytestmark = pytest.mark.timeout(1800)
 PER_CLASS = 3
-SMALL_RUN = "--batch-size 2 --scratch-batch-size 2 --epochs 2 --image-size 64 --scratch-image-size 64"
+SMALL_RUN = ("--extract-batch-size 2 --top-batch-size 2 --finetune-batch-size 2 --scratch-batch-size 2 --epochs 2 "
+             "--extract-image-size 64 --scratch-image-size 64")
 
 
 def _files_under(root: str, skip: tuple[str, ...] = ()) -> set[str]:

@@ -22,7 +22,6 @@ import os
 import time
 from typing import Any, Iterator
 
-import numpy as np
 
 from pipeline.audit import duplicates, labels, leakage, neighbours, pooled, strays
 from pipeline.audit.findings import Findings, summary_counts
@@ -33,13 +32,14 @@ from pipeline.data import outputs, storage
 from pipeline.data.reuse import job_settings, require_same
 from pipeline.data.shards import data_name
 from pipeline.errors import DataError
+from pipeline.options import CONFIG_FILE, write_resolved
 
 log = logging.getLogger(__name__)
 
 SETTINGS = "settings.json"
 AUDIT_FILE = "audit.json"
 LAYOUT = outputs.Layout("an audit", markers=(SETTINGS, AUDIT_FILE), files=(
-    "report.html", "suspects.txt", "scores.parquet", "scores.csv", "pairs.parquet", "pairs.csv", "thumbs/*"))
+    CONFIG_FILE, "report.html", "suspects.txt", "scores.parquet", "scores.csv", "pairs.parquet", "pairs.csv", "thumbs/*"))
 # Neighbours searched per photo: near duplicates are found among them.
 NEIGHBOURS = 10
 DATA_OPTIONS = tuple(f.name for f in dataclasses.fields(DataOptions))
@@ -100,6 +100,7 @@ def audit_data(cfg: AuditConfig) -> dict[str, Any]:
     settings = job_settings(cfg, drop=DATA_OPTIONS + ("features_dir", "top_model"),
                             features=manifest["fingerprint"], top_model_sha256=top_sha)
     reused = _prepare(output_dir, settings, cfg.overwrite)
+    write_resolved(output_dir, "audit_data", cfg, output_dir=output_dir)
     if reused:
         return reused
     timings: dict[str, float] = {}

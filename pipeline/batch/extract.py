@@ -59,6 +59,7 @@ from pipeline.faults import maybe_fail
 from pipeline.nets import vgg16
 from pipeline.nets.precision import device_precision
 from pipeline.nets.weights import WeightsSource, load_weight_arrays, resolve_weights
+from pipeline.options import CONFIG_FILE, write_resolved
 from pipeline.versions import library_versions
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ SPLITS = list(REQUIRED_SPLITS + OPTIONAL_SPLITS)
 # What an extraction writes (see the module docstring): a data root's own train/ or validation/
 # photos are not part-*.parquet files, so an output aimed at a data root is refused.
 OUTPUT_LAYOUT = outputs.Layout("an extraction", markers=(storage.MANIFEST, ledger.RUN_FILE), files=(
-    *ledger.FILES, REJECTS_FILE, *(f"{s}/part-*" for s in SPLITS), *(f"{BLOCK4_DIR}/{s}/part-*" for s in SPLITS)))
+    *ledger.FILES, REJECTS_FILE, CONFIG_FILE, *(f"{s}/part-*" for s in SPLITS), *(f"{BLOCK4_DIR}/{s}/part-*" for s in SPLITS)))
 
 
 def _rows_of(values: np.ndarray | None, ok: np.ndarray, dim: int) -> np.ndarray:
@@ -207,6 +208,7 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
     inputs = index.fingerprint()
     with storage.output_lock(output_dir):
         previous, cache = _begin(output_dir, settings, cfg)
+        write_resolved(output_dir, "extract_features", cfg, output_dir=output_dir)
         if previous is not None and previous.get("inputs") == inputs:
             log.info(f"reusing finished extraction in {output_dir} (same settings and inputs; --overwrite redoes it)")
             return previous

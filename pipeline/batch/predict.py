@@ -49,6 +49,7 @@ from pipeline.faults import maybe_fail
 from pipeline.images.decode import MAX_PIXELS
 from pipeline.nets.modelfile import MODEL_FILE, load_classifier, metadata_in
 from pipeline.nets.precision import device_precision
+from pipeline.options import CONFIG_FILE, resolved, write_config
 from pipeline.redact import redact_values
 
 log = logging.getLogger(__name__)
@@ -205,7 +206,7 @@ def _true_labels(paths: list[str], classes: list[str]) -> np.ndarray | None:
 
 SUMMARY = "summary.json"
 OUTPUT_LAYOUT = outputs.Layout("a prediction", markers=(ledger.RUN_FILE, SUMMARY),
-                               files=(*ledger.FILES, REJECTS_FILE, f"{PARTS_DIR}/part-*"))
+                               files=(*ledger.FILES, REJECTS_FILE, CONFIG_FILE, f"{PARTS_DIR}/part-*"))
 
 
 def _output_targets(output: str) -> tuple[str, str, bool]:
@@ -229,7 +230,7 @@ def check_targets(output: str, overwrite: bool) -> None:
     work, final, single = _output_targets(output)
     outputs.check(work, OUTPUT_LAYOUT)
     summary = _side_file(final, ".summary.json")
-    written = [final, _side_file(final, ".rejects.parquet"), summary] if single else []
+    written = [final, _side_file(final, ".rejects.parquet"), _side_file(final, ".config.yaml"), summary] if single else []
     existing = [storage.basename(p) for p in written if storage.exists(p)]
     if existing:
         if not overwrite:
@@ -263,6 +264,8 @@ def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
             log.info(f"reusing finished predictions in {final} (same model and inputs; --overwrite redoes them)")
             return finished
         ledger.start(work, {"settings": settings}, marker=SUMMARY)
+        write_config(_side_file(final, ".config.yaml") if single else storage.join(work, CONFIG_FILE), "predict",
+                     resolved(cfg))
         live, update, done = ledger.refresh(
             work, files, [PARTS_DIR], "updating predictions" if finished else "resuming predictions",
             lambda todo, run_id: _predict(cfg, model, meta, todo, root, work, run_id))

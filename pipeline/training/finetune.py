@@ -20,6 +20,7 @@ from pipeline.data.shards import read_split
 from pipeline.errors import DataError, UserError
 from pipeline.nets import vgg16
 from pipeline.nets.modelfile import MODEL_FILE, load_classifier, read_metadata
+from pipeline.options import write_resolved
 from pipeline.training.batches import held_bytes
 from pipeline.training.checkpoints import load_checkpoint_weights
 from pipeline.training.jobs import (
@@ -65,6 +66,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                             top_model_sha256=hashlib.sha256(storage.read_bytes(top_path)).hexdigest(),
                             learning_rate=cfg.learning_rate or KINDS[job_folder(cfg)].learning_rate)
     job, reused = prepare("finetune", job_dir(output_dir, job_folder(cfg)), recorded, cfg.overwrite, started)
+    write_resolved(job.directory, "finetune", cfg, output_dir=output_dir)
     if reused:
         return reused
     top_model, _ = load_classifier(top_path)

@@ -36,6 +36,7 @@ from pipeline.data.reuse import require_same
 from pipeline.data.shards import REJECT_SCHEMA
 from pipeline.errors import DataError, UserError
 from pipeline.nets.modelfile import MODEL_FILE, SAVED_MODEL_DIR, export_saved_model, save_classifier
+from pipeline.options import CONFIG_FILE
 from pipeline.training import tracking
 from pipeline.training.checkpoints import load_checkpoint_weights, read_checkpoint_state
 from pipeline.training.fit import fit
@@ -48,7 +49,7 @@ SUMMARY = "summary.json"
 SETTINGS = "settings.json"
 # What a training job writes in its folder (the module docstring); settings.json comes first.
 JOB_LAYOUT = outputs.Layout("a training run", markers=(SETTINGS, SUMMARY), files=(
-    MODEL_FILE, f"{SAVED_MODEL_DIR}/*", "metrics.csv", "evaluation.json", "curves.png", "rejects.parquet",
+    CONFIG_FILE, MODEL_FILE, f"{SAVED_MODEL_DIR}/*", "metrics.csv", "evaluation.json", "curves.png", "rejects.parquet",
     tracking.RUN_FILE, "ray_train/*"))
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from pipeline.data.reuse import job_settings
 from pipeline.data.shards import data_name, features_as_array, read_split
 from pipeline.errors import DataError
 from pipeline.nets.weights import load_weight_arrays, resolve_weights
+from pipeline.options import write_resolved
 from pipeline.training.batches import held_bytes
 from pipeline.training.checkpoints import load_checkpoint_weights
 from pipeline.training.jobs import finish, job_dir, loop_settings, prepare, require_one_batch, run, split_rows
@@ -70,6 +71,7 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
                           job_settings(cfg, drop=("features_dir",), features=manifest["fingerprint"],
                                        learning_rate=cfg.learning_rate or KINDS["top"].learning_rate),
                           cfg.overwrite, started)
+    write_resolved(job.directory, "train_top", cfg, output_dir=output_dir)
     if reused:
         return reused
     # The weights the exported model will carry must be the ones the features came from:
