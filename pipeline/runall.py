@@ -22,7 +22,7 @@ from pipeline.config import (
     ScratchConfig,
     TrainTopConfig,
 )
-from pipeline.data import outputs, storage
+from pipeline.data import locks, outputs, storage
 from pipeline.data.shards import data_name
 from pipeline.data.synthetic import NOTE, default_data_dir, note_builtin_data
 from pipeline.nets.modelfile import MODEL_FILE
@@ -138,7 +138,7 @@ def run_all(cfg: RunAllConfig) -> str:
     if synthetic:
         note_builtin_data()
     output_dir = cfg.output_dir or os.path.join("outputs", data_name(data_dir))
-    with storage.output_lock(output_dir):
+    with locks.output_lock(output_dir):
         outputs.check(output_dir, LAYOUT)
         write_config(storage.join(output_dir, CONFIG_FILE), "run_all", resolved_options(cfg, output_dir))
         return _run_stages(cfg, data_dir, output_dir, synthetic)

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.audit import duplicates, findings, labels, leakage, report, strays
+from pipeline.audit import duplicates, labels, leakage, report, strays
 from pipeline.audit.doctor import audit_data
 from pipeline.audit.pooled import Corpus, normalise, pool
 from pipeline.batch.extract import run_extraction
@@ -38,7 +38,6 @@ STRAYS = ["train/cats", "train/dogs", "validation/dogs"]
 
 
 def _corpus(features: np.ndarray, splits: list[str], labels_: list[int]) -> Corpus:
-    n = len(features)
     return Corpus(paths=np.asarray([f"{s}/c{l}/p{i}.jpg" for i, (s, l) in enumerate(zip(splits, labels_))], dtype=object),
                   splits=np.asarray(splits, dtype=object), labels=np.asarray(labels_), classes=["a", "b"],
                   features=normalise(features), root="/nowhere", manifest={})

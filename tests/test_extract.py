@@ -17,7 +17,7 @@ import pytest
 from jobs.extract_features import main as extract_main
 from pipeline.batch.extract import run_extraction
 from pipeline.config import ExtractConfig
-from pipeline.data import storage
+from pipeline.data import locks, storage
 from pipeline.data.shards import features_as_array, read_split
 from pipeline.errors import ConfigError, DataError, OutputError, WeightsError
 from pipeline.images.decode import load_image
@@ -273,7 +273,7 @@ def test_a_folder_this_project_did_not_write_is_refused(ray_cluster, real_root, 
 
 def test_another_run_holding_the_output_is_refused(ray_cluster, real_root, tmp_path):
     out = str(tmp_path / "out")
-    with storage.output_lock(out):
+    with locks.output_lock(out):
         with pytest.raises(OutputError, match="being written by another run"):
             run_extraction(ExtractConfig(data_dir=real_root, output_dir=out, weights="none", precision="float32"))
 

@@ -24,7 +24,7 @@ from PIL import Image
 from jobs import extract_features, finetune, predict, run_all, train_scratch, train_top
 from pipeline.batch.extract import OUTPUT_LAYOUT
 from pipeline.config import ScratchConfig, TrainTopConfig
-from pipeline.data import ledger, outputs, storage
+from pipeline.data import ledger, locks, outputs, storage
 from pipeline.errors import OutputError
 from pipeline.runall import run_all as run_all_job
 from pipeline.runall import RunAllConfig
@@ -257,18 +257,18 @@ def test_a_training_job_refuses_an_output_another_run_holds(tmp_path):
     storage.write_json(str(features / "manifest.json"), {"fingerprint": "f", "data_dir": str(tmp_path)})
     out = str(tmp_path / "out")
     cfg = TrainTopConfig(features_dir=str(features), output_dir=out)
-    with storage.output_lock(os.path.join(out, "top")):
+    with locks.output_lock(os.path.join(out, "top")):
         with pytest.raises(OutputError, match="is being written by another run"):
             train_top_job(cfg)
     root = user_folder(tmp_path / "photos")
-    with storage.output_lock(os.path.join(out, "scratch")):
+    with locks.output_lock(os.path.join(out, "scratch")):
         with pytest.raises(OutputError, match="is being written by another run"):
             train_scratch_job(ScratchConfig(data_dir=root, output_dir=out))
     assert not os.path.exists(os.path.join(out, "top", "settings.json"))
 
 
 # A concurrent run: another process holds the output's lock until its stdin closes.
-HOLD_LOCK = ("import sys\nfrom pipeline.data import storage\nwith storage.output_lock(sys.argv[1]):\n"
+HOLD_LOCK = ("import sys\nfrom pipeline.data import locks\nwith locks.output_lock(sys.argv[1]):\n"
              "    print('held', flush=True)\n    sys.stdin.read()\n")
 
 
@@ -297,14 +297,14 @@ def test_the_lock_is_released_when_a_training_job_ends(tmp_path):
     storage.write_json(str(features / "manifest.json"), {"fingerprint": "f", "data_dir": str(tmp_path)})
     with pytest.raises(OutputError, match="notes.txt"):
         train_top_job(TrainTopConfig(features_dir=str(features), output_dir=out))
-    with storage.output_lock(os.path.join(out, "top")):  # free again: no "being written by another run"
+    with locks.output_lock(os.path.join(out, "top")):  # free again: no "being written by another run"
         pass
 
 
 def test_a_second_run_all_into_a_held_output_is_refused(tmp_path):
     out = str(tmp_path / "run")
     cfg = RunAllConfig(data_dir=user_folder(tmp_path / "photos"), output_dir=out)
-    with storage.output_lock(out):
+    with locks.output_lock(out):
         with pytest.raises(OutputError, match="is being written by another run"):
             run_all_job(cfg)
     assert not os.path.exists(out)

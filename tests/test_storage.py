@@ -11,7 +11,7 @@ import time
 import pytest
 
 from pipeline.config import ExtractConfig, PredictConfig
-from pipeline.data import storage
+from pipeline.data import locks, storage
 from pipeline.data.discover import discover
 from pipeline.errors import ConfigError, DataError, OutputError
 from pipeline.nets.precision import precision_for
@@ -124,21 +124,21 @@ def test_tracking_logs_result_files_on_s3_under_their_own_names(s3):
 
 
 def test_a_live_lease_refuses_a_second_run_and_a_lapsed_one_is_taken_over(s3, monkeypatch):
-    with storage.output_lock("s3://data/runs/1"):
+    with locks.output_lock("s3://data/runs/1"):
         holder = storage.read_json("s3://data/runs/1.lock")
         with pytest.raises(OutputError, match="being written by another run .* last heartbeat"):
-            with storage.output_lock("s3://data/runs/1"):
+            with locks.output_lock("s3://data/runs/1"):
                 pass
     assert not storage.exists("s3://data/runs/1.lock"), "released at the end"
     # A run that died leaves its lock; once its heartbeat is older than the lease, it is stale.
-    storage.write_json("s3://data/runs/1.lock", {**holder, "heartbeat": time.time() - storage.LOCK_LEASE_S - 1})
-    with storage.output_lock("s3://data/runs/1"):
+    storage.write_json("s3://data/runs/1.lock", {**holder, "heartbeat": time.time() - locks.LOCK_LEASE_S - 1})
+    with locks.output_lock("s3://data/runs/1"):
         assert storage.read_json("s3://data/runs/1.lock")["owner"] != holder["owner"]
 
 
 def test_a_lease_is_renewed_while_its_run_lasts(s3, monkeypatch):
-    monkeypatch.setattr(storage, "LOCK_HEARTBEAT_S", 0.2)
-    with storage.output_lock("s3://data/runs/2"):
+    monkeypatch.setattr(locks, "LOCK_HEARTBEAT_S", 0.2)
+    with locks.output_lock("s3://data/runs/2"):
         first = storage.read_json("s3://data/runs/2.lock")["heartbeat"]
         # Polled, not slept: a busy machine may take longer than a few heartbeats to renew.
         deadline = time.monotonic() + 60
@@ -173,22 +173,21 @@ def test_a_local_lock_held_by_a_live_run_refuses_and_a_killed_runs_lock_is_taken
     import subprocess
     import sys
 
-    from pipeline.data import storage
     from pipeline.errors import OutputError
 
     out = str(tmp_path / "out")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pipeline.data import storage\n"
-                               "held = storage.output_lock(sys.argv[1])\nheld.__enter__()\nprint('held', flush=True)\ntime.sleep(120)",
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pipeline.data import locks\n"
+                               "held = locks.output_lock(sys.argv[1])\nheld.__enter__()\nprint('held', flush=True)\ntime.sleep(120)",
                                out], stdout=subprocess.PIPE, text=True,
                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(OutputError, match="being written by another run"):
-            with storage.output_lock(out):
+            with locks.output_lock(out):
                 pass
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
     assert os.path.exists(out + ".lock"), "the killed run's lock file stays on disk"
-    with storage.output_lock(out):
+    with locks.output_lock(out):
         pass

@@ -50,7 +50,7 @@ from pipeline.batch.inference import (
     write_args,
 )
 from pipeline.config import ExtractConfig
-from pipeline.data import ledger, outputs, storage
+from pipeline.data import ledger, locks, outputs, storage
 from pipeline.data.discover import IMAGE_EXTENSIONS, OPTIONAL_SPLITS, REQUIRED_SPLITS, DatasetIndex, discover
 from pipeline.data.reuse import fingerprint, job_settings
 from pipeline.data.shards import BLOCK4_DIR, FLIPPED_SPLIT, REJECT_SCHEMA, REJECTS_FILE, data_name, feature_schema
@@ -206,7 +206,7 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
     weights = resolve_weights(cfg.weights, cfg.preprocessing)
     settings = extraction_settings(cfg, weights)
     inputs = index.fingerprint()
-    with storage.output_lock(output_dir):
+    with locks.output_lock(output_dir):
         previous, cache = _begin(output_dir, settings, cfg)
         write_resolved(output_dir, "extract_features", cfg, output_dir=output_dir)
         if previous is not None and previous.get("inputs") == inputs:

@@ -34,7 +34,7 @@ from pipeline.batch.inference import (
     write_args,
 )
 from pipeline.config import OUTPUT_FILE_SUFFIXES, PredictConfig
-from pipeline.data import ledger, outputs, storage
+from pipeline.data import ledger, locks, outputs, storage
 from pipeline.data.discover import (
     UNLABELED_SCHEMA,
     check_root,
@@ -257,7 +257,7 @@ def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
                               "precision": cfg.precision, "max_pixels": cfg.max_pixels})
     inputs = fingerprint_files(files)
     work, final, single = _output_targets(cfg.output)
-    with storage.output_lock(final):
+    with locks.output_lock(final):
         check_targets(cfg.output, cfg.overwrite)
         record, finished = ledger.open_output(work, OUTPUT_LAYOUT, settings, cfg.overwrite, marker=SUMMARY)
         if finished is not None and finished.get("inputs") == inputs:

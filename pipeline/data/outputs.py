@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, TypeVar
 from pyarrow import fs as pafs
 
 from pipeline import names
-from pipeline.data import storage
+from pipeline.data import locks, storage
 from pipeline.errors import OutputError
 
 # storage writes a file as ``<name>.tmp-<pid>[-<thread>]`` and renames it; a killed run leaves it.
@@ -197,6 +197,6 @@ def holding_locks(job: J) -> J:
 
 
 def hold_lock(uri: str) -> None:
-    """Take ``storage.output_lock(uri)`` for the rest of the running ``holding_locks`` job (OutputError
+    """Take ``locks.output_lock(uri)`` for the rest of the running ``holding_locks`` job (OutputError
     when another run holds it): jobs that learn their output folder midway need no re-indented body."""
-    _HELD.get().enter_context(storage.output_lock(uri))
+    _HELD.get().enter_context(locks.output_lock(uri))
