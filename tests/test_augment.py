@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 
-from pipeline.images.augment import Augmentation, augment_batch, random_transforms, shift_maps
+from pipeline.images.augment import Augmentation, GlobalRows, augment_batch, random_transforms, shift_maps
 from tests.images import half_split_image
 
 
@@ -106,3 +107,22 @@ def test_cached_finetuning_batches_mirror_and_shift_the_block4_maps():
         assert matches, "each row is its map or its mirror's, moved by at most one cell (0.25 of 64 px)"
         moved += 4 not in matches and 13 not in matches
     assert moved >= 2
+
+
+def test_a_workers_draws_are_its_rows_of_the_global_batchs_draws():
+    """Augmentation follows an example's place in the global batch: one worker drawing all 8 rows
+    and 2 or 4 workers drawing their 4 or 2 rows each give every row the same transform."""
+    aug = Augmentation(rotation=20.0, shift=0.1)
+
+    def draws(start: int, rows: int) -> np.ndarray:
+        return random_transforms(GlobalRows(np.random.default_rng([5, 1, 3]), start, 8), rows, 32, aug)
+
+    whole = draws(0, 8)
+    for workers in (2, 4):
+        rows = 8 // workers
+        np.testing.assert_array_equal(np.concatenate([draws(r * rows, rows) for r in range(workers)]), whole)
+    assert not np.array_equal(draws(0, 4), draws(4, 4))
+    moves = GlobalRows(np.random.default_rng(0), 6, 8).integers(-1, 2, size=(2, 2))
+    np.testing.assert_array_equal(moves, np.random.default_rng(0).integers(-1, 2, size=(8, 2))[6:])
+    with pytest.raises(ValueError, match="outside a global batch of 8"):
+        GlobalRows(np.random.default_rng(0), 6, 8).random(4)

@@ -19,6 +19,10 @@ from pipeline.runall import SYNTHETIC_EPOCHS, RunAllConfig
 
 pytestmark = pytest.mark.timeout(900)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Validation accuracy every model reaches on the built-in data (32 photos: 24 right). Measured on
+# this machine: 1.0, 1.0 and 0.875 for the top MLP, fine-tuning and the small CNN; the earlier
+# circles against squares left the small CNN at 0.53.
+LEARNT = 0.75
 
 # Loads a model file with plain Keras and its SavedModel with plain TensorFlow, in a process that
 # cannot import this project, on two photos decoded with Pillow alone.
@@ -48,11 +52,11 @@ np.savez(out, images=images, keras=model.predict(images.astype(np.float32), verb
 
 
 def test_run_all_on_the_builtin_data_then_predict_with_each_model(ray_cluster, tmp_path):
-    """The main job as a user starts it (its own process, default settings on a subset of the
-    built-in data so it fits a test), attached to the session's cluster: what it prints, what it
-    writes, and what its models predict."""
+    """The main job as a user starts it (``make run``: its own process, default settings, the
+    built-in data), attached to the session's cluster: what it prints, what it writes, that every
+    model learnt, and what its models predict."""
     out = str(tmp_path / "run")
-    proc = subprocess.run([sys.executable, "-m", "jobs.run_all", "--output-dir", out, "--max-images-per-class", "16"],
+    proc = subprocess.run([sys.executable, "-m", "jobs.run_all", "--output-dir", out],
                           cwd=REPO, capture_output=True, text=True, timeout=840,
                           env={**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -71,9 +75,11 @@ def test_run_all_on_the_builtin_data_then_predict_with_each_model(ray_cluster, t
         assert rows[stage][2] == f"{evaluation['accuracy']:.4f}" and rows[stage][4] == f"{evaluation['loss']:.4f}"
         assert rows[stage][3] == f"{float(metrics[-1]['val_accuracy']):.4f}"
         assert rows[stage][6] == str(len(metrics)) == str(SYNTHETIC_EPOCHS)
+        # The demo shows what it claims: every model learns the built-in data in its few epochs.
+        assert evaluation["accuracy"] >= LEARNT, (stage, evaluation["accuracy"])
     # The run's resolved settings, fed back with --config, are this run's: each stage's epochs explicit.
     again = parse_config(RunAllConfig, ["--config", os.path.join(out, "config.yaml")], "")
-    assert (again.output_dir, again.max_images_per_class, again.epochs) == (out, 16, None)
+    assert (again.output_dir, again.data_dir, again.epochs) == (out, None, None)
     assert (again.top_epochs, again.finetune_epochs, again.scratch_epochs) == (SYNTHETIC_EPOCHS,) * 3
     top = parse_config(TrainTopConfig, ["--config", os.path.join(out, "top", "config.yaml")], "")
     assert (top.epochs, top.output_dir) == (SYNTHETIC_EPOCHS, out)

@@ -1,7 +1,9 @@
-"""The built-in default data set: two classes of drawn shapes, generated deterministically.
+"""The built-in default data set: two classes of drawn stripes, generated deterministically.
 
-It needs nothing downloaded and proves that an installation works end to end; its
-accuracy says nothing about real photos.
+It needs nothing downloaded and proves that an installation works end to end: every model learns
+it within the few epochs ``run_all`` gives it (horizontal against vertical stripes, in random
+colours, widths and phases, with noise: a first convolution tells them apart, where the earlier
+circles against squares left the small CNN at chance). Its accuracy says nothing about real photos.
 """
 
 from __future__ import annotations
@@ -13,14 +15,14 @@ import shutil
 import tempfile
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from pipeline.data.storage import cache_dir
 
-CLASSES = ("circles", "squares")
+CLASSES = ("horizontal", "vertical")
 COUNTS = {"train": 48, "validation": 16}
-VERSION = "v1"
-NOTE = ("built-in synthetic data set (drawn circles vs squares): it proves the installation works, "
+VERSION = "v2"
+NOTE = ("built-in synthetic data set (drawn horizontal vs vertical stripes): it proves the installation works, "
         "not the accuracy of the method; pass --data-dir for real images")
 
 
@@ -30,23 +32,23 @@ def note_builtin_data() -> None:
     logging.getLogger(__name__).info("note: %s", NOTE)
 
 
-def _draw(rng: np.random.Generator, shape: str) -> Image.Image:
-    w, h = (int(v) for v in rng.integers(96, 220, size=2))
-    background = tuple(int(v) for v in rng.integers(0, 256, size=3))
-    noise = rng.normal(0, 18, size=(h, w, 3))
-    pixels = np.clip(np.array(background, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
-    im = Image.fromarray(pixels, "RGB")
-    draw = ImageDraw.Draw(im)
-    for _ in range(int(rng.integers(1, 4))):
-        size = int(rng.integers(min(w, h) // 5, min(w, h) // 2))
-        x = int(rng.integers(0, w - size))
-        y = int(rng.integers(0, h - size))
-        fill = tuple(int(v) for v in rng.integers(0, 256, size=3))
-        if shape == "circles":
-            draw.ellipse([x, y, x + size, y + size], fill=fill)
-        else:
-            draw.rectangle([x, y, x + size, y + size], fill=fill)
-    return im
+def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two random colours far enough apart for the stripes to show."""
+    while True:
+        a, b = rng.integers(0, 256, size=(2, 3)).astype(np.float64)
+        if np.abs(a - b).sum() >= 150:
+            return a, b
+
+
+def _draw(rng: np.random.Generator, orientation: str) -> Image.Image:
+    w, h = (int(v) for v in rng.integers(96, 161, size=2))
+    a, b = _colours(rng)
+    period = int(rng.integers(8, 24))
+    phase = int(rng.integers(0, period))
+    across = np.arange(h)[:, None] if orientation == "horizontal" else np.arange(w)[None, :]
+    on = np.broadcast_to((across + phase) % period < period // 2, (h, w))
+    pixels = np.where(on[..., None], a, b) + rng.normal(0, 12, size=(h, w, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
 def _root() -> str:
@@ -67,11 +69,11 @@ def default_data_dir() -> str:
     tmp = tempfile.mkdtemp(dir=parent, prefix=".synthetic-")
     rng = np.random.default_rng(20240601)
     for split, count in COUNTS.items():
-        for shape in CLASSES:
-            folder = os.path.join(tmp, split, shape)
+        for orientation in CLASSES:
+            folder = os.path.join(tmp, split, orientation)
             os.makedirs(folder)
             for i in range(count):
-                _draw(rng, shape).save(os.path.join(folder, f"{shape[:-1]}.{i}.jpg"), quality=90)
+                _draw(rng, orientation).save(os.path.join(folder, f"{orientation}.{i}.jpg"), quality=90)
     try:
         os.rename(tmp, root)
     except OSError:

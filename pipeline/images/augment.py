@@ -2,8 +2,10 @@
 optionally with random rotation and shifts (Keras' ``ImageDataGenerator`` ``rotation_range``,
 ``width_shift_range``/``height_shift_range``).
 
-Random parameters come from a numpy generator seeded by (seed, epoch, worker rank,
-step), so a run is reproducible from ``--seed`` and every epoch sees new variants.
+Random parameters come from a numpy generator seeded by (seed, epoch, step) and are drawn for
+the whole global batch, each worker keeping its own rows (``GlobalRows``): an example's variant
+follows its place in the global batch, so a run is reproducible from ``--seed``, every epoch sees
+new variants, and 1, 2 or 4 workers augment every example alike.
 The warp itself is one batched TensorFlow projective transform with nearest-edge
 fill, as Keras' ``ImageDataGenerator`` does (``fill_mode="nearest"``).
 
@@ -11,7 +13,8 @@ Keras' ``RandomFlip``/``RandomZoom``/``RandomShear`` layers would do the warps, 
 their parameters inside the model from a per-layer seed generator whose state moves with
 every call on every replica: which variant an image gets would depend on how many workers
 ran and on where a resumed run restarted, and would not be recoverable from ``--seed``.
-Here every draw is a function of (seed, epoch, rank, step) (``tests/test_augment.py``).
+Here every draw is a function of (seed, epoch, step, position in the global batch)
+(``tests/test_augment.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,32 @@ class Augmentation:
     horizontal_flip: bool = True
     rotation: float = 0.0
     shift: float = 0.0
+
+
+class GlobalRows:
+    """A generator's draws for a global batch of ``total`` rows of which this worker holds rows
+    ``start`` to ``start + n``: each draw is made for all ``total`` rows (``size``'s first axis is
+    this worker's ``n``) and this worker's rows are returned, so which draw an example gets depends
+    on its position in the global batch, not on how many workers share it. Parameters are cheap to
+    draw for every row; only this worker's images are warped."""
+
+    def __init__(self, rng: np.random.Generator, start: int, total: int):
+        self.rng, self.start, self.total = rng, start, total
+
+    def _rows(self, draw, size, **kw) -> np.ndarray:
+        n, *rest = size if isinstance(size, tuple) else (size,)
+        if self.start + n > self.total:
+            raise ValueError(f"rows {self.start}..{self.start + n} are outside a global batch of {self.total}")
+        return draw(size=(self.total, *rest), **kw)[self.start:self.start + n]
+
+    def uniform(self, low: float = 0.0, high: float = 1.0, size=None) -> np.ndarray:
+        return self._rows(self.rng.uniform, size, low=low, high=high)
+
+    def random(self, size=None) -> np.ndarray:
+        return self._rows(self.rng.random, size)
+
+    def integers(self, low: int, high: int | None = None, size=None) -> np.ndarray:
+        return self._rows(self.rng.integers, size, low=low, high=high)
 
 
 def random_transforms(rng: np.random.Generator, n: int, size: int, aug: Augmentation) -> np.ndarray:

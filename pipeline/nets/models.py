@@ -7,7 +7,7 @@ carries its own preprocessing, and plain Keras loads it without this project.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import keras
 import numpy as np
@@ -79,7 +79,7 @@ def _vgg16_with_weights(image_size: int, weight_arrays: Sequence[np.ndarray] | N
 
 
 def block5_classifier(block4_shape: Sequence[int], num_classes: int, precision: str = "float32",
-                      dropout: float = 0.5) -> keras.Model:
+                      dropout: float = 0.5, dropout_layer: Callable = keras.layers.Dropout) -> keras.Model:
     """Block-4 outputs → VGG16's block 5 → the top MLP: what fine-tuning on cached block-4 outputs trains.
 
     The block-5 layers carry VGG16's names, so their weights move to and from a full
@@ -92,7 +92,7 @@ def block5_classifier(block4_shape: Sequence[int], num_classes: int, precision: 
             x = keras.layers.Conv2D(512, (3, 3), activation="relu", padding="same", name=name)(x)
         x = keras.layers.MaxPooling2D((2, 2), strides=(2, 2), name="block5_pool")(x)
         block5 = keras.Model(inputs, x, name="vgg16_block5")
-        top = top_classifier(block5.output_shape[1:], num_classes, precision, dropout=dropout)
+        top = top_classifier(block5.output_shape[1:], num_classes, precision, dropout, dropout_layer)
         return keras.Model(inputs, top(block5(inputs)), name="vgg16_block5_top")
 
 
@@ -132,17 +132,20 @@ def _head(x, num_classes: int):
 
 
 def top_classifier(input_shape: Sequence[int], num_classes: int, precision: str = "float32",
-                   dropout: float = 0.5) -> keras.Model:
-    """The reference article's top: Flatten → Dense(256, relu) → Dropout(0.5) → class head."""
+                   dropout: float = 0.5, dropout_layer: Callable = keras.layers.Dropout) -> keras.Model:
+    """The reference article's top: Flatten → Dense(256, relu) → Dropout(0.5) → class head.
+    ``dropout_layer``: the training workers' ``GlobalDropout`` (no weights: a model built with
+    either takes the other's weights)."""
     with dtype_policy(precision):
         inputs = keras.Input(tuple(input_shape), name="features")
         x = keras.layers.Flatten(name="flatten")(inputs)
         x = keras.layers.Dense(256, activation="relu", name="fc1")(x)
-        x = keras.layers.Dropout(dropout, name="dropout")(x)
+        x = dropout_layer(dropout, name="dropout")(x)
         return keras.Model(inputs, _head(x, num_classes), name="top")
 
 
-def scratch_cnn(image_size: int, num_classes: int, precision: str = "float32", dropout: float = 0.5) -> keras.Model:
+def scratch_cnn(image_size: int, num_classes: int, precision: str = "float32", dropout: float = 0.5,
+                dropout_layer: Callable = keras.layers.Dropout) -> keras.Model:
     """The reference article's small CNN: Conv 32-32-64 with ReLU and max-pooling, Dense 64, Dropout 0.5."""
     with dtype_policy(precision):
         inputs = keras.Input((image_size, image_size, 3), name="image")
@@ -152,7 +155,7 @@ def scratch_cnn(image_size: int, num_classes: int, precision: str = "float32", d
             x = keras.layers.MaxPooling2D(2, name=f"pool{i}")(x)
         x = keras.layers.Flatten(name="flatten")(x)
         x = keras.layers.Dense(64, activation="relu", name="fc1")(x)
-        x = keras.layers.Dropout(dropout, name="dropout")(x)
+        x = dropout_layer(dropout, name="dropout")(x)
         return keras.Model(inputs, _head(x, num_classes), name="scratch_cnn")
 
 

@@ -1,10 +1,11 @@
 """A training worker's batches: held in memory or streamed from its shard, and the rule that
 chooses (``held_bytes``, on the driver).
 
-Columnar data (features, the block-4 cache) small enough to hold is read whole by every worker
-once, sorted by path, and each epoch's global batches are drawn from it in one seeded order, every
-worker taking its slice. Larger data, and images, stream from each worker's shard of the Ray
-Data pipeline every epoch.
+Data small enough to hold (features, the block-4 cache, decoded images) is read whole by every
+worker once, sorted by path, and each epoch's global batches are drawn from it in one seeded
+order, every worker taking its slice: any worker count trains on the same global batches. Larger
+data streams from each worker's shard of the Ray Data pipeline every epoch (a worker's shard and
+local shuffle depend on the worker count).
 """
 
 from __future__ import annotations
@@ -22,13 +23,10 @@ from pipeline.training.settings import LoopSettings
 
 # A training worker's memory: a fixed part before it reads any data (TensorFlow, Ray, the model
 # and its optimizer), and at its peak at most this many bytes per byte of the data it holds (its
-# own copy, Ray's blocks it read from, the batches in flight). First estimates, not measurements:
-# from run_all on the 2800-photo sample before a held split was loaded as one copy (two cached
-# fine-tuning workers at 5.5 and 6.2 GB RSS for 1.9 GB of block-4 maps each: about 2 GiB + 2x).
-# Every job's summary reports base, peak and held bytes per worker; bench/train_memory.py
-# measures the three jobs against these figures.
-WORKER_BASE_BYTES = 2 * 2**30
-HELD_BYTES_FACTOR = 2.0
+# own copy, Ray's blocks it read from, the batches in flight). Measured by bench/train_memory.py
+# (bench/results/train_memory.json: the three jobs at their defaults on the shared sample).
+WORKER_BASE_BYTES = int(1.25 * 2**30)
+HELD_BYTES_FACTOR = 2.5
 # The share of the memory Ray may hand out (cluster-wide) that training workers holding their
 # data may take together; the rest is for everything else that runs beside them.
 HOLD_SHARE = 0.5

@@ -38,6 +38,7 @@ from pipeline.errors import DataError, UserError
 from pipeline.nets.modelfile import MODEL_FILE, SAVED_MODEL_DIR, export_saved_model, save_classifier
 from pipeline.options import CONFIG_FILE
 from pipeline.training import tracking
+from pipeline.training.batches import held_bytes
 from pipeline.training.checkpoints import load_checkpoint_weights, read_checkpoint_state
 from pipeline.training.fit import fit
 from pipeline.training.kinds import KINDS, kind_of
@@ -239,8 +240,10 @@ def _good_rows(index: DatasetIndex, image_size: int, cfg: ImageTrainConfig, dire
     return {split: good.filter(pc.equal(good.column("split"), split)).sort_by("relpath") for split in index.split_names}
 
 
-def _image_datasets(files: dict[str, pa.Table], root: str, image_size: int, cfg: ImageTrainConfig) -> dict[str, Any]:
-    """Decoded-image datasets; the training files in a seeded random order.
+def _image_datasets(files: dict[str, pa.Table], root: str, image_size: int, cfg: ImageTrainConfig,
+                    held: bool) -> dict[str, Any]:
+    """Decoded-image datasets; the training files in a seeded random order. ``held``: with their
+    paths, by which each worker sorts the rows it holds.
 
     Files are listed class by class; streamed in that order, even a local shuffle buffer
     yields batches of one class, and a small CNN trained on them collapses to a constant.
@@ -249,7 +252,8 @@ def _image_datasets(files: dict[str, pa.Table], root: str, image_size: int, cfg:
     order = {"train": np.random.default_rng(cfg.seed).permutation(len(files["train"])), "validation": None}
     return {split: decoded_images(files[split], root, image_size, plan.decode_cpus, order=order[split],
                                   max_pixels=cfg.max_pixels)
-            .select_columns(["image", "label"]) for split in ("train", "validation")}
+            .select_columns(["path", "image", "label"] if held else ["image", "label"])
+            for split in ("train", "validation")}
 
 
 def _evaluate_model_file(path: str, files: pa.Table, root: str, classes: list[str], image_size: int,
@@ -272,9 +276,13 @@ def image_job(job: Job, cfg: ImageTrainConfig, index: DatasetIndex, image_size: 
     ``base_weights`` and ``top_weights``."""
     files = _good_rows(index, image_size, cfg, job.directory)
     require_one_batch(len(files["train"]), cfg.batch_size)
-    datasets = _image_datasets(files, index.root, image_size, cfg)
+    # Decoded images that fit are held (decoded once, not every epoch), and then any worker
+    # count trains the same weights (``batches._held_batches``).
+    held = held_bytes((len(files["train"]) + len(files["validation"])) * image_size ** 2 * 3, cfg.num_workers)
+    datasets = _image_datasets(files, index.root, image_size, cfg, held > 0)
     settings = loop_settings(job.kind, cfg, len(index.classes), len(files["train"]), image_size=image_size,
-                             augment=True, rotation=rotation, shift=cfg.shift,
+                             augment=True, rotation=rotation, shift=cfg.shift, hold_in_memory=held > 0,
+                             held_bytes=held,
                              preprocessing=metadata.get("preprocessing", "unit"), base_weights=base_weights,
                              top_weights=top_weights)
 

@@ -64,14 +64,16 @@ def _images(batch: dict[str, Any], s: LoopSettings, rng: np.random.Generator | N
 
 def _top_mlp(s: LoopSettings, base_weights, top_weights):
     from pipeline.nets import models  # Keras: only workers build (module docstring)
+    from pipeline.training.dropout import GlobalDropout
 
-    return models.top_classifier(s.feature_shape, s.num_classes, s.precision, dropout=s.dropout)
+    return models.top_classifier(s.feature_shape, s.num_classes, s.precision, s.dropout, GlobalDropout)
 
 
 def _block5_and_top(s: LoopSettings, base_weights, top_weights):
     from pipeline.nets import models  # Keras: only workers build (module docstring)
+    from pipeline.training.dropout import GlobalDropout
 
-    model = models.block5_classifier(s.block4_shape, s.num_classes, s.precision, dropout=s.dropout)
+    model = models.block5_classifier(s.block4_shape, s.num_classes, s.precision, s.dropout, GlobalDropout)
     if base_weights is not None:
         model.get_layer("vgg16_block5").set_weights(base_weights)
     if top_weights is not None:
@@ -81,10 +83,11 @@ def _block5_and_top(s: LoopSettings, base_weights, top_weights):
 
 def _vgg16_and_top(s: LoopSettings, base_weights, top_weights):
     from pipeline.nets import models  # Keras: only workers build (module docstring)
+    from pipeline.training.dropout import GlobalDropout
 
     features = models.feature_extractor(s.image_size, base_weights, s.preprocessing, s.precision)
     models.freeze_below_block5(features)
-    top = models.top_classifier(features.output_shape[1:], s.num_classes, s.precision, dropout=s.dropout)
+    top = models.top_classifier(features.output_shape[1:], s.num_classes, s.precision, s.dropout, GlobalDropout)
     if top_weights is not None:
         top.set_weights(top_weights)
     return models.image_classifier(features, top, name="vgg16_finetuned")
@@ -92,8 +95,9 @@ def _vgg16_and_top(s: LoopSettings, base_weights, top_weights):
 
 def _small_cnn(s: LoopSettings, base_weights, top_weights):
     from pipeline.nets import models  # Keras: only workers build (module docstring)
+    from pipeline.training.dropout import GlobalDropout
 
-    return models.scratch_cnn(s.image_size, s.num_classes, s.precision, dropout=s.dropout)
+    return models.scratch_cnn(s.image_size, s.num_classes, s.precision, s.dropout, GlobalDropout)
 
 
 @dataclass(frozen=True)

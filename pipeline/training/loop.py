@@ -25,7 +25,7 @@ import resource
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import keras
 import numpy as np
@@ -36,10 +36,12 @@ import tensorflow as tf
 from pipeline import logs
 from pipeline.batch.cluster import configure_tensorflow_devices
 from pipeline.faults import maybe_fail, trace
+from pipeline.images.augment import GlobalRows
 from pipeline.nets.precision import device_precision
 from pipeline.training import tracking
 from pipeline.training.batches import batch_inputs, epoch_batches
 from pipeline.training.checkpoints import averaged_weights, restore_checkpoint, save_checkpoint
+from pipeline.training.dropout import place
 from pipeline.training.kinds import kind_of
 from pipeline.training.settings import LoopSettings
 
@@ -144,17 +146,17 @@ class DistributedSteps:
 
 
 def run_epoch(steps: DistributedSteps, step_fn, batches: Iterator[dict], world: int,
-              augment_seed: list[int] | None, fault_site: str | None = None) -> Totals:
+              draws: Callable[[int], GlobalRows] | None, fault_site: str | None = None) -> Totals:
     """Run ``step_fn`` over ``batches`` while every worker still has one; the epoch's totals.
-    After each step, ``maybe_fail(fault_site)`` (tests: ``pipeline.faults``)."""
+    ``draws(step)``: the augmentation's random draws of a step (None: no augmentation). After
+    each step, ``maybe_fail(fault_site)`` (tests: ``pipeline.faults``)."""
     totals = Totals()
     batch = next(batches, None)
     everyone_has_batch = int(steps.count(tf.constant(0 if batch is None else 1))) == world
     step = 0
     while everyone_has_batch:
         upcoming = next(batches, None)
-        rng = np.random.default_rng(augment_seed + [step]) if augment_seed is not None else None
-        x, y = batch_inputs(batch, steps.s, rng)
+        x, y = batch_inputs(batch, steps.s, draws(step) if draws is not None else None)
         reduced = step_fn(tf.convert_to_tensor(x), tf.convert_to_tensor(y),
                           tf.constant(0.0 if upcoming is None else 1.0)).numpy()
         stats = dict(zip(STATS, (float(v) for v in reduced)))
@@ -198,6 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _share_cores(ctx.get_local_world_size())
     keras.utils.set_random_seed(s.seed)  # identical initial weights on every worker
     steps = DistributedSteps(s, _get(s.base_weights), _get(s.top_weights))
+    place(steps.model, rank, world)  # dropout masks by global position (``dropout``)
     state = {"epoch": 0, "history": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -213,7 +216,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         started = time.time()
         shuffle_seed = (s.seed * 1_000_003 + epoch * 7919) % 2**31 if s.shuffle else None
         train = run_epoch(steps, steps.train, epoch_batches("train", s, per_worker, True, shuffle_seed, held), world,
-                          [s.seed, epoch, rank] if s.augment else None, fault_site=f"train_epoch{epoch + 1}_rank{rank}")
+                          _draws(s, epoch, rank * per_worker) if s.augment else None,
+                          fault_site=f"train_epoch{epoch + 1}_rank{rank}")
         with averaged_weights(steps.model, steps.optimizer) as trained:
             val = run_epoch(steps, steps.evaluate, epoch_batches("validation", s, per_worker, False, None, held),
                             world, None)
@@ -228,6 +232,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             logs.log.info("%s epoch %d/%d: loss %.4f, accuracy %.4f, val_loss %.4f, val_accuracy %.4f, %.1fs",
                           s.kind, row["epoch"], s.epochs, row["loss"], row["accuracy"], row["val_loss"],
                           row["val_accuracy"], row["seconds"])
+
+
+def _draws(s: LoopSettings, epoch: int, start: int) -> Callable[[int], GlobalRows]:
+    """Each step's augmentation draws: from (seed, epoch, step), for the whole global batch, of which
+    this worker's rows begin at ``start`` (``augment.GlobalRows``)."""
+    return lambda step: GlobalRows(np.random.default_rng([s.seed, epoch, step]), start, s.batch_size)
 
 
 def _peak_rss_per_rank(steps: DistributedSteps, rank: int, world: int) -> list[int]:

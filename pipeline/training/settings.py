@@ -27,9 +27,9 @@ class LoopSettings:
     # Fine-tuning on cached block-4 outputs (columns block4 / block4_flipped) instead of images.
     cached_block4: bool = False
     block4_shape: tuple[int, ...] | None = None
-    # Columnar data (features, block-4 cache) small enough to hold: each worker reads its shard
-    # once and draws every later epoch from memory, in a fresh seeded order, instead of
-    # re-running the Ray Data pipeline (Parquet decoding, shuffling) every epoch.
+    # Data small enough to hold (features, block-4 cache, decoded images): each worker reads all
+    # of it once and draws every epoch from memory, in a fresh seeded order, instead of re-running
+    # the Ray Data pipeline (Parquet or image decoding, shuffling) every epoch.
     hold_in_memory: bool = False
     # The bytes of the data each worker holds (0: streamed), reported in the job's summary.
     held_bytes: int = 0
