@@ -1,6 +1,7 @@
 """Training memory at each model's defaults: what a training worker takes, against the data it holds.
 
     python bench/train_memory.py [--data-dir ../shared/data/cats_vs_dogs_small] [--num-workers 2] [--epochs 2]
+        [--jobs top,finetune,scratch] [--keep-features] [--name train_memory]
 
 Extracts the data set's features with the block-4 cache (the product's defaults otherwise), then
 runs the three training jobs as a user does (each on its own local Ray cluster, ``--num-workers``
@@ -69,9 +70,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--work-dir", default="/tmp/ric-train-memory")
     parser.add_argument("--jobs", default="top,finetune,scratch")
+    parser.add_argument("--keep-features", action="store_true",
+                        help="keep <work-dir>/features: a finished extraction with the same settings is reused")
+    parser.add_argument("--name", default="train_memory", help="the result file: bench/results/<name>.json")
     args = parser.parse_args()
     data, work = os.path.abspath(args.data_dir), args.work_dir
-    shutil.rmtree(work, ignore_errors=True)
+    for entry in os.listdir(work) if os.path.isdir(work) else []:
+        if not (args.keep_features and entry in ("features", "features.lock")):
+            path = os.path.join(work, entry)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     logs = os.path.join(work, "logs")
     os.makedirs(logs)
     common = ["--output-dir", work, "--num-workers", str(args.num_workers), "--epochs", str(args.epochs)]
@@ -89,7 +96,7 @@ def main() -> None:
     if "scratch" in args.jobs:
         figures["scratch"] = job_figures("scratch", ["jobs.train_scratch", "--data-dir", data, *common],
                                          os.path.join(work, "scratch", "summary.json"), logs)
-    write_result("train_memory", figures)
+    write_result(args.name, figures)
     print(json.dumps(figures))
 
 

@@ -23,10 +23,13 @@ from pipeline.training.settings import LoopSettings
 
 # A training worker's memory: a fixed part before it reads any data (TensorFlow, Ray, the model
 # and its optimizer), and at its peak at most this many bytes per byte of the data it holds (its
-# own copy, Ray's blocks it read from, the batches in flight). Measured by bench/train_memory.py
-# (bench/results/train_memory.json: the three jobs at their defaults on the shared sample).
-WORKER_BASE_BYTES = int(1.25 * 2**30)
-HELD_BYTES_FACTOR = 2.5
+# own copy, Ray's blocks it read from, the batches in flight). Measured by bench/train_memory.py on
+# the shared sample at the jobs' defaults (bench/results/train_memory.json, 2 workers, and
+# train_memory-1worker.json): bases 0.79-1.15 GiB; peaks 1.85 GiB holding 0.26 GiB (top MLP),
+# 1.35 GiB holding 0.18 GiB (small CNN), 5.02 GiB holding 1.79 GiB (cached fine-tuning: 2.25 x
+# the held data above its base). This base and factor cover every one of them.
+WORKER_BASE_BYTES = int(1.3 * 2**30)
+HELD_BYTES_FACTOR = 2.25
 # The share of the memory Ray may hand out (cluster-wide) that training workers holding their
 # data may take together; the rest is for everything else that runs beside them.
 HOLD_SHARE = 0.5
