@@ -29,7 +29,7 @@ class Stage:
     prefix: str
     given: tuple[str, ...] = ()
 
-    def options(self) -> dict[str, tuple[dataclasses.Field, Any]]:
+    def options(self) -> dict[str, tuple[dataclasses.Field, Any, bool]]:
         """The options of this job the composed job offers: its field and type, by name."""
         return {n: o for n, o in options_of(self.config).items() if n not in self.given}
 
@@ -75,7 +75,7 @@ def compose(cls_name: str, base: type, stages: Sequence[Stage]) -> type:
             tp = typing.get_type_hints(taking[0].config)[name]
             fields.append((name, tp, field_help(f.default, _shared_help(name, taking), f.metadata.get("choices"))))
     for key, (stage, name) in prefixed.items():
-        f, tp = stage.options()[name]
+        f, tp, _ = stage.options()[name]
         fields.append((key, tp | None, field_help(None, _prefixed_help(stage, name), f.metadata.get("choices"))))
     cls = dataclasses.make_dataclass(cls_name, fields, bases=(base,), kw_only=True)
     cls.STAGES = tuple(stages)

@@ -26,7 +26,7 @@ import yaml
 
 from pipeline.data import storage
 from pipeline.errors import ConfigError, UserError
-from pipeline.redact import redact
+from pipeline.redact import MASK, redact, redact_values
 
 T = TypeVar("T")
 CONFIG_FILE = "config.yaml"
@@ -96,10 +96,11 @@ def base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def options_of(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
-    """Each option of config class ``cls``: its field and its type (Optional unwrapped)."""
+def options_of(cls: type) -> dict[str, tuple[dataclasses.Field, Any, bool]]:
+    """Each option of config class ``cls``: its field, its type (Optional unwrapped) and whether
+    it takes None."""
     hints = typing.get_type_hints(cls)
-    return {f.name: (f, base_type(hints[f.name])[0]) for f in dataclasses.fields(cls) if f.init}
+    return {f.name: (f, *base_type(hints[f.name])) for f in dataclasses.fields(cls) if f.init}
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -116,7 +117,7 @@ def build_parser(cls: type, description: str, defaults: Mapping[str, Any] | None
     parser.add_argument("--config", metavar="FILE", help=f"YAML file of options (as the {CONFIG_FILE} every run "
                                                          f"writes beside its outputs); options given here win")
     defaults = defaults or {}
-    for name, (f, tp) in options_of(cls).items():
+    for name, (f, tp, _) in options_of(cls).items():
         help_text = f.metadata.get("help", "")
         if f.metadata.get("choices"):
             help_text += f" (one of: {', '.join(f.metadata['choices'])})"
@@ -148,17 +149,23 @@ def read_config(path: str, cls: type) -> dict[str, Any]:
         if name not in known:
             raise ConfigError(f"--config {path!r}: {key!r} is not an option of this job; the options are "
                               f"{', '.join(sorted(known))}")
-        out[name] = _typed(name, value, known[name][1], path)
+        out[name] = _typed(name, value, known[name][1], known[name][2], path)
     return out
 
 
-def _typed(name: str, value: Any, tp: Any, path: str) -> Any:
-    """``value`` as type ``tp`` (an int where a float is wanted becomes a float), else ConfigError."""
-    if value is None or isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+def _typed(name: str, value: Any, tp: Any, optional: bool, path: str) -> Any:
+    """``value`` as type ``tp`` (an int, or a string such as YAML's ``1e-4``, where a float is
+    wanted becomes a float), else ConfigError; None only where the option takes it."""
+    if value is None and optional or isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    raise ConfigError(f"--config {path!r}: {name} must be of type {tp.__name__}; got {value!r}")
+    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    article = "an" if tp.__name__[0] in "aeiou" else "a"
+    raise ConfigError(f"--config {path!r}: {name} must be {article} {tp.__name__}{' or null' if optional else ''}; "
+                      f"got {value!r}")
 
 
 def parse_config(cls: type[T], argv: Sequence[str] | None, description: str) -> T:
@@ -174,6 +181,10 @@ def parse_config(cls: type[T], argv: Sequence[str] | None, description: str) -> 
     parser = build_parser(cls, description, defaults)
     args = vars(parser.parse_args(argv))
     args.pop("config")
+    masked = [flag(n) for n in defaults if isinstance(args[n], str) and MASK in args[n]]
+    if masked:
+        parser.error(f"--config {given!r}: {', '.join(masked)} hold(s) a credential the file has redacted "
+                     f"({MASK}); give {', '.join(masked)} on the command line")
     try:
         return cls(**args)
     except UserError as exc:
@@ -192,6 +203,8 @@ def write_resolved(directory: str, job: str, cfg: Any, **overrides: Any) -> None
 
 
 def write_config(uri: str, job: str, values: Mapping[str, Any]) -> None:
-    """Write a run's resolved options to ``uri`` as a YAML file that ``--config`` reads back."""
+    """Write a run's resolved options to ``uri`` as a YAML file that ``--config`` reads back.
+    Passwords and tokens in URIs are redacted: such an option must be given again on the command
+    line (reading the file back says so)."""
     header = f"# python -m jobs.{job} --config <this file> runs again with these settings\n"
-    storage.write_text(uri, header + yaml.safe_dump(dict(values), sort_keys=False))
+    storage.write_text(uri, header + yaml.safe_dump(redact_values(dict(values)), sort_keys=False))

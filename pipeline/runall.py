@@ -72,7 +72,8 @@ class RunAllOptions(Composed):
             check_choice("skip", stage, SKIPPABLE)
         check_output_location("output_dir", self.output_dir)
         for stage in self.STAGES:
-            self.stage_config(stage.name)  # each stage's own checks, before any work
+            if stage.name.removeprefix("train_") not in self.skipped():
+                self.stage_config(stage.name)  # each stage's own checks, before any work
 
     def skipped(self) -> set[str]:
         """The stages named in ``--skip``."""
@@ -83,7 +84,8 @@ class RunAllOptions(Composed):
         or resolves: folders, the top model, the data root) on top."""
         options = self.stage_options(name)
         if name == "extract_features":
-            options["cache_block4"] = self.cache_block4  # written when fine-tuning will read it
+            # Written when fine-tuning will read it.
+            options["cache_block4"] = self.cache_block4 and "finetune" not in self.skipped()
         if name == "finetune" and self.cache_block4:
             # Cached fine-tuning reads the extraction's block-4 outputs, not the images.
             options = {k: v for k, v in options.items() if k not in _DATA_ONLY}

@@ -37,7 +37,7 @@ def help_of(cls: type, option: str) -> str:
 @pytest.mark.parametrize("stage", RunAllConfig.STAGES, ids=lambda s: s.name)
 def test_run_all_offers_every_option_of_each_stage_with_its_help(stage):
     ours = fields(RunAllConfig)
-    for name, (f, _) in stage.options().items():
+    for name, (f, _, _) in stage.options().items():
         offered = ours.get(f"{stage.prefix}_{name}") or ours.get(name)
         assert offered is not None, f"jobs.run_all has no option for {stage.name}'s {name}"
         assert f.metadata["help"] in offered.metadata["help"], name
@@ -160,9 +160,11 @@ def test_a_config_file_supplies_a_required_option(tmp_path):
 
 
 @pytest.mark.parametrize("text,message", [("epoch: 3\n", "'epoch' is not an option of this job; the options are "),
-                                          ("epochs: three\n", "epochs must be of type int; got 'three'"),
-                                          ("dropout: true\n", "dropout must be of type float; got True"),
+                                          ("epochs: three\n", "epochs must be an int; got 'three'"),
+                                          ("dropout: true\n", "dropout must be a float; got True"),
                                           ("- 1\n", "must hold a mapping"),
+                                          ("dropout: null\n", "dropout must be a float; got None"),
+                                          ("seed: null\n", "seed must be an int; got None"),
                                           ("epochs: 0\n", "--epochs must be a positive number")])
 def test_a_bad_config_file_fails_before_any_work_naming_the_key(text, message, tmp_path, capsys):
     path = tmp_path / "run.yaml"
@@ -175,3 +177,30 @@ def test_a_bad_config_file_fails_before_any_work_naming_the_key(text, message, t
 def test_a_missing_config_file_is_named():
     with pytest.raises(SystemExit):
         parse_config(PredictConfig, ["--config", "/nonexistent/run.yaml"], "")
+
+
+def test_a_config_file_reads_yamls_exponent_floats_and_null_where_an_option_takes_it(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 1e-4\nmlflow_uri: null\n")
+    cfg = parse_config(TrainTopConfig, ["--config", str(path)], "")
+    assert (cfg.learning_rate, cfg.mlflow_uri) == (1e-4, None)
+
+
+def test_credentials_are_redacted_in_a_written_config_and_must_be_given_again(tmp_path, capsys):
+    uri = "http://user:s3cret@127.0.0.1:5000"
+    cfg = parse_config(TrainTopConfig, ["--mlflow-uri", uri], "")
+    path = str(tmp_path / "config.yaml")
+    write_config(path, "train_top", resolved(cfg))
+    assert "s3cret" not in open(path).read()
+    with pytest.raises(SystemExit):
+        parse_config(TrainTopConfig, ["--config", path], "")
+    assert "--mlflow-uri hold(s) a credential the file has redacted" in capsys.readouterr().err
+    assert parse_config(TrainTopConfig, ["--config", path, "--mlflow-uri", uri], "") == cfg
+
+
+def test_a_skipped_stage_is_not_checked_and_gets_no_block4_cache():
+    cfg = RunAllConfig(num_workers=3, extract_batch_size=30, top_batch_size=30, finetune_batch_size=30, skip="scratch")
+    assert cfg.stage_config("extract_features").cache_block4 is True
+    with pytest.raises(ConfigError, match="--scratch-batch-size 16"):
+        RunAllConfig(num_workers=3, top_batch_size=30, finetune_batch_size=30)
+    assert RunAllConfig(skip="finetune").stage_config("extract_features").cache_block4 is False

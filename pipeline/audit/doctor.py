@@ -100,9 +100,9 @@ def audit_data(cfg: AuditConfig) -> dict[str, Any]:
     settings = job_settings(cfg, drop=DATA_OPTIONS + ("features_dir", "top_model"),
                             features=manifest["fingerprint"], top_model_sha256=top_sha)
     reused = _prepare(output_dir, settings, cfg.overwrite)
-    write_resolved(output_dir, "audit_data", cfg, output_dir=output_dir)
     if reused:
         return reused
+    write_resolved(output_dir, "audit_data", cfg, output_dir=output_dir)
     timings: dict[str, float] = {}
     corpus, findings = examine(cfg, features_dir, manifest, timings)
     with _timed(timings, "report"):

@@ -208,10 +208,10 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
     inputs = index.fingerprint()
     with locks.output_lock(output_dir):
         previous, cache = _begin(output_dir, settings, cfg)
-        write_resolved(output_dir, "extract_features", cfg, output_dir=output_dir)
         if previous is not None and previous.get("inputs") == inputs:
             log.info(f"reusing finished extraction in {output_dir} (same settings and inputs; --overwrite redoes it)")
             return previous
+        write_resolved(output_dir, "extract_features", cfg, output_dir=output_dir)
         ledger.start(output_dir, {"settings": settings, "cache_block4": cache})
         manifest = _extract(cfg, index, weights, output_dir, cache, previous)
         manifest.update(settings=settings, inputs=inputs, fingerprint=fingerprint({**settings, "inputs": inputs}),

@@ -264,8 +264,8 @@ def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
             log.info(f"reusing finished predictions in {final} (same model and inputs; --overwrite redoes them)")
             return finished
         ledger.start(work, {"settings": settings}, marker=SUMMARY)
-        write_config(_side_file(final, ".config.yaml") if single else storage.join(work, CONFIG_FILE), "predict",
-                     resolved(cfg))
+        if not single:
+            write_config(storage.join(work, CONFIG_FILE), "predict", resolved(cfg))
         live, update, done = ledger.refresh(
             work, files, [PARTS_DIR], "updating predictions" if finished else "resuming predictions",
             lambda todo, run_id: _predict(cfg, model, meta, todo, root, work, run_id))
@@ -276,6 +276,9 @@ def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
         _commit(work, final, single, table, rejects, live)
         elapsed = time.time() - started
         summary.update(elapsed_s=round(elapsed, 2), images_per_s=round(tally["rows"] / max(elapsed, 1e-9), 2))
+        if single:
+            # Beside the file only once it is there: an interrupted run leaves nothing beside it.
+            write_config(_side_file(final, ".config.yaml"), "predict", resolved(cfg))
         storage.write_json(_side_file(final, ".summary.json") if single else storage.join(final, SUMMARY), summary)
     return summary
 

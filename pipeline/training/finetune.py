@@ -66,9 +66,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                             top_model_sha256=hashlib.sha256(storage.read_bytes(top_path)).hexdigest(),
                             learning_rate=cfg.learning_rate or KINDS[job_folder(cfg)].learning_rate)
     job, reused = prepare("finetune", job_dir(output_dir, job_folder(cfg)), recorded, cfg.overwrite, started)
-    write_resolved(job.directory, "finetune", cfg, output_dir=output_dir)
     if reused:
         return reused
+    write_resolved(job.directory, "finetune", cfg, output_dir=output_dir)
     top_model, _ = load_classifier(top_path)
     metadata = {"weights": meta["weights"], "preprocessing": meta["preprocessing"],
                 "top_model": storage.absolute(top_path), "synthetic": meta.get("synthetic", False),

@@ -200,7 +200,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _share_cores(ctx.get_local_world_size())
     keras.utils.set_random_seed(s.seed)  # identical initial weights on every worker
     steps = DistributedSteps(s, _get(s.base_weights), _get(s.top_weights))
-    place(steps.model, rank, world)  # dropout masks by global position (``dropout``)
+    # Dropout masks by step and global position (``dropout``); the step count comes back with a checkpoint.
+    place(steps.model, rank, world, s.seed, steps.optimizer.iterations)
     state = {"epoch": 0, "history": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:

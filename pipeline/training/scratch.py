@@ -32,9 +32,9 @@ def train_scratch(cfg: ScratchConfig) -> dict[str, Any]:
     settings = job_settings(cfg, drop=("data_dir",), data=index.fingerprint(),
                             learning_rate=cfg.learning_rate or KINDS["scratch"].learning_rate)
     job, reused = prepare("scratch", job_dir(output_dir, "scratch"), settings, cfg.overwrite, started)
-    write_resolved(job.directory, "train_scratch", cfg, output_dir=output_dir)
     if reused:
         return reused
+    write_resolved(job.directory, "train_scratch", cfg, output_dir=output_dir)
     metadata = {"weights": None, "preprocessing": "unit",
                 "data_dir": storage.absolute(data_dir), "layout": cfg.layout,
                 "validation_fraction": cfg.validation_fraction, "synthetic": synthetic, "excluded": index.excluded}

@@ -71,9 +71,9 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
                           job_settings(cfg, drop=("features_dir",), features=manifest["fingerprint"],
                                        learning_rate=cfg.learning_rate or KINDS["top"].learning_rate),
                           cfg.overwrite, started)
-    write_resolved(job.directory, "train_top", cfg, output_dir=output_dir)
     if reused:
         return reused
+    write_resolved(job.directory, "train_top", cfg, output_dir=output_dir)
     # The weights the exported model will carry must be the ones the features came from:
     # checked before training, not after it.
     source = resolve_weights(manifest["weights"]["source"], manifest["preprocessing"])
