@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from pipeline.training.dropout import GlobalDropout, place
 
@@ -16,7 +15,9 @@ ROWS, UNITS = 8, 32
 def _mask(rank: int, world: int, step: int, seed: int = 3) -> np.ndarray:
     inputs = keras.Input((UNITS,))
     layer = GlobalDropout(0.5)
-    place(keras.Model(inputs, layer(inputs)), rank, world, seed, tf.Variable(step, dtype=tf.int64))
+    model = keras.Model(inputs, layer(inputs))
+    # A Keras variable, as the optimizer's step count is, given to an already built layer.
+    place(model, rank, world, seed, keras.Variable(step, dtype="int64", trainable=False))
     rows = ROWS // world
     return layer(np.ones((rows, UNITS), np.float32), training=True).numpy()
 
@@ -40,7 +41,7 @@ def test_nested_layers_are_placed_and_inference_drops_nothing():
     inner = keras.Model(inner_in, GlobalDropout(0.5, name="dropout")(inner_in), name="top")
     outer_in = keras.Input((UNITS,))
     outer = keras.Model(outer_in, inner(outer_in))
-    place(outer, 1, 2, 7, tf.Variable(0, dtype=tf.int64))
+    place(outer, 1, 2, 7, keras.Variable(0, dtype="int64", trainable=False))
     layer = inner.get_layer("dropout")
     assert (layer.rank, layer.world, layer.seed) == (1, 2, 7)
     x = np.ones((4, UNITS), np.float32)

@@ -23,6 +23,8 @@ import tensorflow as tf
 class GlobalDropout(keras.layers.Dropout):
     """``keras.layers.Dropout`` with its mask drawn for the global batch (module docstring)."""
 
+    # Set by ``place``; ``step`` returns the step counter (a function: a variable assigned to a
+    # built Keras layer would be taken for new state of the layer, which Keras refuses).
     rank, world, seed, step = 0, 1, 0, None
 
     def call(self, inputs, training=False):
@@ -33,7 +35,7 @@ class GlobalDropout(keras.layers.Dropout):
         if self.step is None:  # not placed (a model built outside the training loop)
             noise = keras.random.uniform(shape, seed=self.seed_generator)
         else:
-            seed = tf.stack([tf.constant(self.seed, tf.int64), keras.ops.cast(self.step, "int64")])
+            seed = tf.stack([tf.constant(self.seed, tf.int64), keras.ops.cast(self.step(), "int64")])
             noise = tf.random.stateless_uniform(shape, seed=seed)
         keep = noise[self.rank * rows:(self.rank + 1) * rows] >= self.rate
         return tf.where(keep, inputs / tf.cast(1.0 - self.rate, inputs.dtype), tf.zeros_like(inputs))
@@ -44,6 +46,6 @@ def place(model: keras.Model, rank: int, world: int, seed: int, step) -> None:
     ``world`` and to draw from ``seed`` and the step counter ``step`` (the optimizer's iterations)."""
     for layer in model.layers:
         if isinstance(layer, GlobalDropout):
-            layer.rank, layer.world, layer.seed, layer.step = rank, world, seed, step
+            layer.rank, layer.world, layer.seed, layer.step = rank, world, seed, lambda: step
         elif isinstance(layer, keras.Model):
             place(layer, rank, world, seed, step)
