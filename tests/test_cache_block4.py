@@ -112,7 +112,9 @@ def test_finetune_on_the_cache_exports_the_model_it_trained(plain_then_cached, r
     trained = models.block5_classifier(manifest["block4"]["shape"], 2)
     load_checkpoint_weights(_checkpoint_of_epoch(os.path.join(job, "ray_train"), summary["best_epoch"]), trained)
     initial = weights.load_weight_arrays(weights.resolve_weights("torchvision"), SIZE)[-6:]
-    assert max(np.abs(a - b).max() for a, b in zip(models.block5_weights(trained), initial)) > 1e-5, \
+    # Any change: weights no step touched are bitwise the initial ones. The size depends on the data
+    # (here the best epoch is often the first, whose two steps see a top model already near zero loss).
+    assert max(np.abs(a - b).max() for a, b in zip(models.block5_weights(trained), initial)) > 0, \
         "fine-tuning must have changed block 5"
     table = _block4(manifest, "validation")
     images = np.stack([load_image(os.path.join(real_root, p), SIZE) for p in table.column("path").to_pylist()])
