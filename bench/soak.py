@@ -243,7 +243,9 @@ def main() -> None:
                                            args.kill_at)
             print(json.dumps(figures["killed"]), flush=True)
     finally:
-        write_result("soak" if args.files >= 1_000_000 else f"soak-{args.files}", figures)
+        # A run of one part keeps the other part's earlier result file.
+        parts = "" if {"full", "killed"} <= set(args.parts.split(",")) else "-" + args.parts
+        write_result(("soak" if args.files >= 1_000_000 else f"soak-{args.files}") + parts, figures)
         shutil.rmtree(args.work_dir, ignore_errors=True)
     print(json.dumps(figures))
 
