@@ -62,6 +62,11 @@ def _prefixed_help(stage: Stage, name: str) -> str:
     return f"{stage.name} {flag(name)}: {f.metadata.get('help', '')}{default}"
 
 
+def _derived(f: dataclasses.Field, default: Any, help: str) -> Any:
+    """A composed field for stage field ``f``: its choices and location, this default and help."""
+    return field_help(default, help, f.metadata.get("choices"), location=f.metadata.get("location"))
+
+
 def compose(cls_name: str, base: type, stages: Sequence[Stage]) -> type:
     """A dataclass deriving from ``base`` (the composed job's own options and checks) with one
     field per option of ``stages``: shared ones as the stages declare them, prefixed ones
@@ -73,20 +78,23 @@ def compose(cls_name: str, base: type, stages: Sequence[Stage]) -> type:
         if name not in own:
             f = taking[0].options()[name][0]
             tp = typing.get_type_hints(taking[0].config)[name]
-            fields.append((name, tp, field_help(f.default, _shared_help(name, taking), f.metadata.get("choices"))))
+            fields.append((name, tp, _derived(f, f.default, _shared_help(name, taking))))
     for key, (stage, name) in prefixed.items():
         f, tp, _ = stage.options()[name]
-        fields.append((key, tp | None, field_help(None, _prefixed_help(stage, name), f.metadata.get("choices"))))
+        fields.append((key, tp | None, _derived(f, None, _prefixed_help(stage, name))))
     cls = dataclasses.make_dataclass(cls_name, fields, bases=(base,), kw_only=True)
-    cls.STAGES = tuple(stages)
+    cls.STAGES, cls.SHARED, cls.PREFIXED = tuple(stages), shared, prefixed
     return cls
 
 
 @dataclasses.dataclass(kw_only=True)
 class Composed:
-    """The base of a composed config: ``STAGES`` are the jobs it runs (set by ``compose``)."""
+    """The base of a composed config: ``STAGES`` are the jobs it runs, ``SHARED`` and ``PREFIXED``
+    its options of theirs (``split_options``); ``compose`` sets them."""
 
     STAGES: ClassVar[tuple[Stage, ...]] = ()
+    SHARED: ClassVar[dict[str, list[Stage]]] = {}
+    PREFIXED: ClassVar[dict[str, tuple[Stage, str]]] = {}
 
     def stage(self, name: str) -> Stage:
         """The stage called ``name``."""
@@ -95,10 +103,9 @@ class Composed:
     def stage_options(self, name: str) -> dict[str, Any]:
         """The options these settings give stage ``name``: every shared one, and its prefixed ones
         that are set (an unset one leaves the stage's default)."""
-        shared, _ = split_options(self.STAGES)
         stage = self.stage(name)
-        out = {n: getattr(self, n) for n in stage.options() if n in shared}
-        prefixed = {n: getattr(self, f"{stage.prefix}_{n}") for n in stage.options() if n not in shared}
+        out = {n: getattr(self, n) for n in stage.options() if n in self.SHARED}
+        prefixed = {n: getattr(self, f"{stage.prefix}_{n}") for n in stage.options() if n not in self.SHARED}
         return {**out, **{n: v for n, v in prefixed.items() if v is not None}}
 
     def build(self, name: str, options: dict[str, Any]) -> Any:
@@ -108,7 +115,7 @@ class Composed:
             return stage.config(**options)
         except ConfigError as exc:
             message = str(exc)
-            for key, (s, field) in split_options(self.STAGES)[1].items():
+            for key, (s, field) in self.PREFIXED.items():
                 if s is stage:
                     message = re.sub(re.escape(flag(field)) + r"(?![\w-])", flag(key), message)
             raise ConfigError(message) from None

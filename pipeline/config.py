@@ -4,16 +4,11 @@ turns a command line or a config file into one), ``jobs.run_all``'s composed fro
 from __future__ import annotations
 
 import dataclasses
-import os
 
-from pipeline.data import storage
 from pipeline.errors import ConfigError
 from pipeline.images.decode import MAX_IMAGE_MEGAPIXELS, PILLOW_LIMIT_MEGAPIXELS
-from pipeline.nets.modelfile import read_metadata
 from pipeline.options import (
     check_choice,
-    check_input_location,
-    check_output_location,
     check_positive,
     check_range,
     field_help,
@@ -90,14 +85,14 @@ class DataOptions(DecodeOptions):
     """Where the labelled images are and how they are read (shared by every job that reads a data root)."""
 
     data_dir: str | None = field_help(None, "data root (default: the built-in synthetic set, which proves the installation "
-                                            "only; fine-tuning: the data of its top model)")
+                                            "only; fine-tuning: the data of its top model)", location="folder")
     layout: str = field_help("splits", "splits: <root>/<split>/<class>/<image>; kaggle: flat <root>/cat.1.jpg", LAYOUTS)
     validation_fraction: float = field_help(0.2, "fraction of files hashed into validation (kaggle layout)")
     max_images_per_class: int | None = field_help(None, "use at most this many images per class and split (smoke tests)")
     max_reject_fraction: float = field_help(0.05, "fail if more than this fraction of files cannot be decoded")
     exclude: str | None = field_help(None, "a text file of photos to leave out, one path a line relative to the "
                                            "data root (train/cats/cat.1.jpg), as the suspects.txt of "
-                                           "jobs.audit_data lists them")
+                                           "jobs.audit_data lists them", location="file")
 
     def check_data_options(self) -> None:
         """Validate the data options (called from each job config's ``__post_init__``)."""
@@ -106,9 +101,11 @@ class DataOptions(DecodeOptions):
         check_positive("max_images_per_class", self.max_images_per_class, allow_none=True)
         check_range("max_reject_fraction", self.max_reject_fraction, 0, 1)
         self.check_decode_options()
-        check_input_location("data_dir", self.data_dir)
-        check_input_location("exclude", self.exclude, "file")
 
+
+DECODE_OPTIONS = tuple(f.name for f in dataclasses.fields(DecodeOptions))
+# The options that name a data root and how it is listed (what a job reading stored features drops).
+LISTING_OPTIONS = tuple(f.name for f in dataclasses.fields(DataOptions) if f.name not in DECODE_OPTIONS)
 
 # 128 files: a few MB of decoded pixels per block at 150 px (Ray Data's blocks are happiest
 # between 1 and 128 MB), about 8,000 blocks at a million files, and at most 128 files of
@@ -152,9 +149,11 @@ EMA_HELP = ("momentum of the moving average of the weights that every epoch's ev
 class ExtractConfig(InferenceOptions, DataOptions, LogOptions):
     """Settings of ``jobs.extract_features``: image folders → VGG16 bottleneck features in Parquet."""
 
-    output_dir: str | None = field_help(None, "where the shards go (local path or URI); default outputs/<data folder name>/features")
+    output_dir: str | None = field_help(None, "where the shards go (local path or URI); default outputs/<data folder "
+                                              "name>/features", location="output")
     image_size: int = field_help(VGG16_IMAGE_SIZE, "images are resized to this many pixels square (at least 32)")
-    weights: str = field_help("torchvision", "VGG16 weights: torchvision, keras, none, or a path to a Keras weights file")
+    weights: str = field_help("torchvision", "VGG16 weights: torchvision, keras, none, or a path to a Keras weights "
+                                             "file", location="weights")
     preprocessing: str = field_help("auto", "pixel normalisation; auto follows the weights", PREPROCESSINGS)
     cache_block4: bool = field_help(False, "also write VGG16's block-4 outputs (training images: also of their mirror "
                                            "image) under <output-dir>/block4/, for jobs.finetune --cache-block4")
@@ -164,18 +163,8 @@ class ExtractConfig(InferenceOptions, DataOptions, LogOptions):
         self.check_data_options()
         if self.image_size is None or self.image_size < 32:
             raise ConfigError(f"--image-size must be an integer of at least 32 (VGG16 halves it five times); got {self.image_size!r}")
-        check_weights(self.weights)
         check_choice("preprocessing", self.preprocessing, PREPROCESSINGS)
         self.check_inference_options()
-        check_output_location("output_dir", self.output_dir)
-
-
-def check_weights(value: str) -> None:
-    """``--weights`` is one of the named sources or an existing file."""
-    if value not in NAMED_WEIGHTS and not os.path.isfile(value):
-        raise ConfigError(
-            f"--weights must be one of {', '.join(NAMED_WEIGHTS)} or a path to a Keras weights file; got {value!r}"
-        )
 
 
 MLFLOW_URI_HELP = ("log each training job to this MLflow tracking store (needs the mlflow extra); default: "
@@ -187,7 +176,8 @@ DEFAULT_EXPERIMENT = "ray-image-classifier"
 class TrainConfig(LogOptions):
     """Settings shared by the three training jobs."""
 
-    output_dir: str | None = field_help(None, "run folder; the job writes <output-dir>/<job>/ (default outputs/<data folder name>)")
+    output_dir: str | None = field_help(None, "run folder; the job writes <output-dir>/<job>/ (default outputs/<data "
+                                              "folder name>)", location="output")
     num_workers: int = field_help(1, "Ray Train workers (data-parallel replicas)")
     use_gpu: bool = field_help(False, "put each Ray Train worker on a GPU")
     epochs: int = field_help(50, "training epochs")
@@ -214,18 +204,17 @@ class TrainConfig(LogOptions):
         check_choice("precision", self.precision, PRECISIONS)
         if self.max_failures is None or self.max_failures < 0:
             raise ConfigError(f"--max-failures must be 0 or more; got {self.max_failures!r}")
-        check_output_location("output_dir", self.output_dir)
 
 
 @dataclasses.dataclass
 class TrainTopConfig(TrainConfig):
     """Settings of ``jobs.train_top``: the top MLP on VGG16 feature shards."""
 
-    features_dir: str | None = field_help(None, "output of jobs.extract_features; default: extract the built-in data set first")
+    features_dir: str | None = field_help(None, "output of jobs.extract_features; default: extract the built-in data "
+                                                "set first", location="folder")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_input_location("features_dir", self.features_dir)
 
 
 ROTATION_HELP = ("the small CNN's augmentation: random rotation within ± this many degrees (on top of the reference "
@@ -260,12 +249,12 @@ class FinetuneConfig(ImageTrainConfig):
 
     epochs: int = field_help(10, "training epochs")
     shift: float = field_help(FINETUNE_SHIFT, SHIFT_HELP)
-    top_model: str | None = field_help(None, "model.keras written by jobs.train_top (default <output-dir>/top/model.keras)")
+    top_model: str | None = field_help(None, "model.keras written by jobs.train_top (default "
+                                             "<output-dir>/top/model.keras)", location="file")
     cache_block4: bool = field_help(True, CACHE_BLOCK4_HELP)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_input_location("top_model", self.top_model, "file")
         if self.cache_block4 and (self.data_dir is not None or self.max_images_per_class is not None
                                   or self.exclude is not None):
             raise ConfigError("--cache-block4 (the default) trains on the images the top model's features were "
@@ -299,7 +288,7 @@ class PredictConfig(InferenceOptions, DecodeOptions, LogOptions):
     """Settings of ``jobs.predict``: a trained classifier over any image folder."""
 
     model: str = field_help(dataclasses.MISSING, "model.keras written by jobs.train_top, jobs.finetune or "
-                                                 "jobs.train_scratch (local path or URI)")
+                                                 "jobs.train_scratch (local path or URI)", location="model")
     input: str = field_help(dataclasses.MISSING, "image folder (searched recursively) or a glob such as "
                                                  "'photos/**/*.jpg' (local path or URI)")
     output: str = field_help(dataclasses.MISSING, "file.parquet or file.csv (one file), or a folder for Parquet "
@@ -309,15 +298,6 @@ class PredictConfig(InferenceOptions, DecodeOptions, LogOptions):
     def __post_init__(self) -> None:
         self.check_inference_options()
         self.check_decode_options()
-        read_metadata(self.model)  # a missing or foreign model file fails here, before any work
-        is_file = storage.is_file(self.output)
-        if is_file and not self.overwrite:
-            raise ConfigError(f"--output {self.output!r} exists; pass --overwrite to replace it")
-        if is_file and not self.output.lower().endswith(OUTPUT_FILE_SUFFIXES):
-            raise ConfigError(f"--output {self.output!r} is an existing file; give a folder or a .parquet/.csv name")
-        problem = storage.describe_output_problem(self.output)
-        if problem:
-            raise ConfigError(f"--output {self.output!r} cannot be written: {problem}")
 
 
 @dataclasses.dataclass
@@ -325,7 +305,7 @@ class ServeConfig(DecodeOptions, LogOptions):
     """Settings of ``jobs.serve``: a trained classifier behind HTTP, answering as batch prediction would."""
 
     model: str = field_help(dataclasses.MISSING, "model.keras written by a training job (local path or URI)",
-                            kw_only=True)
+                            kw_only=True, location="model")
     host: str = field_help("127.0.0.1", "address the HTTP server listens on (0.0.0.0: every interface)", kw_only=True)
     port: int = field_help(8000, "HTTP port", kw_only=True)
     replicas: int | None = field_help(None, "model replicas (default: one per GPU of the cluster, each on its GPU; "
@@ -364,16 +344,17 @@ class AuditConfig(DataOptions, LogOptions):
 
     features_dir: str | None = field_help(None, "output of jobs.extract_features, every split of it audited; default: "
                                                 "extract --data-dir (the built-in data set without it) first, into "
-                                                "outputs/<data folder name>/features as jobs.extract_features does")
+                                                "outputs/<data folder name>/features as jobs.extract_features does",
+                                          location="folder")
     output_dir: str | None = field_help(None, "where the report and the scores go (local path or URI); default "
-                                              "outputs/<data folder name>/audit")
+                                              "outputs/<data folder name>/audit", location="output")
     folds: int = field_help(5, "cross-validation folds of the out-of-sample probabilities the label check reads")
     near_threshold: float = field_help(NEAR_THRESHOLD, "cosine similarity of pooled VGG16 features at or above which "
                                                        "two photos are near duplicates")
     top_k: int = field_help(24, "suspects of each kind shown in the report and listed in suspects.txt")
     top_model: str | None = field_help(None, "model.keras of jobs.train_top on these features: the leakage's effect "
                                              "on validation accuracy is measured with it (default: with the "
-                                             "cross-validation probabilities)")
+                                             "cross-validation probabilities)", location="file")
     overwrite: bool = field_help(False, OVERWRITE_HELP)
 
     def __post_init__(self) -> None:
@@ -381,10 +362,7 @@ class AuditConfig(DataOptions, LogOptions):
             raise ConfigError("give --features-dir (an extraction to audit) or --data-dir (photos to extract "
                               "first), not both")
         self.check_data_options()
-        check_input_location("features_dir", self.features_dir)
         if self.folds is None or self.folds < 2:
             raise ConfigError(f"--folds must be an integer of at least 2; got {self.folds!r}")
         check_range("near_threshold", self.near_threshold, 0, 1, open_low=True)
         check_positive("top_k", self.top_k)
-        check_input_location("top_model", self.top_model, "file")
-        check_output_location("output_dir", self.output_dir)

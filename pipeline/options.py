@@ -33,12 +33,13 @@ CONFIG_FILE = "config.yaml"
 
 
 def field_help(default: Any, help: str, choices: Sequence[str] | None = None, per_stage: bool = False,
-               **kw: Any) -> Any:
+               location: str | None = None, **kw: Any) -> Any:
     """A dataclass field carrying its CLI help text and allowed choices. ``per_stage``: jobs.run_all
     offers it once per stage even where the stages' defaults agree (a learning rate for RMSprop
-    means nothing to SGD)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "per_stage": per_stage},
-                             **kw)
+    means nothing to SGD). ``location``: what the value names (``pipeline.prechecks.LOCATIONS``),
+    checked by the job's preflight, since configs do no I/O."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "per_stage": per_stage,
+                                                        "location": location}, **kw)
 
 
 def flag(name: str) -> str:
@@ -67,24 +68,6 @@ def check_range(name: str, value: float, low: float, high: float, open_low: bool
     if not (above and below):
         interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
         raise ConfigError(f"{flag(name)} must be in {interval}; got {value!r}")
-
-
-def check_output_location(name: str, value: str | None) -> None:
-    """Refuse an output location that is an existing regular file, or on a bucket that does not exist."""
-    if not value:
-        return
-    problem = storage.describe_output_problem(value)
-    if problem:
-        raise ConfigError(f"{flag(name)} {value!r} cannot be written: {problem}")
-    if storage.is_file(value):
-        raise ConfigError(f"{flag(name)} must be a folder, but {value!r} is an existing file")
-
-
-def check_input_location(name: str, value: str | None, want: str = "folder") -> None:
-    """Refuse an input location (local path or URI) that is missing, of the wrong kind or unreadable."""
-    problem = storage.describe_problem(value, want) if value is not None else None
-    if problem:
-        raise ConfigError(f"{flag(name)} {value!r} cannot be used: {problem}")
 
 
 def base_type(tp: Any) -> tuple[Any, bool]:

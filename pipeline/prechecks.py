@@ -1,7 +1,8 @@
 """A job's preflight: what its options name is checked before Ray starts, so that a wrong
 option fails at once, not after the cluster is up. Configs check shapes and ranges only; the
-checks that read the world (output folders, the model file, MLflow, the serving exposure) are
-here.
+checks that read the world are here: the locations the fields declare (``field_help(location=)``:
+input folders and files, output folders, model files, a weights file), output folders' contents,
+MLflow, the serving exposure.
 
 Only outputs named on the command line are checked here; a default output folder (under
 ``outputs/``) is known only once the job has read its inputs, and is checked then (each job
@@ -10,7 +11,9 @@ makes the ``outputs`` check again under its output lock).
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import os
+from typing import Any, Callable
 
 from pipeline import runall
 from pipeline.audit import doctor
@@ -18,6 +21,7 @@ from pipeline.audit.leakage import check_top_model
 from pipeline.batch.extract import OUTPUT_LAYOUT
 from pipeline.batch.predict import check_targets
 from pipeline.config import (
+    NAMED_WEIGHTS,
     AuditConfig,
     ExtractConfig,
     FinetuneConfig,
@@ -26,11 +30,54 @@ from pipeline.config import (
     ServeConfig,
     TrainTopConfig,
 )
-from pipeline.data import outputs
+from pipeline.data import outputs, storage
+from pipeline.errors import ConfigError
 from pipeline.nets.modelfile import read_metadata
+from pipeline.options import flag
 from pipeline.serving.auth import check_exposure, read_token
 from pipeline.training.jobs import JOB_LAYOUT, job_dir, job_folder
 from pipeline.training.tracking import check_available
+
+
+def check_input(name: str, value: str, want: str = "folder") -> None:
+    """Refuse an input location (local path or URI) that is missing, of the wrong kind or unreadable."""
+    problem = storage.describe_problem(value, want)
+    if problem:
+        raise ConfigError(f"{flag(name)} {value!r} cannot be used: {problem}")
+
+
+def check_output(name: str, value: str) -> None:
+    """Refuse an output location that is an existing regular file, or on a bucket that does not exist."""
+    problem = storage.describe_output_problem(value)
+    if problem:
+        raise ConfigError(f"{flag(name)} {value!r} cannot be written: {problem}")
+    if storage.is_file(value):
+        raise ConfigError(f"{flag(name)} must be a folder, but {value!r} is an existing file")
+
+
+def check_weights(name: str, value: str) -> None:
+    """``--weights`` is one of the named sources or an existing file."""
+    if value not in NAMED_WEIGHTS and not os.path.isfile(value):
+        raise ConfigError(f"{flag(name)} must be one of {', '.join(NAMED_WEIGHTS)} or a path to a Keras weights "
+                          f"file; got {value!r}")
+
+
+# What a field's ``location`` names, and its check.
+LOCATIONS: dict[str, Callable[[str, str], Any]] = {
+    "folder": check_input,
+    "file": lambda name, value: check_input(name, value, "file"),
+    "output": check_output,
+    "model": lambda name, value: read_metadata(value),  # a missing or foreign model file
+    "weights": check_weights,
+}
+
+
+def check_locations(cfg: Any) -> None:
+    """Check every location ``cfg``'s fields name (those given: None is the job's default)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("location") and value is not None:
+            LOCATIONS[f.metadata["location"]](f.name, value)
 
 
 def preflight(cfg: Any) -> None:
@@ -40,7 +87,7 @@ def preflight(cfg: Any) -> None:
     if isinstance(cfg, ServeConfig):
         # Exposure first: a server that must not start says so whatever else is wrong.
         check_exposure(cfg.host, read_token(cfg.auth_token_file), cfg.insecure)
-        read_metadata(cfg.model)  # a missing or foreign model file
+    check_locations(cfg)
     if isinstance(cfg, AuditConfig) and cfg.top_model:
         check_top_model(cfg.top_model)
     check_outputs(cfg)

@@ -11,12 +11,11 @@ from typing import Any
 
 from pipeline.audit import doctor
 from pipeline.batch.extract import OUTPUT_LAYOUT, run_extraction
-from pipeline.compose import Composed, Stage, compose, split_options
+from pipeline.compose import Composed, Stage, compose
 from pipeline.config import (
+    LISTING_OPTIONS,
     SKIPPABLE,
     AuditConfig,
-    DataOptions,
-    DecodeOptions,
     ExtractConfig,
     FinetuneConfig,
     ScratchConfig,
@@ -29,7 +28,6 @@ from pipeline.nets.modelfile import MODEL_FILE
 from pipeline.options import (
     CONFIG_FILE,
     check_choice,
-    check_output_location,
     check_positive,
     field_help,
     resolved,
@@ -48,9 +46,6 @@ log = logging.getLogger(__name__)
 # minutes; real data gets each job's own default unless an option says otherwise.
 SYNTHETIC_EPOCHS = 5
 TRAINING_STAGES = ("train_top", "finetune", "train_scratch")
-# What the audit reads is the extraction's features, never a data root.
-_DATA_ONLY = tuple(f.name for f in dataclasses.fields(DataOptions) if f.name not in
-                   {g.name for g in dataclasses.fields(DecodeOptions)})
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -58,7 +53,7 @@ class RunAllOptions(Composed):
     """What ``jobs.run_all`` adds to its stages' options, and how it hands each stage its own."""
 
     output_dir: str | None = field_help(None, "run folder: report.md and one folder per stage (default "
-                                              "outputs/<data folder name>)")
+                                              "outputs/<data folder name>)", location="output")
     epochs: int | None = field_help(None, "epochs of every training job whose own --<job>-epochs is not given "
                                           f"(default: each job's own; {SYNTHETIC_EPOCHS} on the built-in data)")
     skip: str = field_help("", "comma-separated stages to skip", SKIPPABLE)
@@ -70,7 +65,6 @@ class RunAllOptions(Composed):
         check_positive("epochs", self.epochs, allow_none=True)
         for stage in self.skipped():
             check_choice("skip", stage, SKIPPABLE)
-        check_output_location("output_dir", self.output_dir)
         for stage in self.STAGES:
             if stage.name.removeprefix("train_") not in self.skipped():
                 self.stage_config(stage.name)  # each stage's own checks, before any work
@@ -88,8 +82,8 @@ class RunAllOptions(Composed):
             options["cache_block4"] = self.cache_block4 and "finetune" not in self.skipped()
         if name == "finetune" and self.cache_block4:
             # Cached fine-tuning reads the extraction's block-4 outputs, not the images.
-            options = {k: v for k, v in options.items() if k not in _DATA_ONLY}
-            inputs = {k: v for k, v in inputs.items() if k not in _DATA_ONLY}
+            options = {k: v for k, v in options.items() if k not in LISTING_OPTIONS}
+            inputs = {k: v for k, v in inputs.items() if k not in LISTING_OPTIONS}
         if name in TRAINING_STAGES and "epochs" not in options:
             epochs = self.epochs or (SYNTHETIC_EPOCHS if self.data_dir is None else None)
             options.update({"epochs": epochs} if epochs else {})
@@ -98,7 +92,7 @@ class RunAllOptions(Composed):
 
 RunAllConfig = compose("RunAllConfig", RunAllOptions, (
     Stage("extract_features", ExtractConfig, "extract", given=("output_dir", "cache_block4")),
-    Stage("audit_data", AuditConfig, "audit", given=("output_dir", "features_dir", "top_model", *_DATA_ONLY)),
+    Stage("audit_data", AuditConfig, "audit", given=("output_dir", "features_dir", "top_model", *LISTING_OPTIONS)),
     Stage("train_top", TrainTopConfig, "top", given=("output_dir", "features_dir")),
     Stage("finetune", FinetuneConfig, "finetune", given=("output_dir", "top_model")),
     Stage("train_scratch", ScratchConfig, "scratch", given=("output_dir",)),
@@ -123,7 +117,7 @@ def resolved_options(cfg: RunAllConfig, output_dir: str) -> dict[str, Any]:
     """``cfg`` as the run resolves it: the output folder, and each stage's own value of every
     per-stage option left unset (``--epochs`` and the built-in data's epochs folded in)."""
     built = {stage.name: cfg.stage_config(stage.name) for stage in cfg.STAGES}
-    unset = {key: getattr(built[stage.name], name) for key, (stage, name) in split_options(cfg.STAGES)[1].items()
+    unset = {key: getattr(built[stage.name], name) for key, (stage, name) in cfg.PREFIXED.items()
              if getattr(cfg, key) is None}
     return resolved(cfg, output_dir=output_dir, epochs=None, **unset)
 

@@ -22,6 +22,7 @@ from pipeline.batch.extract import run_extraction
 from pipeline.config import AuditConfig, ExtractConfig
 from pipeline.data.discover import discover
 from pipeline.errors import ConfigError, DataError, OutputError
+from pipeline.prechecks import preflight
 from tests.conftest import make_real_root
 from tests.images import jpeg_bytes, write
 from tests.planted import EDITS, flip, write_copy, write_strays
@@ -364,7 +365,7 @@ def test_an_exclusion_file_that_is_not_text_is_refused_naming_it(tmp_path):
     with pytest.raises(DataError, match="bad.txt' is not UTF-8 text"):
         discover(root, exclude=str(tmp_path / "bad.txt"))
     with pytest.raises(ConfigError, match="--exclude .*missing.txt.* cannot be used"):
-        AuditConfig(exclude=str(tmp_path / "missing.txt"))
+        preflight(AuditConfig(exclude=str(tmp_path / "missing.txt")))
 
 
 def test_run_all_hands_exclude_to_every_stage_that_lists_photos_and_offers_the_audit(tmp_path):

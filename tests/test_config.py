@@ -18,8 +18,9 @@ from pipeline.config import (
     ServeConfig,
     TrainTopConfig,
 )
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, UserError
 from pipeline.options import build_parser, field_help, parse_config, resolved, write_config
+from pipeline.prechecks import preflight
 from pipeline.runall import RunAllConfig, RunAllOptions, resolved_options
 
 
@@ -204,3 +205,26 @@ def test_a_skipped_stage_is_not_checked_and_gets_no_block4_cache():
     with pytest.raises(ConfigError, match="--scratch-batch-size 16"):
         RunAllConfig(num_workers=3, top_batch_size=30, finetune_batch_size=30)
     assert RunAllConfig(skip="finetune").stage_config("extract_features").cache_block4 is False
+
+
+@pytest.mark.parametrize("cls, names", [
+    (ExtractConfig, ("data_dir", "exclude", "weights", "output_dir")),
+    (TrainTopConfig, ("features_dir", "output_dir")),
+    (FinetuneConfig, ("top_model",)),
+    (ScratchConfig, ("data_dir", "exclude", "output_dir")),
+    (AuditConfig, ("features_dir", "top_model", "exclude", "output_dir")),
+    (PredictConfig, ("model",)),
+    (RunAllConfig, ("data_dir", "exclude", "weights", "output_dir")),
+], ids=lambda v: v.__name__ if isinstance(v, type) else "")
+def test_configs_read_nothing_and_the_preflight_checks_every_location_they_name(cls, names, tmp_path):
+    """A config checks values only (settings can be built anywhere, the files need not be there);
+    the job's preflight refuses, naming the option, each location that cannot be used."""
+    (tmp_path / "a-file").write_text("x")
+    base = {"model": str(tmp_path / "a-file"), "input": str(tmp_path), "output": str(tmp_path / "o.csv")}
+    base = {k: v for k, v in base.items() if k in fields(cls)}
+    for name in names:
+        bad = str(tmp_path / "a-file") if name == "output_dir" else str(tmp_path / "missing")
+        extra = {"cache_block4": False} if cls is FinetuneConfig else {}
+        cfg = cls(**{**base, **extra, name: bad})  # no error: nothing is read
+        with pytest.raises(UserError, match=bad if name == "model" else f"--{name.replace('_', '-')} "):
+            preflight(cfg)

@@ -17,8 +17,9 @@ from jobs.predict import main as predict_main
 from pipeline.batch import predict as batch_predict
 from pipeline.batch.predict import run_prediction
 from pipeline.config import PredictConfig
+from pipeline.prechecks import preflight
 from pipeline.data import storage
-from pipeline.errors import DataError
+from pipeline.errors import DataError, OutputError
 from pipeline.images.decode import load_image
 from pipeline.nets import models, vgg16
 from pipeline.nets.modelfile import load_classifier, save_classifier
@@ -132,13 +133,11 @@ def test_empty_folder_is_a_clear_error(ray_cluster, model_files, tmp_path, capsy
 def test_model_without_metadata_is_refused_before_any_work(tmp_path, capsys):
     plain = str(tmp_path / "plain.keras")
     models.scratch_cnn(SIZE, 2).save(plain)
-    with pytest.raises(SystemExit) as exit_info:
-        predict_main(["--model", plain, "--input", str(tmp_path), "--output", str(tmp_path / "o.csv")])
-    assert exit_info.value.code == 2
+    assert predict_main(["--model", plain, "--input", str(tmp_path), "--output", str(tmp_path / "o.csv")]) == 2
     assert "without classifier metadata" in capsys.readouterr().err
     (tmp_path / "fake.keras").write_text("not a zip")
-    with pytest.raises(SystemExit):
-        predict_main(["--model", str(tmp_path / "fake.keras"), "--input", str(tmp_path), "--output", str(tmp_path / "o.csv")])
+    assert predict_main(["--model", str(tmp_path / "fake.keras"), "--input", str(tmp_path),
+                         "--output", str(tmp_path / "o.csv")]) == 2
     assert "not a .keras model file" in capsys.readouterr().err
 
 
@@ -191,6 +190,8 @@ def test_the_check_reads_only_the_metadata_and_the_job_reads_the_model_once(tmp_
     monkeypatch.setattr(storage, "split_uri", lambda uri: (
         (_CountedFilesystem(split_uri(uri)[0], opened), split_uri(uri)[1]) if uri == model else split_uri(uri)))
     cfg = PredictConfig(model=model, input=str(tmp_path / "photos"), output=str(tmp_path / "out"))
+    assert not opened  # settings alone read nothing
+    preflight(cfg)
     assert len(opened) == 1 and 0 < sum(opened[0]) < 100_000, opened
 
     class Stop(Exception):
@@ -207,11 +208,9 @@ def test_the_check_reads_only_the_metadata_and_the_job_reads_the_model_once(tmp_
 
 
 def test_existing_output_needs_overwrite(model_files, tmp_path):
-    from pipeline.errors import ConfigError
-
     (tmp_path / "o.csv").write_text("x")
-    with pytest.raises(ConfigError, match="--overwrite"):
-        PredictConfig(model=model_files["top"], input=str(tmp_path), output=str(tmp_path / "o.csv"))
+    with pytest.raises(OutputError, match="--overwrite"):
+        preflight(PredictConfig(model=model_files["top"], input=str(tmp_path), output=str(tmp_path / "o.csv")))
 
 
 def test_no_match_for_a_glob(ray_cluster, model_files, tmp_path):

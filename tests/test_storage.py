@@ -14,6 +14,7 @@ from pipeline.config import ExtractConfig, PredictConfig
 from pipeline.data import locks, storage
 from pipeline.data.discover import discover
 from pipeline.errors import ConfigError, DataError, OutputError
+from pipeline.prechecks import preflight
 from pipeline.nets.precision import precision_for
 from tests.clusters import s3_client, s3_server, upload_tree
 from tests.conftest import make_real_root, real_images
@@ -65,14 +66,14 @@ def test_discovery_on_s3_equals_discovery_on_disk(s3):
 ])
 def test_unusable_data_uris_are_named_before_any_work(s3, uri, message):
     with pytest.raises(ConfigError, match=f"--data-dir '{uri}' cannot be used: {message}"):
-        ExtractConfig(data_dir=uri)
+        preflight(ExtractConfig(data_dir=uri))
     with pytest.raises(DataError, match=message):
         discover(uri)
 
 
 def test_outputs_on_a_missing_bucket_are_refused_before_any_work(s3):
     with pytest.raises(ConfigError, match="--output-dir 's3://nope/x' cannot be written: its bucket 'nope' does not exist"):
-        ExtractConfig(data_dir="s3://data/photos", output_dir="s3://nope/x")
+        preflight(ExtractConfig(data_dir="s3://data/photos", output_dir="s3://nope/x"))
 
 
 def test_prediction_globs_on_s3_match_like_local_globs(s3):
@@ -154,7 +155,7 @@ def test_a_model_file_on_s3_is_read_like_a_local_one(s3, tmp_path):
     with pytest.raises(ModelFileError, match="not a .keras model file"):
         read_metadata("s3://data/models/not-a-model.keras")
     with pytest.raises(ModelFileError, match="model file 's3://data/models/missing.keras' cannot be used: it does not exist"):
-        PredictConfig(model="s3://data/models/missing.keras", input="s3://data/photos", output="s3://data/p")
+        preflight(PredictConfig(model="s3://data/models/missing.keras", input="s3://data/photos", output="s3://data/p"))
 
 
 @pytest.mark.parametrize("capability, training, expected", [

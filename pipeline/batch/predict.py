@@ -227,6 +227,11 @@ def check_targets(output: str, overwrite: bool) -> None:
     """Refuse (OutputError) an output this project may not write: a folder (or a single file's
     work folder) holding what a prediction does not write (``outputs.check``), or an existing
     single file without the ``<stem>.summary.json`` a prediction writes beside it."""
+    problem = storage.describe_output_problem(output)
+    if problem:
+        raise OutputError(f"--output {output!r} cannot be written: {problem}")
+    if storage.is_file(output) and not output.lower().endswith(OUTPUT_FILE_SUFFIXES):
+        raise OutputError(f"--output {output!r} is an existing file; give a folder or a .parquet/.csv name")
     work, final, single = _output_targets(output)
     outputs.check(work, OUTPUT_LAYOUT)
     summary = _side_file(final, ".summary.json")
