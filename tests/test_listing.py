@@ -68,6 +68,42 @@ def test_a_link_to_a_folder_outside_the_root_is_followed_once(tmp_path):
     assert _listed(root) == expected
 
 
+def test_two_folders_outside_the_root_linking_to_each_other_are_each_walked_once(tmp_path, caplog):
+    """A loop no ancestor check sees (a -> b -> a, neither above the other) ends at the folder
+    already walked, logged once, not at the kernel's limit of links in a path."""
+    root = str(tmp_path / "root")
+    expected = _tree(root)
+    a, b = tmp_path / "outside" / "a", tmp_path / "outside" / "b"
+    write(str(a / "a.jpg"), jpeg_bytes(color=(1, 2, 3)))
+    write(str(b / "b.jpg"), jpeg_bytes(color=(3, 2, 1)))
+    os.symlink(str(b), str(a / "to-b"))
+    os.symlink(str(a), str(b / "to-a"))
+    os.symlink(str(a), os.path.join(root, "train", "cats", "a"))
+    expected.update({"train/cats/a/a.jpg": "cats", "train/cats/a/to-b/b.jpg": "cats"})
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.localtree"):
+        assert _listed(root) == expected
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "train/cats/a/to-b/to-a" in warnings[0] and "already listed" in warnings[0], warnings
+
+
+def test_two_class_folders_linking_to_one_outside_folder_are_not_both_listed(tmp_path, caplog):
+    """One folder of photos cannot be both classes: the first class folder (sorted) lists it, the
+    other is reported, and a class left empty is a clear error, not each photo under two labels."""
+    root = str(tmp_path / "root")
+    _tree(root)
+    write(str(tmp_path / "outside" / "x.jpg"), jpeg_bytes())
+    for cls in ("cats", "dogs"):
+        folder = os.path.join(root, "train", cls)
+        for name in os.listdir(folder):
+            os.remove(os.path.join(folder, name))
+        os.rmdir(folder)
+        os.symlink(str(tmp_path / "outside"), folder)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.localtree"):
+        with pytest.raises(DataError, match="split 'train' has no images for class\\(es\\) dogs"):
+            discover(root)
+    assert "train/dogs is a folder already listed" in caplog.text, caplog.text
+
+
 def test_one_file_by_two_paths_is_one_row(tmp_path):
     root = str(tmp_path / "root")
     expected = _tree(root)
