@@ -10,7 +10,7 @@ Output layout (``<output>/``)::
     ledger.parquet         every input file once: its stamp, its part, its reject reason if any
     rejects.parquet        path, split, reason, error of every file that could not be decoded
     <split>/part-*.parquet path, label, class_name, features (fixed_size_list<float32>[H*W*C])
-    block4/<split>/…       with --cache-block4: path, label, class_name, block4, and for the
+    block4/<split>/…       with --cache-block4: path, label, class_name, block4 (float16), and for the
                            train split block4_flipped (block-4 output of the mirrored image)
 
 ``features`` is a plain Arrow fixed-size list, so any Arrow reader opens it; its
@@ -53,7 +53,15 @@ from pipeline.config import ExtractConfig
 from pipeline.data import ledger, locks, outputs, storage
 from pipeline.data.discover import IMAGE_EXTENSIONS, OPTIONAL_SPLITS, REQUIRED_SPLITS, DatasetIndex, discover
 from pipeline.data.reuse import fingerprint, job_settings
-from pipeline.data.shards import BLOCK4_DIR, FLIPPED_SPLIT, REJECT_SCHEMA, REJECTS_FILE, data_name, feature_schema
+from pipeline.data.shards import (
+    BLOCK4_DIR,
+    BLOCK4_DTYPE,
+    FLIPPED_SPLIT,
+    REJECT_SCHEMA,
+    REJECTS_FILE,
+    data_name,
+    feature_schema,
+)
 from pipeline.data.synthetic import default_data_dir, is_synthetic, note_builtin_data
 from pipeline.faults import maybe_fail
 from pipeline.nets import vgg16
@@ -125,10 +133,12 @@ class FeatureSink(CommittingSink):
     """Commits each block: its good rows into ``<split>/<part>.parquet`` (with ``block4_dim``
     also the block-4 cache into ``block4/<split>/``), then its ledger entry."""
 
-    def __init__(self, output: str, run_id: str, dim: int, block4_dim: int | None = None):
+    def __init__(self, output: str, run_id: str, dim: int, block4_dim: int | None = None,
+                 block4_dtype: str = BLOCK4_DTYPE):
         super().__init__(output, run_id)
         self.dim = dim
         self.block4_dim = block4_dim
+        self.block4_dtype = block4_dtype
 
     def write_block(self, part: str, batch: dict[str, np.ndarray], ok: np.ndarray) -> None:
         splits = np.asarray([str(s) for s in batch["split"]])
@@ -138,19 +148,20 @@ class FeatureSink(CommittingSink):
             if self.block4_dim is not None:
                 columns = ["block4", "block4_flipped"] if split == FLIPPED_SPLIT else ["block4"]
                 self._write(storage.join(self.output, BLOCK4_DIR, split, f"{part}.parquet"), batch, rows,
-                            self.block4_dim, columns)
+                            self.block4_dim, columns, self.block4_dtype)
 
     @staticmethod
-    def _write(uri: str, batch: dict[str, np.ndarray], rows: np.ndarray, dim: int, columns: list[str]) -> None:
+    def _write(uri: str, batch: dict[str, np.ndarray], rows: np.ndarray, dim: int, columns: list[str],
+               dtype: str = "float32") -> None:
         data: dict[str, Any] = {
             "path": [str(p) for p in batch["relpath"][rows]],
             "label": pa.array(batch["label"][rows].astype(np.int32)),
             "class_name": [str(c) for c in batch["class_name"][rows]],
         }
         for column in columns:
-            values = np.ascontiguousarray(np.stack(batch[column][rows]), dtype=np.float32)
+            values = np.ascontiguousarray(np.stack(batch[column][rows]), dtype=dtype)
             data[column] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim)
-        storage.write_parquet(uri, pa.table(data, schema=feature_schema(dim, columns)))
+        storage.write_parquet(uri, pa.table(data, schema=feature_schema(dim, columns, dtype)))
 
 
 def extraction_settings(cfg: ExtractConfig, weights: WeightsSource) -> dict[str, Any]:
@@ -169,18 +180,19 @@ def default_output_dir(data_dir: str) -> str:
     return os.path.join("outputs", data_name(data_dir), "features")
 
 
-def _begin(output_dir: str, settings: dict[str, Any], cfg: ExtractConfig) -> tuple[dict[str, Any] | None, bool]:
-    """(the finished manifest, if any; whether to write the block-4 cache) for a run into
-    ``output_dir``, after refusing an output made with other settings."""
+def _begin(output_dir: str, settings: dict[str, Any], cfg: ExtractConfig) -> tuple[dict[str, Any] | None, str | None]:
+    """(the finished manifest, if any; the dtype of the block-4 cache to write, None for none)
+    for a run into ``output_dir``, after refusing an output made with other settings. An output
+    keeps its cache's dtype (float32 before float16 was the default), so its parts stay one schema."""
     record, manifest = ledger.open_output(output_dir, OUTPUT_LAYOUT, settings, cfg.overwrite)
     if record is None:
-        return None, cfg.cache_block4
+        return None, BLOCK4_DTYPE if cfg.cache_block4 else None
     if cfg.cache_block4 and not record["cache_block4"]:
         # The same extraction plus the cache: redoing it replaces the folder with a superset.
         log.info(f"re-extracting {output_dir} to add the block-4 cache (--cache-block4)")
         outputs.prepare(output_dir, OUTPUT_LAYOUT, overwrite=True)
-        return None, True
-    return manifest, record["cache_block4"]
+        return None, BLOCK4_DTYPE
+    return manifest, record.get("block4_dtype", "float32") if record["cache_block4"] else None
 
 
 def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
@@ -212,7 +224,7 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
             log.info(f"reusing finished extraction in {output_dir} (same settings and inputs; --overwrite redoes it)")
             return previous
         write_resolved(output_dir, "extract_features", cfg, output_dir=output_dir)
-        ledger.start(output_dir, {"settings": settings, "cache_block4": cache})
+        ledger.start(output_dir, {"settings": settings, "cache_block4": cache is not None, "block4_dtype": cache})
         manifest = _extract(cfg, index, weights, output_dir, cache, previous)
         manifest.update(settings=settings, inputs=inputs, fingerprint=fingerprint({**settings, "inputs": inputs}),
                         synthetic=synthetic, data_dir=storage.absolute(data_dir), output_dir=output_dir,
@@ -223,7 +235,7 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
     return manifest
 
 
-def _extract(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, output: str, cache: bool,
+def _extract(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, output: str, cache: str | None,
              previous: dict[str, Any] | None) -> dict[str, Any]:
     """Bring ``output`` up to date with ``index``: drop what is stale, extract what is missing,
     audit, and return the manifest (less the settings)."""
@@ -250,7 +262,7 @@ def _extract(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, ou
         "precision_requested": cfg.precision,
         "feature_shape": list(shape), "feature_column": f"fixed_size_list<float32>[{int(np.prod(shape))}]",
         "block4": {"dir": BLOCK4_DIR, "shape": list(block4_shape), "flipped_split": FLIPPED_SPLIT,
-                   "columns": ["block4", "block4_flipped"]} if cache else None,
+                   "columns": ["block4", "block4_flipped"], "dtype": cache} if cache else None,
         "inference": asdict(plan) if plan else None, "inference_actors": tally["actors"],
         "decode_nodes": tally["decode_nodes"], "driver_node": ray.get_runtime_context().get_node_id()[:12],
         "config": asdict(cfg), "versions": library_versions(),
@@ -258,7 +270,7 @@ def _extract(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, ou
     }
 
 
-def _infer(cfg: ExtractConfig, root: str, todo: pa.Table, weights: WeightsSource, output: str, cache: bool,
+def _infer(cfg: ExtractConfig, root: str, todo: pa.Table, weights: WeightsSource, output: str, cache: str | None,
            run_id: str) -> tuple[InferencePlan, dict[str, Any]]:
     """Decode and run VGG16 over the ``todo`` files, committing block by block into ``output``."""
     plan = plan_inference(cfg)
@@ -272,15 +284,15 @@ def _infer(cfg: ExtractConfig, root: str, todo: pa.Table, weights: WeightsSource
     ds = map_with_actors(ds, FeatureActor, {
         "image_size": cfg.image_size, "weight_arrays": arrays,
         "preprocessing": weights.preprocessing, "precision": cfg.precision, "batch_size": cfg.batch_size,
-        "cache_block4": cache,
+        "cache_block4": cache is not None,
     }, plan, cfg.batch_size, cfg.block_files)
     dim, block4_dim = (int(np.prod(s)) for s in (vgg16.feature_shape(cfg.image_size), vgg16.block4_shape(cfg.image_size)))
-    sink = FeatureSink(output, run_id, dim, block4_dim if cache else None)
+    sink = FeatureSink(output, run_id, dim, block4_dim if cache else None, cache or "float32")
     ds.write_datasink(sink, ray_remote_args=write_args(output))
     return plan, sink.tally
 
 
-def _audit(output: str, index: DatasetIndex, live: pa.Table, cache: bool) -> tuple[pa.Table, dict[str, dict[str, int]]]:
+def _audit(output: str, index: DatasetIndex, live: pa.Table, cache: str | None) -> tuple[pa.Table, dict[str, dict[str, int]]]:
     """Check that every decoded file of the ledger (which ``ledger.refresh`` checked against the
     listing) is in exactly one shard, in the block-4 cache too when there is one; return the
     rejects and the counts per split and class."""

@@ -17,14 +17,18 @@ from pipeline.data import storage
 BLOCK4_DIR = "block4"
 # Only training rows get the mirrored copy (block4_flipped): it is cached fine-tuning's flip augmentation.
 FLIPPED_SPLIT = "train"
+# The block-4 cache is stored (and held by training) in float16: half the bytes of float32, and
+# VGG16's block-4 outputs (ReLU'd, at most ~110 on real photos) lose only float16's rounding
+# (relative 2^-11) that bench/block4_precision.py shows does not move fine-tuning's accuracy.
+BLOCK4_DTYPE = "float16"
 REJECTS_FILE = "rejects.parquet"
 REJECT_SCHEMA = pa.schema([("path", pa.string()), ("split", pa.string()), ("reason", pa.string()),
                            ("error", pa.string())])
 
-def feature_schema(dim: int, columns: Iterable[str] = ("features",)) -> pa.Schema:
-    """The schema of a feature shard: path, label, class name and fixed-size float32 list columns."""
+def feature_schema(dim: int, columns: Iterable[str] = ("features",), dtype: str = "float32") -> pa.Schema:
+    """The schema of a feature shard: path, label, class name and fixed-size list columns of ``dtype``."""
     return pa.schema([("path", pa.string()), ("label", pa.int32()), ("class_name", pa.string())]
-                     + [(c, pa.list_(pa.float32(), dim)) for c in columns])
+                     + [(c, pa.list_(pa.from_numpy_dtype(np.dtype(dtype)), dim)) for c in columns])
 
 
 def read_split(output_dir: str, split: str, columns: list[str] | None = None) -> pa.Table | None:

@@ -120,8 +120,10 @@ def _finetune_cached(job: Job, cfg: FinetuneConfig, meta: dict[str, Any], manife
                 .select_columns(["path", "label", "block4", "block4_flipped"]).randomize_block_order(seed=cfg.seed),
                 "validation": ray.data.read_parquet(storage.join(cache, "validation"))
                 .select_columns(["path", "label", "block4"])}
+    # Caches written before float16 was the default hold float32.
+    itemsize = np.dtype(manifest["block4"].get("dtype", "float32")).itemsize
     held = held_bytes((2 * split_rows(manifest, "train") + split_rows(manifest, "validation"))
-                      * np.prod(block4_shape) * 4, cfg.num_workers)
+                      * np.prod(block4_shape) * itemsize, cfg.num_workers)
     settings = loop_settings("finetune", cfg, len(classes), split_rows(manifest, "train"),
                              image_size=meta["image_size"], augment=True, shift=cfg.shift,
                              cached_block4=True, block4_shape=block4_shape, feature_shape=shape,
