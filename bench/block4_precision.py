@@ -8,9 +8,11 @@ float16 (the product's default, ``pipeline.data.shards.BLOCK4_DTYPE``), beside l
 feature shards, and a copy of M whose metadata names each copy; then it runs ``jobs.finetune``
 as a user does (its defaults, but ``--epochs`` and ``--seed``) on each, seed by seed. Printed per
 seed and dtype: validation accuracy and loss of the exported model, the worker's peak memory and
-the bytes it held; and the largest relative rounding of the float16 maps. The same seed on both
-dtypes trains from the same top model on the same batches and augmentation, so the difference is
-the dtype's. Figures go to ``bench/results/block4_precision.json``.
+the bytes it held; and the float16 maps' rounding (the largest relative change of a value in
+float16's normal range, the largest absolute change, and how many non-zero values became 0). The
+same seed on both dtypes trains from the same top model on the same batches and augmentation, so
+the difference is the dtype's. Figures go to ``bench/results/block4_precision.json``;
+``--rounding-only`` measures the rounding alone (``block4_precision-rounding.json``).
 """
 
 from __future__ import annotations
@@ -38,9 +40,19 @@ from pipeline.nets.modelfile import METADATA_NAME  # noqa: E402
 GIB = 2**30
 
 
-def cast_cache(source: str, target: str, dtype: str) -> float:
+def rounding(values: np.ndarray, cast: np.ndarray) -> dict[str, float]:
+    """What casting ``values`` (float32) to ``cast`` changed: the largest relative change among
+    values in float16's normal range, the largest absolute change, non-zero values made 0."""
+    change = np.abs(cast.astype(np.float32) - values)
+    normal = np.abs(values) >= np.finfo(np.float16).tiny
+    return {"max_relative": float(np.max(change[normal] / np.abs(values[normal]), initial=0.0)),
+            "max_absolute": float(change.max(initial=0.0)), "nonzero_made_zero": int(np.sum((values != 0) & (cast == 0))),
+            "values": int(values.size)}
+
+
+def cast_cache(source: str, target: str, dtype: str) -> dict[str, float]:
     """Link ``source``'s feature shards into ``target`` and write its block-4 cache there in
-    ``dtype``; returns the largest relative change of a map value (0 for float32)."""
+    ``dtype``; returns the rounding of the map values (``rounding``, summed over the parts)."""
     os.makedirs(target)
     for name in os.listdir(source):
         if name not in (BLOCK4_DIR, "manifest.json"):
@@ -51,7 +63,7 @@ def cast_cache(source: str, target: str, dtype: str) -> float:
     manifest["block4"]["dtype"] = dtype
     with open(os.path.join(target, "manifest.json"), "w") as f:
         json.dump(manifest, f)
-    worst = 0.0
+    total = {"max_relative": 0.0, "max_absolute": 0.0, "nonzero_made_zero": 0, "values": 0}
     for split in os.listdir(os.path.join(source, BLOCK4_DIR)):
         os.makedirs(os.path.join(target, BLOCK4_DIR, split))
         for part in os.listdir(os.path.join(source, BLOCK4_DIR, split)):
@@ -62,13 +74,12 @@ def cast_cache(source: str, target: str, dtype: str) -> float:
             for c in columns:
                 values = list_rows(table.column(c)).astype(np.float32)
                 cast = values.astype(dtype)
-                nonzero = values != 0
-                worst = max(worst, float(np.max(np.abs(cast[nonzero] - values[nonzero]) / np.abs(values[nonzero]),
-                                                initial=0.0)))
+                for key, value in rounding(values, cast).items():
+                    total[key] = max(total[key], value) if key.startswith("max") else total[key] + value
                 data[c] = pa.FixedSizeListArray.from_arrays(pa.array(cast.reshape(-1)), dim)
             pq.write_table(pa.table(data, schema=feature_schema(dim, columns, dtype)),
                            os.path.join(target, BLOCK4_DIR, split, part))
-    return worst
+    return total
 
 
 def top_model_for(source: str, target: str, features_dir: str) -> None:
@@ -100,15 +111,22 @@ def main() -> None:
     parser.add_argument("--top-model", required=True)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--rounding-only", action="store_true", help="measure the float16 rounding, train nothing")
     args = parser.parse_args()
+    if args.rounding_only:
+        with tempfile.TemporaryDirectory(prefix="ric-block4-") as tmp:
+            figures = {"rounding_float16": cast_cache(os.path.abspath(args.features_dir), os.path.join(tmp, "f"),
+                                                      "float16")}
+        write_result("block4_precision-rounding", figures)
+        print(json.dumps(figures))
+        return
     figures: dict = {"epochs": args.epochs, "runs": {}}
     with tempfile.TemporaryDirectory(prefix="ric-block4-") as tmp:
         logs = os.path.join(tmp, "logs")
         os.makedirs(logs)
         for dtype in ("float32", "float16"):
             features = os.path.join(tmp, f"features-{dtype}")
-            rounding = cast_cache(os.path.abspath(args.features_dir), features, dtype)
-            figures[f"max_relative_rounding_{dtype}"] = rounding
+            figures[f"rounding_{dtype}"] = cast_cache(os.path.abspath(args.features_dir), features, dtype)
             figures[f"cache_bytes_on_disk_{dtype}"] = sum(
                 os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(os.path.join(features, BLOCK4_DIR))
                 for n in names)
