@@ -27,8 +27,9 @@ from pipeline.training.settings import LoopSettings
 # the shared sample at the jobs' defaults (bench/results/train_memory.json, 2 workers, and
 # train_memory-1worker.json): bases 0.79-1.15 GiB; peaks 1.85 GiB holding 0.26 GiB (top MLP),
 # 1.35 GiB holding 0.18 GiB (small CNN), 5.02 GiB holding 1.79 GiB (cached fine-tuning: 2.25 x
-# the held data above its base). This base and factor cover every one of them.
-WORKER_BASE_BYTES = int(1.3 * 2**30)
+# the held data above its base); with the block-4 cache in float16, 3.37 GiB holding 0.90 GiB
+# (bench/results/block4_precision.json). This base and factor cover every one of them.
+WORKER_BASE_BYTES = int(1.4 * 2**30)
 HELD_BYTES_FACTOR = 2.25
 # The share of the memory Ray may hand out (cluster-wide) that training workers holding their
 # data may take together; the rest is for everything else that runs beside them.
