@@ -105,7 +105,7 @@ def slope_of_run(data_dir: str, output_dir: str, extra: list[str]) -> dict[str, 
     from bench.process_memory import run_sampled
 
     seconds, sampler = run_sampled(["jobs.extract_features", "--data-dir", data_dir, "--output-dir", output_dir,
-                                    *extra], REPO, output_dir + ".log", period=1.0)
+                                    *extra], REPO, output_dir + ".log", period=1.0, output=output_dir)
     with open(os.path.join(output_dir, "manifest.json")) as f:
         total = json.load(f)["num_images"]
     points = [(done, sum(sum(v) for v in kinds.values())) for _, done, kinds in sampler.samples]

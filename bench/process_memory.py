@@ -110,12 +110,14 @@ def start_job(args: list[str], cwd: str, log_path: str) -> subprocess.Popen:
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def run_sampled(args: list[str], cwd: str, log_path: str, period: float = 1.0) -> tuple[float, Sampler]:
-    """Run ``python -m <args>`` (``start_job``) to its end while sampling its tree; its seconds
-    and the sampler. Raises SystemExit with the log's end when it fails."""
+def run_sampled(args: list[str], cwd: str, log_path: str, period: float = 1.0,
+                output: str | None = None) -> tuple[float, Sampler]:
+    """Run ``python -m <args>`` (``start_job``) to its end while sampling its tree (and the rows
+    committed into ``output``, when given); its seconds and the sampler. Raises SystemExit with
+    the log's end when it fails."""
     started = time.time()
     job = start_job(args, cwd, log_path)
-    sampler = Sampler(job.pid, period=period)
+    sampler = Sampler(job.pid, output, period=period)
     sampler.start()
     code = job.wait()
     sampler.stop.set()
