@@ -106,6 +106,7 @@ class DataOptions(DecodeOptions):
 DECODE_OPTIONS = tuple(f.name for f in dataclasses.fields(DecodeOptions))
 # The options that name a data root and how it is listed (what a job reading stored features drops).
 LISTING_OPTIONS = tuple(f.name for f in dataclasses.fields(DataOptions) if f.name not in DECODE_OPTIONS)
+DATA_OPTIONS = LISTING_OPTIONS + DECODE_OPTIONS
 
 # 128 files: a few MB of decoded pixels per block at 150 px (Ray Data's blocks are happiest
 # between 1 and 128 MB), about 8,000 blocks at a million files, and at most 128 files of
@@ -212,9 +213,6 @@ class TrainTopConfig(TrainConfig):
 
     features_dir: str | None = field_help(None, "output of jobs.extract_features; default: extract the built-in data "
                                                 "set first", location="folder")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
 
 
 ROTATION_HELP = ("the small CNN's augmentation: random rotation within ± this many degrees (on top of the reference "

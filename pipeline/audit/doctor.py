@@ -26,7 +26,7 @@ from pipeline.audit import duplicates, labels, leakage, neighbours, pooled, stra
 from pipeline.audit.findings import Findings, summary_counts
 from pipeline.audit.page import write_outputs
 from pipeline.batch.extract import run_extraction
-from pipeline.config import DECODE_OPTIONS, LISTING_OPTIONS, AuditConfig, ExtractConfig
+from pipeline.config import DATA_OPTIONS, AuditConfig, ExtractConfig
 from pipeline.data import outputs, storage
 from pipeline.data.reuse import job_settings, require_same
 from pipeline.data.shards import data_name
@@ -52,7 +52,7 @@ def _features(cfg: AuditConfig) -> str:
     """The feature folder to audit: ``--features-dir``, else ``--data-dir`` (or the built-in data) extracted."""
     if cfg.features_dir:
         return cfg.features_dir
-    options = {name: getattr(cfg, name) for name in LISTING_OPTIONS + DECODE_OPTIONS}
+    options = {name: getattr(cfg, name) for name in DATA_OPTIONS}
     return run_extraction(ExtractConfig(**options))["output_dir"]
 
 
@@ -95,7 +95,7 @@ def audit_data(cfg: AuditConfig) -> dict[str, Any]:
     manifest = finished_manifest(features_dir)
     output_dir = cfg.output_dir or default_output_dir(manifest["data_dir"])
     top_sha = hashlib.sha256(storage.read_bytes(cfg.top_model)).hexdigest() if cfg.top_model else None
-    settings = job_settings(cfg, drop=LISTING_OPTIONS + DECODE_OPTIONS + ("features_dir", "top_model"),
+    settings = job_settings(cfg, drop=DATA_OPTIONS + ("features_dir", "top_model"),
                             features=manifest["fingerprint"], top_model_sha256=top_sha)
     reused = _prepare(output_dir, settings, cfg.overwrite)
     if reused:
