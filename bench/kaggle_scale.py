@@ -1,17 +1,18 @@
 """Kaggle-size on one node: the full Dogs vs. Cats training set's size (25,000 photos) through
 extraction, the top MLP and cached fine-tuning with 2 workers, to the end, on this machine.
 
-    python bench/kaggle_scale.py [--photos 25000] [--num-workers 2] [--finetune-epochs 10]
-                                 [--scratch-epochs 2] [--stages extract,top,finetune,scratch]
+    python bench/kaggle_scale.py [--photos 25000] [--num-workers 2] [--top-epochs 50]
+                                 [--finetune-epochs 10] [--scratch-epochs 2]
+                                 [--stages extract,top,finetune,scratch]
 
 The root is Kaggle's layout (one flat folder of ``cat.<n>.jpg`` and ``dog.<n>.jpg``), made of the
 shared sample's photos copied round robin under new names (copies, not links: listing counts a
 file that several links reach once). Each stage runs as a user runs it (its own local Ray
 cluster, the job's defaults, ``--num-workers``); printed per stage: wall time, the peak RSS of
 each kind of process of its tree, and the training workers' peaks from the job's summary. The
-small CNN runs ``--scratch-epochs`` epochs and fine-tuning ``--finetune-epochs`` (its default
-unless given); a stage run with fewer epochs than its default gets the default projected from its
-per-epoch seconds. ``--stages`` runs some stages over the work folder an earlier run left (the
+small CNN runs ``--scratch-epochs`` epochs, the top MLP and fine-tuning ``--top-epochs`` and
+``--finetune-epochs`` (their defaults unless given); a stage run with fewer epochs than its
+default gets the default projected from its per-epoch seconds. ``--stages`` runs some stages over the work folder an earlier run left (the
 first stage, ``extract``, starts it afresh), so an hours-long run can be taken in parts; each
 stage's figures carry the command and commit that made them. Figures go to
 ``bench/results/kaggle_scale.json``.
@@ -29,13 +30,13 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from bench.process_memory import run_sampled  # noqa: E402
 from bench.result_file import commit, write_result  # noqa: E402
-from pipeline.config import FinetuneConfig, ScratchConfig  # noqa: E402
+from bench.train_memory import job_figures  # noqa: E402
+from pipeline.config import FinetuneConfig, ScratchConfig, TrainTopConfig  # noqa: E402
 from pipeline.data.discover import discover  # noqa: E402
 
-GIB = 2**30
-DEFAULT_EPOCHS = {"finetune": FinetuneConfig.__dataclass_fields__["epochs"].default,
+DEFAULT_EPOCHS = {"top": TrainTopConfig.__dataclass_fields__["epochs"].default,
+                  "finetune": FinetuneConfig.__dataclass_fields__["epochs"].default,
                   "scratch": ScratchConfig.__dataclass_fields__["epochs"].default}
 STAGES = ("extract", "top", "finetune", "scratch")
 
@@ -58,19 +59,13 @@ def kaggle_root(source: str, root: str, photos: int) -> dict[str, int]:
 
 
 def stage(name: str, args: list[str], summary: str | None, logs: str) -> dict:
-    """Run one stage; its seconds, process peaks and (training) its workers' memory and accuracy."""
-    seconds, sampler = run_sampled(args, REPO, os.path.join(logs, f"{name}.log"), period=2.0)
-    figures: dict = {"command": "python -m " + " ".join(args), "commit": commit(),
-                     "seconds": round(seconds), "process_peaks_mib": sampler.peaks()}
-    if summary:
-        with open(summary) as f:
-            done = json.load(f)
-        figures.update({"worker_peak_gib": [round(b / GIB, 2) for b in done["worker_peak_rss_bytes"]],
-                        "held_gib_per_worker": round(done.get("held_bytes_per_worker", 0) / GIB, 2),
-                        "epochs": done["epochs"], "epoch_seconds": done["seconds"], "accuracy": done["accuracy"]})
-        if name in DEFAULT_EPOCHS and done["epochs"] < DEFAULT_EPOCHS[name]:
-            figures.update(projected(name, figures, summary))
-    print(f"{name}: {json.dumps(figures)}", flush=True)
+    """Run one stage: ``train_memory``'s figures (seconds, process peaks, the training workers'
+    memory by epoch against the hold-or-stream rule) with the command, the commit and, for a
+    stage run with fewer epochs than its default, the default's projected seconds."""
+    figures = {"command": "python -m " + " ".join(args), "commit": commit(), **job_figures(name, args, summary, logs)}
+    if name in DEFAULT_EPOCHS and figures["epochs"] < DEFAULT_EPOCHS[name]:
+        figures.update(projected(name, figures, summary))
+        print(f"{name}, projected: {json.dumps(figures)}", flush=True)
     return figures
 
 
@@ -94,13 +89,14 @@ def stage_args(name: str, work: str, args: argparse.Namespace) -> tuple[list[str
     if name == "extract":
         return ["jobs.extract_features", "--data-dir", root, "--layout", "kaggle", "--output-dir", features,
                 "--cache-block4"], None
+    epochs = {"top": args.top_epochs, "finetune": args.finetune_epochs}.get(name)
+    epochs_arg = ["--epochs", str(epochs)] if epochs else []
     if name == "top":
-        return ["jobs.train_top", "--features-dir", features, "--output-dir", out, *workers], \
+        return ["jobs.train_top", "--features-dir", features, "--output-dir", out, *workers, *epochs_arg], \
             os.path.join(out, "top", "summary.json")
     if name == "finetune":
-        epochs = ["--epochs", str(args.finetune_epochs)] if args.finetune_epochs else []
         return ["jobs.finetune", "--top-model", os.path.join(out, "top", "model.keras"), "--output-dir", out,
-                *workers, *epochs], os.path.join(out, "finetune", "summary.json")
+                *workers, *epochs_arg], os.path.join(out, "finetune", "summary.json")
     return ["jobs.train_scratch", "--data-dir", root, "--layout", "kaggle", "--output-dir", out,
             "--epochs", str(args.scratch_epochs), *workers], os.path.join(out, "scratch", "summary.json")
 
@@ -110,6 +106,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.path.join(REPO, "..", "shared", "data", "cats_vs_dogs_small"))
     parser.add_argument("--photos", type=int, default=25_000)
     parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--top-epochs", type=int, default=None, help="default: the job's")
     parser.add_argument("--finetune-epochs", type=int, default=None, help="default: the job's")
     parser.add_argument("--scratch-epochs", type=int, default=2)
     parser.add_argument("--stages", default=",".join(STAGES), help=f"some of {', '.join(STAGES)}")
