@@ -46,12 +46,9 @@ def _check_reachable(address: str, where: str) -> None:
 
 
 def _target_address() -> str | None:
-    """The GCS address (host:port) this job will attach to, or None to start a cluster in-process.
-
-    Ray's own lookup, made explicit so that an address that answers nothing fails fast
-    instead of retrying for ever: ``RAY_ADDRESS``, else the cluster last started with
-    ``ray start`` on this machine (recorded in Ray's temp folder).
-    """
+    """The GCS address (host:port) to attach to, or None to start a cluster in-process: Ray's own lookup
+    (``RAY_ADDRESS``, else this machine's last ``ray start``), made explicit so a dead address fails fast
+    instead of being retried for ever."""
     env = os.environ.get("RAY_ADDRESS", "")
     if env == "local":
         return None
@@ -69,17 +66,12 @@ def _target_address() -> str | None:
 
 def init_ray(local: bool = False, env_vars: dict[str, str] | None = None, verbose: bool = False,
              **start_options: Any) -> None:
-    """Attach to a running cluster (``RAY_ADDRESS`` or a local ``ray start``), else (or with
-    ``local``) start one in-process with ``start_options`` (``num_cpus``…).
+    """Attach to a running cluster (``RAY_ADDRESS`` or a local ``ray start``), else (or with ``local``) start
+    one in-process with ``start_options``; unless ``verbose``, TensorFlow's and Ray's chatter stays in log files.
 
-    Unless ``verbose``, the job's processes keep TensorFlow's and Ray's chatter to their log
-    files (``pipeline.logs``); the project's own messages go to stdout either way.
-
-    Every process of the job (tasks, actors, Ray Train's controller and its placement-group
-    cleaner) gets ``RAY_ADDRESS`` set to this job's own cluster, besides ``env_vars``. Without
-    it, a helper that looks a cluster up by itself (the cleaner queries the state API) takes
-    the machine's most recently started one, which with two clusters on a machine may be the
-    other one, and tears down a healthy training run.
+    Every process of the job gets ``RAY_ADDRESS`` naming this job's cluster (besides ``env_vars``): a helper
+    that looks a cluster up itself (Ray Train's placement-group cleaner) would otherwise take the machine's
+    latest one, maybe another job's, and tear down a healthy training run.
     """
     if ray.is_initialized():
         return
@@ -115,12 +107,8 @@ class InferencePlan:
 
 def inference_plan(cpu_workers: int, gpus: int | None = None) -> InferencePlan:
     """``gpus`` one-GPU actors when asked; else one per GPU of the cluster, or ``cpu_workers``
-    fractional-CPU actors when it has none.
-
-    Actors that each reserve a whole CPU leave nothing for the decode tasks on a
-    small machine and the pipeline stalls without a word, so CPU actors reserve a
-    fraction: the TensorFlow runtime uses every core of its node anyway.
-    """
+    fractional-CPU actors when it has none. CPU actors reserve a fraction of a CPU (TensorFlow uses
+    every core anyway): whole ones would leave the decode tasks none on a small machine, and it stalls."""
     resources = ray.cluster_resources()
     cpus = float(resources.get("CPU", 1))
     present = int(resources.get("GPU", 0))
@@ -134,11 +122,8 @@ def inference_plan(cpu_workers: int, gpus: int | None = None) -> InferencePlan:
 
 
 def wait_for_gpus(count: int, timeout_s: float, poll_s: float = 2.0) -> None:
-    """Ask the autoscaler for ``count`` GPUs and wait until the cluster has them.
-
-    Nodes that an autoscaler starts from zero take minutes to join; without asking, a
-    cluster with no GPU yet would never start one. Raises ClusterError after ``timeout_s``.
-    """
+    """Ask the autoscaler for ``count`` GPUs (unasked, a cluster with none would never start one) and
+    wait, minutes if need be, until the cluster has them; ClusterError after ``timeout_s``."""
     have = int(ray.cluster_resources().get("GPU", 0))
     if have >= count:
         return
@@ -168,12 +153,8 @@ def wait_for_gpus(count: int, timeout_s: float, poll_s: float = 2.0) -> None:
 
 
 def pin_to_this_node(location: str) -> dict[str, Any]:
-    """Ray remote args that keep tasks and actors (Serve replicas too, as ``ray_actor_options``)
-    reading or writing a local path on the driver's node.
-
-    Nothing else on a cluster without a shared filesystem can open a local path the driver
-    named; object-store URIs need no pinning.
-    """
+    """Ray remote args that keep tasks and actors (Serve replicas too) using a local ``location`` on the
+    driver's node, the only one sure to have it; object-store URIs need no pinning."""
     if not storage.is_local(location):
         return {}
     # Ray's own local:// reads pin this way (a hard label constraint, which replaced

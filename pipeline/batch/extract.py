@@ -13,13 +13,11 @@ Output layout (``<output>/``)::
     block4/<split>/…       with --cache-block4: path, label, class_name, block4 (float16), and for the
                            train split block4_flipped (block-4 output of the mirrored image)
 
-``features`` is a plain Arrow fixed-size list, so any Arrow reader opens it; its
-shape is ``manifest["feature_shape"]`` (``manifest["block4"]["shape"]`` for the cache).
-Rows are written in a seeded random order, so every shard mixes the classes.
-
-A run commits block by block (``pipeline.data.ledger``): an interrupted run is resumed by the
-next one with the same settings, and a rerun over a changed data root extracts only the
-added and changed files and drops the rows of removed ones.
+``features`` is a plain Arrow fixed-size list (any Arrow reader opens it) of shape
+``manifest["feature_shape"]`` (``manifest["block4"]["shape"]`` for the cache). Rows are written in
+a seeded random order, so every shard mixes the classes. A run commits block by block
+(``pipeline.data.ledger``): the next run with the same settings resumes an interrupted one, and
+a rerun over a changed data root extracts only added and changed files and drops removed ones.
 """
 
 from __future__ import annotations
@@ -89,11 +87,8 @@ def _rows_of(values: np.ndarray | None, ok: np.ndarray, dim: int) -> np.ndarray:
 
 
 class FeatureActor:
-    """A Ray Data actor that holds one VGG16 and turns image batches into bottleneck features.
-
-    With ``cache_block4`` it also returns the block-4 output of every image, and of every training
-    row's mirror image (``block4_flipped``).
-    """
+    """A Ray Data actor holding one VGG16 that turns image batches into bottleneck features; with
+    ``cache_block4`` also every image's block-4 output, and every training row's mirror image's."""
 
     def __init__(self, image_size: int, weight_arrays: list[np.ndarray] | None, preprocessing: str,
                  precision: str, batch_size: int, cache_block4: bool = False):
@@ -165,11 +160,9 @@ class FeatureSink(CommittingSink):
 
 
 def extraction_settings(cfg: ExtractConfig, weights: WeightsSource) -> dict[str, Any]:
-    """What decides an extraction's rows: its options (the requested precision: with "auto" each
-    actor chooses from its device, and the same request on other hardware is the same extraction)
-    and the weights' checksum. The files under the data root are not among them: a rerun over
-    changed files updates the output. Nor is the block-4 cache: an output with it is a superset
-    of one without."""
+    """What decides an extraction's rows: its options (the *requested* precision, so "auto" on other
+    hardware is the same extraction) and the weights' checksum. Not the data root's files (a rerun
+    updates the output) nor the block-4 cache (an output with it is a superset of one without)."""
     return job_settings(cfg, drop=("data_dir", "weights", "cache_block4", "workers", "gpus", "batch_size",
                                    "block_files", "max_reject_fraction"),
                         weights_sha256=weights.sha256, preprocessing=weights.preprocessing)
@@ -181,9 +174,9 @@ def default_output_dir(data_dir: str) -> str:
 
 
 def _begin(output_dir: str, settings: dict[str, Any], cfg: ExtractConfig) -> tuple[dict[str, Any] | None, str | None]:
-    """(the finished manifest, if any; the dtype of the block-4 cache to write, None for none)
-    for a run into ``output_dir``, after refusing an output made with other settings. An output
-    keeps its cache's dtype (float32 before float16 was the default), so its parts stay one schema."""
+    """(the finished manifest or None, the block-4 cache's dtype or None) for a run into ``output_dir``,
+    after refusing one made with other settings. An output keeps its cache's dtype (older ones: float32),
+    so its parts stay one schema."""
     record, manifest = ledger.open_output(output_dir, OUTPUT_LAYOUT, settings, cfg.overwrite)
     if record is None:
         return None, BLOCK4_DTYPE if cfg.cache_block4 else None
@@ -197,11 +190,8 @@ def _begin(output_dir: str, settings: dict[str, Any], cfg: ExtractConfig) -> tup
 
 def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
     """Extract features for every image of the data root into ``cfg.output_dir``; return the manifest.
-
-    A finished output with the same settings is reused when the data root is unchanged and
-    updated when it changed; an unfinished one is resumed; one with other settings is
-    refused, naming them, unless ``cfg.overwrite``.
-    """
+    A finished output with the same settings is reused, or updated when the data root changed; an
+    unfinished one is resumed; one with other settings is refused, naming them, unless ``cfg.overwrite``."""
     started = time.time()
     data_dir = cfg.data_dir or default_data_dir()
     synthetic = is_synthetic(data_dir)
@@ -293,9 +283,8 @@ def _infer(cfg: ExtractConfig, root: str, todo: pa.Table, weights: WeightsSource
 
 
 def _audit(output: str, index: DatasetIndex, live: pa.Table, cache: str | None) -> tuple[pa.Table, dict[str, dict[str, int]]]:
-    """Check that every decoded file of the ledger (which ``ledger.refresh`` checked against the
-    listing) is in exactly one shard, in the block-4 cache too when there is one; return the
-    rejects and the counts per split and class."""
+    """Check that every decoded file of the ledger (``ledger.refresh`` checked it against the listing) is
+    in exactly one shard, and of the block-4 cache if any; return the rejects and counts per split and class."""
     folders = {split: split for split in index.split_names}
     if cache:
         folders.update({storage.join(BLOCK4_DIR, split): split for split in index.split_names})

@@ -1,11 +1,9 @@
 """The Ray Data plumbing that extraction, prediction and training share: files → decode tasks →
 an actor pool running a model → a sink that tallies who did what.
 
-Work arrives as an Arrow table with one row per file (``relpath`` under a ``root``, plus any
-columns the caller wants carried through to its sink). It is cut into blocks of
-``--block-files`` files: one decode task, one actor call and one committed output part
-each, so the driver plans a few thousand blocks at a million files, not one per batch, and
-an interrupted run loses at most the blocks in flight.
+Work is an Arrow table, one row per file (``relpath`` under a ``root``, plus columns carried to the
+sink), cut into blocks of ``--block-files`` files: one decode task, actor call and committed part
+each, so the driver plans thousands of blocks, not millions, and an interruption loses only those in flight.
 """
 
 from __future__ import annotations
@@ -32,19 +30,16 @@ from pipeline.errors import DataError
 from pipeline.faults import maybe_fail
 from pipeline.images.decode import MAX_PIXELS, decode_batch
 
-BLOCK_ROWS = DEFAULT_BLOCK_FILES
-# What a decode task holds besides its block's pixels: the worker itself (about 110 MiB
-# measured) and one 12-megapixel photo decoded at full size before it is scaled down.
+# What a decode task holds besides its block's pixels: the worker itself (about 110 MiB)
+# and one 12-megapixel photo decoded at full size before it is scaled down.
 DECODE_TASK_BASE_BYTES = 160 * 2**20
 
 
 class ImageBlocks(Datasource):
     """The files of a table (``relpath`` under ``root``) as blocks of ``block_rows`` decoded images.
 
-    The driver puts the table into the object store once and makes one read task per block,
-    each holding only its block number; the task takes its rows from the shared table and
-    decodes them. Planning a million files so costs a second and no Python object per file
-    (``ray.data.from_items`` of a dict per file took 37 s and 1.1 GB of driver memory).
+    The table goes into the object store once and each read task holds only its block number, so
+    planning a million files costs no Python object per file (unlike ``ray.data.from_items``).
     Reading *is* decoding, so no separate read operator holds a CPU that writers need.
     """
 
@@ -85,16 +80,14 @@ class ImageBlocks(Datasource):
         return [BlockAccessor.batch_to_block(out)]
 
 
-def decoded_images(files: pa.Table, root: str, image_size: int, decode_cpus: float, block_rows: int = BLOCK_ROWS,
+def decoded_images(files: pa.Table, root: str, image_size: int, decode_cpus: float,
+                   block_rows: int = DEFAULT_BLOCK_FILES,
                    order: np.ndarray | None = None, max_pixels: int = MAX_PIXELS) -> ray.data.Dataset:
     """A Ray dataset of ``files`` (a table with a ``relpath`` column under ``root``; in the order
     of the positions ``order`` when given) plus each file's ``path``, decoded ``image``,
-    ``reason``, ``error`` and the ``decode_node`` that decoded it (see ``ImageBlocks``).
-
-    Decoding runs in parallel Ray tasks, one file at a time inside each block, so a bad
-    file becomes a reject row instead of failing its block (unlike ``ray.data.read_images``).
-    Local roots are decoded on the driver's node, the only one sure to have them; URIs anywhere.
-    """
+    ``reason``, ``error`` and the ``decode_node`` that decoded it (see ``ImageBlocks``). Each file
+    is decoded on its own, so a bad one becomes a reject row instead of failing its block (unlike
+    ``ray.data.read_images``); local roots are decoded on the driver's node (``pin_to_this_node``)."""
     source = ImageBlocks(files, root, image_size, block_rows, order, max_pixels)
     # Decode tasks state the memory they need. That also keeps Ray Data from fusing decoding
     # into the inference actors (it fuses operators whose remote args match), which would
@@ -120,10 +113,9 @@ def find_rejects(files: pa.Table, root: str, image_size: int, max_pixels: int = 
                       join_type="inner").sort_by("relpath")
 
 
-# Writers reserve a tenth of a CPU: a write task that asks for a whole one is held back by Ray
-# Data's resource budget while decode tasks and actors hold the cores, and then nothing is
-# committed until the last file is decoded (seen at a million files on 2 cores). Writing a
-# block of Parquet is mostly I/O.
+# Writers reserve a tenth of a CPU (writing Parquet is mostly I/O): a write task asking for a whole
+# one is held back while decode tasks and actors hold the cores, and nothing is committed until
+# the last file is decoded.
 WRITE_CPUS = 0.1
 
 
@@ -151,10 +143,9 @@ def plan_inference(options: InferenceOptions) -> InferencePlan:
 
 
 def map_with_actors(ds: ray.data.Dataset, actor_cls: type, constructor_kwargs: dict[str, Any],
-                    plan: InferencePlan, batch_size: int, block_rows: int = BLOCK_ROWS) -> ray.data.Dataset:
-    """Run ``actor_cls`` over ``ds`` (blocks of ``block_rows`` rows) in a pool of ``plan.actors``
-    actors, each built once; the stage feeding them runs at most ``runahead.run_ahead_blocks``
-    blocks ahead."""
+                    plan: InferencePlan, batch_size: int, block_rows: int = DEFAULT_BLOCK_FILES) -> ray.data.Dataset:
+    """Run ``actor_cls`` over ``ds`` (blocks of ``block_rows`` rows) in a pool of ``plan.actors`` actors,
+    each built once, fed at most ``runahead.run_ahead_blocks`` blocks ahead."""
     cap_run_ahead(ds.context, plan.actors, -(-batch_size // block_rows))
     return ds.map_batches(
         actor_cls,
@@ -168,11 +159,8 @@ def map_with_actors(ds: ray.data.Dataset, actor_cls: type, constructor_kwargs: d
 
 
 def run_model_on_good_rows(predict_fn, images: np.ndarray, ok: np.ndarray, batch_size: int):
-    """Call ``predict_fn`` on the rows where ``ok`` only, padded to ``batch_size`` so TF never retraces.
-
-    Returns None when no row is ok; else the output array, or a list of arrays for a
-    model with several outputs.
-    """
+    """``predict_fn``'s output (an array, or a list for several outputs) for the rows where ``ok``, in
+    batches padded to ``batch_size`` so TF never retraces; None when no row is ok."""
     good = images[ok]
     if len(good) == 0:
         return None
@@ -187,8 +175,7 @@ def run_model_on_good_rows(predict_fn, images: np.ndarray, ok: np.ndarray, batch
 
 
 def actor_identity(precision: str) -> str:
-    """Which node, process and GPUs an inference actor runs on, and the precision it chose, as JSON
-    (recorded in the manifest)."""
+    """An inference actor's node, process, GPUs and chosen precision, as JSON (for the manifest)."""
     return json.dumps({"node": ray.get_runtime_context().get_node_id()[:12], "pid": os.getpid(),
                        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "precision": precision},
@@ -202,9 +189,8 @@ def actors_precision(actors: list[dict[str, Any]], requested: str) -> str:
 
 
 def stamp_actor(batch: dict[str, np.ndarray], identity: str, started: float) -> dict[str, np.ndarray]:
-    """Mark every row of an actor's output batch with the actor (``actor_identity``) and the
-    wall-clock span of the call that made it (``call_start``, ``call_end``): the sinks add
-    up each actor's busy time from them (the manifest's ``busy_fraction``)."""
+    """Mark every row of an actor's output batch with the actor (``actor_identity``) and its call's
+    wall-clock span (``call_start``, ``call_end``), from which sinks add up its ``busy_fraction``."""
     n = len(batch["relpath"])
     batch["actor"] = np.full(n, identity, dtype=object)
     batch["call_start"] = np.full(n, started)
@@ -223,8 +209,7 @@ def tally_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def _busy(spans: set[tuple[float, float]]) -> dict[str, float]:
-    """An actor's time inside its calls, the span from its first call's start to its last
-    call's end, and their ratio: the share of the time it was running while work was flowing."""
+    """An actor's time inside its calls, the span from its first call to its last, and their ratio."""
     busy = sum(end - start for start, end in spans)
     active = max(end for _, end in spans) - min(start for start, _ in spans)
     return {"busy_s": round(busy, 2), "active_s": round(active, 2), "busy_fraction": round(busy / max(active, 1e-9), 3)}
@@ -256,12 +241,8 @@ def merge_tallies(write_returns: Iterable[dict[str, Any]]) -> dict[str, Any]:
 
 class CommittingSink(Datasink):
     """A Datasink that commits each block to ``output``: its data files (``write_block``), then its
-    ledger entry, rejects included. Its write tasks return ``tally_batch`` counts, merged into
-    ``self.tally`` at the end.
-
-    Part names come from the run and the write task's index, so a task that Ray retries
-    after a failure overwrites its own earlier files instead of adding duplicates.
-    """
+    ledger entry, rejects included; write tasks' ``tally_batch`` counts are merged into ``self.tally``.
+    Part names come from the run and the task's index, so a retried task overwrites its own files."""
 
     tally: dict[str, Any] = {"actors": [], "decode_nodes": {}, "rows": 0}
 

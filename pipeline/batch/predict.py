@@ -22,7 +22,6 @@ from pipeline import names
 from pipeline.batch.cluster import InferencePlan, configure_tensorflow_devices
 from pipeline.batch.evaluation import evaluate
 from pipeline.batch.inference import (
-    BLOCK_ROWS,
     CommittingSink,
     actor_identity,
     actors_precision,
@@ -33,7 +32,7 @@ from pipeline.batch.inference import (
     stamp_actor,
     write_args,
 )
-from pipeline.config import OUTPUT_FILE_SUFFIXES, PredictConfig
+from pipeline.config import DEFAULT_BLOCK_FILES, OUTPUT_FILE_SUFFIXES, PredictConfig
 from pipeline.data import ledger, locks, outputs, storage
 from pipeline.data.discover import (
     UNLABELED_SCHEMA,
@@ -103,7 +102,7 @@ class ClassifierActor(LoadedClassifier):
 
 
 def predictions_dataset(model: str | bytes, files: pa.Table, root: str, image_size: int, precision: str,
-                        plan: InferencePlan, batch_size: int, block_files: int = BLOCK_ROWS,
+                        plan: InferencePlan, batch_size: int, block_files: int = DEFAULT_BLOCK_FILES,
                         max_pixels: int = MAX_PIXELS) -> ray.data.Dataset:
     """A dataset of ``files`` (``relpath`` under ``root``, and any other columns, which rows keep)
     plus ``probs``, ``reason`` and ``error``; ``model`` is a model file's location or bytes."""
@@ -129,12 +128,10 @@ def collect_probabilities(ds: ray.data.Dataset) -> tuple[list[str], np.ndarray, 
     return paths, matrix, rejects
 
 
-PREDICTION_BASE = [("path", pa.string()), ("predicted_class", pa.string()), ("confidence", pa.float32())]
-
-
 def prediction_schema(classes: list[str]) -> pa.Schema:
     """``path``, ``predicted_class``, ``confidence``, then ``prob_<class>`` per class."""
-    return pa.schema(PREDICTION_BASE + [(f"prob_{c}", pa.float32()) for c in classes])
+    return pa.schema([("path", pa.string()), ("predicted_class", pa.string()), ("confidence", pa.float32()),
+                      *((f"prob_{c}", pa.float32()) for c in classes)])
 
 
 class PredictionSink(CommittingSink):
@@ -247,12 +244,11 @@ def check_targets(output: str, overwrite: bool) -> None:
 
 
 def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
-    """Classify every image under ``cfg.input`` and write one row per decodable file; returns a summary.
+    """Classify every image under ``cfg.input``, one row per decodable file; returns a summary.
 
-    Commits block by block: a rerun into the same output with the same model and input resumes
-    an interrupted run; into a finished folder output it predicts only the added and changed
-    files and drops the removed ones (a finished single file is replaced only with --overwrite).
-    """
+    Commits block by block: a rerun with the same model and input resumes an interrupted run, or
+    updates a finished folder output (predicting added and changed files, dropping removed ones);
+    a finished single file is replaced only with --overwrite."""
     started = time.time()
     model = storage.read_bytes(cfg.model)  # read once: its metadata, its hash and the actors' copy
     meta = metadata_in(model, cfg.model)

@@ -1,12 +1,9 @@
 """How far decoding may run ahead of the inference actors.
 
-Decoding runs about 50 times faster than VGG16 on a CPU. Left alone, decode tasks keep
-going and their blocks wait in Ray's object store until Ray Data's own backpressure (a
-share of the object store, GiBs) stops them, so the memory of the Ray processes grew with
-the data set (docs/performance.md, "Memory"). ``RunAheadCap`` is a Ray Data backpressure policy that
-holds back an operator feeding an actor pool while a fixed number of its blocks are alive
-(queued, handed to an actor, or in an actor's call): memory then depends on the actor count,
-not on the number of files.
+Decoding outruns VGG16 on a CPU many times over; left alone, decoded blocks pile up in the object
+store until Ray Data's own backpressure (GiBs) stops them, so memory grows with the data set.
+``RunAheadCap`` holds back an operator feeding an actor pool while a fixed number of its blocks are
+alive (queued, handed to an actor, or in a call): memory then depends on the actors, not the files.
 """
 
 from __future__ import annotations
@@ -23,10 +20,8 @@ from ray.data._internal.execution.operators.actor_pool_map_operator import Actor
 # Blocks Ray Data hands each actor at once: one in its call and one waiting in its mailbox,
 # so an actor starts its next call the moment the last one returns.
 ACTOR_TASKS_IN_FLIGHT = 2
-# Per actor, the two it holds plus one decoded and ready, so the block that refills its
-# mailbox never waits for a decode task. A decode task takes a block in about a tenth of a
-# second on one core, a CPU actor several seconds; a GPU actor that outruns decoding finds
-# this queue empty, so the cap never binds there and cannot slow it.
+# Per actor, the two it holds plus one decoded and ready, so refilling its mailbox never waits for
+# a decode task. A GPU actor that outruns decoding finds this queue empty: the cap never slows it.
 RUN_AHEAD_BLOCKS_PER_ACTOR = ACTOR_TASKS_IN_FLIGHT + 1
 RUN_AHEAD_CONFIG_KEY = "pipeline.run_ahead_blocks"
 
@@ -46,10 +41,9 @@ def cap_run_ahead(context: DataContext, actors: int, blocks_per_batch: int = 1) 
 
 
 class RunAheadCap(BackpressurePolicy):
-    """Hold back an operator whose output feeds an actor pool while its live output blocks
-    (counted by Ray Data's block ref counter until the actor's call that took them ends)
-    reach the budget set by ``cap_run_ahead``. Running tasks are not counted: their number
-    is bounded by the CPUs, and counting them would throttle decoding where it is the bottleneck."""
+    """Hold back an operator feeding an actor pool while its live output blocks (Ray Data counts them
+    until the call that took them ends) reach ``cap_run_ahead``'s budget. Running tasks are not
+    counted: the CPUs bound them, and counting them would throttle decoding where it is the bottleneck."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -1,8 +1,7 @@
 """The serving job's optional bearer token, and the refusal to listen beyond loopback without one.
 
-The token comes from ``--auth-token-file`` or the ``IMAGE_CLASSIFIER_TOKEN`` environment variable.
-Replicas get only its SHA-256 digest, so the token itself is never part of the application's
-arguments (which Ray keeps in its state), and never logged.
+The token comes from ``--auth-token-file`` or ``$IMAGE_CLASSIFIER_TOKEN``. Replicas get only its
+SHA-256 digest, so the token is never among the application's arguments (kept in Ray's state) nor logged.
 """
 
 from __future__ import annotations

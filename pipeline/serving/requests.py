@@ -1,9 +1,8 @@
 """What a ``POST /predict`` body holds: the images' bytes, or the 4xx answer that refuses it.
 
 A plain function of (body, Content-Type, limit), so every malformed body can be tried without a
-server: it either returns the images or raises ``RequestError`` with the status and a reason,
-never anything else. The images are counted before any of them is base64-decoded, and none is
-decoded as an image here (the replica does that, off its event loop).
+server: it returns the images or raises ``RequestError``, never anything else. Images are counted
+before any is base64-decoded; the replica decodes them as images, off its event loop.
 """
 
 from __future__ import annotations
@@ -55,12 +54,9 @@ def media_type(content_type: str) -> str:
 
 
 def parse_body(body: bytes, content_type: str, max_images: int) -> Images:
-    """The images of a request body, or ``RequestError`` saying why it is refused.
-
-    Raw bytes (``image/*``, ``application/octet-stream``, curl's default type or none) are one
-    image; ``application/json`` (any case, any parameters) must be ``{"images": [<base64>, ...]}``
-    with at most ``max_images`` entries (413 beyond). Any other media type is refused with 415.
-    """
+    """The images of a request body, or ``RequestError`` saying why it is refused. Raw bytes (``image/*``,
+    octet-stream, curl's default type or none) are one image; ``application/json`` must be
+    ``{"images": [<base64>, ...]}`` with at most ``max_images`` (413 beyond); any other type: 415."""
     kind = media_type(content_type)
     if kind in JSON_TYPES:
         return Images(_json_images(body, max_images), batch=True)

@@ -1,24 +1,17 @@
 """Online prediction: a Ray Serve application that answers ``POST /predict`` as batch prediction
 would, for one image or a few.
 
-- ``POST /predict`` with an image's bytes as the body: one JSON object with the fields batch
-  prediction writes per row, ``predicted_class``, ``confidence`` and ``prob_<class>``.
-- ``POST /predict`` with ``Content-Type: application/json`` and ``{"images": [<base64>, ...]}``:
-  ``{"predictions": [...]}`` in the same order; an image that does not decode gets
-  ``{"error": <reason>, "detail": ...}`` in its place.
-- An undecodable single image: HTTP 400 with the reason; a body over ``--max-upload-mb`` or a
-  JSON list over ``--max-images-per-request``: HTTP 413; a malformed body: 400 or 415 with the
-  reason (``pipeline.serving.requests``); with a token (``pipeline.serving.auth``), a request without
-  it: 401. Either way the replica goes on serving.
+- An image's bytes as the body: one JSON object with batch prediction's row fields
+  (``predicted_class``, ``confidence``, ``prob_<class>``); undecodable: HTTP 400 with the reason.
+- ``application/json`` ``{"images": [<base64>, ...]}``: ``{"predictions": [...]}`` in that order,
+  ``{"error": <reason>, "detail": ...}`` in place of an image that does not decode.
+- Over ``--max-upload-mb`` or ``--max-images-per-request``: 413; malformed: 400 or 415 (``requests``);
+  without the required token: 401 (``auth``). The replica goes on serving either way.
 
-Decoding runs in a thread pool sized from the replica's CPUs, never on its event loop, and images
-over ``LARGE_PIXELS`` (by their header) in a pool of one thread of their own: heavy uploads queue
-behind each other (one decode's memory at a time), never in front of a normal photo.
-
-Each replica decodes with ``pipeline.images.decode.decode_image`` and predicts with
-``pipeline.batch.predict.LoadedClassifier`` (the model file batch prediction loads, padded batches of
-the same size), so the two agree on every image. Concurrent requests are batched by
-``@serve.batch``; replicas take a GPU each when the cluster has GPUs.
+Replicas decode with batch prediction's decoder and predict with its ``LoadedClassifier`` (same
+model file, same padded batches), so the two agree on every image; ``@serve.batch`` batches
+concurrent requests. Decoding runs in threads, never on the event loop; images over
+``LARGE_PIXELS`` (by header) take turns in a pool of one (one decode's memory at a time).
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
-"""A training worker's batches: held in memory or streamed from its shard, and the rule that
-chooses (``held_bytes``, on the driver).
+"""A training worker's batches, held in memory or streamed from its shard, and the driver's rule
+that chooses (``held_bytes``).
 
-Data small enough to hold (features, the block-4 cache, decoded images) is read whole by every
-worker once, sorted by path, and each epoch's global batches are drawn from it in one seeded
-order, every worker taking its slice: any worker count trains on the same global batches. Larger
-data streams from each worker's shard of the Ray Data pipeline every epoch (a worker's shard and
-local shuffle depend on the worker count).
+Held data is read whole by every worker once, sorted by path; each epoch's global batches are drawn
+in one seeded order, each worker taking its slice, so any worker count trains on the same batches.
+Larger data streams from each worker's shard every epoch (shards depend on the worker count).
 """
 
 from __future__ import annotations
@@ -21,14 +19,10 @@ from pipeline.data.shards import list_rows
 from pipeline.training.kinds import kind_of
 from pipeline.training.settings import LoopSettings
 
-# A training worker's memory: a fixed part before it reads any data (TensorFlow, Ray, the model
-# and its optimizer), and at its peak at most this many bytes per byte of the data it holds (its
-# own copy, Ray's blocks it read from, the batches in flight). Measured by bench/train_memory.py on
-# the shared sample at the jobs' defaults (bench/results/train_memory.json, 2 workers, and
-# train_memory-1worker.json): bases 0.79-1.15 GiB; peaks 1.85 GiB holding 0.26 GiB (top MLP),
-# 1.35 GiB holding 0.18 GiB (small CNN), 5.02 GiB holding 1.79 GiB (cached fine-tuning: 2.25 x
-# the held data above its base); with the block-4 cache in float16, 3.37 GiB holding 0.90 GiB
-# (bench/results/block4_precision.json). This base and factor cover every one of them.
+# A training worker's memory: a fixed part before it reads data (TensorFlow, Ray, the model and
+# optimizer), plus at its peak at most HELD_BYTES_FACTOR bytes per byte of data it holds (its copy,
+# Ray's blocks, batches in flight). Both cover every kind measured by bench/train_memory.py
+# (bench/results/train_memory*.json, block4_precision.json).
 WORKER_BASE_BYTES = int(1.4 * 2**30)
 HELD_BYTES_FACTOR = 2.25
 # The share of the memory Ray may hand out (cluster-wide) that training workers holding their
@@ -42,9 +36,8 @@ def worker_footprint(nbytes: float) -> float:
 
 
 def fits_in_memory(nbytes: float, workers: int, memory: float | None = None) -> bool:
-    """Whether each of ``workers`` workers may hold training data of ``nbytes`` (each holds all
-    of it): their measured footprints together within ``HOLD_SHARE`` of ``memory`` (default: the
-    memory Ray may hand out across the cluster). Otherwise the data is streamed."""
+    """Whether ``workers`` workers may each hold all ``nbytes`` of training data: their footprints
+    together within ``HOLD_SHARE`` of ``memory`` (default: what Ray may hand out cluster-wide)."""
     if memory is None:
         memory = float(ray.cluster_resources().get("memory", 0))
     return workers * worker_footprint(nbytes) <= HOLD_SHARE * memory
@@ -63,10 +56,8 @@ def batch_inputs(batch: dict[str, Any], s: LoopSettings, rng: np.random.Generato
 
 
 def load_shard(shard) -> dict[str, np.ndarray]:
-    """A worker's whole dataset shard as numpy columns sorted by path, so that its order does not
-    depend on how Ray read it (fixed-size lists become 2-D arrays). Each of Ray's blocks is
-    copied once, straight into its sorted rows: the worker holds the data once (a concatenation
-    and then a sorted copy held it three times at the peak)."""
+    """A worker's whole shard as numpy columns sorted by path, whatever order Ray read it in (fixed-size
+    lists become 2-D arrays). Each block is copied straight into its sorted rows, so the data is held once."""
     blocks = [b for b in shard.iter_batches(batch_size=None, batch_format="pyarrow") if b.num_rows]
     if not blocks:
         return {}
@@ -94,10 +85,9 @@ def load_shard(shard) -> dict[str, np.ndarray]:
 
 def _held_batches(columns: dict[str, np.ndarray], per_worker: int, rank: int, world: int, drop_last: bool,
                   seed: int | None) -> Iterator[dict]:
-    """This worker's batches of a split every worker holds whole (sorted by path, so its order does
-    not depend on how Ray read it): each global batch of ``per_worker * world`` rows, drawn in one
-    seeded order, is cut into ``world`` slices and this worker takes slice ``rank``. N workers
-    so take exactly the steps one worker takes at the same global batch."""
+    """This worker's batches of a split every worker holds whole: each global batch of ``per_worker *
+    world`` rows, drawn in one seeded order, is cut into ``world`` slices and this worker takes slice
+    ``rank``, so N workers take exactly the steps one worker takes at the same global batch."""
     n = len(columns["label"]) if columns else 0
     order = np.random.default_rng(seed).permutation(n) if seed is not None else np.arange(n)
     if not drop_last:
@@ -129,9 +119,8 @@ def _streamed_batches(shard, batch_size: int, drop_last: bool, s: LoopSettings, 
 
 def epoch_batches(split: str, s: LoopSettings, per_worker: int, drop_last: bool, shuffle_seed: int | None,
                   held: dict[str, dict[str, np.ndarray]]) -> Iterator[dict]:
-    """This worker's batches of ``split`` for one epoch: from memory when the settings hold the
-    data (every worker reads the whole split once into ``held``; see ``_held_batches``), else
-    streamed from the worker's shard of the split. ``shuffle_seed`` is the same on every worker."""
+    """This worker's batches of ``split`` for one epoch: from ``held`` (read whole once; ``_held_batches``)
+    when the settings hold the data, else streamed from its shard. ``shuffle_seed`` is the same on every worker."""
     shard = ray.train.get_dataset_shard(split)
     if shard is None:
         return iter(())

@@ -1,17 +1,12 @@
 """Dropout that drops the same units of an example whatever the number of workers, and again
 after a resume.
 
-Keras' ``Dropout`` draws a mask of the replica's own batch from a seed generator every replica
-advances alike: with two workers, the first rows of both halves of a global batch get the same
-mask, one worker's rows differ from two workers', and a resumed run (the generator's state is
-not in the checkpoint) starts its masks over. ``GlobalDropout`` draws the mask of the whole
-global batch (``world`` times the worker's rows) from the run's seed and the optimizer's step
-count (checkpointed with the optimizer) and keeps the worker's rows: rank r holds the r-th slice
-of each global batch (``batches._held_batches``), so an example's mask depends on the step and
-its position in the global batch only. Rank, world, seed and step counter are set by ``place``
-(Ray Train's rank: TensorFlow's replica id need not follow it). The layer has no weights: the
-exported model is built with Keras' ``Dropout`` and takes the trained weights as they are, so
-models still load in plain Keras.
+Keras' ``Dropout`` draws each replica's mask from a generator all replicas advance alike (so both
+halves of a global batch get the same mask) and not checkpointed (so a resume starts over).
+``GlobalDropout`` draws the whole global batch's mask from the run's seed and the optimizer's step
+count and keeps this worker's slice (rank r holds the r-th slice: ``batches._held_batches``);
+``place`` sets Ray Train's rank, which TensorFlow's replica id need not follow. It has no weights,
+so the exported model uses Keras' ``Dropout`` and loads in plain Keras.
 """
 
 from __future__ import annotations

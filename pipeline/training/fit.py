@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import ray
@@ -36,7 +37,7 @@ def fit(settings: LoopSettings, datasets: dict[str, Any], num_workers: int, use_
     fault_env = faults.environment()
     trainer = TensorflowTrainer(
         train_loop_per_worker,
-        train_loop_config=settings.to_config(),
+        train_loop_config=asdict(settings),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": per_worker_cpu}),
         run_config=RunConfig(

@@ -1,6 +1,5 @@
-"""What every training job does on the driver (``top``, ``finetune`` and ``scratch`` hold the
-jobs themselves): the reuse rule, the Ray Train run, the export's evaluation and the outputs,
-under ``<output-dir>/<job>/``::
+"""What every training job (``top``, ``finetune``, ``scratch``) does on the driver: the reuse rule,
+the Ray Train run, the export's evaluation and the outputs, under ``<output-dir>/<job>/``::
 
     model.keras        image → class model with its metadata (classes, image size, preprocessing…)
     metrics.csv        one row per epoch (no duplicates after a resumed run)
@@ -71,7 +70,7 @@ def job_folder(cfg: TrainConfig) -> str:
 
 
 def job_dir(output_dir: str, kind: str) -> str:
-    """``<output-dir>/<job>``: the job's folder is named after it (``top``, ``finetune``, ``finetune_streamed``, ``scratch``)."""
+    """``<output-dir>/<job>``, ``kind`` being one of ``JOB_FOLDERS``."""
     return storage.join(output_dir, kind)
 
 
@@ -117,10 +116,10 @@ class Job:
 
 def prepare(kind: str, directory: str, settings: dict[str, Any], overwrite: bool,
             started: float) -> tuple[Job, dict[str, Any] | None]:
-    """The one reuse rule: a finished job with the same settings is reused (its summary returned
-    beside the job), an unfinished one resumes from its checkpoints; one with other settings is
-    refused, naming them. ``overwrite`` starts afresh. Holds the folder's output lock for the rest
-    of the job, and refuses a folder holding what a training job does not write (``outputs.prepare``)."""
+    """The one reuse rule: a finished job with the same settings is reused (its summary returned), an
+    unfinished one resumes from its checkpoints, one with other settings is refused, naming them;
+    ``overwrite`` starts afresh. Holds the folder's lock for the rest of the job; ``outputs.prepare``
+    refuses a folder holding what a training job does not write."""
     outputs.hold_lock(directory)
     outputs.prepare(directory, JOB_LAYOUT, overwrite)
     recorded_at = storage.join(directory, SETTINGS)
@@ -153,11 +152,8 @@ class TrainedRun:
 
 
 def run(job: Job, settings: LoopSettings, datasets: dict[str, Any], cfg: TrainConfig) -> TrainedRun:
-    """Fit and return the run with its best checkpoint by validation accuracy.
-
-    Seconds and samples/s add up the epochs' own times, so a resumed run reports its whole
-    training, not only the part after the restart.
-    """
+    """Fit and return the run with its best checkpoint by validation accuracy. Seconds and samples/s add
+    up the epochs' own times, so a resumed run reports its whole training, not only the part after it."""
     directory = job.directory
     if storage.is_local(directory) and len([n for n in ray.nodes() if n["Alive"]]) > 1:
         log.warning("training checkpoints go to the local folder %s, but the cluster has several nodes: Ray Train "
@@ -223,9 +219,8 @@ def finish(job: Job, model, metadata: dict[str, Any], run: TrainedRun, evaluatio
 
 
 def worker_peaks(history: list[dict[str, Any]], field: str = "worker_peak_rss_bytes") -> list[int]:
-    """Each training worker's peak resident memory in bytes (``field``: overall, or before it read
-    data), by rank, over the epochs of ``history``: a restarted worker starts a new process, so its
-    epochs' peaks are maxed."""
+    """Each training worker's peak resident memory in bytes by rank (``field``: overall, or before it read
+    data), maxed over ``history``'s epochs since a restarted worker is a new process."""
     reported = [h[field] for h in history if h.get(field)]
     return [max(ranks) for ranks in zip(*reported)]
 
@@ -242,12 +237,9 @@ def _good_rows(index: DatasetIndex, image_size: int, cfg: ImageTrainConfig, dire
 
 def _image_datasets(files: dict[str, pa.Table], root: str, image_size: int, cfg: ImageTrainConfig,
                     held: bool) -> dict[str, Any]:
-    """Decoded-image datasets; the training files in a seeded random order. ``held``: with their
-    paths, by which each worker sorts the rows it holds.
-
-    Files are listed class by class; streamed in that order, even a local shuffle buffer
-    yields batches of one class, and a small CNN trained on them collapses to a constant.
-    """
+    """Decoded-image datasets, with paths when ``held`` (each worker sorts the rows it holds by them).
+    The training files go in a seeded random order: listed class by class, even a local shuffle buffer
+    would yield one-class batches, on which a small CNN collapses to a constant."""
     plan = inference_plan(1)
     order = {"train": np.random.default_rng(cfg.seed).permutation(len(files["train"])), "validation": None}
     return {split: decoded_images(files[split], root, image_size, plan.decode_cpus, order=order[split],

@@ -1,13 +1,9 @@
-"""The kinds of model the training jobs make, one entry each: how the model under training is
-built, what a batch feeds it, its optimizer and default learning rate, its title and the
-reference article's figure.
+"""The kinds of model the training jobs make, one entry each: how it is built, what a batch feeds
+it, its optimizer and default learning rate, its title and the reference article's figure.
 
-Fine-tuning has two entries, one per mode: on cached block-4 outputs (its default, folder
-``finetune``) and on streamed images (``finetune_streamed``); both make models of kind
-``finetune``. ``KINDS`` is keyed by the job's folder under ``<output-dir>``.
-
-The driver imports this module for titles and defaults; only the training workers build
-models, so Keras (seconds to load) is imported inside the builders.
+``KINDS`` is keyed by the job's folder: fine-tuning has two, ``finetune`` (cached block-4 outputs,
+its default) and ``finetune_streamed`` (images), both making models of kind ``finetune``. Only
+workers build models, so Keras (seconds to load) is imported inside the builders.
 """
 
 from __future__ import annotations

@@ -1,18 +1,13 @@
 """Data-parallel training with Ray Train's ``TensorflowTrainer``: one loop for all three models,
 run by every worker (``train_loop_per_worker``).
 
-Each worker runs under ``tf.distribute.MultiWorkerMirroredStrategy`` with a custom
-loop (Keras 3 ``model.fit`` fails under that strategy with two workers): every
-replica computes the loss on its own shard's batch, scaled by the *global* batch
-size, and the optimizer all-reduces (sums) the gradients, so N workers at a per-worker
-batch of B/N take exactly the steps one worker takes at batch B (N must divide B: the
-job configs refuse other worker counts).
+A custom loop under ``MultiWorkerMirroredStrategy`` (Keras 3 ``model.fit`` fails under it with two
+workers): each replica's loss is scaled by the *global* batch size and the gradients are summed, so
+N workers at B/N each take exactly the steps of one worker at B (the configs require N to divide B).
 
-The workers agree on whether all of them still have a batch (an all-reduced count),
-so shards of unequal length end the epoch together instead of leaving one worker
-waiting forever in a collective (tensorflow/tensorflow#35878). That count rides in the
-all-reduce every step already makes of its loss and accuracy sums, so it costs no
-collective of its own except once at the start of an epoch.
+Every step all-reduces how many workers have another batch along with its loss and accuracy sums,
+so shards of unequal length end the epoch together instead of one worker waiting for ever in a
+collective (tensorflow/tensorflow#35878), at no extra collective but one per epoch.
 
 Only workers import this module (``fit`` defers it), so TensorFlow loads at its top.
 """
@@ -147,9 +142,8 @@ class DistributedSteps:
 
 def run_epoch(steps: DistributedSteps, step_fn, batches: Iterator[dict], world: int,
               draws: Callable[[int], GlobalRows] | None, fault_site: str | None = None) -> Totals:
-    """Run ``step_fn`` over ``batches`` while every worker still has one; the epoch's totals.
-    ``draws(step)``: the augmentation's random draws of a step (None: no augmentation). After
-    each step, ``maybe_fail(fault_site)`` (tests: ``pipeline.faults``)."""
+    """Run ``step_fn`` over ``batches`` while every worker still has one; the epoch's totals. ``draws(step)``:
+    a step's augmentation draws (None: none); ``maybe_fail(fault_site)`` after each step (tests)."""
     totals = Totals()
     batch = next(batches, None)
     everyone_has_batch = int(steps.count(tf.constant(0 if batch is None else 1))) == world
@@ -242,8 +236,8 @@ def _draws(s: LoopSettings, epoch: int, start: int) -> Callable[[int], GlobalRow
 
 
 def _peak_rss_per_rank(steps: DistributedSteps, rank: int, world: int) -> list[int]:
-    """Every worker's peak resident memory so far, in bytes, by rank. Ray Train keeps only rank
-    0's report, so the peaks are all-reduced (each rank fills its own slot) into every report."""
+    """Every worker's peak resident memory so far, in bytes, by rank, all-reduced (each rank fills its
+    slot) since Ray Train keeps only rank 0's report."""
     mine = np.zeros(world, dtype=np.float64)  # float64: exact for any byte count below 2**53
     mine[rank] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux counts kB
     return [int(v) for v in steps.count(tf.constant(mine)).numpy()]
@@ -258,10 +252,8 @@ def _report(row: dict[str, Any], state: dict[str, Any], steps: DistributedSteps,
             save_checkpoint(tmp, steps.model, steps.optimizer, state, trained)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(row, checkpoint=checkpoint)
-    # Ray Train registers a reported checkpoint when its controller next polls the workers; a
-    # worker that died before that poll took the report with it, and the restarted group began
-    # again at epoch 1 (tests/test_train.py caught it). Waiting here until the checkpoint is
-    # committed makes every finished epoch one a restart resumes after.
+    # Ray Train registers a reported checkpoint only at its controller's next poll, and a worker dying
+    # before then took it along; waiting until it is committed lets a restart resume after this epoch.
     ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
 

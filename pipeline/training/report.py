@@ -48,10 +48,8 @@ def plot_curves(history: list[dict[str, Any]], path: str, title: str) -> None:
 
 
 def write_report(path: str, stages: list[dict[str, Any]], note: str | None, command: str) -> None:
-    """``report.md``: one table of each model's validation results next to the reference article's figures.
-
-    The best epoch's accuracy is the exported model's (the checkpoint chosen on the validation
-    photos, so it flatters); the last epoch's is the training loop's, which nothing chose."""
+    """``report.md``: each model's validation results next to the reference article's figures. The best
+    epoch's accuracy (the exported model's) flatters, being chosen on the validation photos; the last's does not."""
     lines = ["# Run report", ""]
     if note:
         lines += [f"> **Note:** {note}", ""]

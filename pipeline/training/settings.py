@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 # The average spans at most this fraction of a run's steps (see ema_momentum).
@@ -27,9 +27,8 @@ class LoopSettings:
     # Fine-tuning on cached block-4 outputs (columns block4 / block4_flipped) instead of images.
     cached_block4: bool = False
     block4_shape: tuple[int, ...] | None = None
-    # Data small enough to hold (features, block-4 cache, decoded images): each worker reads all
-    # of it once and draws every epoch from memory, in a fresh seeded order, instead of re-running
-    # the Ray Data pipeline (Parquet or image decoding, shuffling) every epoch.
+    # Data small enough to hold: each worker reads all of it once and draws every epoch from memory
+    # in a fresh seeded order, instead of re-running the Ray Data pipeline (decoding, shuffling).
     hold_in_memory: bool = False
     # The bytes of the data each worker holds (0: streamed), reported in the job's summary.
     held_bytes: int = 0
@@ -49,16 +48,11 @@ class LoopSettings:
     # The MLflow run rank 0 logs each epoch to (``tracking.start_run``'s handle); None: tracking off.
     tracking: dict[str, str] | None = None
 
-    def to_config(self) -> dict[str, Any]:
-        """The dict form Ray Train passes to each worker."""
-        return asdict(self)
-
 
 def ema_momentum(requested: float, total_steps: int) -> float:
-    """The momentum of the weights' moving average for a run of ``total_steps``: ``requested``,
-    lowered so that the average spans (1 / (1 - momentum) steps) at most a tenth of the run. A
-    short run averages little or nothing instead of exporting weights that are mostly its first
-    steps' (Keras' average starts from the first step's weights). 0 turns the average off."""
+    """The moving average's momentum for a run of ``total_steps`` (0: off): ``requested``, lowered so the
+    average spans (1 / (1 - momentum) steps) at most ``EMA_MAX_SPAN`` of the run. Keras' average starts
+    from the first step's weights, so a short run must not export weights that are mostly those."""
     if requested <= 0 or total_steps <= 0:
         return 0.0
     return round(max(0.0, min(requested, 1.0 - 1.0 / (EMA_MAX_SPAN * total_steps))), 6)

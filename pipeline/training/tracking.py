@@ -1,16 +1,13 @@
 """Optional MLflow tracking of the training jobs (the ``mlflow`` extra: ``pip install -e ".[mlflow]"``).
 
-Off unless ``--mlflow-uri`` or ``MLFLOW_TRACKING_URI`` names a tracking store. Then each training
-job is one MLflow run: the driver opens it and logs the job's full settings as parameters, rank 0
-of the Ray Train workers logs each epoch's metrics (the other ranks would log the same numbers
-again), and the driver logs the final evaluation, ``curves.png``, ``evaluation.json``,
-``metrics.csv`` and the model file, then closes the run. A resumed job goes on logging into the
-run it started (its id is kept in ``<job dir>/mlflow_run.json``).
+Off unless ``--mlflow-uri`` or ``MLFLOW_TRACKING_URI`` names a tracking store. Then each training job
+is one MLflow run: the driver logs the settings as parameters, rank 0 each epoch's metrics (other ranks'
+are the same), and the driver the final evaluation and result files, then closes it. A resumed job logs into the run it
+started (recorded in ``<job dir>/mlflow_run.json``).
 
-The tracking URI may carry a password (``http://user:pw@host``): MLflow connects with it, but
-what is shown or stored (log lines, errors, ``mlflow_run.json``, the run's parameters and tags)
-has it redacted (``pipeline.redact``). The record keeps the redacted URI, so a job rerun with a
-changed password goes on logging into the same run.
+A password in the URI (``http://user:pw@host``) is used to connect but redacted everywhere it is
+shown or stored (``pipeline.redact``); the record keeps the redacted URI, so a rerun with a changed
+password goes on logging into the same run.
 """
 
 from __future__ import annotations
