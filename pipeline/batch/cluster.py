@@ -68,11 +68,8 @@ def init_ray(local: bool = False, env_vars: dict[str, str] | None = None, verbos
              **start_options: Any) -> None:
     """Attach to a running cluster (``RAY_ADDRESS`` or a local ``ray start``), else (or with ``local``) start
     one in-process with ``start_options``; unless ``verbose``, TensorFlow's and Ray's chatter stays in log files.
-
-    Every process of the job gets ``RAY_ADDRESS`` naming this job's cluster (besides ``env_vars``): a helper
-    that looks a cluster up itself (Ray Train's placement-group cleaner) would otherwise take the machine's
-    latest one, maybe another job's, and tear down a healthy training run.
-    """
+    Every process of the job gets ``RAY_ADDRESS`` (and ``env_vars``): a helper that looks a cluster up itself
+    (Ray Train's placement-group cleaner) could take another, the machine's latest, and tear down this run."""
     if ray.is_initialized():
         return
     logs.setup_driver(verbose)

@@ -10,9 +10,8 @@ import numpy as np
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     """Area under the ROC curve (Mann-Whitney U with tied ranks averaged); None with one class."""
-    # Exact rather than keras.metrics.AUC: its fixed thresholds merge a confident model's
-    # probabilities near 0 and 1 (about 1e-3 off), and Keras would bring TensorFlow's import
-    # (seconds, hundreds of MB) into the prediction driver, which otherwise does without it.
+    # Exact rather than keras.metrics.AUC: its fixed thresholds merge a confident model's probabilities
+    # near 0 and 1, and Keras would load TensorFlow (seconds) into the prediction driver.
     labels = np.asarray(labels).astype(bool)
     pos, neg = int(labels.sum()), int((~labels).sum())
     if pos == 0 or neg == 0:

@@ -1,23 +1,10 @@
 """Bottleneck feature extraction: files → Ray Data decode tasks → VGG16 actor pool → Parquet shards.
 
-Output layout (``<output>/``)::
-
-    manifest.json          classes, counts, rejects, weights, preprocessing, precision, timings,
-                           what the last run added, changed, removed and reused, what --exclude
-                           left out (its file, sha256 and count); written last:
-                           an output without it is unfinished (or being updated)
-    run.json               the settings every run into this output must share
-    ledger.parquet         every input file once: its stamp, its part, its reject reason if any
-    rejects.parquet        path, split, reason, error of every file that could not be decoded
-    <split>/part-*.parquet path, label, class_name, features (fixed_size_list<float32>[H*W*C])
-    block4/<split>/…       with --cache-block4: path, label, class_name, block4 (float16), and for the
-                           train split block4_flipped (block-4 output of the mirrored image)
-
-``features`` is a plain Arrow fixed-size list (any Arrow reader opens it) of shape
-``manifest["feature_shape"]`` (``manifest["block4"]["shape"]`` for the cache). Rows are written in
-a seeded random order, so every shard mixes the classes. A run commits block by block
-(``pipeline.data.ledger``): the next run with the same settings resumes an interrupted one, and
-a rerun over a changed data root extracts only added and changed files and drops removed ones.
+The output (``<split>/part-*.parquet`` of plain Arrow fixed-size lists, the ``block4/`` cache,
+``rejects.parquet``, the ledger, ``run.json``, and ``manifest.json`` written last) is described in
+docs/jobs.md#feature-shards. Rows go in a seeded random order, so every shard mixes the classes. A run
+commits block by block (``pipeline.data.ledger``): the next run with the same settings resumes an
+interrupted one; a rerun over a changed data root extracts only added and changed files, dropping removed ones.
 """
 
 from __future__ import annotations
@@ -267,8 +254,7 @@ def _infer(cfg: ExtractConfig, root: str, todo: pa.Table, weights: WeightsSource
     # Listed class by class, the files would make one-class shards; a seeded order mixes
     # them, so a reader that streams shards (cached fine-tuning) needs no global shuffle.
     order = np.random.default_rng(ROW_ORDER_SEED).permutation(len(todo))
-    # The weights (59 MB) go into the object store from a task on this node, not from the
-    # driver, whose memory stays that of the paths.
+    # A task on this node, not the driver, puts the weights into the object store: the driver holds only paths.
     arrays = ray.remote(load_weight_arrays).options(num_cpus=0, **pin_to_this_node(".")).remote(weights, cfg.image_size)
     ds = decoded_images(todo, root, cfg.image_size, plan.decode_cpus, cfg.block_files, order, cfg.max_pixels)
     ds = map_with_actors(ds, FeatureActor, {

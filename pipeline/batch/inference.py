@@ -36,12 +36,9 @@ DECODE_TASK_BASE_BYTES = 160 * 2**20
 
 
 class ImageBlocks(Datasource):
-    """The files of a table (``relpath`` under ``root``) as blocks of ``block_rows`` decoded images.
-
-    The table goes into the object store once and each read task holds only its block number, so
-    planning a million files costs no Python object per file (unlike ``ray.data.from_items``).
-    Reading *is* decoding, so no separate read operator holds a CPU that writers need.
-    """
+    """The files of a table (``relpath`` under ``root``) as blocks of ``block_rows`` decoded images. The
+    table goes into the object store once and each read task holds only its block number, so planning a
+    million files costs no Python object per file; reading *is* decoding, so no read operator holds a CPU."""
 
     def __init__(self, files: pa.Table, root: str, image_size: int, block_rows: int, order: np.ndarray | None,
                  max_pixels: int = MAX_PIXELS):
@@ -81,17 +78,15 @@ class ImageBlocks(Datasource):
 
 
 def decoded_images(files: pa.Table, root: str, image_size: int, decode_cpus: float,
-                   block_rows: int = DEFAULT_BLOCK_FILES,
-                   order: np.ndarray | None = None, max_pixels: int = MAX_PIXELS) -> ray.data.Dataset:
-    """A Ray dataset of ``files`` (a table with a ``relpath`` column under ``root``; in the order
-    of the positions ``order`` when given) plus each file's ``path``, decoded ``image``,
-    ``reason``, ``error`` and the ``decode_node`` that decoded it (see ``ImageBlocks``). Each file
-    is decoded on its own, so a bad one becomes a reject row instead of failing its block (unlike
+                   block_rows: int = DEFAULT_BLOCK_FILES, order: np.ndarray | None = None,
+                   max_pixels: int = MAX_PIXELS) -> ray.data.Dataset:
+    """A Ray dataset of ``files`` (``relpath`` under ``root``; in the order of the positions ``order`` if
+    given) plus each file's ``path``, decoded ``image``, ``reason``, ``error`` and ``decode_node``. Each
+    file is decoded on its own, so a bad one becomes a reject row instead of failing its block (unlike
     ``ray.data.read_images``); local roots are decoded on the driver's node (``pin_to_this_node``)."""
     source = ImageBlocks(files, root, image_size, block_rows, order, max_pixels)
-    # Decode tasks state the memory they need. That also keeps Ray Data from fusing decoding
-    # into the inference actors (it fuses operators whose remote args match), which would
-    # serialise decode and inference in one process instead of overlapping them.
+    # Stating the memory decode tasks need also keeps Ray Data from fusing them (operators whose remote
+    # args match) into the inference actors, which would serialise decoding and inference.
     memory = source.block_bytes(block_rows) + DECODE_TASK_BASE_BYTES
     return ray.data.read_datasource(source, num_cpus=decode_cpus, memory=memory,
                                     override_num_blocks=max(1, -(-len(files) // block_rows)), **pin_to_this_node(root))
@@ -113,9 +108,8 @@ def find_rejects(files: pa.Table, root: str, image_size: int, max_pixels: int = 
                       join_type="inner").sort_by("relpath")
 
 
-# Writers reserve a tenth of a CPU (writing Parquet is mostly I/O): a write task asking for a whole
-# one is held back while decode tasks and actors hold the cores, and nothing is committed until
-# the last file is decoded.
+# Writers reserve a tenth of a CPU (writing is mostly I/O): one asking for a whole CPU waits while decode
+# tasks and actors hold the cores, and nothing is committed until the last file is decoded.
 WRITE_CPUS = 0.1
 
 

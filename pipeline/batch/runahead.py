@@ -1,9 +1,6 @@
-"""How far decoding may run ahead of the inference actors.
-
-Decoding outruns VGG16 on a CPU many times over; left alone, decoded blocks pile up in the object
-store until Ray Data's own backpressure (GiBs) stops them, so memory grows with the data set.
-``RunAheadCap`` holds back an operator feeding an actor pool while a fixed number of its blocks are
-alive (queued, handed to an actor, or in a call): memory then depends on the actors, not the files.
+"""How far decoding may run ahead of the inference actors (docs/architecture.md#run-ahead): decoded
+blocks would otherwise pile up until Ray Data's own backpressure (GiBs), so memory grew with the data
+set. ``RunAheadCap`` bounds the live blocks per actor: memory then depends on the actors, not the files.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""What a ``POST /predict`` body holds: the images' bytes, or the 4xx answer that refuses it.
-
-A plain function of (body, Content-Type, limit), so every malformed body can be tried without a
-server: it returns the images or raises ``RequestError``, never anything else. Images are counted
-before any is base64-decoded; the replica decodes them as images, off its event loop.
+"""What a ``POST /predict`` body holds: the images' bytes, or the 4xx answer that refuses it. A plain
+function of (body, Content-Type, limit), so every malformed body can be tried without a server; images
+are counted before any is base64-decoded, and decoded as images by the replica, off its event loop.
 """
 
 from __future__ import annotations
@@ -48,16 +46,11 @@ class Images:
     batch: bool
 
 
-def media_type(content_type: str) -> str:
-    """The media type of a Content-Type header, lower-cased, without parameters (``; charset=…``)."""
-    return content_type.split(";", 1)[0].strip().lower()
-
-
 def parse_body(body: bytes, content_type: str, max_images: int) -> Images:
     """The images of a request body, or ``RequestError`` saying why it is refused. Raw bytes (``image/*``,
     octet-stream, curl's default type or none) are one image; ``application/json`` must be
     ``{"images": [<base64>, ...]}`` with at most ``max_images`` (413 beyond); any other type: 415."""
-    kind = media_type(content_type)
+    kind = content_type.split(";", 1)[0].strip().lower()  # the media type, without ``; charset=…``
     if kind in JSON_TYPES:
         return Images(_json_images(body, max_images), batch=True)
     if kind in RAW_TYPES or kind.startswith("image/"):

@@ -1,12 +1,6 @@
 """Online prediction: a Ray Serve application that answers ``POST /predict`` as batch prediction
-would, for one image or a few.
-
-- An image's bytes as the body: one JSON object with batch prediction's row fields
-  (``predicted_class``, ``confidence``, ``prob_<class>``); undecodable: HTTP 400 with the reason.
-- ``application/json`` ``{"images": [<base64>, ...]}``: ``{"predictions": [...]}`` in that order,
-  ``{"error": <reason>, "detail": ...}`` in place of an image that does not decode.
-- Over ``--max-upload-mb`` or ``--max-images-per-request``: 413; malformed: 400 or 415 (``requests``);
-  without the required token: 401 (``auth``). The replica goes on serving either way.
+would, for one image's bytes or ``{"images": [<base64>, ...]}``; its answers and refusals (bodies:
+``requests``, tokens: ``auth``) are described in docs/jobs.md#serve. A replica survives any upload.
 
 Replicas decode with batch prediction's decoder and predict with its ``LoadedClassifier`` (same
 model file, same padded batches), so the two agree on every image; ``@serve.batch`` batches
@@ -56,9 +50,8 @@ class ClassifierService:
         self.classifier = LoadedClassifier(storage.read_bytes(model), precision, max_batch_size)
         self.limits = limits
         self.digest = digest
-        # Decoders release the GIL, so the pool decodes in parallel on the replica's cores. Large
-        # images (up to the pixel cap, hundreds of MB each while decoding) take turns in a pool of
-        # one, so a burst of them holds one decode's memory, and never the small images' threads.
+        # Decoders release the GIL, so this pool uses every core. Large images (hundreds of MB each while
+        # decoding) take turns in a pool of one: a burst holds one decode's memory, not the small ones' threads.
         self.decoders = ThreadPoolExecutor(len(os.sched_getaffinity(0)), thread_name_prefix="decode")
         self.large_decoders = ThreadPoolExecutor(1, thread_name_prefix="decode-large")
         self._probabilities.set_max_batch_size(max_batch_size)
@@ -124,9 +117,8 @@ class ClassifierService:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _probabilities(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        # Padded to a power of two, not to the largest batch: a lone request on a CPU must not
-        # pay for 32 images, and TensorFlow traces at most log2(max batch) + 1 shapes. In a
-        # thread, so the replica keeps taking requests into the next batch meanwhile.
+        # Padded to a power of two: a lone request must not pay for a full batch, and TensorFlow traces
+        # at most log2(max batch) + 1 shapes. In a thread, so requests keep filling the next batch.
         pad = min(self.classifier.batch_size, 1 << (len(images) - 1).bit_length())
         probs = await asyncio.to_thread(self.classifier.probabilities, np.stack(images), None, pad)
         return list(probs)

@@ -1,9 +1,6 @@
 """A training worker's batches, held in memory or streamed from its shard, and the driver's rule
-that chooses (``held_bytes``).
-
-Held data is read whole by every worker once, sorted by path; each epoch's global batches are drawn
-in one seeded order, each worker taking its slice, so any worker count trains on the same batches.
-Larger data streams from each worker's shard every epoch (shards depend on the worker count).
+that chooses (``held_bytes``; docs/architecture.md#hold-or-stream). Held data gives every worker
+count the same global batches; streamed shards depend on the worker count.
 """
 
 from __future__ import annotations
@@ -19,10 +16,9 @@ from pipeline.data.shards import list_rows
 from pipeline.training.kinds import kind_of
 from pipeline.training.settings import LoopSettings
 
-# A training worker's memory: a fixed part before it reads data (TensorFlow, Ray, the model and
-# optimizer), plus at its peak at most HELD_BYTES_FACTOR bytes per byte of data it holds (its copy,
-# Ray's blocks, batches in flight). Both cover every kind measured by bench/train_memory.py
-# (bench/results/train_memory*.json, block4_precision.json).
+# A training worker's memory: a fixed part (TensorFlow, Ray, model, optimizer), plus at its peak at most
+# HELD_BYTES_FACTOR bytes per byte of data it holds (its copy, Ray's blocks, batches in flight); both
+# cover every kind bench/train_memory.py measured (bench/results/train_memory*.json).
 WORKER_BASE_BYTES = int(1.4 * 2**30)
 HELD_BYTES_FACTOR = 2.25
 # The share of the memory Ray may hand out (cluster-wide) that training workers holding their

@@ -1,9 +1,6 @@
-"""Training checkpoints: what a worker writes after each epoch and reads back on a restart, and
-what the driver reads from the best one (its history, its weights for the export).
-
-A checkpoint folder holds the model's weights, the optimizer's state keyed by variable name,
-``state.json`` (the epoch count and per-epoch history) and, with a moving average, the trained
-weights beside the averaged ones.
+"""Training checkpoints: what a worker writes after each epoch and reads back on a restart, and what
+the driver reads from the best one (history, weights for the export): the model's weights, the optimizer's
+state by variable name, ``state.json`` (epoch count, history) and, with a moving average, the trained weights.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
-"""Dropout that drops the same units of an example whatever the number of workers, and again
-after a resume.
-
-Keras' ``Dropout`` draws each replica's mask from a generator all replicas advance alike (so both
-halves of a global batch get the same mask) and not checkpointed (so a resume starts over).
-``GlobalDropout`` draws the whole global batch's mask from the run's seed and the optimizer's step
-count and keeps this worker's slice (rank r holds the r-th slice: ``batches._held_batches``);
-``place`` sets Ray Train's rank, which TensorFlow's replica id need not follow. It has no weights,
-so the exported model uses Keras' ``Dropout`` and loads in plain Keras.
+"""Dropout that drops the same units of an example whatever the number of workers, and again after a
+resume. Keras' ``Dropout`` draws each replica's mask from a generator all replicas advance alike (both
+halves of a global batch get one mask) and no checkpoint keeps. ``GlobalDropout`` draws the global batch's
+mask from the seed and the optimizer's step count and keeps this worker's slice (rank r holds the r-th:
+``batches._held_batches``; ``place`` sets Ray Train's rank, which TensorFlow's replica id need not follow).
+It has no weights, so the exported model uses Keras' ``Dropout`` and loads in plain Keras.
 """
 
 from __future__ import annotations

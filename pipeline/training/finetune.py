@@ -113,9 +113,8 @@ def _finetune_cached(job: Job, cfg: FinetuneConfig, meta: dict[str, Any], manife
     require_one_batch(split_rows(manifest, "train"), cfg.batch_size)
     block4_shape = tuple(manifest["block4"]["shape"])
     cache = storage.join(features_dir, manifest["block4"]["dir"])
-    # Shards already mix the classes (extraction writes rows in a seeded random order): a
-    # cache that streams needs only a per-epoch block order plus the local shuffle buffer;
-    # one that is held is reshuffled in memory every epoch.
+    # Extraction's shards already mix the classes: streamed, a per-epoch block order plus the local
+    # shuffle buffer suffice; held, the cache is reshuffled in memory every epoch.
     datasets = {"train": ray.data.read_parquet(storage.join(cache, "train"))
                 .select_columns(["path", "label", "block4", "block4_flipped"]).randomize_block_order(seed=cfg.seed),
                 "validation": ray.data.read_parquet(storage.join(cache, "validation"))

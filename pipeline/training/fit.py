@@ -15,23 +15,18 @@ from pipeline.training.settings import LoopSettings
 def fit(settings: LoopSettings, datasets: dict[str, Any], num_workers: int, use_gpu: bool, storage_path: str,
         name: str, max_failures: int):
     """Run ``train_loop_per_worker`` on ``num_workers`` Ray Train workers; returns the Ray Train Result.
-
-    A run with the same ``storage_path`` and ``name`` as an interrupted one resumes
-    from its latest checkpoint; a failed worker group restarts from it too, up to
-    ``max_failures`` times.
-    """
+    A run with an interrupted one's ``storage_path`` and ``name`` resumes from its latest checkpoint,
+    as a failed worker group does up to ``max_failures`` times."""
     # Both load TensorFlow (seconds): a driver imports this module at start but trains later, if at all.
     from ray.train.tensorflow import TensorflowTrainer
 
     from pipeline.training.loop import train_loop_per_worker
 
     for ds in datasets.values():
-        # A training epoch's progress is its epoch line; bars redrawn by every epoch's data
-        # coordinator would bury it.
+        # An epoch's progress is its epoch line; every epoch's progress bars would bury it.
         ds.context.enable_progress_bars = False
     cpus = float(ray.cluster_resources().get("CPU", 1))
-    # Workers that each hold a whole CPU on a small machine starve the Ray Data
-    # tasks that feed them and the run hangs without a word: reserve at most half.
+    # At most half a CPU each: whole ones starve the Ray Data tasks feeding a small machine's workers (a silent hang).
     per_worker_cpu = round(min(1.0, cpus / (2 * num_workers)), 3)
     # Tests' fault injection reaches the workers also on a cluster started before it was set.
     fault_env = faults.environment()

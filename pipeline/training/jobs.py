@@ -1,13 +1,6 @@
 """What every training job (``top``, ``finetune``, ``scratch``) does on the driver: the reuse rule,
-the Ray Train run, the export's evaluation and the outputs, under ``<output-dir>/<job>/``::
-
-    model.keras        image → class model with its metadata (classes, image size, preprocessing…)
-    metrics.csv        one row per epoch (no duplicates after a resumed run)
-    evaluation.json    final validation loss, accuracy, per-class precision/recall,
-                       confusion matrix, ROC AUC (two classes)
-    curves.png         loss and accuracy against epochs, train and validation
-    summary.json       what the run report needs (accuracy, epochs, time, samples/s)
-    ray_train/         Ray Train's storage: checkpoints of the best and the last epoch
+the Ray Train run, the export's evaluation and the outputs under ``<output-dir>/<job>/`` (``JOB_LAYOUT``,
+described in docs/jobs.md#training; ``summary.json``, what the run report needs, is written last).
 """
 
 from __future__ import annotations
@@ -47,7 +40,7 @@ from pipeline.versions import library_versions
 
 SUMMARY = "summary.json"
 SETTINGS = "settings.json"
-# What a training job writes in its folder (the module docstring); settings.json comes first.
+# What a training job writes in its folder; settings.json comes first.
 JOB_LAYOUT = outputs.Layout("a training run", markers=(SETTINGS, SUMMARY), files=(
     CONFIG_FILE, MODEL_FILE, f"{SAVED_MODEL_DIR}/*", "metrics.csv", "evaluation.json", "curves.png", "rejects.parquet",
     tracking.RUN_FILE, "ray_train/*"))
@@ -193,8 +186,7 @@ def finish(job: Job, model, metadata: dict[str, Any], run: TrainedRun, evaluatio
     cached = bool(metadata.get("cached_block4"))
     plot_curves(history, storage.join(directory, "curves.png"), kind_of(kind, cached).title)
     summary = {"kind": kind, "cached_block4": cached, "accuracy": evaluation["accuracy"], "loss": evaluation["loss"],
-               # The best epoch was chosen on the same validation photos, which flatters "accuracy";
-               # the last epoch's figure was not chosen by them.
+               # "accuracy" is the best epoch's, chosen on these validation photos (it flatters); this is not.
                "last_epoch_accuracy": history[-1]["val_accuracy"],
                "epochs": len(history), "best_epoch": run.best_epoch, "seconds": round(seconds, 2),
                "images_per_s": round(samples_per_s, 2), "worker_peak_rss_bytes": worker_peaks(history),
@@ -268,8 +260,7 @@ def image_job(job: Job, cfg: ImageTrainConfig, index: DatasetIndex, image_size: 
     ``base_weights`` and ``top_weights``."""
     files = _good_rows(index, image_size, cfg, job.directory)
     require_one_batch(len(files["train"]), cfg.batch_size)
-    # Decoded images that fit are held (decoded once, not every epoch), and then any worker
-    # count trains the same weights (``batches._held_batches``).
+    # Held images are decoded once, not every epoch, and any worker count trains the same weights.
     held = held_bytes((len(files["train"]) + len(files["validation"])) * image_size ** 2 * 3, cfg.num_workers)
     datasets = _image_datasets(files, index.root, image_size, cfg, held > 0)
     settings = loop_settings(job.kind, cfg, len(index.classes), len(files["train"]), image_size=image_size,

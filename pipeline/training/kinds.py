@@ -1,9 +1,7 @@
-"""The kinds of model the training jobs make, one entry each: how it is built, what a batch feeds
-it, its optimizer and default learning rate, its title and the reference article's figure.
-
-``KINDS`` is keyed by the job's folder: fine-tuning has two, ``finetune`` (cached block-4 outputs,
-its default) and ``finetune_streamed`` (images), both making models of kind ``finetune``. Only
-workers build models, so Keras (seconds to load) is imported inside the builders.
+"""The kinds of model the training jobs make: how each is built and fed, its optimizer, title and the
+reference article's figure. ``KINDS`` is keyed by the job's folder, so fine-tuning has two entries
+(``finetune`` on cached block-4 outputs, ``finetune_streamed`` on images), both of model kind ``finetune``.
+Only workers build models, so Keras (seconds to load) is imported inside the builders.
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """Data-parallel training with Ray Train's ``TensorflowTrainer``: one loop for all three models,
 run by every worker (``train_loop_per_worker``).
 
-A custom loop under ``MultiWorkerMirroredStrategy`` (Keras 3 ``model.fit`` fails under it with two
-workers): each replica's loss is scaled by the *global* batch size and the gradients are summed, so
-N workers at B/N each take exactly the steps of one worker at B (the configs require N to divide B).
-
-Every step all-reduces how many workers have another batch along with its loss and accuracy sums,
-so shards of unequal length end the epoch together instead of one worker waiting for ever in a
-collective (tensorflow/tensorflow#35878), at no extra collective but one per epoch.
+A custom loop under ``MultiWorkerMirroredStrategy`` (docs/architecture.md#training-loop; Keras 3
+``model.fit`` fails under it with two workers): losses scaled by the *global* batch and summed
+gradients make N workers at B/N step exactly like one at B. Each step's all-reduce also counts the
+workers with another batch, so uneven shards end the epoch together (tensorflow/tensorflow#35878).
 
 Only workers import this module (``fit`` defers it), so TensorFlow loads at its top.
 """
@@ -160,8 +157,7 @@ def run_epoch(steps: DistributedSteps, step_fn, batches: Iterator[dict], world: 
         step += 1
         if fault_site is not None:
             maybe_fail(fault_site)
-    # Drain a shard that still has rows (another worker ran out first), so the
-    # next epoch's iterator starts clean.
+    # Drain what another worker's earlier end left, so the next epoch's iterator starts clean.
     for _ in batches:
         pass
     return totals

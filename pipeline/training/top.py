@@ -51,9 +51,8 @@ def _feature_datasets(features_dir: str, manifest: dict[str, Any], cfg: TrainTop
     rows = split_rows(manifest, "train") + split_rows(manifest, "validation")
     held = held_bytes(rows * np.prod(manifest["feature_shape"]) * 4, cfg.num_workers)
     if not held:
-        # Streamed every epoch: a seeded global shuffle gives every batch a mix of classes
-        # even from shards written class by class (older extractions); the local buffer
-        # reorders them every epoch. Held shards are reshuffled in memory every epoch.
+        # A seeded global shuffle mixes the classes even of older extractions' class-by-class shards;
+        # the local buffer reorders every epoch (held data is reshuffled in memory instead).
         datasets["train"] = datasets["train"].random_shuffle(seed=cfg.seed)
     return datasets, held
 

@@ -1,9 +1,8 @@
 """Optional MLflow tracking of the training jobs (the ``mlflow`` extra: ``pip install -e ".[mlflow]"``).
 
-Off unless ``--mlflow-uri`` or ``MLFLOW_TRACKING_URI`` names a tracking store. Then each training job
-is one MLflow run: the driver logs the settings as parameters, rank 0 each epoch's metrics (other ranks'
-are the same), and the driver the final evaluation and result files, then closes it. A resumed job logs into the run it
-started (recorded in ``<job dir>/mlflow_run.json``).
+Each training job is one MLflow run (docs/jobs.md#mlflow): the driver logs settings, results and
+files, rank 0 alone each epoch's metrics (other ranks' are the same); a resumed job logs into the run
+it started (recorded in ``<job dir>/mlflow_run.json``).
 
 A password in the URI (``http://user:pw@host``) is used to connect but redacted everywhere it is
 shown or stored (``pipeline.redact``); the record keeps the redacted URI, so a rerun with a changed
