@@ -46,9 +46,8 @@ def _check_reachable(address: str, where: str) -> None:
 
 
 def _target_address() -> str | None:
-    """The GCS address (host:port) to attach to, or None to start a cluster in-process: Ray's own lookup
-    (``RAY_ADDRESS``, else this machine's last ``ray start``), made explicit so a dead address fails fast
-    instead of being retried for ever."""
+    """The GCS address to attach to (None: start one in-process): Ray's own lookup (``RAY_ADDRESS``, else
+    this machine's last ``ray start``), made explicit so a dead address fails fast, not retried for ever."""
     env = os.environ.get("RAY_ADDRESS", "")
     if env == "local":
         return None
@@ -154,8 +153,7 @@ def pin_to_this_node(location: str) -> dict[str, Any]:
     driver's node, the only one sure to have it; object-store URIs need no pinning."""
     if not storage.is_local(location):
         return {}
-    # Ray's own local:// reads pin this way (a hard label constraint, which replaced
-    # NodeAffinitySchedulingStrategy(soft=False) across Ray); Ray Data takes it as a named parameter.
+    # As Ray's own local:// reads pin: a hard label constraint, Ray's successor to hard node affinity.
     return {"label_selector": {"ray.io/node-id": ray.get_runtime_context().get_node_id()}}
 
 

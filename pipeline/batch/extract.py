@@ -161,9 +161,8 @@ def default_output_dir(data_dir: str) -> str:
 
 
 def _begin(output_dir: str, settings: dict[str, Any], cfg: ExtractConfig) -> tuple[dict[str, Any] | None, str | None]:
-    """(the finished manifest or None, the block-4 cache's dtype or None) for a run into ``output_dir``,
-    after refusing one made with other settings. An output keeps its cache's dtype (older ones: float32),
-    so its parts stay one schema."""
+    """(the finished manifest, the block-4 cache's dtype; each or None) after refusing an ``output_dir`` of
+    other settings. An output keeps its cache's dtype (older ones: float32), so its parts stay one schema."""
     record, manifest = ledger.open_output(output_dir, OUTPUT_LAYOUT, settings, cfg.overwrite)
     if record is None:
         return None, BLOCK4_DTYPE if cfg.cache_block4 else None
@@ -214,8 +213,7 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
 
 def _extract(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, output: str, cache: str | None,
              previous: dict[str, Any] | None) -> dict[str, Any]:
-    """Bring ``output`` up to date with ``index``: drop what is stale, extract what is missing,
-    audit, and return the manifest (less the settings)."""
+    """Bring ``output`` up to date with ``index`` (drop the stale, extract the missing, audit); the manifest."""
     folders = SPLITS + ([storage.join(BLOCK4_DIR, s) for s in SPLITS] if cache else [])
     live, update, done = ledger.refresh(
         output, index.files, folders, "updating extraction" if previous else "resuming extraction",

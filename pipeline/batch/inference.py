@@ -193,8 +193,7 @@ def stamp_actor(batch: dict[str, np.ndarray], identity: str, started: float) -> 
 
 
 def tally_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Rows of a written batch per inference actor and per decoding node, and each actor's
-    calls as (start, end) spans (a sink's write result)."""
+    """A sink's write result: rows per inference actor and decoding node, each actor's (start, end) calls."""
     calls: dict[str, set[tuple[float, float]]] = {}
     for actor, start, end in zip(batch["actor"], batch["call_start"], batch["call_end"]):
         calls.setdefault(str(actor), set()).add((float(start), float(end)))
@@ -215,8 +214,7 @@ def empty_tally() -> dict[str, Any]:
 
 
 def add_tally(total: dict[str, Any], tally: dict[str, Any]) -> dict[str, Any]:
-    """Add ``tally`` (from ``tally_batch`` or another ``add_tally``) into ``total``; returns ``total``.
-    A call split over two blocks counts once."""
+    """Add ``tally`` into ``total`` and return it; a call split over two blocks counts once."""
     total["actors"].update(tally["actors"])
     total["decode_nodes"].update(tally["decode_nodes"])
     for actor, spans in tally["calls"].items():

@@ -159,8 +159,7 @@ def prediction_table(paths: Sequence[str], probs: np.ndarray, classes: list[str]
 
 
 def list_inputs(spec: str) -> tuple[str, pa.Table]:
-    """(root, files) for a folder (recursive) or a glob, local or URI: ``relpath`` (relative to
-    root) and ``stamp`` of every image file."""
+    """(root, ``relpath`` and ``stamp`` of every image file) for a folder (recursive) or glob, local or URI."""
     if not any(ch in spec for ch in "*?["):
         return spec, discover_unlabeled(spec)
     parts = spec.split("/")
@@ -244,11 +243,9 @@ def check_targets(output: str, overwrite: bool) -> None:
 
 
 def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
-    """Classify every image under ``cfg.input``, one row per decodable file; returns a summary.
-
-    Commits block by block: a rerun with the same model and input resumes an interrupted run, or
-    updates a finished folder output (predicting added and changed files, dropping removed ones);
-    a finished single file is replaced only with --overwrite."""
+    """Classify every image under ``cfg.input``, one row per decodable file; returns a summary. Commits
+    block by block: a rerun with the same model and input resumes an interrupted run or updates a finished
+    folder output (added and changed files, removed ones dropped); a single file needs --overwrite."""
     started = time.time()
     model = storage.read_bytes(cfg.model)  # read once: its metadata, its hash and the actors' copy
     meta = metadata_in(model, cfg.model)
@@ -295,8 +292,7 @@ def _predict(cfg: PredictConfig, model: bytes, meta: dict[str, Any], todo: pa.Ta
 
 
 def _check_predictions(work: str, live: pa.Table, classes: list[str]) -> tuple[pa.Table, pa.Table]:
-    """(every prediction sorted by path, the rejects), after checking that each decoded file of the
-    ledger has exactly one prediction."""
+    """(every prediction sorted by path, the rejects), once each decoded file has exactly one prediction."""
     ledger.check_shards(work, live, {PARTS_DIR: ""})
     table = storage.read_parquet_files(storage.list_parquet(storage.join(work, PARTS_DIR)))
     table = (table if table is not None else prediction_schema(classes).empty_table()).sort_by("path")

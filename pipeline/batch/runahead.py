@@ -24,9 +24,8 @@ RUN_AHEAD_CONFIG_KEY = "pipeline.run_ahead_blocks"
 
 
 def run_ahead_blocks(actors: int, blocks_per_batch: int = 1) -> int:
-    """The live blocks an operator feeding a pool of ``actors`` actors may have (see module doc),
-    counted in the actors' batches of ``blocks_per_batch`` blocks: an actor's call waits until a
-    whole batch has arrived, so a budget of fewer blocks would let no call start."""
+    """The live blocks an operator feeding ``actors`` actors may have, in whole batches of ``blocks_per_batch``
+    blocks: a call waits for its whole batch, so a smaller budget would let no call start."""
     return RUN_AHEAD_BLOCKS_PER_ACTOR * max(blocks_per_batch, 1) * max(actors, 1)
 
 

@@ -17,7 +17,7 @@ TOKEN_ENV = "IMAGE_CLASSIFIER_TOKEN"
 
 
 def read_token(token_file: str | None) -> str | None:
-    """The token of ``--auth-token-file`` (surrounding whitespace dropped), else of ``$IMAGE_CLASSIFIER_TOKEN``, else None."""
+    """The token of ``--auth-token-file`` (stripped), else of ``$IMAGE_CLASSIFIER_TOKEN``, else None."""
     if token_file is None:
         return os.environ.get(TOKEN_ENV, "").strip() or None
     try:

@@ -21,8 +21,7 @@ from pipeline.training.settings import LoopSettings
 # cover every kind bench/train_memory.py measured (bench/results/train_memory*.json).
 WORKER_BASE_BYTES = int(1.4 * 2**30)
 HELD_BYTES_FACTOR = 2.25
-# The share of the memory Ray may hand out (cluster-wide) that training workers holding their
-# data may take together; the rest is for everything else that runs beside them.
+# The share of the memory Ray may hand out that workers holding data may take; the rest runs beside them.
 HOLD_SHARE = 0.5
 
 

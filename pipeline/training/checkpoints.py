@@ -44,8 +44,7 @@ def _slot_name(variable) -> str:
 
 
 def save_checkpoint(directory: str, model, optimizer, state: dict[str, Any], trained: list[np.ndarray] | None) -> None:
-    """Write ``model``'s weights, ``optimizer``'s state, ``state`` and the ``trained`` weights
-    (with a moving average, else None) into the folder ``directory``."""
+    """Write ``model``'s weights, ``optimizer``'s state, ``state`` and the ``trained`` weights (or None)."""
     model.save_weights(os.path.join(directory, WEIGHTS_FILE))
     if trained is not None:
         np.savez(os.path.join(directory, TRAINED_FILE),

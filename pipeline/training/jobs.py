@@ -110,9 +110,8 @@ class Job:
 def prepare(kind: str, directory: str, settings: dict[str, Any], overwrite: bool,
             started: float) -> tuple[Job, dict[str, Any] | None]:
     """The one reuse rule: a finished job with the same settings is reused (its summary returned), an
-    unfinished one resumes from its checkpoints, one with other settings is refused, naming them;
-    ``overwrite`` starts afresh. Holds the folder's lock for the rest of the job; ``outputs.prepare``
-    refuses a folder holding what a training job does not write."""
+    unfinished one resumed, one with other settings refused, naming them; ``overwrite`` starts afresh.
+    Holds the folder's lock for the rest of the job and refuses files a training job does not write."""
     outputs.hold_lock(directory)
     outputs.prepare(directory, JOB_LAYOUT, overwrite)
     recorded_at = storage.join(directory, SETTINGS)
@@ -172,8 +171,7 @@ def run(job: Job, settings: LoopSettings, datasets: dict[str, Any], cfg: TrainCo
 
 
 def finish(job: Job, model, metadata: dict[str, Any], run: TrainedRun, evaluation: dict[str, Any]) -> dict[str, Any]:
-    """Write the job's outputs (the model with ``metadata`` and its record of the run, metrics,
-    evaluation, curves, the summary last) and return the summary."""
+    """Write the job's outputs (model with ``metadata``, metrics, evaluation, curves, summary last); the summary."""
     kind, directory, settings = job.kind, job.directory, job.settings
     history, seconds, samples_per_s = run.history, run.seconds, run.samples_per_s
     metadata = {**metadata, "kind": kind, "settings": settings, "epochs": len(history), "best_epoch": run.best_epoch,
@@ -242,8 +240,7 @@ def _image_datasets(files: dict[str, pa.Table], root: str, image_size: int, cfg:
 
 def _evaluate_model_file(path: str, files: pa.Table, root: str, classes: list[str], image_size: int,
                          precision: str, batch_size: int, max_pixels: int) -> dict[str, Any]:
-    """Evaluate a saved classifier on ``files`` (``relpath``, ``label`` under ``root``) with the
-    batch-prediction pipeline."""
+    """Evaluate a saved classifier on ``files`` (``relpath``, ``label``) with the batch-prediction pipeline."""
     ds = predictions_dataset(path, files.select(["relpath"]), root, image_size, precision, inference_plan(1),
                              batch_size, max_pixels=max_pixels)
     paths, probs, rejects = collect_probabilities(ds)
@@ -255,9 +252,8 @@ def _evaluate_model_file(path: str, files: pa.Table, root: str, classes: list[st
 
 def image_job(job: Job, cfg: ImageTrainConfig, index: DatasetIndex, image_size: int, metadata: dict[str, Any],
               model_fn, rotation: float = 0.0, base_weights=None, top_weights=None) -> dict[str, Any]:
-    """A job on augmented images streamed from ``index``'s files: train, export (``model_fn()``
-    with the best checkpoint's weights), evaluate, write the outputs; fine-tuning starts from
-    ``base_weights`` and ``top_weights``."""
+    """A job on augmented images of ``index``: train (from ``base_weights`` and ``top_weights`` when given),
+    export (``model_fn()`` with the best checkpoint's weights), evaluate, write the outputs."""
     files = _good_rows(index, image_size, cfg, job.directory)
     require_one_batch(len(files["train"]), cfg.batch_size)
     # Held images are decoded once, not every epoch, and any worker count trains the same weights.

@@ -38,8 +38,7 @@ def _features(batch: dict[str, Any], s: LoopSettings, rng: np.random.Generator |
 
 
 def _block4(batch: dict[str, Any], s: LoopSettings, rng: np.random.Generator | None) -> np.ndarray:
-    """Cached fine-tuning's input: the block-4 maps; augmented, the mirror image's maps for a
-    random half, then shifts by whole cells."""
+    """Cached fine-tuning's input: block-4 maps; augmented, a random half mirrored, then shifted by whole cells."""
     n = len(batch["label"])
     x = _float_rows(batch["block4"], n, s.block4_shape)
     if rng is not None:

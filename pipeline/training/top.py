@@ -73,8 +73,7 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     if reused:
         return reused
     write_resolved(job.directory, "train_top", cfg, output_dir=output_dir)
-    # The weights the exported model will carry must be the ones the features came from:
-    # checked before training, not after it.
+    # The exported model must carry the weights the features came from: checked before training.
     source = resolve_weights(manifest["weights"]["source"], manifest["preprocessing"])
     if source.sha256 != manifest["weights"]["sha256"]:
         raise DataError(f"the weights {source.name} (sha256 {source.sha256}) differ from those the features were "

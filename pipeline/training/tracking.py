@@ -97,8 +97,7 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def log_epoch(handle: dict[str, str] | None, row: dict[str, Any]) -> None:
-    """Rank 0's per-epoch metrics, at step = epoch. A tracking store that fails costs a warning,
-    never the training run."""
+    """Rank 0's per-epoch metrics, at step = epoch; a failing store costs a warning, never the run."""
     if handle is None:
         return
     from mlflow.entities import Metric  # deferred: the optional mlflow extra (see _client)
