@@ -53,6 +53,19 @@ def check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
         raise ConfigError(f"{flag(name)} must be one of {', '.join(allowed)}; got {value!r}")
 
 
+def check_choices(cfg: Any) -> None:
+    """``check_choice`` for every field of ``cfg`` declared with choices (``field_help``)."""
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("choices"):
+            check_choice(f.name, getattr(cfg, f.name), f.metadata["choices"])
+
+
+def check_at_least(name: str, value: int | None, low: int, why: str = "") -> None:
+    """Raise ConfigError unless ``value`` is at least ``low``; ``why`` (the limit's reason) goes into the message."""
+    if value is None or value < low:
+        raise ConfigError(f"{flag(name)} must be an integer of at least {low}{why}; got {value!r}")
+
+
 def check_positive(name: str, value: float | None, allow_none: bool = False) -> None:
     """Raise ConfigError unless ``value`` is > 0 (or None when allowed)."""
     if value is None and allow_none:
