@@ -32,26 +32,26 @@ def check_workers_divide_batch(num_workers: int, batch_size: int, option: str = 
                       f"{option} {' or '.join(map(str, batches))}")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class LogOptions:
     """What a job prints (shared by every job, last among its bases: the options classes' ``__post_init__``
     checks chain through ``super()`` and end here)."""
 
     verbose: bool = field_help(False, "print everything: TensorFlow's start-up logs and Ray Train's and Ray Data's "
                                       "bookkeeping from every process (default: the project's messages, Ray Data's "
-                                      "progress bars and one line per training epoch)", kw_only=True)
+                                      "progress bars and one line per training epoch)")
 
     def __post_init__(self) -> None:
         check_choices(self)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class DecodeOptions:
     """How image files are decoded (shared by every job that decodes images)."""
 
     max_image_megapixels: float = field_help(MAX_IMAGE_MEGAPIXELS, "images whose header declares more pixels than this "
                                              "are rejects (reason 'too large'), never decoded: it bounds a decode's "
-                                             "memory", kw_only=True)
+                                             "memory")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,20 +95,19 @@ DATA_OPTIONS = LISTING_OPTIONS + DECODE_OPTIONS
 DEFAULT_BLOCK_FILES = 128
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class InferenceOptions:
     """How the VGG16 / classifier actor pool of extraction and prediction is sized and run."""
 
-    precision: str = field_help("auto", PRECISION_HELP, PRECISIONS, kw_only=True)
-    workers: int = field_help(1, "inference actors when the cluster has no GPUs and --gpus is not given", kw_only=True)
+    precision: str = field_help("auto", PRECISION_HELP, PRECISIONS)
+    workers: int = field_help(1, "inference actors when the cluster has no GPUs and --gpus is not given")
     gpus: int | None = field_help(None, "run this many one-GPU inference actors, asking the cluster (its autoscaler) "
                                         "for the GPUs even when none is up yet; default: one per GPU present, "
-                                        "else --workers CPU actors", kw_only=True)
-    gpu_wait_s: float = field_help(900.0, "with --gpus: how long to wait for the GPUs to join the cluster",
-                                   kw_only=True)
-    batch_size: int = field_help(32, "images per inference batch", kw_only=True)
+                                        "else --workers CPU actors")
+    gpu_wait_s: float = field_help(900.0, "with --gpus: how long to wait for the GPUs to join the cluster")
+    batch_size: int = field_help(32, "images per inference batch")
     block_files: int = field_help(DEFAULT_BLOCK_FILES, "files per block: decoded, run and committed together (an "
-                                  "interrupted run redoes at most the blocks in flight)", kw_only=True)
+                                  "interrupted run redoes at most the blocks in flight)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -262,26 +261,25 @@ class PredictConfig(InferenceOptions, DecodeOptions, LogOptions):
     overwrite: bool = field_help(False, "replace an existing output")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class ServeConfig(DecodeOptions, LogOptions):
     """Settings of ``jobs.serve``: a trained classifier behind HTTP, answering as batch prediction would."""
 
     model: str = field_help(dataclasses.MISSING, "model.keras written by a training job (local path or URI)",
-                            kw_only=True, location="model")
-    host: str = field_help("127.0.0.1", "address the HTTP server listens on (0.0.0.0: every interface)", kw_only=True)
-    port: int = field_help(8000, "HTTP port", kw_only=True)
+                            location="model")
+    host: str = field_help("127.0.0.1", "address the HTTP server listens on (0.0.0.0: every interface)")
+    port: int = field_help(8000, "HTTP port")
     replicas: int | None = field_help(None, "model replicas (default: one per GPU of the cluster, each on its GPU; "
-                                            "1 on a cluster without GPUs)", kw_only=True)
-    max_batch_size: int = field_help(32, "requests answered by one model call at most", kw_only=True)
-    batch_wait_s: float = field_help(0.01, "how long a replica waits for a batch to fill", kw_only=True)
-    max_upload_mb: float = field_help(20.0, "larger request bodies are refused with HTTP 413", kw_only=True)
+                                            "1 on a cluster without GPUs)")
+    max_batch_size: int = field_help(32, "requests answered by one model call at most")
+    batch_wait_s: float = field_help(0.01, "how long a replica waits for a batch to fill")
+    max_upload_mb: float = field_help(20.0, "larger request bodies are refused with HTTP 413")
     max_images_per_request: int = field_help(64, "JSON requests with more images are refused with HTTP 413, "
-                                                 "before any is decoded", kw_only=True)
+                                                 "before any is decoded")
     auth_token_file: str | None = field_help(None, "require 'Authorization: Bearer <token>' with the token in this "
-                                                   "file (default: $IMAGE_CLASSIFIER_TOKEN when set, else no token)",
-                                             kw_only=True)
-    insecure: bool = field_help(False, "allow a --host beyond loopback without a token", kw_only=True)
-    precision: str = field_help("auto", PRECISION_HELP, PRECISIONS, kw_only=True)
+                                                   "file (default: $IMAGE_CLASSIFIER_TOKEN when set, else no token)")
+    insecure: bool = field_help(False, "allow a --host beyond loopback without a token")
+    precision: str = field_help("auto", PRECISION_HELP, PRECISIONS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
