@@ -58,20 +58,20 @@ def setup_driver(is_verbose: bool) -> None:
     if not is_verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         quiet_tensorflow_import()
-        quiet_ray_data()
+        # Ray Data's per-dataset execution plans and issue reports off; its progress bars stay. Deferred: Ray Data
+        # takes about a second to load, and every Ray worker imports this module for its setup hook.
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.print_on_execution_start = False
+        ctx.issue_detectors_config.detectors = []
         quiet_loggers({**RAY_DATA_CHATTER, **DRIVER_CHATTER})
 
 
 class _StdoutHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stdout`` is when a message comes (redirected, or captured by a test)."""
 
-    @property
-    def stream(self):
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
+    stream = property(lambda self: sys.stdout, lambda self, _value: None)
 
 
 class RedactFilter(logging.Filter):
@@ -112,16 +112,6 @@ def quiet_loggers(levels: dict[str, int]) -> None:
     on other loggers alone)."""
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
-
-
-def quiet_ray_data() -> None:
-    """Ray Data's per-dataset execution plans and issue reports off; its progress bars stay."""
-    # Deferred: Ray Data takes about a second to load, and every Ray worker imports this module for its setup hook.
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.print_on_execution_start = False
-    ctx.issue_detectors_config.detectors = []
 
 
 def quiet_ray_train_worker() -> None:

@@ -60,14 +60,6 @@ LOCATIONS: dict[str, Callable[[str, str], Any]] = {
 }
 
 
-def check_locations(cfg: Any) -> None:
-    """Check every location ``cfg``'s fields name (those given: None is the job's default)."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.metadata.get("location") and value is not None:
-            LOCATIONS[f.metadata["location"]](f.name, value)
-
-
 def preflight(cfg: Any) -> None:
     """Raise a UserError naming the option when what ``cfg`` names cannot be used by its job."""
     if hasattr(cfg, "mlflow_uri"):
@@ -75,7 +67,9 @@ def preflight(cfg: Any) -> None:
     if isinstance(cfg, ServeConfig):
         # Exposure first: a server that must not start says so whatever else is wrong.
         check_exposure(cfg.host, read_token(cfg.auth_token_file), cfg.insecure)
-    check_locations(cfg)
+    for f in dataclasses.fields(cfg):  # every location the fields name (None: the job's default)
+        if f.metadata.get("location") and getattr(cfg, f.name) is not None:
+            LOCATIONS[f.metadata["location"]](f.name, getattr(cfg, f.name))
     if isinstance(cfg, AuditConfig) and cfg.top_model:
         check_top_model(cfg.top_model)
     check_outputs(cfg)
