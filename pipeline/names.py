@@ -32,10 +32,8 @@ def escape(name: str | bytes) -> str:
 
 
 def unescape(stored: str) -> bytes:
-    """The exact bytes of the name or path that ``escape`` made ``stored`` from.
-
-    A backslash that starts neither ``\\\\`` nor ``\\xNN`` (never written by ``escape``) is
-    kept as it is."""
+    """The exact bytes of the name or path that ``escape`` made ``stored`` from; a backslash that starts neither
+    ``\\\\`` nor ``\\xNN`` (never written by ``escape``) is kept as it is."""
     return _ESCAPE.sub(lambda m: b"\\" if m.group(1) == b"\\" else bytes([int(m.group(1)[1:], 16)]),
                        stored.encode("utf-8"))
 

@@ -116,12 +116,9 @@ def resolved_options(cfg: RunAllConfig, output_dir: str) -> dict[str, Any]:
 
 
 def run_all(cfg: RunAllConfig) -> str:
-    """Run every stage into ``<output-dir>`` and return the path of ``report.md``.
-
-    Holds ``<output-dir>``'s lock throughout (the stages lock their own folders inside it), and
-    refuses a folder holding what no stage writes (``LAYOUT``); with ``--overwrite`` each stage
-    replaces only its own folder. Writes ``config.yaml``, which ``--config`` reads back.
-    """
+    """Run every stage into ``<output-dir>`` and return the path of ``report.md``. Holds that folder's lock throughout
+    (the stages lock their own folders inside it) and refuses one holding what no stage writes (``LAYOUT``); with
+    ``--overwrite`` each stage replaces only its own folder. Writes ``config.yaml``, which ``--config`` reads back."""
     data_dir = cfg.data_dir or default_data_dir()
     if cfg.data_dir is None:
         note_builtin_data()
