@@ -29,3 +29,13 @@ def run_job(config_cls: type[C], description: str, body: Callable[[C], object],
         # Messages name locations and URIs, which may carry credentials.
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
+
+
+def entry(config_cls: type[C], description: str, body: Callable[[C], object]) -> Callable[..., int]:
+    """A job module's ``main(argv=None) -> int``: ``run_job`` with the job's config, ``--help`` text and body."""
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        """Run the job on ``argv`` (default: the command line); 0 on success, 2 on a user error."""
+        return run_job(config_cls, description, body, argv)
+
+    return main

@@ -1,19 +1,10 @@
 """The data set doctor: duplicates and leakage, likely wrong labels and strays, with an HTML report (``python -m jobs.audit_data --help``)."""
 
-from __future__ import annotations
-
-import sys
-from typing import Sequence
-
-from jobs._cli import run_job
+from jobs._cli import entry
 from pipeline.audit.doctor import audit_data
 from pipeline.config import AuditConfig
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the job."""
-    return run_job(AuditConfig, __doc__, audit_data, argv)
-
+main = entry(AuditConfig, __doc__, audit_data)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

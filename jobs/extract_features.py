@@ -1,11 +1,6 @@
 """Image folders → VGG16 bottleneck features as Parquet shards (``python -m jobs.extract_features --help``)."""
 
-from __future__ import annotations
-
-import sys
-from typing import Sequence
-
-from jobs._cli import run_job
+from jobs._cli import entry
 from pipeline.batch.extract import run_extraction
 from pipeline.config import ExtractConfig
 
@@ -17,10 +12,7 @@ def _run(cfg: ExtractConfig) -> None:
           f"{m['precision']}, {m['images_per_s']} images/s -> {m['output_dir']}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the extraction job."""
-    return run_job(ExtractConfig, __doc__, _run, argv)
-
+main = entry(ExtractConfig, __doc__, _run)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,11 +1,6 @@
 """Batch prediction with a trained classifier over any image folder (``python -m jobs.predict --help``)."""
 
-from __future__ import annotations
-
-import sys
-from typing import Sequence
-
-from jobs._cli import run_job
+from jobs._cli import entry
 from pipeline.batch.predict import run_prediction
 from pipeline.config import PredictConfig
 
@@ -25,10 +20,7 @@ def _run(cfg: PredictConfig) -> None:
           f"{s['precision']}, {s['images_per_s']} images/s -> {s['output']}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the job."""
-    return run_job(PredictConfig, __doc__, _run, argv)
-
+main = entry(PredictConfig, __doc__, _run)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,11 +1,9 @@
 """One job's options made from the configs of the jobs it runs, so that none is declared twice.
 
-``jobs.run_all`` runs extraction, the audit and the three training jobs. It offers each option of
-those jobs once where the jobs that take it agree on its default (``--seed``, ``--data-dir``), and
-once per job, with the job's prefix, where they do not (``--top-epochs``, ``--scratch-batch-size``)
-or where the field asks for it (``per_stage``). Help and types come from the jobs' own fields,
-and each job's ``__post_init__`` checks the values, its messages naming the option as run_all
-spells it. Adding a field to a job's config adds it to run_all.
+``jobs.run_all`` offers each option of its stages once where the stages taking it agree on its default
+(``--seed``), and once per stage, prefixed, where they do not or the field is ``per_stage`` (``--top-epochs``).
+Help and types come from the stages' fields; each stage's ``__post_init__`` checks the values, its messages
+naming the option as run_all spells it.
 """
 
 from __future__ import annotations
@@ -68,9 +66,8 @@ def _derived(f: dataclasses.Field, default: Any, help: str) -> Any:
 
 
 def compose(cls_name: str, base: type, stages: Sequence[Stage]) -> type:
-    """A dataclass deriving from ``base`` (the composed job's own options and checks) with one
-    field per option of ``stages``: shared ones as the stages declare them, prefixed ones
-    defaulting to None (the stage's own default)."""
+    """A dataclass deriving from ``base`` (the composed job's own options and checks) with one field per option of
+    ``stages``: shared ones as the stages declare them, prefixed ones defaulting to None (the stage's own default)."""
     shared, prefixed = split_options(stages)
     own = {f.name for f in dataclasses.fields(base)}
     fields = []

@@ -1,22 +1,15 @@
-"""Fault-injection hooks for reliability tests: kill or stall the current process at a chosen
-point, and trace what processes did around it.
+"""Fault-injection hooks for reliability tests: kill or stall the current process at a chosen point, and trace
+what processes did around it. Unset (always, outside tests), the variables below do nothing.
 
-``RIC_FAULT_KILL=<site>:<n>:<marker path>`` in the environment of a Ray cluster's processes:
-the n-th call of ``maybe_fail(site)`` in a process exits that process abruptly (as a crashed
-or preempted node would), after creating the marker file so that the restarted process is
-left alone.
+``RIC_FAULT_KILL=<site>:<n>:<marker path>``: the n-th call of ``maybe_fail(site)`` in a process exits it abruptly
+(as a crashed or preempted node would), after creating the marker file so that the restarted process is left alone.
+``RIC_FAULT_PAUSE=<site>:<n>``: that call blocks for good, so a test interrupts a job at a known point (after
+exactly n-1 blocks of a one-actor pool) instead of racing it.
+``RIC_FAULT_TRACE=<path>``: every ``trace(site, details)`` appends one JSON line there, so a test sees what each
+process did around a fault (a restarted training worker: the epoch and the weights it starts from).
 
-``RIC_FAULT_PAUSE=<site>:<n>``: the n-th call of ``maybe_fail(site)`` in a process blocks for
-good, so a test can interrupt a job at a known point (after exactly n-1 blocks of a one-actor
-pool) instead of racing it.
-
-``RIC_FAULT_TRACE=<path>``: every ``trace(site, details)`` call appends one JSON line to that
-file, so a test sees what each process did before and after a fault (a restarted training
-worker: the epoch it starts and the weights it starts from).
-
-Ray Train's workers do not inherit a driver's environment on a cluster that was already
-running, so ``fit`` hands them these variables (``environment()``). Unset (always, outside
-tests), all of them do nothing.
+Ray Train's workers do not inherit a driver's environment on a cluster already running, so ``fit`` hands them
+these variables (``environment()``).
 """
 
 from __future__ import annotations
@@ -34,8 +27,7 @@ _calls: Counter[str] = Counter()
 
 
 def environment() -> dict[str, str]:
-    """The fault-injection variables set in this process's environment, to hand to processes
-    that do not inherit it."""
+    """The fault-injection variables set in this process's environment, to hand to processes that do not inherit it."""
     return {name: os.environ[name] for name in (ENV, PAUSE_ENV, TRACE_ENV) if os.environ.get(name)}
 
 

@@ -1,10 +1,7 @@
-"""What a job prints: the project's own messages through Python logging (one readable line per
-event), Ray Data's progress bars, one line per training epoch, and the libraries' start-up and
-bookkeeping chatter silenced, in every Ray process on every node, unless ``--verbose``.
-
-Every process learns the choice from the job's runtime environment (``worker_env``), and every
-worker runs ``setup_worker`` at start (Ray's ``worker_process_setup_hook``), so it holds on nodes
-that join later too.
+"""What a job prints: the project's messages through Python logging (one line per event), Ray Data's progress bars,
+one line per training epoch; unless ``--verbose``, the libraries' start-up and bookkeeping chatter silenced in every
+Ray process on every node: each learns the choice from the job's runtime environment (``worker_env``) and runs
+``setup_worker`` at start (Ray's ``worker_process_setup_hook``), so nodes that join later too.
 """
 
 from __future__ import annotations
@@ -61,22 +58,20 @@ def setup_driver(is_verbose: bool) -> None:
     if not is_verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         quiet_tensorflow_import()
-        quiet_ray_data()
-        quiet_ray_data_loggers()
-        for name, level in DRIVER_CHATTER.items():
-            logging.getLogger(name).setLevel(level)
+        # Ray Data's per-dataset execution plans and issue reports off; its progress bars stay. Deferred: Ray Data
+        # takes about a second to load, and every Ray worker imports this module for its setup hook.
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.print_on_execution_start = False
+        ctx.issue_detectors_config.detectors = []
+        quiet_loggers({**RAY_DATA_CHATTER, **DRIVER_CHATTER})
 
 
 class _StdoutHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stdout`` is when a message comes (redirected, or captured by a test)."""
 
-    @property
-    def stream(self):
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
+    stream = property(lambda self: sys.stdout, lambda self, _value: None)
 
 
 class RedactFilter(logging.Filter):
@@ -107,26 +102,16 @@ def setup_worker() -> None:
     install_redaction(logging.getLogger().handlers)
     if not verbose():
         quiet_tensorflow_import()
-        quiet_ray_data_loggers()
+        quiet_loggers(RAY_DATA_CHATTER)
         # Ray Train's own processes warn of deprecated Ray Data options they pass themselves.
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
 
 
-def quiet_ray_data_loggers() -> None:
-    """Ray Data's bookkeeping loggers to warnings (its dictConfig, run when ``ray.data`` is
-    imported, leaves levels set on other loggers alone)."""
-    for name, level in RAY_DATA_CHATTER.items():
+def quiet_loggers(levels: dict[str, int]) -> None:
+    """Set each named logger's level (Ray Data's dictConfig, run when ``ray.data`` is imported, leaves levels set
+    on other loggers alone)."""
+    for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
-
-
-def quiet_ray_data() -> None:
-    """Ray Data's per-dataset execution plans and issue reports off; its progress bars stay."""
-    # Deferred: Ray Data takes about a second to load, and every Ray worker imports this module for its setup hook.
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.print_on_execution_start = False
-    ctx.issue_detectors_config.detectors = []
 
 
 def quiet_ray_train_worker() -> None:

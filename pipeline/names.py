@@ -1,26 +1,15 @@
-"""File names as the product stores them: any name a filesystem allows, as a UTF-8 string that
-gives back the exact name.
+"""File names as the product stores them: any name a filesystem allows, as a UTF-8 string that gives back the
+exact name (docs/guarantees.md).
 
-A name on a local disk is a string of bytes (anything but ``/`` and NUL); Arrow, Parquet, JSON
-and CSV hold only UTF-8 text. Every path the product lists, stores (``relpath`` of features,
-the ledger, rejects and predictions) and passes between its processes is therefore *escaped*:
+A local name is bytes (anything but ``/`` and NUL), while Arrow, Parquet, JSON and CSV hold only UTF-8 text, so
+every path the product lists, stores (``relpath`` of features, the ledger, rejects, predictions) or passes between
+processes is *escaped*: its bytes are read as UTF-8, each byte that is not valid UTF-8 is written ``\\xNN`` (two
+lowercase hex digits: Latin-1 ``b"chat\\xe9.jpg"`` is stored as ``chat\\xe9.jpg``), each backslash is doubled,
+and nothing else changes (Unicode is never normalised: the NFC and NFD spellings of ``café.jpg`` stay two paths).
+Object-store keys (``s3://``, ``gs://``) are UTF-8 already: only their backslashes are doubled.
 
-- the name's bytes are read as UTF-8;
-- each byte that is not part of valid UTF-8 is written as ``\\xNN`` (two lowercase hex
-  digits): ``b"chat\\xe9.jpg"`` (Latin-1, as old cameras and Windows shares write it) is
-  stored as ``chat\\xe9.jpg``;
-- each literal backslash is written as two: ``back\\slash.jpg`` is stored as ``back\\\\slash.jpg``;
-- nothing else changes: ordinary names, spaces, quotes, commas, newlines and non-ASCII UTF-8
-  are stored as they are, and Unicode is never normalised (the NFC and NFD spellings of
-  ``café.jpg`` are two different files and stay two different paths).
-
-To find a stored path's file again, undo the two rules: in Python
-``os.fsdecode(pipeline.names.unescape(relpath))`` (or ``pipeline.names.os_path(relpath)``),
-in a shell ``ls "$(printf '%b' 'train/cats/chat\\xe9.jpg')"`` (bash's ``printf %b`` reads ``\\xNN``
-and ``\\\\`` exactly as written here).
-
-Object-store keys (``s3://``, ``gs://``) are already UTF-8, so only their backslashes are
-doubled; reading one undoes that the same way.
+To open a stored path's file: ``pipeline.names.os_path(relpath)`` in Python, or in bash
+``ls "$(printf '%b' 'train/cats/chat\\xe9.jpg')"`` (``printf %b`` reads ``\\xNN`` and ``\\\\`` as written here).
 """
 
 from __future__ import annotations
@@ -43,10 +32,8 @@ def escape(name: str | bytes) -> str:
 
 
 def unescape(stored: str) -> bytes:
-    """The exact bytes of the name or path that ``escape`` made ``stored`` from.
-
-    A backslash that starts neither ``\\\\`` nor ``\\xNN`` (never written by ``escape``) is
-    kept as it is."""
+    """The exact bytes of the name or path that ``escape`` made ``stored`` from; a backslash that starts neither
+    ``\\\\`` nor ``\\xNN`` (never written by ``escape``) is kept as it is."""
     return _ESCAPE.sub(lambda m: b"\\" if m.group(1) == b"\\" else bytes([int(m.group(1)[1:], 16)]),
                        stored.encode("utf-8"))
 

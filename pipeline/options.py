@@ -1,17 +1,12 @@
 """How a job's options are declared, checked, read and written: the machinery under ``pipeline.config``.
 
-Every job has a dataclass whose fields are its options. ``field_help`` attaches the help text
-and, where the values are a closed set, the allowed choices; ``parse_config`` builds an
-``argparse`` parser from the dataclass, so ``--help`` lists every option, a ``--config`` file
-supplies any of them (the command line wins), and ``__post_init__`` validation runs before any
-work starts. ``write_config`` writes a run's resolved options as that file.
+A job's options are the fields of its dataclass, each with ``field_help``'s help text and choices;
+``parse_config`` builds an ``argparse`` parser from it (``--help`` lists every option, a ``--config``
+file supplies any, the command line wins) and ``__post_init__`` validates before any work starts.
 
-Why not jsonargparse or tyro (issue 27 asked for a maintained library where one does the job):
-both would rename every option users have today (jsonargparse keeps underscores, ``--data_dir``;
-both spell nested options ``--top.epochs``), read help from docstrings rather than the fields,
-and replace the ``--no-<flag>`` booleans; the part they would save here is the parser loop below
-and the config file, about 60 lines, while ``pipeline.compose`` (one option per stage field) would
-still be ours.
+Not jsonargparse or tyro (issue 27): both would rename today's options (``--data_dir``, ``--top.epochs``),
+take help from docstrings and replace the ``--no-<flag>`` booleans, to save only the parser loop and
+config file here (about 60 lines); ``pipeline.compose`` would still be ours.
 """
 
 from __future__ import annotations
@@ -34,10 +29,9 @@ CONFIG_FILE = "config.yaml"
 
 def field_help(default: Any, help: str, choices: Sequence[str] | None = None, per_stage: bool = False,
                location: str | None = None, **kw: Any) -> Any:
-    """A dataclass field carrying its CLI help text and allowed choices. ``per_stage``: jobs.run_all
-    offers it once per stage even where the stages' defaults agree (a learning rate for RMSprop
-    means nothing to SGD). ``location``: what the value names (``pipeline.prechecks.LOCATIONS``),
-    checked by the job's preflight, since configs do no I/O."""
+    """A dataclass field carrying its CLI help text and allowed choices. ``per_stage``: jobs.run_all offers it once per
+    stage even where the stages' defaults agree (a learning rate for RMSprop means nothing to SGD). ``location``: what
+    the value names (``pipeline.prechecks.LOCATIONS``), checked by the job's preflight, since configs do no I/O."""
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "per_stage": per_stage,
                                                         "location": location}, **kw)
 
@@ -51,6 +45,19 @@ def check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
     """Raise ConfigError naming the allowed values when ``value`` is not one of them."""
     if value not in allowed:
         raise ConfigError(f"{flag(name)} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def check_choices(cfg: Any) -> None:
+    """``check_choice`` for every field of ``cfg`` declared with choices (``field_help``)."""
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("choices"):
+            check_choice(f.name, getattr(cfg, f.name), f.metadata["choices"])
+
+
+def check_at_least(name: str, value: int | None, low: int, why: str = "") -> None:
+    """Raise ConfigError unless ``value`` is at least ``low``; ``why`` (the limit's reason) goes into the message."""
+    if value is None or value < low:
+        raise ConfigError(f"{flag(name)} must be an integer of at least {low}{why}; got {value!r}")
 
 
 def check_positive(name: str, value: float | None, allow_none: bool = False) -> None:
@@ -80,8 +87,7 @@ def base_type(tp: Any) -> tuple[Any, bool]:
 
 
 def options_of(cls: type) -> dict[str, tuple[dataclasses.Field, Any, bool]]:
-    """Each option of config class ``cls``: its field, its type (Optional unwrapped) and whether
-    it takes None."""
+    """Each option of config class ``cls``: its field, its type (Optional unwrapped) and whether it takes None."""
     hints = typing.get_type_hints(cls)
     return {f.name: (f, *base_type(hints[f.name])) for f in dataclasses.fields(cls) if f.init}
 
@@ -110,8 +116,7 @@ def build_parser(cls: type, description: str, defaults: Mapping[str, Any] | None
         elif tp is bool:
             parser.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            # choices are checked in __post_init__ so that every invalid value, from
-            # the CLI, a config file or Python, gets the same message.
+            # choices are checked in __post_init__ (check_choices): the same message from the CLI, a file or Python.
             parser.add_argument(flag(name), type=tp, default=default, help=help_text, metavar=name.upper())
     return parser
 
@@ -172,7 +177,6 @@ def parse_config(cls: type[T], argv: Sequence[str] | None, description: str) -> 
         return cls(**args)
     except UserError as exc:
         parser.error(redact(str(exc)))
-        raise  # unreachable: parser.error exits
 
 
 def resolved(cfg: Any, **overrides: Any) -> dict[str, Any]:
@@ -186,8 +190,7 @@ def write_resolved(directory: str, job: str, cfg: Any, **overrides: Any) -> None
 
 
 def write_config(uri: str, job: str, values: Mapping[str, Any]) -> None:
-    """Write a run's resolved options to ``uri`` as a YAML file that ``--config`` reads back.
-    Passwords and tokens in URIs are redacted: such an option must be given again on the command
-    line (reading the file back says so)."""
+    """Write a run's resolved options to ``uri`` as a YAML file that ``--config`` reads back. Passwords and tokens in
+    URIs are redacted: such an option must be given again on the command line (reading the file back says so)."""
     header = f"# python -m jobs.{job} --config <this file> runs again with these settings\n"
     storage.write_text(uri, header + yaml.safe_dump(redact_values(dict(values)), sort_keys=False))

@@ -1,12 +1,9 @@
-"""A job's preflight: what its options name is checked before Ray starts, so that a wrong
-option fails at once, not after the cluster is up. Configs check shapes and ranges only; the
-checks that read the world are here: the locations the fields declare (``field_help(location=)``:
-input folders and files, output folders, model files, a weights file), output folders' contents,
-MLflow, the serving exposure.
+"""A job's preflight: what its options name is checked before Ray starts, so that a wrong option fails at once,
+not after the cluster is up. Configs check shapes and ranges only; the checks that read the world are here: the
+locations the fields declare (``field_help(location=)``), output folders' contents, MLflow, the serving exposure.
 
-Only outputs named on the command line are checked here; a default output folder (under
-``outputs/``) is known only once the job has read its inputs, and is checked then (each job
-makes the ``outputs`` check again under its output lock).
+Only outputs named on the command line are checked here: a default output folder is known only once the job has
+read its inputs (each job checks its output again under its output lock).
 """
 
 from __future__ import annotations
@@ -20,16 +17,7 @@ from pipeline.audit import doctor
 from pipeline.audit.leakage import check_top_model
 from pipeline.batch.extract import OUTPUT_LAYOUT
 from pipeline.batch.predict import check_targets
-from pipeline.config import (
-    NAMED_WEIGHTS,
-    AuditConfig,
-    ExtractConfig,
-    FinetuneConfig,
-    PredictConfig,
-    ScratchConfig,
-    ServeConfig,
-    TrainTopConfig,
-)
+from pipeline.config import NAMED_WEIGHTS, AuditConfig, ExtractConfig, PredictConfig, ServeConfig, TrainConfig
 from pipeline.data import outputs, storage
 from pipeline.errors import ConfigError
 from pipeline.nets.modelfile import read_metadata
@@ -72,14 +60,6 @@ LOCATIONS: dict[str, Callable[[str, str], Any]] = {
 }
 
 
-def check_locations(cfg: Any) -> None:
-    """Check every location ``cfg``'s fields name (those given: None is the job's default)."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.metadata.get("location") and value is not None:
-            LOCATIONS[f.metadata["location"]](f.name, value)
-
-
 def preflight(cfg: Any) -> None:
     """Raise a UserError naming the option when what ``cfg`` names cannot be used by its job."""
     if hasattr(cfg, "mlflow_uri"):
@@ -87,7 +67,9 @@ def preflight(cfg: Any) -> None:
     if isinstance(cfg, ServeConfig):
         # Exposure first: a server that must not start says so whatever else is wrong.
         check_exposure(cfg.host, read_token(cfg.auth_token_file), cfg.insecure)
-    check_locations(cfg)
+    for f in dataclasses.fields(cfg):  # every location the fields name (None: the job's default)
+        if f.metadata.get("location") and getattr(cfg, f.name) is not None:
+            LOCATIONS[f.metadata["location"]](f.name, getattr(cfg, f.name))
     if isinstance(cfg, AuditConfig) and cfg.top_model:
         check_top_model(cfg.top_model)
     check_outputs(cfg)
@@ -101,7 +83,7 @@ def check_outputs(cfg: Any) -> None:
         return
     elif isinstance(cfg, ExtractConfig):
         outputs.check(cfg.output_dir, OUTPUT_LAYOUT)
-    elif isinstance(cfg, (TrainTopConfig, FinetuneConfig, ScratchConfig)):
+    elif isinstance(cfg, TrainConfig):
         outputs.check(job_dir(cfg.output_dir, job_folder(cfg)), JOB_LAYOUT)
     elif isinstance(cfg, runall.RunAllConfig):
         outputs.check(cfg.output_dir, runall.LAYOUT)

@@ -1,18 +1,13 @@
-"""Credentials hidden in what the project shows or stores: log lines, error messages, JSON
-records (settings, manifests, run records) and MLflow parameters.
+"""Credentials hidden in what the project shows or stores (log lines, error messages, JSON records, MLflow
+parameters); only copies are redacted, the real location is still the one used to connect. In any URI in any text:
 
-Only copies are redacted: the real location is still the one used to connect. Two shapes of
-secret are recognised in any text, wherever a URI appears in it:
+* userinfo: ``scheme://user:password@host`` becomes ``scheme://user:***@host``, a bare token as user
+  (``https://TOKEN@host``) ``https://***@host``;
+* query values of parameters named like secrets (``token``, ``signature``, ``key``, ``X-Amz-Credential``…):
+  ``?token=abc`` becomes ``?token=***``.
 
-* userinfo: ``scheme://user:password@host`` becomes ``scheme://user:***@host``, and a bare
-  token as user (``https://TOKEN@host``) becomes ``https://***@host``;
-* query values of parameters named like secrets (``token``, ``signature``, ``password``,
-  ``key``, ``X-Amz-Credential``…): ``?token=abc`` becomes ``?token=***``.
-
-Passwords are not always percent-escaped, so the userinfo runs to the *last* ``@`` before
-whitespace or a double quote: an ``@``, ``:`` or ``/`` inside a password never lets part of it
-through. Erring that way may hide a little more than the secret (a path with an ``@`` after a
-``host:port``), never less.
+Passwords are not always percent-escaped, so the userinfo runs to the *last* ``@`` before whitespace or a double
+quote: an ``@``, ``:`` or ``/`` in a password never lets part of it through (at worst a little more is hidden).
 """
 
 from __future__ import annotations

@@ -25,14 +25,7 @@ from pipeline.data import locks, outputs, storage
 from pipeline.data.shards import data_name
 from pipeline.data.synthetic import NOTE, default_data_dir, note_builtin_data
 from pipeline.nets.modelfile import MODEL_FILE
-from pipeline.options import (
-    CONFIG_FILE,
-    check_choice,
-    check_positive,
-    field_help,
-    resolved,
-    write_config,
-)
+from pipeline.options import CONFIG_FILE, check_choice, check_positive, field_help, resolved, write_config
 from pipeline.redact import redact
 from pipeline.training.finetune import finetune
 from pipeline.training.jobs import JOB_FOLDERS, JOB_LAYOUT
@@ -123,24 +116,20 @@ def resolved_options(cfg: RunAllConfig, output_dir: str) -> dict[str, Any]:
 
 
 def run_all(cfg: RunAllConfig) -> str:
-    """Run every stage into ``<output-dir>`` and return the path of ``report.md``.
-
-    Holds ``<output-dir>``'s lock throughout (the stages lock their own folders inside it), and
-    refuses a folder holding what no stage writes (``LAYOUT``); with ``--overwrite`` each stage
-    replaces only its own folder. Writes ``config.yaml``, which ``--config`` reads back.
-    """
-    synthetic = cfg.data_dir is None
-    data_dir = default_data_dir() if synthetic else cfg.data_dir
-    if synthetic:
+    """Run every stage into ``<output-dir>`` and return the path of ``report.md``. Holds that folder's lock throughout
+    (the stages lock their own folders inside it) and refuses one holding what no stage writes (``LAYOUT``); with
+    ``--overwrite`` each stage replaces only its own folder. Writes ``config.yaml``, which ``--config`` reads back."""
+    data_dir = cfg.data_dir or default_data_dir()
+    if cfg.data_dir is None:
         note_builtin_data()
     output_dir = cfg.output_dir or os.path.join("outputs", data_name(data_dir))
     with locks.output_lock(output_dir):
         outputs.check(output_dir, LAYOUT)
         write_config(storage.join(output_dir, CONFIG_FILE), "run_all", resolved_options(cfg, output_dir))
-        return _run_stages(cfg, data_dir, output_dir, synthetic)
+        return _run_stages(cfg, data_dir, output_dir)
 
 
-def _run_stages(cfg: RunAllConfig, data_dir: str, output_dir: str, synthetic: bool) -> str:
+def _run_stages(cfg: RunAllConfig, data_dir: str, output_dir: str) -> str:
     """Extraction, the audit when asked, the training stages not skipped, then the report; returns the report's path."""
     stages: list[dict[str, Any]] = []
     features = storage.join(output_dir, "features")
@@ -164,6 +153,6 @@ def _run_stages(cfg: RunAllConfig, data_dir: str, output_dir: str, synthetic: bo
     if "scratch" not in cfg.skipped():
         stage("train_scratch", train_scratch, data_dir=data_dir)
     report = storage.join(output_dir, REPORT)
-    write_report(report, stages, NOTE if synthetic else None, report_command(sys.argv[1:]))
+    write_report(report, stages, NOTE if cfg.data_dir is None else None, report_command(sys.argv[1:]))
     log.info(f"report: {report}")
     return report
