@@ -1,17 +1,11 @@
 """Pillow's bilinear resize, bit for bit, at about three times its speed.
 
-Resizing, not JPEG decoding, was half of the decode path's time: Pillow resamples in scalar
-C on four bytes per RGB pixel (280 us for a 250x187 photo to 150 px). Faster resizers
-exist (OpenCV's), but they filter differently, and VGG16's block-5 features turned out to
-be that sensitive: OpenCV's linear or area resize, or a Gaussian pre-blur, moved the
-features of some real photos to a cosine of 0.93-0.99 against Pillow's, while this
-project's features must stay what they were. So this module is Pillow's own algorithm
-(``libImaging/Resample.c`` of Pillow 13: triangle filter widened by the scale, weights in
-22-bit fixed point, two passes each rounded to uint8, the vertical one first when it
-shrinks much more) compiled with numba: the same integers, hence the same pixels. Both
-passes run as row combinations, which the compiler vectorises; the horizontal one on a
-transposed copy. numba compiles at first use in each process (about a second, then cached
-on disk); it ships wheels for Linux x86-64 and aarch64 and needs no build step.
+Resizing was half of the decode path's time, but faster resizers filter differently: OpenCV's linear
+or area resize moved VGG16's features of some real photos to a cosine of 0.93-0.99 against Pillow's,
+and this project's features must stay what they were. So this is Pillow 13's own algorithm
+(``libImaging/Resample.c``: triangle filter widened by the scale, 22-bit fixed-point weights, two
+passes each rounded to uint8, the vertical one first when it shrinks much more) compiled with numba
+(wheels for Linux x86-64 and aarch64, no build step) as row combinations the compiler vectorises.
 """
 
 from __future__ import annotations
