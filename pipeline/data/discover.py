@@ -62,9 +62,10 @@ class DatasetIndex:
         """The files of one split."""
         return self.files.filter(pc.equal(self.files.column("split"), name))
 
-    def counts(self) -> dict[str, dict[str, int]]:
-        """Number of files per split and class."""
-        grouped = self.files.group_by(["split", "class_name"]).aggregate([("relpath", "count")]).to_pylist()
+    def counts(self, files: pa.Table | None = None) -> dict[str, dict[str, int]]:
+        """Number of files per split and class, of the index or of ``files`` (some of its rows)."""
+        files = self.files if files is None else files
+        grouped = files.group_by(["split", "class_name"]).aggregate([("relpath", "count")]).to_pylist()
         found = {(g["split"], g["class_name"]): g["relpath_count"] for g in grouped}
         return {split: {name: found.get((split, name), 0) for name in self.classes} for split in self.split_names}
 
@@ -120,15 +121,9 @@ def is_image_name(name: str) -> bool:
 
 def iter_image_files(root: str, tree: LocalTree | None = None,
                      ignored: collections.Counter | None = None) -> Iterator[tuple[str, str]]:
-    """``(stored path relative to root, stamp)`` of every image file under ``root`` (a local path
-    or URI), recursively, sorted, hidden files and folders skipped; ``tree`` as in
-    ``storage.walk_files``.
-
-    Symlinks to files are listed even when broken, so that decoding records them as
-    rejects rather than letting them vanish; a folder whose name ends in ``.jpg`` is
-    a folder and is descended into, never listed. Other names are counted in ``ignored`` by
-    their lower-cased extension (``""`` for none), when given.
-    """
+    """``storage.walk_files`` of ``root`` less the files without an image name, which are counted in ``ignored`` by
+    lower-cased extension (``""`` for none) when given. Broken links are listed (decoding records them as rejects);
+    a folder named ``x.jpg`` is descended into, never listed."""
     for rel, stamp in storage.walk_files(root, tree):
         if is_image_name(rel):
             yield rel, stamp

@@ -1,27 +1,23 @@
 """The ledger of an output folder: which input files are already done, so that an interrupted
 run resumes where it stopped and a rerun over a changed data root redoes only what changed.
 
-Every write task of a run commits its block in two steps: first the block's data files
-(``<folder>/<part>.parquet``, named by the run and the write task, so a task that Ray retries
-overwrites its own files), then one ledger entry ``_ledger/<part>.parquet`` that lists every
-file of the block (``relpath``, ``split``, ``stamp``: size and modification time, and the
-``reason``/``error`` of a reject). A part without an entry was cut off mid-write: the next
-run deletes it. A part whose entry is there is done, whatever happens to the driver later.
-At the end of a complete run the entries are folded into one ``ledger.parquet``.
+Each write task commits a block in two steps: its data files (``<folder>/<part>.parquet``, named by
+run and write task, so a task that Ray retries overwrites its own files), then one ledger entry
+``_ledger/<part>.parquet`` listing the block's files (``relpath``, ``split``, ``stamp``: size and
+modification time, and a reject's ``reason``/``error``). A part without an entry was cut off
+mid-write and the next run deletes it; one with an entry is done. A complete run folds the entries
+into one ``ledger.parquet``.
 
-An incremental rerun compares the listing of the data root with the ledger by
-``(relpath, split, stamp)``: files listed but not in the ledger are processed; ledger rows
-not listed (removed, or changed: another stamp) are dropped by rewriting their parts without
-them, as a new part whose entry names the part it ``replaces``; replaced parts are ignored
-and deleted whenever they are found.
+A rerun compares the listing with the ledger by ``(relpath, split, stamp)``: listed files not in
+the ledger are processed; ledger rows no longer listed (removed, or changed) are dropped by
+rewriting their parts as new parts whose entries name the part they ``replaces``; replaced parts
+are ignored and deleted whenever they are found.
 
-Why not Ray Data's checkpointing (``DataContext.checkpoint_config``, Ray 2.60)? It filters
-the rows of a ``Read`` datasource by an id column, while this project's rows come from the
-driver's listing (labels and splits attached), which its planner does not checkpoint; it
-records which ids were written, not what they were made from, so a changed or removed file
-cannot be told apart; it deletes its checkpoint when a run succeeds, so the next rerun over
-a grown folder would start from zero; and it needs a checkpoint path every node can reach,
-while this ledger lives in the output itself, wherever that is.
+Not Ray Data's checkpointing (``DataContext.checkpoint_config``): it filters a ``Read``
+datasource's rows by id, while these rows come from the driver's listing; it records which ids
+were written, not from what, so a changed file goes unnoticed; it deletes itself when a run
+succeeds, so a rerun over a grown folder would start from zero; and it needs a path every node
+reaches, where this ledger lives in the output itself.
 """
 
 from __future__ import annotations

@@ -23,12 +23,8 @@ LOCK_HEARTBEAT_S = 30.0
 
 @contextlib.contextmanager
 def output_lock(uri: str) -> Iterator[None]:
-    """Hold ``<uri>.lock`` for the duration of a run; a second run refuses with a clear message.
-
-    Local folders: an ``fcntl.flock`` on the lock file, which the kernel releases when its
-    holder dies, so a lock of a dead run is simply taken. Object stores: a lease (see
-    ``_remote_lock``).
-    """
+    """Hold ``<uri>.lock`` for the duration of a run; a second run refuses with a clear message. Locally an
+    ``fcntl.flock``, which the kernel releases when its holder dies; on object stores a lease (``_remote_lock``)."""
     lock = uri.rstrip("/") + ".lock"
     if not storage.is_local(uri):
         with _remote_lock(lock, uri):
@@ -101,13 +97,10 @@ def _parse_holder(text: str) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _remote_lock(lock: str, uri: str) -> Iterator[None]:
-    """A lease on an object store: the lock object names its owner and a heartbeat that a
-    thread renews every ``LOCK_HEARTBEAT_S``; one not renewed for ``LOCK_LEASE_S`` is stale.
-
-    Not atomic: object stores offer pyarrow no create-if-absent, so this writes the lock,
-    reads it back and proceeds only if it is still its own. Two runs that start within the
-    same moment can both pass; a run that starts while another holds a live lease is refused.
-    """
+    """A lease on an object store: the lock object names its owner and a heartbeat that a thread renews every
+    ``LOCK_HEARTBEAT_S``; one not renewed for ``LOCK_LEASE_S`` is stale. Not atomic (object stores offer pyarrow
+    no create-if-absent): the lock is written, read back, and kept only if still its own, so two runs starting at
+    the same moment can both pass; one starting while another holds a live lease is refused."""
     if storage.exists(lock):
         holder = _parse_holder(storage.read_text(lock))
         age = time.time() - float(holder.get("heartbeat", 0))
