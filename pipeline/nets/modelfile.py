@@ -116,11 +116,8 @@ def with_policy(model, precision: str):
 
 
 def load_classifier(path: str, precision: str = "float32"):
-    """Load a classifier (local or URI) in safe mode; ``bfloat16``/``float16`` rebuild it under
-    Keras' mixed policy of that type (``with_policy``).
-
-    Returns ``(model, metadata)``.
-    """
+    """``(model, metadata)`` of a classifier (local or URI), loaded in safe mode; ``bfloat16``/``float16`` rebuild
+    it under Keras' mixed policy of that type (``with_policy``)."""
     import keras  # deferred: Keras loads TensorFlow, which a job's command line and driver need not
 
     meta = read_metadata(path)

@@ -80,11 +80,8 @@ def _vgg16_with_weights(image_size: int, weight_arrays: Sequence[np.ndarray] | N
 
 def block5_classifier(block4_shape: Sequence[int], num_classes: int, precision: str = "float32",
                       dropout: float = 0.5, dropout_layer: Callable = keras.layers.Dropout) -> keras.Model:
-    """Block-4 outputs → VGG16's block 5 → the top MLP: what fine-tuning on cached block-4 outputs trains.
-
-    The block-5 layers carry VGG16's names, so their weights move to and from a full
-    feature extractor with ``copy_block5``.
-    """
+    """Block-4 outputs → VGG16's block 5 → the top MLP: what fine-tuning on cached block-4 outputs trains (the
+    block-5 layers carry VGG16's names, so ``copy_block5`` moves their weights to and from a feature extractor)."""
     with dtype_policy(precision):
         inputs = keras.Input(tuple(block4_shape), name="block4")
         x = inputs
