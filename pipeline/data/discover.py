@@ -1,10 +1,9 @@
-"""Finding image files and their labels under a data root: a local folder or any URI
-that ``pipeline.data.storage`` reads (``s3://bucket/photos``).
+"""Finding image files and their labels under a data root: a local folder or any URI that
+``pipeline.data.storage`` reads (``s3://bucket/photos``).
 
-Only paths are listed here (never pixels), and they are held as Arrow columns (one
-string per file, no Python object per file), so the driver's memory grows with the
-total length of the paths and nothing else: about 60 bytes a file, 60 MB at a million.
-A file's full location is ``root`` joined with its ``relpath``, made where it is read.
+Only paths are listed (never pixels), held as Arrow columns with no Python object per file, so the
+driver's memory grows with the paths' total length alone: about 60 MB at a million files (a file's
+full location, ``root`` joined with its ``relpath``, is made only where it is read).
 """
 
 from __future__ import annotations
@@ -191,24 +190,19 @@ def discover_splits(root: str, max_per_class: int | None = None, exclusion: Excl
     present = [s for s in REQUIRED_SPLITS + OPTIONAL_SPLITS if s in found]
     missing = [s for s in REQUIRED_SPLITS if s not in present]
     if missing:
-        raise DataError(
-            f"data folder {root!r} must hold the split folders {', '.join(REQUIRED_SPLITS)} "
-            f"(and optionally test), each with one folder per class; missing: {', '.join(missing)}; "
-            f"found: {', '.join(found) or 'nothing'}. For a flat folder of cat.1.jpg-style files use --layout kaggle"
-        )
+        raise DataError(f"data folder {root!r} must hold the split folders {', '.join(REQUIRED_SPLITS)} (and "
+                        f"optionally test), each with one folder per class; missing: {', '.join(missing)}; found: "
+                        f"{', '.join(found) or 'nothing'}. For a flat folder of cat.1.jpg-style files use "
+                        f"--layout kaggle")
     class_sets = {s: storage.list_dirs(storage.join(root, s)) for s in present}
     reference = class_sets["train"]
     for split, folders in class_sets.items():
         if folders != reference:
-            raise DataError(
-                f"class folders differ between splits: train has [{', '.join(reference)}] but "
-                f"{split} has [{', '.join(folders)}]; every split needs the same class folders"
-            )
+            raise DataError(f"class folders differ between splits: train has [{', '.join(reference)}] but {split} "
+                            f"has [{', '.join(folders)}]; every split needs the same class folders")
     if len(reference) < 2:
-        raise DataError(
-            f"need at least two class folders under {storage.join(root, 'train')!r}; "
-            f"found [{', '.join(reference)}]"
-        )
+        raise DataError(f"need at least two class folders under {storage.join(root, 'train')!r}; "
+                        f"found [{', '.join(reference)}]")
 
     tree = storage.local_tree(root)
     ignored: collections.Counter = collections.Counter()
@@ -270,10 +264,8 @@ def discover_kaggle(root: str, validation_fraction: float, max_per_class: int | 
 
     files = columnar(_without(rows(), exclusion, found))
     if unlabeled:
-        raise DataError(
-            f"--layout kaggle needs file names like 'cat.123.jpg' (label, dot, id); "
-            f"{len(unlabeled)} file(s) have no label prefix, e.g. {unlabeled[0]!r}"
-        )
+        raise DataError(f"--layout kaggle needs file names like 'cat.123.jpg' (label, dot, id); "
+                        f"{len(unlabeled)} file(s) have no label prefix, e.g. {unlabeled[0]!r}")
     if not len(files):
         raise DataError(f"data folder {root!r} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     classes = sorted(files.column("class_name").unique().to_pylist())

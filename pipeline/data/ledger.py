@@ -32,7 +32,6 @@ from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.data import outputs, storage
 from pipeline.data.reuse import require_same
@@ -68,34 +67,29 @@ def write_entry(output: str, part: str, rows: dict[str, Any], replaces: str | No
     ``reason``, ``error``); written after the part's data files."""
     if not all(_PART_NAME.fullmatch(name) for name in [part] + ([replaces] if replaces else [])):
         raise ValueError(f"not a part name: {part!r} (replacing {replaces!r})")
-    n = len(rows["relpath"])
-    table = pa.table({"relpath": [str(v) for v in rows["relpath"]], "split": [str(v) for v in rows["split"]],
-                      "stamp": [str(v) for v in rows["stamp"]], "part": [part] * n,
-                      "reason": [str(v) for v in rows["reason"]], "error": [str(v) for v in rows["error"]]},
+    columns = {name: [str(v) for v in rows[name]] for name in ("relpath", "split", "stamp", "reason", "error")}
+    table = pa.table({**columns, "part": [part] * len(rows["relpath"])},
                      schema=SCHEMA.with_metadata({REPLACES: replaces or ""}))
     storage.write_parquet(storage.join(output, LEDGER_DIR, f"{part}.parquet"), table)
-
-
-def _read(uri: str) -> pa.Table:
-    filesystem, path = storage.split_uri(uri)
-    return pq.read_table(path, filesystem=filesystem)
 
 
 def load(output: str) -> tuple[pa.Table, set[str]]:
     """The live rows of ``output``'s ledger (its ``ledger.parquet`` and the entries committed
     since) and the names of the parts that later parts replaced."""
-    tables = [_read(storage.join(output, LEDGER_FILE))] if storage.exists(storage.join(output, LEDGER_FILE)) else []
+    folded = storage.join(output, LEDGER_FILE)
+    tables = [storage.read_parquet(folded)] if storage.exists(folded) else []
     entries = storage.list_parquet(storage.join(output, LEDGER_DIR))
     with ThreadPoolExecutor(storage.READ_THREADS) as pool:
-        read = list(pool.map(_read, entries))
-    replaced = {(t.schema.metadata or {}).get(REPLACES, b"").decode() for t in read} - {""}
-    for entry, table in zip(entries, read):
-        _check_parts(entry, table, (table.schema.metadata or {}).get(REPLACES, b"").decode())
+        read = list(pool.map(storage.read_parquet, entries))
+    replaces = [(t.schema.metadata or {}).get(REPLACES, b"").decode() for t in read]
+    for entry, table, old in zip(entries, read, replaces):
+        _check_parts(entry, table, old)
+    replaced = set(replaces) - {""}
     if tables:
-        _check_parts(storage.join(output, LEDGER_FILE), tables[0], "")
-    fresh = {storage.basename(e)[:-len(".parquet")] for e in entries}
-    if tables:  # an entry folded into ledger.parquet by a run cut off before it removed the entries
-        tables[0] = tables[0].filter(pc.invert(pc.is_in(tables[0].column("part"), pa.array(sorted(fresh), pa.string()))))
+        _check_parts(folded, tables[0], "")
+        # Less any entry folded into it by a run cut off before it removed the entries.
+        fresh = pa.array(sorted(storage.basename(e)[:-len(".parquet")] for e in entries), pa.string())
+        tables[0] = tables[0].filter(pc.invert(pc.is_in(tables[0].column("part"), fresh)))
     table = pa.concat_tables([t.cast(SCHEMA) for t in tables + read]) if tables or read else SCHEMA.empty_table()
     live = table.filter(pc.invert(pc.is_in(table.column("part"), pa.array(sorted(replaced), pa.string()))))
     return live, replaced
@@ -171,7 +165,7 @@ def drop_rows(output: str, stale: pa.Table, live: pa.Table, parts: dict[str, lis
         gone = stale.filter(pc.equal(stale.column("part"), part)).column("relpath")
         new = f"part-{run_id}-rewrite-{i:05d}"
         for uri in parts.get(part, []):
-            table = _read(uri)
+            table = storage.read_parquet(uri)
             kept = table.filter(pc.invert(pc.is_in(table.column("path"), gone)))
             if len(kept):
                 storage.write_parquet(storage.join(storage.parent(uri), f"{new}.parquet"), kept)
@@ -190,12 +184,9 @@ def consolidate(output: str, live: pa.Table) -> None:
 
 def open_output(output: str, layout: outputs.Layout, settings: dict[str, Any], overwrite: bool,
                 marker: str = storage.MANIFEST) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """(the run record, the finished ``marker``'s contents) of ``output``, each None when absent.
-
-    A folder holding anything ``layout`` does not allow is refused (``outputs.prepare``); with
-    ``overwrite`` an earlier output is deleted first. An output whose record holds other
-    settings is refused (OutputError).
-    """
+    """(the run record, the finished ``marker``'s contents) of ``output``, each None when absent, after
+    ``outputs.prepare`` (with ``overwrite``: the earlier output deleted); OutputError when its record holds
+    other settings."""
     outputs.prepare(output, layout, overwrite)
     if overwrite:
         return None, None

@@ -55,10 +55,8 @@ def _flock(path: str, uri: str):
             f.seek(0)
             holder = _parse_holder(f.read())
             f.close()
-            raise OutputError(
-                f"{uri} is being written by another run (pid {holder.get('pid', '?')} on "
-                f"{holder.get('host', '?')}); wait for it to finish"
-            ) from None
+            raise OutputError(f"{uri} is being written by another run (pid {holder.get('pid', '?')} on "
+                              f"{holder.get('host', '?')}); wait for it to finish") from None
         # The holder we waited on may have removed the file between our open and our lock:
         # only a lock on the file that is still at ``path`` counts.
         try:
@@ -105,11 +103,9 @@ def _remote_lock(lock: str, uri: str) -> Iterator[None]:
         holder = _parse_holder(storage.read_text(lock))
         age = time.time() - float(holder.get("heartbeat", 0))
         if age < LOCK_LEASE_S and not _holder_is_gone(holder):
-            raise OutputError(
-                f"{uri} is being written by another run (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
-                f"last heartbeat {age:.0f}s ago); wait for it, or for its lease to lapse ({LOCK_LEASE_S:.0f}s "
-                f"without a heartbeat) if that run is gone"
-            )
+            raise OutputError(f"{uri} is being written by another run (pid {holder.get('pid', '?')} on "
+                              f"{holder.get('host', '?')}, last heartbeat {age:.0f}s ago); wait for it, or for its "
+                              f"lease to lapse ({LOCK_LEASE_S:.0f}s without a heartbeat) if that run is gone")
     me = _me()
     storage.write_json(lock, me)
     if _parse_holder(storage.read_text(lock)).get("owner") != me["owner"]:

@@ -93,11 +93,8 @@ def absolute(uri: str) -> str:
 
 
 def describe_problem(uri: str, want: str = "folder") -> str | None:
-    """Why ``uri`` cannot be read as a ``want`` ("folder" or "file"), or None when it can.
-
-    Distinguishes a missing bucket, a missing path, the wrong kind of entry, and a store
-    that refuses the request (credentials, endpoint), so the message says what to fix.
-    """
+    """Why ``uri`` cannot be read as a ``want`` ("folder" or "file"), or None when it can: a missing bucket or
+    path, the wrong kind of entry, or a store that refuses the request, so the message says what to fix."""
     try:
         filesystem, path = split_uri(uri)
         info = filesystem.get_file_info(path)
@@ -324,18 +321,19 @@ def list_parquet(uri: str) -> list[str]:
     return [join(uri, n) for n in names]
 
 
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file, read with pyarrow alone."""
+    filesystem, path = split_uri(uri)
+    return pq.read_table(path, filesystem=filesystem, columns=columns)
+
+
 def read_parquet_files(uris: list[str], columns: list[str] | None = None) -> pa.Table | None:
     """Concatenate Parquet files read with pyarrow alone (None when there are none)."""
     if not uris:
         return None
-
-    def read(uri: str) -> pa.Table:
-        filesystem, path = split_uri(uri)
-        return pq.read_table(path, filesystem=filesystem, columns=columns)
-
     # Many small shards on an object store: one request at a time would take minutes.
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        return pa.concat_tables(pool.map(read, uris))
+        return pa.concat_tables(pool.map(lambda uri: read_parquet(uri, columns), uris))
 
 
 def cache_dir() -> str:

@@ -90,10 +90,9 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, aug: Augmentatio
 
 
 def shift_maps(maps: np.ndarray, rng: np.random.Generator, cells: int) -> np.ndarray:
-    """Feature maps ``(n, h, w, c)`` each moved by a random whole number of cells within ±``cells``
-    per axis, edges repeated: a shift of the image for a convolutional feature map (one block-4
-    cell of VGG16 is 16 pixels), so cached fine-tuning gets shift augmentation without
-    re-running blocks 1-4."""
+    """Feature maps ``(n, h, w, c)`` each moved by a random whole number of cells within ±``cells`` per axis, edges
+    repeated: shifting an image, for a feature map (a VGG16 block-4 cell is 16 pixels), so that cached
+    fine-tuning gets shift augmentation without re-running blocks 1-4."""
     if cells <= 0:
         return maps
     n, h, w, _ = maps.shape

@@ -120,7 +120,7 @@ def _flattened(im: Image.Image) -> Image.Image:
     return im if im.mode in ("L", "RGB") else im.convert("RGB")
 
 
-# How ``ImageOps.exif_transpose`` turns a photo of each EXIF orientation, as numpy views.
+# How ``ImageOps.exif_transpose`` turns a photo of each EXIF orientation (2-8), as numpy views.
 _TURNS = {
     2: lambda p: p[:, ::-1],
     3: lambda p: p[::-1, ::-1],
@@ -130,12 +130,6 @@ _TURNS = {
     7: lambda p: p[::-1, ::-1].transpose(1, 0, 2),
     8: lambda p: np.rot90(p, 1),
 }
-
-
-def _oriented(pixels: np.ndarray, orientation: int) -> np.ndarray:
-    """A view of ``pixels`` as ``ImageOps.exif_transpose`` would turn them (EXIF orientations 1-8)."""
-    turn = _TURNS.get(orientation)
-    return turn(pixels) if turn else pixels
 
 
 def _draft_scale(im: Image.Image, image_size: int) -> int:
@@ -157,8 +151,8 @@ def _fast_jpeg(data: bytes, im: Image.Image, image_size: int) -> np.ndarray | No
         return None  # corrupt or unusual: Pillow decides, as it always has
     if pixels.shape[:2] != (height, width):
         return None
-    turned = _oriented(pixels, im.getexif().get(_EXIF_ORIENTATION, 1))
-    return resize_bilinear(turned, (image_size, image_size))
+    turn = _TURNS.get(im.getexif().get(_EXIF_ORIENTATION, 1))
+    return resize_bilinear(turn(pixels) if turn else pixels, (image_size, image_size))
 
 
 def _raise_if_cut_short(exc: ValueError, im: Image.Image) -> None:
@@ -170,11 +164,9 @@ def _raise_if_cut_short(exc: ValueError, im: Image.Image) -> None:
 
 
 def _check_jpeg_data(data: bytes, im: Image.Image) -> None:
-    """Reject a JPEG whose entropy-coded data stops early, which Pillow decodes into grey pixels.
-
-    libjpeg only warns at an early end of image, and Pillow discards its warnings; simplejpeg's strict
-    mode makes it an error, and decoding at 1/8 scale (DC coefficients only) costs the entropy decoding alone.
-    """
+    """Reject a JPEG whose entropy-coded data stops early, which Pillow decodes into grey pixels (libjpeg only
+    warns, and Pillow discards its warnings): simplejpeg's strict mode makes it an error, and decoding at 1/8
+    scale (DC coefficients only) costs the entropy decoding alone."""
     colorspace = "CMYK" if im.mode == "CMYK" else "RGB"
     try:
         simplejpeg.decode_jpeg(data, colorspace, min_height=1, min_width=1)
@@ -262,11 +254,9 @@ def rejection(exc: Exception) -> tuple[str, str]:
 
 
 def decode_batch(batch: dict[str, Any], image_size: int, max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
-    """Ray Data batch function: decode every ``path`` of a batch, never raising for one bad file.
-
-    Each row gains ``image`` (zeros when the file failed), ``reason`` and ``error`` (empty when it decoded):
-    failed rows stay in the stream so that the sink records every reject and can count that no row was lost.
-    """
+    """Ray Data batch function: every ``path`` of a batch gains ``image`` (zeros when the file failed), ``reason``
+    and ``error`` (empty when it decoded). One bad file never raises: failed rows stay in the stream so that the
+    sink records every reject and can count that no row was lost."""
     paths = batch["path"]
     n = len(paths)
     images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)

