@@ -42,9 +42,8 @@ MAX_IMAGE_MEGAPIXELS = 50.0
 PILLOW_LIMIT_MEGAPIXELS = 89.478485
 # Images whose header declares more pixels are rejected before decoding (``--max-image-megapixels``).
 MAX_PIXELS = round(MAX_IMAGE_MEGAPIXELS * 1_000_000)
-# What Pillow holds per pixel while decoding is at most 9 bytes (a PNG palette with transparency:
-# the palette image, its RGBA form, the white background), except through libwebp, about 16
-# (its canvas and previous frame, their bytes, the image): a WebP may have half the pixels.
+# Pillow holds at most 9 bytes a pixel while decoding (a PNG palette with transparency: the palette image, its
+# RGBA form, the white background), libwebp about 16 (canvas, previous frame, their bytes): a WebP may have half.
 _PIXEL_WEIGHT = {"WEBP": 2}
 # How many images each path ("fast" or "pillow") decoded in this process: shows that the fast path runs.
 DECODED_BY: Counter[str] = Counter()

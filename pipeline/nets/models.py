@@ -119,9 +119,8 @@ def freeze_below_block5(features_model: keras.Model) -> None:
 
 def _head(x, num_classes: int):
     """The output layer: one sigmoid unit for two classes, a softmax for more; float32 always."""
-    if num_classes == 2:
-        return keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="predictions")(x)
-    return keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
+    units, activation = (1, "sigmoid") if num_classes == 2 else (num_classes, "softmax")
+    return keras.layers.Dense(units, activation=activation, dtype="float32", name="predictions")(x)
 
 
 def top_classifier(input_shape: Sequence[int], num_classes: int, precision: str = "float32",
@@ -162,6 +161,5 @@ def probabilities(outputs: np.ndarray, num_classes: int) -> np.ndarray:
     """Model outputs as an ``(n, num_classes)`` probability matrix (a sigmoid unit is P(class 1))."""
     outputs = np.asarray(outputs, dtype=np.float32)
     if num_classes == 2 and outputs.shape[-1] == 1:
-        p1 = outputs[:, 0]
-        return np.stack([1.0 - p1, p1], axis=1)
+        return np.concatenate([1.0 - outputs, outputs], axis=1)
     return outputs

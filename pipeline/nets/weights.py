@@ -42,12 +42,8 @@ CONVERTED_NAME = "vgg16_torchvision_notop.weights.h5"
 
 # The only globals a numpy-array pickle needs; anything else (os.system, eval,
 # builtins...) is how a malicious pickle runs code, so it is refused.
-_NUMPY_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-}
+_NUMPY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy", "ndarray"), ("numpy", "dtype")}
 
 
 @dataclass(frozen=True)
