@@ -3,21 +3,19 @@ run resumes where it stopped and a rerun over a changed data root redoes only wh
 
 Each write task commits a block in two steps: its data files (``<folder>/<part>.parquet``, named by
 run and write task, so a task that Ray retries overwrites its own files), then one ledger entry
-``_ledger/<part>.parquet`` listing the block's files (``relpath``, ``split``, ``stamp``: size and
-modification time, and a reject's ``reason``/``error``). A part without an entry was cut off
-mid-write and the next run deletes it; one with an entry is done. A complete run folds the entries
-into one ``ledger.parquet``.
+``_ledger/<part>.parquet`` listing the block's files (``relpath``, ``split``, ``stamp`` and a
+reject's ``reason``/``error``). A part without an entry was cut off mid-write and the next run
+deletes it; one with an entry is done. A complete run folds the entries into ``ledger.parquet``.
 
-A rerun compares the listing with the ledger by ``(relpath, split, stamp)``: listed files not in
-the ledger are processed; ledger rows no longer listed (removed, or changed) are dropped by
-rewriting their parts as new parts whose entries name the part they ``replaces``; replaced parts
-are ignored and deleted whenever they are found.
+A rerun compares the listing with the ledger by ``KEYS``: listed files not in the ledger are
+processed; rows no longer listed (removed or changed) are dropped by rewriting their parts as new
+parts whose entries name the part they ``replaces``; replaced parts are deleted whenever found.
 
-Not Ray Data's checkpointing (``DataContext.checkpoint_config``): it filters a ``Read``
-datasource's rows by id, while these rows come from the driver's listing; it records which ids
-were written, not from what, so a changed file goes unnoticed; it deletes itself when a run
-succeeds, so a rerun over a grown folder would start from zero; and it needs a path every node
-reaches, where this ledger lives in the output itself.
+Not Ray Data's checkpointing (``DataContext.checkpoint_config``): it filters a ``Read`` datasource's
+rows by id, while these rows come from the driver's listing; it records which ids were written, not
+from what, so a changed file goes unnoticed; it deletes itself when a run succeeds, so a rerun over
+a grown folder would start from zero; and it needs a path every node reaches, where this ledger
+lives in the output itself.
 """
 
 from __future__ import annotations

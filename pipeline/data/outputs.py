@@ -160,14 +160,12 @@ def _all_markers(layout: Layout) -> set[str]:
 def require_inside(root: str, location: str, source: str) -> str:
     """``location`` (a path or URI) normalised, after checking that it lies under the folder
     ``root``; OutputError naming ``source`` (the entry it was read from) when it does not."""
-    if storage.is_uri(root) != storage.is_uri(location):
-        raise OutputError(f"{source} names {location!r}, which is not under the output {root}; not using it")
-    if storage.is_uri(root):
+    if storage.is_uri(location):
         scheme, rest = location.split("://", 1)
         normal, base = f"{scheme}://{posixpath.normpath(rest)}", root.rstrip("/")
     else:
         normal, base = posixpath.normpath(storage.absolute(location)), posixpath.normpath(storage.absolute(root))
-    if not normal.startswith(base + "/"):
+    if storage.is_uri(root) != storage.is_uri(location) or not normal.startswith(base + "/"):
         raise OutputError(f"{source} names {location!r}, which is not under the output {root}; not using it")
     return normal
 

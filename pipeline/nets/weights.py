@@ -135,16 +135,11 @@ def torchvision_weights_file() -> str:
 
     model = vgg16_conv_base(image_size=64, weights=None)
     model.set_weights(arrays)
-    # Write under a temporary name and rename, so two processes converting at
-    # once, or one killed half-way, never leave a truncated weights file.
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".weights.h5")
-    os.close(fd)
-    try:
-        model.save_weights(tmp, overwrite=True)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # Written in a temporary folder beside it and renamed, so two processes converting at once, or one killed
+    # half-way, never leave a truncated weights file.
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        model.save_weights(os.path.join(tmp, CONVERTED_NAME))
+        os.replace(os.path.join(tmp, CONVERTED_NAME), target)
     return target
 
 
