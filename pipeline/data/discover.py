@@ -1,10 +1,9 @@
-"""Finding image files and their labels under a data root: a local folder or any URI
-that ``pipeline.data.storage`` reads (``s3://bucket/photos``).
+"""Finding image files and their labels under a data root: a local folder or any URI that
+``pipeline.data.storage`` reads (``s3://bucket/photos``).
 
-Only paths are listed here (never pixels), and they are held as Arrow columns (one
-string per file, no Python object per file), so the driver's memory grows with the
-total length of the paths and nothing else: about 60 bytes a file, 60 MB at a million.
-A file's full location is ``root`` joined with its ``relpath``, made where it is read.
+Only paths are listed (never pixels), held as Arrow columns with no Python object per file, so the
+driver's memory grows with the paths' total length alone: about 60 MB at a million files (a file's
+full location, ``root`` joined with its ``relpath``, is made only where it is read).
 """
 
 from __future__ import annotations
@@ -62,9 +61,10 @@ class DatasetIndex:
         """The files of one split."""
         return self.files.filter(pc.equal(self.files.column("split"), name))
 
-    def counts(self) -> dict[str, dict[str, int]]:
-        """Number of files per split and class."""
-        grouped = self.files.group_by(["split", "class_name"]).aggregate([("relpath", "count")]).to_pylist()
+    def counts(self, files: pa.Table | None = None) -> dict[str, dict[str, int]]:
+        """Number of files per split and class, of the index or of ``files`` (some of its rows)."""
+        files = self.files if files is None else files
+        grouped = files.group_by(["split", "class_name"]).aggregate([("relpath", "count")]).to_pylist()
         found = {(g["split"], g["class_name"]): g["relpath_count"] for g in grouped}
         return {split: {name: found.get((split, name), 0) for name in self.classes} for split in self.split_names}
 
@@ -120,15 +120,9 @@ def is_image_name(name: str) -> bool:
 
 def iter_image_files(root: str, tree: LocalTree | None = None,
                      ignored: collections.Counter | None = None) -> Iterator[tuple[str, str]]:
-    """``(stored path relative to root, stamp)`` of every image file under ``root`` (a local path
-    or URI), recursively, sorted, hidden files and folders skipped; ``tree`` as in
-    ``storage.walk_files``.
-
-    Symlinks to files are listed even when broken, so that decoding records them as
-    rejects rather than letting them vanish; a folder whose name ends in ``.jpg`` is
-    a folder and is descended into, never listed. Other names are counted in ``ignored`` by
-    their lower-cased extension (``""`` for none), when given.
-    """
+    """``storage.walk_files`` of ``root`` less the files without an image name, which are counted in ``ignored`` by
+    lower-cased extension (``""`` for none) when given. Broken links are listed (decoding records them as rejects);
+    a folder named ``x.jpg`` is descended into, never listed."""
     for rel, stamp in storage.walk_files(root, tree):
         if is_image_name(rel):
             yield rel, stamp
@@ -196,24 +190,19 @@ def discover_splits(root: str, max_per_class: int | None = None, exclusion: Excl
     present = [s for s in REQUIRED_SPLITS + OPTIONAL_SPLITS if s in found]
     missing = [s for s in REQUIRED_SPLITS if s not in present]
     if missing:
-        raise DataError(
-            f"data folder {root!r} must hold the split folders {', '.join(REQUIRED_SPLITS)} "
-            f"(and optionally test), each with one folder per class; missing: {', '.join(missing)}; "
-            f"found: {', '.join(found) or 'nothing'}. For a flat folder of cat.1.jpg-style files use --layout kaggle"
-        )
+        raise DataError(f"data folder {root!r} must hold the split folders {', '.join(REQUIRED_SPLITS)} (and "
+                        f"optionally test), each with one folder per class; missing: {', '.join(missing)}; found: "
+                        f"{', '.join(found) or 'nothing'}. For a flat folder of cat.1.jpg-style files use "
+                        f"--layout kaggle")
     class_sets = {s: storage.list_dirs(storage.join(root, s)) for s in present}
     reference = class_sets["train"]
     for split, folders in class_sets.items():
         if folders != reference:
-            raise DataError(
-                f"class folders differ between splits: train has [{', '.join(reference)}] but "
-                f"{split} has [{', '.join(folders)}]; every split needs the same class folders"
-            )
+            raise DataError(f"class folders differ between splits: train has [{', '.join(reference)}] but {split} "
+                            f"has [{', '.join(folders)}]; every split needs the same class folders")
     if len(reference) < 2:
-        raise DataError(
-            f"need at least two class folders under {storage.join(root, 'train')!r}; "
-            f"found [{', '.join(reference)}]"
-        )
+        raise DataError(f"need at least two class folders under {storage.join(root, 'train')!r}; "
+                        f"found [{', '.join(reference)}]")
 
     tree = storage.local_tree(root)
     ignored: collections.Counter = collections.Counter()
@@ -275,10 +264,8 @@ def discover_kaggle(root: str, validation_fraction: float, max_per_class: int | 
 
     files = columnar(_without(rows(), exclusion, found))
     if unlabeled:
-        raise DataError(
-            f"--layout kaggle needs file names like 'cat.123.jpg' (label, dot, id); "
-            f"{len(unlabeled)} file(s) have no label prefix, e.g. {unlabeled[0]!r}"
-        )
+        raise DataError(f"--layout kaggle needs file names like 'cat.123.jpg' (label, dot, id); "
+                        f"{len(unlabeled)} file(s) have no label prefix, e.g. {unlabeled[0]!r}")
     if not len(files):
         raise DataError(f"data folder {root!r} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     classes = sorted(files.column("class_name").unique().to_pylist())

@@ -1,27 +1,21 @@
 """The ledger of an output folder: which input files are already done, so that an interrupted
 run resumes where it stopped and a rerun over a changed data root redoes only what changed.
 
-Every write task of a run commits its block in two steps: first the block's data files
-(``<folder>/<part>.parquet``, named by the run and the write task, so a task that Ray retries
-overwrites its own files), then one ledger entry ``_ledger/<part>.parquet`` that lists every
-file of the block (``relpath``, ``split``, ``stamp``: size and modification time, and the
-``reason``/``error`` of a reject). A part without an entry was cut off mid-write: the next
-run deletes it. A part whose entry is there is done, whatever happens to the driver later.
-At the end of a complete run the entries are folded into one ``ledger.parquet``.
+Each write task commits a block in two steps: its data files (``<folder>/<part>.parquet``, named by
+run and write task, so a task that Ray retries overwrites its own files), then one ledger entry
+``_ledger/<part>.parquet`` listing the block's files (``relpath``, ``split``, ``stamp`` and a
+reject's ``reason``/``error``). A part without an entry was cut off mid-write and the next run
+deletes it; one with an entry is done. A complete run folds the entries into ``ledger.parquet``.
 
-An incremental rerun compares the listing of the data root with the ledger by
-``(relpath, split, stamp)``: files listed but not in the ledger are processed; ledger rows
-not listed (removed, or changed: another stamp) are dropped by rewriting their parts without
-them, as a new part whose entry names the part it ``replaces``; replaced parts are ignored
-and deleted whenever they are found.
+A rerun compares the listing with the ledger by ``KEYS``: listed files not in the ledger are
+processed; rows no longer listed (removed or changed) are dropped by rewriting their parts as new
+parts whose entries name the part they ``replaces``; replaced parts are deleted whenever found.
 
-Why not Ray Data's checkpointing (``DataContext.checkpoint_config``, Ray 2.60)? It filters
-the rows of a ``Read`` datasource by an id column, while this project's rows come from the
-driver's listing (labels and splits attached), which its planner does not checkpoint; it
-records which ids were written, not what they were made from, so a changed or removed file
-cannot be told apart; it deletes its checkpoint when a run succeeds, so the next rerun over
-a grown folder would start from zero; and it needs a checkpoint path every node can reach,
-while this ledger lives in the output itself, wherever that is.
+Not Ray Data's checkpointing (``DataContext.checkpoint_config``): it filters a ``Read`` datasource's
+rows by id, while these rows come from the driver's listing; it records which ids were written, not
+from what, so a changed file goes unnoticed; it deletes itself when a run succeeds, so a rerun over
+a grown folder would start from zero; and it needs a path every node reaches, where this ledger
+lives in the output itself.
 """
 
 from __future__ import annotations
@@ -36,7 +30,6 @@ from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.data import outputs, storage
 from pipeline.data.reuse import require_same
@@ -72,34 +65,29 @@ def write_entry(output: str, part: str, rows: dict[str, Any], replaces: str | No
     ``reason``, ``error``); written after the part's data files."""
     if not all(_PART_NAME.fullmatch(name) for name in [part] + ([replaces] if replaces else [])):
         raise ValueError(f"not a part name: {part!r} (replacing {replaces!r})")
-    n = len(rows["relpath"])
-    table = pa.table({"relpath": [str(v) for v in rows["relpath"]], "split": [str(v) for v in rows["split"]],
-                      "stamp": [str(v) for v in rows["stamp"]], "part": [part] * n,
-                      "reason": [str(v) for v in rows["reason"]], "error": [str(v) for v in rows["error"]]},
+    columns = {name: [str(v) for v in rows[name]] for name in ("relpath", "split", "stamp", "reason", "error")}
+    table = pa.table({**columns, "part": [part] * len(rows["relpath"])},
                      schema=SCHEMA.with_metadata({REPLACES: replaces or ""}))
     storage.write_parquet(storage.join(output, LEDGER_DIR, f"{part}.parquet"), table)
-
-
-def _read(uri: str) -> pa.Table:
-    filesystem, path = storage.split_uri(uri)
-    return pq.read_table(path, filesystem=filesystem)
 
 
 def load(output: str) -> tuple[pa.Table, set[str]]:
     """The live rows of ``output``'s ledger (its ``ledger.parquet`` and the entries committed
     since) and the names of the parts that later parts replaced."""
-    tables = [_read(storage.join(output, LEDGER_FILE))] if storage.exists(storage.join(output, LEDGER_FILE)) else []
+    folded = storage.join(output, LEDGER_FILE)
+    tables = [storage.read_parquet(folded)] if storage.exists(folded) else []
     entries = storage.list_parquet(storage.join(output, LEDGER_DIR))
     with ThreadPoolExecutor(storage.READ_THREADS) as pool:
-        read = list(pool.map(_read, entries))
-    replaced = {(t.schema.metadata or {}).get(REPLACES, b"").decode() for t in read} - {""}
-    for entry, table in zip(entries, read):
-        _check_parts(entry, table, (table.schema.metadata or {}).get(REPLACES, b"").decode())
+        read = list(pool.map(storage.read_parquet, entries))
+    replaces = [(t.schema.metadata or {}).get(REPLACES, b"").decode() for t in read]
+    for entry, table, old in zip(entries, read, replaces):
+        _check_parts(entry, table, old)
+    replaced = set(replaces) - {""}
     if tables:
-        _check_parts(storage.join(output, LEDGER_FILE), tables[0], "")
-    fresh = {storage.basename(e)[:-len(".parquet")] for e in entries}
-    if tables:  # an entry folded into ledger.parquet by a run cut off before it removed the entries
-        tables[0] = tables[0].filter(pc.invert(pc.is_in(tables[0].column("part"), pa.array(sorted(fresh), pa.string()))))
+        _check_parts(folded, tables[0], "")
+        # Less any entry folded into it by a run cut off before it removed the entries.
+        fresh = pa.array(sorted(storage.basename(e)[:-len(".parquet")] for e in entries), pa.string())
+        tables[0] = tables[0].filter(pc.invert(pc.is_in(tables[0].column("part"), fresh)))
     table = pa.concat_tables([t.cast(SCHEMA) for t in tables + read]) if tables or read else SCHEMA.empty_table()
     live = table.filter(pc.invert(pc.is_in(table.column("part"), pa.array(sorted(replaced), pa.string()))))
     return live, replaced
@@ -175,7 +163,7 @@ def drop_rows(output: str, stale: pa.Table, live: pa.Table, parts: dict[str, lis
         gone = stale.filter(pc.equal(stale.column("part"), part)).column("relpath")
         new = f"part-{run_id}-rewrite-{i:05d}"
         for uri in parts.get(part, []):
-            table = _read(uri)
+            table = storage.read_parquet(uri)
             kept = table.filter(pc.invert(pc.is_in(table.column("path"), gone)))
             if len(kept):
                 storage.write_parquet(storage.join(storage.parent(uri), f"{new}.parquet"), kept)
@@ -194,12 +182,9 @@ def consolidate(output: str, live: pa.Table) -> None:
 
 def open_output(output: str, layout: outputs.Layout, settings: dict[str, Any], overwrite: bool,
                 marker: str = storage.MANIFEST) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """(the run record, the finished ``marker``'s contents) of ``output``, each None when absent.
-
-    A folder holding anything ``layout`` does not allow is refused (``outputs.prepare``); with
-    ``overwrite`` an earlier output is deleted first. An output whose record holds other
-    settings is refused (OutputError).
-    """
+    """(the run record, the finished ``marker``'s contents) of ``output``, each None when absent, after
+    ``outputs.prepare`` (with ``overwrite``: the earlier output deleted); OutputError when its record holds
+    other settings."""
     outputs.prepare(output, layout, overwrite)
     if overwrite:
         return None, None

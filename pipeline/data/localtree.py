@@ -1,21 +1,15 @@
 """Listing the files of a local data root so that each real file is one row, whatever links,
-loops and names the folder holds.
+loops and names the folder holds (``LocalTree.walk``):
 
-Rules (``LocalTree.walk``):
-
-- a folder symlink is followed only when it leads outside the data root (a folder of photos
-  linked in), never when it leads back inside the root or to a folder that holds the root: that
-  tree is walked under its own path anyway, so its photos keep their own split and class, and a
-  link such as ``train/dogs/loop -> ..`` cannot make the walk go round;
-- each real folder (by device and inode) is walked once;
-- a file reached by two paths is listed once: a file symlink into the root is left to its
-  target's own path, and hard links or several links to one outside file are listed at the
-  first path in sorted order;
+- a folder symlink is followed only when it leads outside the data root, never back inside it or to
+  a folder that holds it (that tree is walked under its own path, keeping its split and class, and a
+  link such as ``train/dogs/loop -> ..`` cannot make the walk go round);
+- each real folder is walked once, and a file reached by two paths is listed once: a file symlink
+  into the root is left to its target's own path, hard links or several links to one outside file
+  are listed at the first path in sorted order (device and inode are kept only for folders and such
+  files, so memory stays small at a million files);
 - a broken symlink is listed (decoding records it as the reject ``missing``);
 - names are listed in their stored form (``pipeline.names.escape``), sorted, hidden ones skipped.
-
-Memory stays small at a million files: device and inode are kept only for folders and for
-files that are links or have more than one hard link.
 """
 
 from __future__ import annotations

@@ -23,12 +23,8 @@ LOCK_HEARTBEAT_S = 30.0
 
 @contextlib.contextmanager
 def output_lock(uri: str) -> Iterator[None]:
-    """Hold ``<uri>.lock`` for the duration of a run; a second run refuses with a clear message.
-
-    Local folders: an ``fcntl.flock`` on the lock file, which the kernel releases when its
-    holder dies, so a lock of a dead run is simply taken. Object stores: a lease (see
-    ``_remote_lock``).
-    """
+    """Hold ``<uri>.lock`` for the duration of a run; a second run refuses with a clear message. Locally an
+    ``fcntl.flock``, which the kernel releases when its holder dies; on object stores a lease (``_remote_lock``)."""
     lock = uri.rstrip("/") + ".lock"
     if not storage.is_local(uri):
         with _remote_lock(lock, uri):
@@ -59,10 +55,8 @@ def _flock(path: str, uri: str):
             f.seek(0)
             holder = _parse_holder(f.read())
             f.close()
-            raise OutputError(
-                f"{uri} is being written by another run (pid {holder.get('pid', '?')} on "
-                f"{holder.get('host', '?')}); wait for it to finish"
-            ) from None
+            raise OutputError(f"{uri} is being written by another run (pid {holder.get('pid', '?')} on "
+                              f"{holder.get('host', '?')}); wait for it to finish") from None
         # The holder we waited on may have removed the file between our open and our lock:
         # only a lock on the file that is still at ``path`` counts.
         try:
@@ -101,22 +95,17 @@ def _parse_holder(text: str) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _remote_lock(lock: str, uri: str) -> Iterator[None]:
-    """A lease on an object store: the lock object names its owner and a heartbeat that a
-    thread renews every ``LOCK_HEARTBEAT_S``; one not renewed for ``LOCK_LEASE_S`` is stale.
-
-    Not atomic: object stores offer pyarrow no create-if-absent, so this writes the lock,
-    reads it back and proceeds only if it is still its own. Two runs that start within the
-    same moment can both pass; a run that starts while another holds a live lease is refused.
-    """
+    """A lease on an object store: the lock object names its owner and a heartbeat that a thread renews every
+    ``LOCK_HEARTBEAT_S``; one not renewed for ``LOCK_LEASE_S`` is stale. Not atomic (object stores offer pyarrow
+    no create-if-absent): the lock is written, read back, and kept only if still its own, so two runs starting at
+    the same moment can both pass; one starting while another holds a live lease is refused."""
     if storage.exists(lock):
         holder = _parse_holder(storage.read_text(lock))
         age = time.time() - float(holder.get("heartbeat", 0))
         if age < LOCK_LEASE_S and not _holder_is_gone(holder):
-            raise OutputError(
-                f"{uri} is being written by another run (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
-                f"last heartbeat {age:.0f}s ago); wait for it, or for its lease to lapse ({LOCK_LEASE_S:.0f}s "
-                f"without a heartbeat) if that run is gone"
-            )
+            raise OutputError(f"{uri} is being written by another run (pid {holder.get('pid', '?')} on "
+                              f"{holder.get('host', '?')}, last heartbeat {age:.0f}s ago); wait for it, or for its "
+                              f"lease to lapse ({LOCK_LEASE_S:.0f}s without a heartbeat) if that run is gone")
     me = _me()
     storage.write_json(lock, me)
     if _parse_holder(storage.read_text(lock)).get("owner") != me["owner"]:

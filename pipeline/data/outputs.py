@@ -1,16 +1,12 @@
 """Which output folders a job may write into and replace: only its own earlier outputs.
 
-Each job describes what it writes with a ``Layout``: the files only it writes there first
-(``markers``: a run record, a manifest, a summary), glob patterns of every file it may write,
-and the folders that hold another job's output (run_all's stages). A folder is usable when it
-is missing or holds no file, or when it holds a marker and nothing else than the layout's files
-(temporary ``.tmp-<pid>`` copies of them included). Anything else - a user's photos, notes, an
-unknown folder, hidden files too, even beside a real earlier output - is refused with an
-``OutputError`` naming a few of those files and their count, with or without ``--overwrite``,
-and nothing is deleted.
-
-Paths recorded inside an output (ledger entries, records) are trusted only after
-``require_inside`` has checked that they name something under the output.
+A job describes what it writes with a ``Layout``: its ``markers`` (files only it writes there,
+first), glob patterns of every file it may write, and the folders that hold another job's output.
+A folder is usable when it is missing or holds no file, or when it holds a marker and nothing but
+the layout's files (their ``.tmp-<pid>`` copies included). Anything else (a user's photos or notes,
+an unknown folder, hidden files, even beside a real earlier output) is refused with an
+``OutputError`` naming a few of them, with or without ``--overwrite``, and nothing is deleted.
+Paths recorded inside an output are trusted only after ``require_inside`` has checked them.
 """
 
 from __future__ import annotations
@@ -94,11 +90,8 @@ def _local_listing(base: str) -> tuple[list[str], list[str]]:
 
 
 def _judge(files: list[str], folders: list[str], layout: Layout) -> tuple[list[str], bool]:
-    """(the entries this project would not have written under ``layout``, whether a marker is there).
-
-    A sub-folder of ``layout.folders`` is judged by its own layout; one that holds files but
-    no marker is not this project's, so all of its files are named.
-    """
+    """(the entries this project would not have written under ``layout``, whether a marker is there); a
+    sub-folder of ``layout.folders`` is judged by its own layout, and all its files named if it has no marker."""
     foreign, inner = [], {}
     for name in files + [f"{d}/" for d in folders]:
         head, _, rest = name.partition("/")
@@ -122,11 +115,8 @@ def _named(names: list[str]) -> str:
 
 
 def check(uri: str, layout: Layout) -> bool:
-    """Refuse (OutputError) an output folder this project may not write into; return whether it
-    holds an earlier output of this job (False: missing, or holding no file).
-
-    Refused: any file or folder that ``layout`` does not name; files with none of its markers.
-    """
+    """Refuse (OutputError) an output folder holding anything ``layout`` does not name, or files but none of its
+    markers; return whether it holds an earlier output of this job (False: missing, or holding no file)."""
     return bool(_checked(uri, layout))
 
 
@@ -170,15 +160,12 @@ def _all_markers(layout: Layout) -> set[str]:
 def require_inside(root: str, location: str, source: str) -> str:
     """``location`` (a path or URI) normalised, after checking that it lies under the folder
     ``root``; OutputError naming ``source`` (the entry it was read from) when it does not."""
-    if storage.is_uri(root) != storage.is_uri(location):
-        raise OutputError(f"{source} names {location!r}, which is not under the output {root}; not using it")
-    if storage.is_uri(root):
+    if storage.is_uri(location):
         scheme, rest = location.split("://", 1)
         normal, base = f"{scheme}://{posixpath.normpath(rest)}", root.rstrip("/")
     else:
-        normal, base = storage.absolute(location), storage.absolute(root)
-        normal, base = posixpath.normpath(normal), posixpath.normpath(base)
-    if not normal.startswith(base + "/"):
+        normal, base = posixpath.normpath(storage.absolute(location)), posixpath.normpath(storage.absolute(root))
+    if storage.is_uri(root) != storage.is_uri(location) or not normal.startswith(base + "/"):
         raise OutputError(f"{source} names {location!r}, which is not under the output {root}; not using it")
     return normal
 

@@ -1,11 +1,9 @@
 """One rule for every job's output folder: the same settings and inputs reuse a finished result
 (or resume an unfinished one); anything else is refused with a message that names what differs.
 
-"Settings" are every option that changes what a job computes, plus fingerprints of its inputs
-(the files under a data root, a feature folder's manifest, a model file's bytes); where a
-job's outputs go and whether to overwrite them are not settings.
-
-Settings are kept with credentials redacted (``pipeline.redact``), as they are recorded, so a
+"Settings" are every option that changes what a job computes (not ``NOT_SETTINGS``), plus
+fingerprints of its inputs (the files under a data root, a feature folder's manifest, a model
+file's bytes), kept with credentials redacted (``pipeline.redact``) as they are recorded, so a
 location whose password alone changed is the same setting.
 """
 

@@ -1,8 +1,6 @@
-"""Feature shards as extraction writes them and every later stage reads them: Parquet files
-per split (``<output>/<split>/part-*.parquet``), one row per image with its ``path``, ``label``,
-``class_name`` and a fixed-size-list ``features`` column; the block-4 cache the same way under
-``block4/``; the rejects in one file. Any Arrow reader opens them; these are the project's own
-readers.
+"""Feature shards as extraction writes them and every later stage reads them: Parquet files per split
+(``<output>/<split>/part-*.parquet``), one row per image (``path``, ``label``, ``class_name``, a
+fixed-size-list ``features``), the block-4 cache likewise under ``block4/``, the rejects in one file.
 """
 
 from __future__ import annotations

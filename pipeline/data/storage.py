@@ -1,17 +1,11 @@
 """Where data lives: local folders or any pyarrow filesystem URI (``s3://``, ``gs://``, ``file://``),
 read and written so that a half-finished run never looks finished.
 
-Every input and output of the project goes through this module, so a job reads its
-photos from a bucket and writes its features, models and reports to another with the
-same code as on a laptop. Credentials and endpoints come from the usual environment
-variables (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``…),
-which pyarrow reads itself.
-
-Jobs write their outputs in place and commit them piece by piece (``pipeline.data.ledger``); a
-manifest written last marks a finished output, and every single object (a shard, a model
-file, a report) is written whole: under a temporary name then renamed on local disks, in
-one PUT on object stores. A ``<output>.lock`` (``pipeline.data.locks``) keeps two runs from
-writing one output at once.
+Every input and output goes through this module, so a job works on buckets with the same code as on
+a laptop (credentials and endpoints come from the usual ``AWS_*``/``GOOGLE_*`` variables, which
+pyarrow reads). Every single object is written whole (``_write_whole``); outputs are committed piece
+by piece (``pipeline.data.ledger``), a manifest written last marks a finished one, and
+``<output>.lock`` (``pipeline.data.locks``) keeps two runs from writing one output at once.
 """
 
 from __future__ import annotations
@@ -26,7 +20,7 @@ import stat
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -94,27 +88,20 @@ def relative(uri: str, root: str) -> str:
 
 
 def absolute(uri: str) -> str:
-    """A local path made absolute (so it still names the same folder from another working directory); URIs as they are."""
+    """A local path made absolute (the same folder from another working directory); URIs as they are."""
     return uri if is_uri(uri) else os.path.abspath(uri)
 
 
 def describe_problem(uri: str, want: str = "folder") -> str | None:
-    """Why ``uri`` cannot be read as a ``want`` ("folder" or "file"), or None when it can.
-
-    Distinguishes a missing bucket, a missing path, the wrong kind of entry, and a store
-    that refuses the request (credentials, endpoint), so the message says what to fix.
-    """
+    """Why ``uri`` cannot be read as a ``want`` ("folder" or "file"), or None when it can: a missing bucket or
+    path, the wrong kind of entry, or a store that refuses the request, so the message says what to fix."""
     try:
         filesystem, path = split_uri(uri)
         info = filesystem.get_file_info(path)
-        if info.type == pafs.FileType.NotFound and not isinstance(filesystem, pafs.LocalFileSystem):
-            bucket = path.split("/", 1)[0]
-            if filesystem.get_file_info(bucket).type == pafs.FileType.NotFound:
-                return f"its bucket {bucket!r} does not exist (or these credentials cannot see it)"
     except (OSError, ValueError, pa.ArrowException) as exc:
         return f"it cannot be read: {exc} (check the credentials and endpoint in AWS_*/GOOGLE_* variables)"
     if info.type == pafs.FileType.NotFound:
-        return "it does not exist"
+        return describe_output_problem(uri) or "it does not exist"
     if want == "folder" and info.type != pafs.FileType.Directory:
         return "it is a file, not a folder"
     if want == "file" and info.type != pafs.FileType.File:
@@ -163,16 +150,10 @@ def delete_file(uri: str) -> None:
 
 
 def walk_files(root: str, tree: LocalTree | None = None) -> Iterator[tuple[str, str]]:
-    """``(stored path relative to root, stamp)`` of every file under ``root``, recursively, sorted,
-    hidden files and folders skipped; ``stamp`` is ``size:mtime_ns`` (``missing`` for a broken link).
-    Paths are in the stored form of ``pipeline.names`` (any name, as reversible UTF-8).
-
-    Streams folder by folder, so a listing of a million objects holds one folder's names
-    at a time. Locally, links are followed as ``pipeline.data.localtree`` says (out of the data root
-    only, each real folder and file once; broken ones listed, so that decoding records them as
-    rejects rather than letting them vanish); ``tree`` is the data root's listing state when
-    ``root`` is one folder of it (see ``local_tree``).
-    """
+    """``(stored path relative to root, stamp)`` of every file under ``root``, recursively, sorted, hidden ones
+    skipped; ``stamp`` is ``size:mtime_ns`` (``missing`` for a broken link). Streams folder by folder (a million
+    objects: one folder's names held at a time); local links are followed as ``pipeline.data.localtree`` says, and
+    ``tree`` is the data root's listing state when ``root`` is one folder of it (``local_tree``)."""
     filesystem, base = split_uri(root)
     if isinstance(filesystem, pafs.LocalFileSystem):
         yield from (tree or LocalTree(base)).walk(base)
@@ -212,24 +193,33 @@ def list_dirs(uri: str) -> list[str]:
                   if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
 
 
-
 def write_text(uri: str, text: str) -> None:
     """Write a small text file (JSON, CSV, markdown)."""
     write_bytes(uri, text.encode("utf-8"))
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write a file's bytes (locally under a temporary name, then renamed into place)."""
+def _write_whole(uri: str, write: Callable[[pafs.FileSystem, str], None]) -> None:
+    """Make the file ``uri`` with ``write(filesystem, path)`` so that it appears whole: in one PUT on object
+    stores, on local disks under a temporary name (``outputs`` knows its form) then renamed into place."""
     filesystem, path = split_uri(uri)
     filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    if isinstance(filesystem, pafs.LocalFileSystem):
-        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        write(filesystem, path)
         return
-    with filesystem.open_output_stream(path) as f:
-        f.write(data)
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    write(filesystem, tmp)
+    os.replace(tmp, path)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a file's bytes, whole."""
+
+    def write(filesystem: pafs.FileSystem, path: str) -> None:
+        local = isinstance(filesystem, pafs.LocalFileSystem)
+        with open(path, "wb") if local else filesystem.open_output_stream(path) as f:
+            f.write(data)
+
+    _write_whole(uri, write)
 
 
 class FileTooLarge(ValueError):
@@ -279,13 +269,9 @@ def read_text(uri: str) -> str:
 
 
 def upload_file(local_path: str, uri: str) -> None:
-    """Copy a local file to ``uri``; the copy appears whole (renamed into place locally, one PUT remotely)."""
-    filesystem, path = split_uri(uri)
-    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    tmp = f"{path}.tmp-{os.getpid()}" if isinstance(filesystem, pafs.LocalFileSystem) else path
-    pafs.copy_files(local_path, tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
-    if tmp != path:
-        os.replace(tmp, path)
+    """Copy a local file to ``uri``, whole."""
+    _write_whole(uri, lambda filesystem, path: pafs.copy_files(
+        local_path, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem))
 
 
 def upload_dir(local_dir: str, uri: str) -> None:
@@ -321,16 +307,8 @@ def read_json(uri: str) -> Any:
 
 
 def write_parquet(uri: str, table: pa.Table) -> None:
-    """Write one Parquet file; on local disks under a temporary name then renamed into place."""
-    filesystem, path = split_uri(uri)
-    parent_path = path.rsplit("/", 1)[0]
-    filesystem.create_dir(parent_path, recursive=True)
-    if isinstance(filesystem, pafs.LocalFileSystem):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    else:
-        pq.write_table(table, path, filesystem=filesystem)
+    """Write one Parquet file, whole."""
+    _write_whole(uri, lambda filesystem, path: pq.write_table(table, path, filesystem=filesystem))
 
 
 def list_parquet(uri: str) -> list[str]:
@@ -343,18 +321,19 @@ def list_parquet(uri: str) -> list[str]:
     return [join(uri, n) for n in names]
 
 
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file, read with pyarrow alone."""
+    filesystem, path = split_uri(uri)
+    return pq.read_table(path, filesystem=filesystem, columns=columns)
+
+
 def read_parquet_files(uris: list[str], columns: list[str] | None = None) -> pa.Table | None:
     """Concatenate Parquet files read with pyarrow alone (None when there are none)."""
     if not uris:
         return None
-
-    def read(uri: str) -> pa.Table:
-        filesystem, path = split_uri(uri)
-        return pq.read_table(path, filesystem=filesystem, columns=columns)
-
     # Many small shards on an object store: one request at a time would take minutes.
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        return pa.concat_tables(pool.map(read, uris))
+        return pa.concat_tables(pool.map(lambda uri: read_parquet(uri, columns), uris))
 
 
 def cache_dir() -> str:

@@ -1,8 +1,7 @@
 """The built-in default data set: two classes of drawn stripes, generated deterministically.
 
-It needs nothing downloaded and proves that an installation works end to end: every model learns
-it within the few epochs ``run_all`` gives it (horizontal against vertical stripes, in random
-colours, widths and phases, with noise: a first convolution tells them apart, where the earlier
+It needs nothing downloaded and proves that an installation works end to end: every model learns it
+within the few epochs ``run_all`` gives it (a first convolution tells horizontal from vertical stripes;
 circles against squares left the small CNN at chance). Its accuracy says nothing about real photos.
 """
 

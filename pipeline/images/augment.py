@@ -1,20 +1,12 @@
-"""Training-time augmentation: the reference article's random shear, zoom and horizontal flip,
-optionally with random rotation and shifts (Keras' ``ImageDataGenerator`` ``rotation_range``,
-``width_shift_range``/``height_shift_range``).
+"""Training-time augmentation: the reference article's random shear, zoom and horizontal flip, optionally
+rotation and shifts (``ImageDataGenerator``'s ``rotation_range``, ``width_shift_range``/``height_shift_range``),
+warped by one batched TensorFlow projective transform with nearest-edge fill, as ``ImageDataGenerator`` does.
 
-Random parameters come from a numpy generator seeded by (seed, epoch, step) and are drawn for
-the whole global batch, each worker keeping its own rows (``GlobalRows``): an example's variant
-follows its place in the global batch, so a run is reproducible from ``--seed``, every epoch sees
-new variants, and 1, 2 or 4 workers augment every example alike.
-The warp itself is one batched TensorFlow projective transform with nearest-edge
-fill, as Keras' ``ImageDataGenerator`` does (``fill_mode="nearest"``).
-
-Keras' ``RandomFlip``/``RandomZoom``/``RandomShear`` layers would do the warps, but they draw
-their parameters inside the model from a per-layer seed generator whose state moves with
-every call on every replica: which variant an image gets would depend on how many workers
-ran and on where a resumed run restarted, and would not be recoverable from ``--seed``.
-Here every draw is a function of (seed, epoch, step, position in the global batch)
-(``tests/test_augment.py``).
+Every draw is a function of (seed, epoch, step, position in the global batch) (``GlobalRows``): a run is
+reproducible from ``--seed``, every epoch sees new variants, and 1, 2 or 4 workers augment every example alike
+(``tests/test_augment.py``). Keras' ``RandomFlip``/``RandomZoom``/``RandomShear`` layers draw inside the model
+from a per-layer seed generator whose state moves with every call on every replica, so a variant would depend
+on the number of workers and on where a resumed run restarted.
 """
 
 from __future__ import annotations
@@ -37,11 +29,9 @@ class Augmentation:
 
 
 class GlobalRows:
-    """A generator's draws for a global batch of ``total`` rows of which this worker holds rows
-    ``start`` to ``start + n``: each draw is made for all ``total`` rows (``size``'s first axis is
-    this worker's ``n``) and this worker's rows are returned, so which draw an example gets depends
-    on its position in the global batch, not on how many workers share it. Parameters are cheap to
-    draw for every row; only this worker's images are warped."""
+    """A generator's draws made for all ``total`` rows of a global batch, of which this worker gets rows
+    ``start`` to ``start + n`` (``size``'s first axis is ``n``): an example's draw follows its position in
+    the global batch, not how many workers share it (drawing is cheap; only this worker's images are warped)."""
 
     def __init__(self, rng: np.random.Generator, start: int, total: int):
         self.rng, self.start, self.total = rng, start, total
@@ -100,10 +90,9 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, aug: Augmentatio
 
 
 def shift_maps(maps: np.ndarray, rng: np.random.Generator, cells: int) -> np.ndarray:
-    """Feature maps ``(n, h, w, c)`` each moved by a random whole number of cells within ±``cells``
-    per axis, edges repeated: a shift of the image for a convolutional feature map (one block-4
-    cell of VGG16 is 16 pixels), so cached fine-tuning gets shift augmentation without
-    re-running blocks 1-4."""
+    """Feature maps ``(n, h, w, c)`` each moved by a random whole number of cells within ±``cells`` per axis, edges
+    repeated: shifting an image, for a feature map (a VGG16 block-4 cell is 16 pixels), so that cached
+    fine-tuning gets shift augmentation without re-running blocks 1-4."""
     if cells <= 0:
         return maps
     n, h, w, _ = maps.shape

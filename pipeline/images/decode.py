@@ -1,34 +1,16 @@
-"""The one preprocessing path from an image file to a fixed-size RGB uint8 array.
+"""The one preprocessing path from an image file to a fixed-size RGB uint8 array, for extraction,
+training, prediction and serving alike (the weights' normalisation lives inside the Keras models).
 
-Extraction, training, prediction and serving all call ``load_image``/``decode_batch``;
-the weight-specific normalisation (torch or caffe style) lives inside the Keras models,
-so the arrays produced here are plain 0..255 RGB pixels.
+Plain RGB or greyscale JPEGs take a fast path with Pillow's very pixels at about twice its speed:
+``simplejpeg`` (libjpeg-turbo) at the DCT scale Pillow's ``draft`` would pick, then
+``pipeline.images.resample``. simplejpeg, not OpenCV: its strict mode raises on a truncated or
+corrupt stream (the file falls back to Pillow) where OpenCV fills the photo with grey.
 
-JPEGs take a fast path that gives the same pixels as Pillow, about twice as fast
-(``bench/decode_throughput.py``): libjpeg-turbo through ``simplejpeg`` decodes at the DCT
-scale Pillow's ``draft`` would pick (Pillow bundles libjpeg-turbo too, so the pixels are
-identical), and ``pipeline.images.resample`` resizes exactly as Pillow does, three times faster.
-``simplejpeg`` (a 0.4 MB wheel for Linux x86-64 and aarch64, kept current with
-libjpeg-turbo) was chosen over OpenCV because its strict mode raises on a truncated or
-corrupt stream: such files fall back to Pillow and are accepted or rejected exactly as
-before, where OpenCV fills a truncated photo with grey and says nothing. Faster resizes
-(OpenCV's linear or area) were measured and refused: they moved VGG16's features of some
-real photos to a cosine of 0.93-0.99. Everything that is not a plain RGB or greyscale
-JPEG (PNG, WebP, GIF, BMP, CMYK, 16-bit, alpha) goes through Pillow as before.
-
-Files are hostile until decoded. Only the decoders of ``FORMATS`` are opened: anything else
-(EPS, which Pillow hands to Ghostscript, PDF, TIFF...) is the reject "unsupported format". An
-image whose header declares more than ``max_pixels`` pixels (``--max-image-megapixels``, 50 by
-default; WebPs half that) is the reject "too large" before its pixels are decoded, and no step
-makes a full-size float or 16-bit copy: JPEGs decode at a reduced DCT scale, 16-bit images turn
-into 8 bits a strip at a time, greyscale is resized before it becomes RGB. So one decode holds
-at most about 9 bytes per allowed pixel on top of its process: one decode adds at most
-10 B x ``max_pixels`` + the file's bytes (at most ``max_file_bytes``, 4 B x ``max_pixels``:
-larger files are never read) to the process, 668 MiB at the default, on top of the 130-230 MiB
-that the libraries take (Python, numpy, Pillow, numba, pyarrow): under 1 GiB (checked by
-``tests/test_hostile_images.py`` in a fresh process; measured: +284 MiB at most, for a grey PNG
-with alpha at the cap). A JPEG whose data ends before its declared pixels do is the reject "truncated" on both
-paths, never a grey picture.
+Files are hostile until decoded: only ``FORMATS`` are opened, a header declaring more than
+``max_pixels`` pixels is rejected before any is decoded, a JPEG whose data ends early is "truncated"
+on both paths, and no step makes a full-size float or 16-bit copy, so one decode adds at most
+10 B x ``max_pixels`` + the file's bytes to its process: under 1 GiB at the default
+(``tests/test_hostile_images.py``).
 """
 
 from __future__ import annotations
@@ -55,14 +37,13 @@ FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
 _JPEG_FORMATS = ("JPEG", "MPO")
 # 50 megapixels admits a 48-Mpx phone photo (8000x6000) and refuses 9400x9400 (88 Mpx), which
 # Pillow's own bomb limit (89.5 Mpx, Image.MAX_IMAGE_PIXELS) still lets through; it bounds what
-# one decode holds (stated below). Above Pillow's limit, Pillow refuses.
+# one decode holds (module docstring). Above Pillow's limit, Pillow refuses.
 MAX_IMAGE_MEGAPIXELS = 50.0
 PILLOW_LIMIT_MEGAPIXELS = 89.478485
 # Images whose header declares more pixels are rejected before decoding (``--max-image-megapixels``).
 MAX_PIXELS = round(MAX_IMAGE_MEGAPIXELS * 1_000_000)
-# What Pillow holds per pixel while decoding is at most 9 bytes (a PNG palette with transparency:
-# the palette image, its RGBA form, the white background), except through libwebp, about 16
-# (its canvas and previous frame, their bytes, the image): a WebP may have half the pixels.
+# Pillow holds at most 9 bytes a pixel while decoding (a PNG palette with transparency: the palette image, its
+# RGBA form, the white background), libwebp about 16 (canvas, previous frame, their bytes): a WebP may have half.
 _PIXEL_WEIGHT = {"WEBP": 2}
 # How many images each path ("fast" or "pillow") decoded in this process: shows that the fast path runs.
 DECODED_BY: Counter[str] = Counter()
@@ -105,11 +86,8 @@ def read_bytes(path: str, max_pixels: int = MAX_PIXELS) -> bytes:
 
 
 def _sixteen_to_eight(im: Image.Image) -> Image.Image:
-    """A 16-bit greyscale image (PNG's only 16-bit mode in Pillow) as "L", v becoming round(v * 255 / 65535).
-
-    Pillow's convert clips 16-bit values at 255 (a white image), so the values are scaled here, in
-    integers and a strip of rows at a time: the only full-size copy is the 8-bit result.
-    """
+    """A 16-bit greyscale image (PNG's only 16-bit mode in Pillow) as "L", v becoming round(v * 255 / 65535):
+    Pillow's convert clips at 255 (a white image); here integers, a strip at a time, the only full-size copy 8-bit."""
     width, height = im.size
     out = np.empty((height, width), np.uint8)
     rows = max(1, _STRIP_PIXELS // max(width, 1))
@@ -120,11 +98,8 @@ def _sixteen_to_eight(im: Image.Image) -> Image.Image:
 
 
 def _flattened(im: Image.Image) -> Image.Image:
-    """``im`` as 8-bit "L" or "RGB": 16-bit scaled, palettes expanded, alpha composited on white.
-
-    Greyscale stays one byte a pixel until it is resized (resizing is per channel, so the
-    pixels are those of resizing its RGB form); RGB(A) images in Pillow take four.
-    """
+    """``im`` as 8-bit "L" or "RGB": 16-bit scaled, palettes expanded, alpha composited on white. Greyscale stays
+    one byte a pixel (RGB takes four) until resized: resizing is per channel, so the pixels are the same."""
     if im.mode.startswith("I;16"):
         return _sixteen_to_eight(im)
     if im.mode == "1":
@@ -144,7 +119,7 @@ def _flattened(im: Image.Image) -> Image.Image:
     return im if im.mode in ("L", "RGB") else im.convert("RGB")
 
 
-# How ``ImageOps.exif_transpose`` turns a photo of each EXIF orientation, as numpy views.
+# How ``ImageOps.exif_transpose`` turns a photo of each EXIF orientation (2-8), as numpy views.
 _TURNS = {
     2: lambda p: p[:, ::-1],
     3: lambda p: p[::-1, ::-1],
@@ -154,12 +129,6 @@ _TURNS = {
     7: lambda p: p[::-1, ::-1].transpose(1, 0, 2),
     8: lambda p: np.rot90(p, 1),
 }
-
-
-def _oriented(pixels: np.ndarray, orientation: int) -> np.ndarray:
-    """A view of ``pixels`` as ``ImageOps.exif_transpose`` would turn them (EXIF orientations 1-8)."""
-    turn = _TURNS.get(orientation)
-    return turn(pixels) if turn else pixels
 
 
 def _draft_scale(im: Image.Image, image_size: int) -> int:
@@ -181,8 +150,8 @@ def _fast_jpeg(data: bytes, im: Image.Image, image_size: int) -> np.ndarray | No
         return None  # corrupt or unusual: Pillow decides, as it always has
     if pixels.shape[:2] != (height, width):
         return None
-    turned = _oriented(pixels, im.getexif().get(_EXIF_ORIENTATION, 1))
-    return resize_bilinear(turned, (image_size, image_size))
+    turn = _TURNS.get(im.getexif().get(_EXIF_ORIENTATION, 1))
+    return resize_bilinear(turn(pixels) if turn else pixels, (image_size, image_size))
 
 
 def _raise_if_cut_short(exc: ValueError, im: Image.Image) -> None:
@@ -194,13 +163,9 @@ def _raise_if_cut_short(exc: ValueError, im: Image.Image) -> None:
 
 
 def _check_jpeg_data(data: bytes, im: Image.Image) -> None:
-    """Reject a JPEG whose entropy-coded data stops early, which Pillow decodes into grey pixels.
-
-    libjpeg only warns when a scan meets a marker (an early end of image) before its last block
-    and fills the rest with grey, and Pillow discards libjpeg's warnings: a 16x16 JPEG whose header
-    says 9400x9400 decoded to a grey picture. simplejpeg's strict mode turns the warning into an
-    error; decoding at 1/8 scale (only DC coefficients transformed) costs the entropy decoding alone.
-    """
+    """Reject a JPEG whose entropy-coded data stops early, which Pillow decodes into grey pixels (libjpeg only
+    warns, and Pillow discards its warnings): simplejpeg's strict mode makes it an error, and decoding at 1/8
+    scale (DC coefficients only) costs the entropy decoding alone."""
     colorspace = "CMYK" if im.mode == "CMYK" else "RGB"
     try:
         simplejpeg.decode_jpeg(data, colorspace, min_height=1, min_width=1)
@@ -231,10 +196,8 @@ def _check_size(im: Image.Image, max_pixels: int) -> None:
 
 def _unidentified(data: bytes) -> DecodeError:
     """The reject of a file none of ``FORMATS`` opens: which other format it is, if Pillow or PDF knows it.
-
-    Only the formats' signature checks (``accept``, a test of the first bytes) run, never their plugins;
-    like ``Image.open`` they see 16 bytes, and some fail on fewer.
-    """
+    Only the formats' signature checks run, never their plugins, on 16 bytes as ``Image.open`` gives them
+    (some fail on fewer)."""
     Image.init()
     prefix = data[:16]
     known = [name for name, (_, accept) in Image.OPEN.items()
@@ -246,17 +209,9 @@ def _unidentified(data: bytes) -> DecodeError:
 
 
 def decode_image(data: bytes, image_size: int, fast_jpeg: bool = True, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode image bytes to an ``(image_size, image_size, 3)`` uint8 RGB array.
-
-    EXIF orientation is applied, any mode becomes RGB (alpha composited on white,
-    16-bit scaled, first frame of an animation), and the image is resized to a
-    square like ``flow_from_directory`` does. JPEGs are decoded at a reduced DCT
-    scale when the target is much smaller (``Image.draft``), which is several
-    times cheaper and still leaves at least ``image_size`` pixels per side. JPEGs take
-    the fast path of the module docstring unless ``fast_jpeg`` is False (Pillow alone, the
-    decoder before it: for benchmarks and checks). Only ``FORMATS`` are opened, and an image
-    of more than ``max_pixels`` pixels is a reject before its pixels are decoded.
-    """
+    """Image bytes as an ``(image_size, image_size, 3)`` uint8 RGB array, EXIF-oriented, alpha composited on
+    white, 16-bit scaled, an animation's first frame, resized to a square as ``flow_from_directory`` does;
+    ``fast_jpeg=False`` decodes JPEGs with Pillow alone (for benchmarks and checks)."""
     if not data:
         raise DecodeError("empty file", "0 bytes")
     try:
@@ -298,13 +253,9 @@ def rejection(exc: Exception) -> tuple[str, str]:
 
 
 def decode_batch(batch: dict[str, Any], image_size: int, max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
-    """Ray Data batch function: decode every ``path`` of a batch, never raising for one bad file.
-
-    Each row keeps its other columns and gains ``image`` (uint8, zeros when the file
-    failed), ``reason`` and ``error`` (empty strings when it decoded). Keeping failed
-    rows in the stream, instead of dropping them, is what lets the sink record every
-    reject and count that no row was lost.
-    """
+    """Ray Data batch function: every ``path`` of a batch gains ``image`` (zeros when the file failed), ``reason``
+    and ``error`` (empty when it decoded). One bad file never raises: failed rows stay in the stream so that the
+    sink records every reject and can count that no row was lost."""
     paths = batch["path"]
     n = len(paths)
     images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
@@ -315,8 +266,4 @@ def decode_batch(batch: dict[str, Any], image_size: int, max_pixels: int = MAX_P
             images[i] = load_image(str(path), image_size, max_pixels)
         except Exception as exc:  # noqa: BLE001 - one odd file must never fail the whole job
             reasons[i], errors[i] = rejection(exc)
-    out = dict(batch)
-    out["image"] = images
-    out["reason"] = reasons
-    out["error"] = errors
-    return out
+    return {**batch, "image": images, "reason": reasons, "error": errors}

@@ -1,17 +1,11 @@
 """Pillow's bilinear resize, bit for bit, at about three times its speed.
 
-Resizing, not JPEG decoding, was half of the decode path's time: Pillow resamples in scalar
-C on four bytes per RGB pixel (280 us for a 250x187 photo to 150 px). Faster resizers
-exist (OpenCV's), but they filter differently, and VGG16's block-5 features turned out to
-be that sensitive: OpenCV's linear or area resize, or a Gaussian pre-blur, moved the
-features of some real photos to a cosine of 0.93-0.99 against Pillow's, while this
-project's features must stay what they were. So this module is Pillow's own algorithm
-(``libImaging/Resample.c`` of Pillow 13: triangle filter widened by the scale, weights in
-22-bit fixed point, two passes each rounded to uint8, the vertical one first when it
-shrinks much more) compiled with numba: the same integers, hence the same pixels. Both
-passes run as row combinations, which the compiler vectorises; the horizontal one on a
-transposed copy. numba compiles at first use in each process (about a second, then cached
-on disk); it ships wheels for Linux x86-64 and aarch64 and needs no build step.
+Resizing was half of the decode path's time, but faster resizers filter differently: OpenCV's linear
+or area resize moved VGG16's features of some real photos to a cosine of 0.93-0.99 against Pillow's,
+and this project's features must stay what they were. So this is Pillow 13's own algorithm
+(``libImaging/Resample.c``: triangle filter widened by the scale, 22-bit fixed-point weights, two
+passes each rounded to uint8, the vertical one first when it shrinks much more) compiled with numba
+(wheels for Linux x86-64 and aarch64, no build step) as row combinations the compiler vectorises.
 """
 
 from __future__ import annotations
@@ -26,11 +20,8 @@ _PRECISION_BITS = 32 - 8 - 2
 
 @functools.lru_cache(maxsize=256)
 def _coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pillow's ``precompute_coeffs`` + ``normalize_coeffs_8bpc`` for the bilinear filter.
-
-    Returns ``bounds`` (first input pixel and tap count per output pixel) and the
-    fixed-point weights, one row of ``ksize`` per output pixel.
-    """
+    """Pillow's ``precompute_coeffs`` + ``normalize_coeffs_8bpc`` for the bilinear filter: ``bounds`` (first input
+    pixel and tap count per output pixel) and the fixed-point weights, one row of ``ksize`` per output pixel."""
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
     support = 1.0 * filterscale
@@ -96,12 +87,6 @@ def _vertical(pixels: np.ndarray, bounds: np.ndarray, weights: np.ndarray) -> np
     return _combine_rows(flat, bounds, weights).reshape(len(bounds), pixels.shape[1], pixels.shape[2])
 
 
-def _horizontal(pixels: np.ndarray, first: int, rows: int, width: int) -> np.ndarray:
-    bounds, weights = _coefficients(pixels.shape[1], width)
-    columns = _combine_rows(_columns_as_rows(pixels, first, rows), bounds, weights)
-    return _rows_as_columns(columns)
-
-
 def resize_bilinear(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``pixels`` (uint8 RGB, height x width x 3, any strides) resized to ``size`` (width, height)
     exactly as Pillow 13's ``Image.resize(size, Image.Resampling.BILINEAR)`` would."""
@@ -117,7 +102,8 @@ def resize_bilinear(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         if need_vertical:  # the horizontal pass covers only the rows the vertical pass reads
             first, last = int(v_bounds[0, 0]), int(v_bounds[-1, 0] + v_bounds[-1, 1])
             v_bounds = v_bounds - np.array([first, 0])
-        pixels = _horizontal(pixels, first, last - first, width)
+        h_bounds, h_weights = _coefficients(in_width, width)
+        pixels = _rows_as_columns(_combine_rows(_columns_as_rows(pixels, first, last - first), h_bounds, h_weights))
     if need_vertical:
         pixels = _vertical(pixels, v_bounds, v_weights)
     return np.ascontiguousarray(pixels)

@@ -1,10 +1,7 @@
-"""Saving and loading trained classifiers as single ``.keras`` files that carry their own metadata.
-
-The metadata (class names, image size, weights source, preprocessing, kind) is
-stored as ``classifier.json`` inside the ``.keras`` zip archive, beside Keras' own
-files, so one file is all that prediction needs. Models are always loaded in Keras'
-safe mode (no arbitrary code from lambdas). A model file may be a local path or any
-URI ``pipeline.data.storage`` reads and writes (``s3://bucket/runs/1/top/model.keras``).
+"""Saving and loading trained classifiers as single ``.keras`` files (local or any URI
+``pipeline.data.storage`` reads) that carry their own metadata (classes, image size, weights,
+preprocessing, kind) as ``classifier.json`` beside Keras' files, so one file is all that prediction
+needs. Models are always loaded in Keras' safe mode (no arbitrary code from lambdas).
 """
 
 from __future__ import annotations
@@ -83,10 +80,8 @@ def metadata_in(archive: Any, path: str) -> dict[str, Any]:
     try:
         with zipfile.ZipFile(io.BytesIO(archive) if isinstance(archive, bytes) else archive) as z:
             if METADATA_NAME not in z.namelist():
-                raise ModelFileError(
-                    f"{path} is a Keras file without classifier metadata ({METADATA_NAME}); use a model "
-                    f"written by jobs.train_top, jobs.finetune or jobs.train_scratch"
-                )
+                raise ModelFileError(f"{path} is a Keras file without classifier metadata ({METADATA_NAME}); use a "
+                                     f"model written by jobs.train_top, jobs.finetune or jobs.train_scratch")
             meta = json.loads(z.read(METADATA_NAME))
     # pyarrow's files refuse zipfile's seek to the end record of a file too short to hold one with
     # ArrowInvalid, where Python's raise the OSError that zipfile turns into BadZipFile.
@@ -116,11 +111,8 @@ def with_policy(model, precision: str):
 
 
 def load_classifier(path: str, precision: str = "float32"):
-    """Load a classifier (local or URI) in safe mode; ``bfloat16``/``float16`` rebuild it under
-    Keras' mixed policy of that type (``with_policy``).
-
-    Returns ``(model, metadata)``.
-    """
+    """``(model, metadata)`` of a classifier (local or URI), loaded in safe mode; ``bfloat16``/``float16`` rebuild
+    it under Keras' mixed policy of that type (``with_policy``)."""
     import keras  # deferred: Keras loads TensorFlow, which a job's command line and driver need not
 
     meta = read_metadata(path)

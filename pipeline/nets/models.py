@@ -22,13 +22,9 @@ PREPROCESSING_MODES = ("torch", "caffe", "unit")
 
 
 def preprocessing_layer(mode: str) -> keras.layers.Layer:
-    """0..255 RGB pixels to what a network's weights expect, as a built-in Keras layer (so a saved
-    model loads in plain Keras), always computed in float32.
-
-    ``torch``: /255 then ImageNet mean/std (torchvision weights); ``caffe``: minus the ImageNet
-    mean (Keras' weights, whose first convolution ``load_weight_arrays`` turns from BGR to RGB
-    input, so no channel flip is needed here); ``unit``: /255 (the small CNN).
-    """
+    """0..255 RGB pixels to what a network's weights expect, as a built-in float32 Keras layer: ``torch``, /255
+    then ImageNet mean/std (torchvision weights); ``caffe``, minus the ImageNet mean (Keras' weights, whose first
+    convolution ``load_weight_arrays`` turns from BGR to RGB: no flip here); ``unit``, /255 (the small CNN)."""
     if mode == "torch":
         return keras.layers.Normalization(mean=[m * 255.0 for m in IMAGENET_MEAN_RGB],
                                           variance=[(s * 255.0) ** 2 for s in IMAGENET_STD_RGB],
@@ -80,11 +76,8 @@ def _vgg16_with_weights(image_size: int, weight_arrays: Sequence[np.ndarray] | N
 
 def block5_classifier(block4_shape: Sequence[int], num_classes: int, precision: str = "float32",
                       dropout: float = 0.5, dropout_layer: Callable = keras.layers.Dropout) -> keras.Model:
-    """Block-4 outputs → VGG16's block 5 → the top MLP: what fine-tuning on cached block-4 outputs trains.
-
-    The block-5 layers carry VGG16's names, so their weights move to and from a full
-    feature extractor with ``copy_block5``.
-    """
+    """Block-4 outputs → VGG16's block 5 → the top MLP: what fine-tuning on cached block-4 outputs trains (the
+    block-5 layers carry VGG16's names, so ``copy_block5`` moves their weights to and from a feature extractor)."""
     with dtype_policy(precision):
         inputs = keras.Input(tuple(block4_shape), name="block4")
         x = inputs
@@ -126,9 +119,8 @@ def freeze_below_block5(features_model: keras.Model) -> None:
 
 def _head(x, num_classes: int):
     """The output layer: one sigmoid unit for two classes, a softmax for more; float32 always."""
-    if num_classes == 2:
-        return keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="predictions")(x)
-    return keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
+    units, activation = (1, "sigmoid") if num_classes == 2 else (num_classes, "softmax")
+    return keras.layers.Dense(units, activation=activation, dtype="float32", name="predictions")(x)
 
 
 def top_classifier(input_shape: Sequence[int], num_classes: int, precision: str = "float32",
@@ -169,6 +161,5 @@ def probabilities(outputs: np.ndarray, num_classes: int) -> np.ndarray:
     """Model outputs as an ``(n, num_classes)`` probability matrix (a sigmoid unit is P(class 1))."""
     outputs = np.asarray(outputs, dtype=np.float32)
     if num_classes == 2 and outputs.shape[-1] == 1:
-        p1 = outputs[:, 0]
-        return np.stack([1.0 - p1, p1], axis=1)
+        return np.concatenate([1.0 - outputs, outputs], axis=1)
     return outputs

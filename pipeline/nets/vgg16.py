@@ -17,20 +17,11 @@ CONVS = (
 BLOCK5_CONVS = tuple(name for name, _, _ in CONVS if name.startswith("block5"))
 
 
-def _pooled(image_size: int, pools: int) -> int:
-    side = image_size
-    for _ in range(pools):
-        side //= 2
-    return side
-
-
 def feature_shape(image_size: int) -> tuple[int, int, int]:
-    """VGG16's block-5 output (the bottleneck features) for square inputs of ``image_size`` pixels."""
-    side = _pooled(image_size, 5)
-    return (side, side, 512)
+    """VGG16's block-5 output (the bottleneck features) for square inputs of ``image_size`` pixels (5 poolings)."""
+    return (image_size // 32, image_size // 32, 512)
 
 
 def block4_shape(image_size: int) -> tuple[int, int, int]:
-    """VGG16's block-4 output (the input of block 5) for square inputs of ``image_size`` pixels."""
-    side = _pooled(image_size, 4)
-    return (side, side, 512)
+    """VGG16's block-4 output (the input of block 5) for square inputs of ``image_size`` pixels (4 poolings)."""
+    return (image_size // 16, image_size // 16, 512)

