@@ -23,7 +23,7 @@ from pipeline.errors import ConfigError
 from pipeline.nets.modelfile import read_metadata
 from pipeline.options import flag
 from pipeline.serving.auth import check_exposure, read_token
-from pipeline.training.jobs import JOB_LAYOUT, job_dir, job_folder
+from pipeline.training.jobs import JOB_LAYOUT, job_folder
 from pipeline.training.tracking import check_available
 
 
@@ -84,7 +84,7 @@ def check_outputs(cfg: Any) -> None:
     elif isinstance(cfg, ExtractConfig):
         outputs.check(cfg.output_dir, OUTPUT_LAYOUT)
     elif isinstance(cfg, TrainConfig):
-        outputs.check(job_dir(cfg.output_dir, job_folder(cfg)), JOB_LAYOUT)
+        outputs.check(storage.join(cfg.output_dir, job_folder(cfg)), JOB_LAYOUT)
     elif isinstance(cfg, runall.RunAllConfig):
         outputs.check(cfg.output_dir, runall.LAYOUT)
     elif isinstance(cfg, AuditConfig):

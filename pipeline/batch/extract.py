@@ -275,7 +275,4 @@ def _audit(output: str, index: DatasetIndex, live: pa.Table, cache: str | None) 
     ledger.check_shards(output, live, folders)
     good = live.filter(pc.equal(live.column("reason"), ""))
     kept = index.files.join(good.select(["relpath", "split"]), ["relpath", "split"], join_type="left semi")
-    grouped = kept.group_by(["split", "class_name"]).aggregate([("relpath", "count")]).to_pylist()
-    found = {(g["split"], g["class_name"]): g["relpath_count"] for g in grouped}
-    counts = {s: {c: found.get((s, c), 0) for c in index.classes} for s in index.split_names}
-    return ledger.rejects(live).cast(REJECT_SCHEMA), counts
+    return ledger.rejects(live).cast(REJECT_SCHEMA), index.counts(kept)

@@ -26,7 +26,6 @@ from pipeline.training.checkpoints import load_checkpoint_weights
 from pipeline.training.jobs import (
     Job,
     image_job,
-    job_dir,
     job_folder,
     loop_settings,
     prepare,
@@ -40,7 +39,7 @@ from pipeline.training.kinds import KINDS
 def _top_model(cfg: FinetuneConfig) -> tuple[str, dict[str, Any]]:
     """The ``train_top`` model fine-tuning starts from: its location and metadata."""
     output_dir = cfg.output_dir
-    top_path = cfg.top_model or (storage.join(job_dir(output_dir, "top"), MODEL_FILE) if output_dir else None)
+    top_path = cfg.top_model or (storage.join(storage.join(output_dir, "top"), MODEL_FILE) if output_dir else None)
     if top_path is None or not storage.is_file(top_path):
         raise UserError(
             f"fine-tuning needs a trained top model (from a random top the large gradients wreck the pretrained "
@@ -65,7 +64,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                             data=manifest["fingerprint"] if manifest else index.fingerprint(),
                             top_model_sha256=hashlib.sha256(storage.read_bytes(top_path)).hexdigest(),
                             learning_rate=cfg.learning_rate or KINDS[job_folder(cfg)].learning_rate)
-    job, reused = prepare("finetune", job_dir(output_dir, job_folder(cfg)), recorded, cfg.overwrite, started)
+    job, reused = prepare("finetune", storage.join(output_dir, job_folder(cfg)), recorded, cfg.overwrite, started)
     if reused:
         return reused
     write_resolved(job.directory, "finetune", cfg, output_dir=output_dir)

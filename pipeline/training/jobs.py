@@ -62,11 +62,6 @@ def job_folder(cfg: TrainConfig) -> str:
     return "scratch" if isinstance(cfg, ScratchConfig) else "top"
 
 
-def job_dir(output_dir: str, kind: str) -> str:
-    """``<output-dir>/<job>``, ``kind`` being one of ``JOB_FOLDERS``."""
-    return storage.join(output_dir, kind)
-
-
 def finished_summary(directory: str) -> dict[str, Any] | None:
     """The summary of a job that already finished in ``directory`` (written last), else None."""
     path = storage.join(directory, SUMMARY)

@@ -13,7 +13,7 @@ from pipeline.data.reuse import job_settings
 from pipeline.data.shards import data_name
 from pipeline.data.synthetic import default_data_dir, is_synthetic, note_builtin_data
 from pipeline.options import write_resolved
-from pipeline.training.jobs import image_job, job_dir, prepare
+from pipeline.training.jobs import image_job, prepare
 from pipeline.training.kinds import KINDS
 
 
@@ -31,7 +31,7 @@ def train_scratch(cfg: ScratchConfig) -> dict[str, Any]:
     index = discover(data_dir, cfg.layout, cfg.validation_fraction, cfg.max_images_per_class, cfg.exclude)
     settings = job_settings(cfg, drop=("data_dir",), data=index.fingerprint(),
                             learning_rate=cfg.learning_rate or KINDS["scratch"].learning_rate)
-    job, reused = prepare("scratch", job_dir(output_dir, "scratch"), settings, cfg.overwrite, started)
+    job, reused = prepare("scratch", storage.join(output_dir, "scratch"), settings, cfg.overwrite, started)
     if reused:
         return reused
     write_resolved(job.directory, "train_scratch", cfg, output_dir=output_dir)

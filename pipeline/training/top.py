@@ -21,7 +21,7 @@ from pipeline.nets.weights import load_weight_arrays, resolve_weights
 from pipeline.options import write_resolved
 from pipeline.training.batches import held_bytes
 from pipeline.training.checkpoints import load_checkpoint_weights
-from pipeline.training.jobs import finish, job_dir, loop_settings, prepare, require_one_batch, run, split_rows
+from pipeline.training.jobs import finish, loop_settings, prepare, require_one_batch, run, split_rows
 from pipeline.training.kinds import KINDS
 
 
@@ -66,7 +66,7 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     features_dir = cfg.features_dir or default_features(cfg.output_dir)
     manifest = finished_features(features_dir)
     output_dir = cfg.output_dir or os.path.join("outputs", data_name(manifest["data_dir"]))
-    job, reused = prepare("top", job_dir(output_dir, "top"),
+    job, reused = prepare("top", storage.join(output_dir, "top"),
                           job_settings(cfg, drop=("features_dir",), features=manifest["fingerprint"],
                                        learning_rate=cfg.learning_rate or KINDS["top"].learning_rate),
                           cfg.overwrite, started)
