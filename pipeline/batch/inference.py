@@ -27,7 +27,7 @@ from pipeline.batch.runahead import ACTOR_TASKS_IN_FLIGHT, cap_run_ahead
 from pipeline.config import DEFAULT_BLOCK_FILES, InferenceOptions
 from pipeline.data import ledger, storage
 from pipeline.errors import DataError
-from pipeline.faults import maybe_fail
+from pipeline.faults import maybe_fail, trace
 from pipeline.images.decode import MAX_PIXELS, decode_batch
 
 # What a decode task holds besides its block's pixels: the worker itself (about 110 MiB)
@@ -169,11 +169,13 @@ def run_model_on_good_rows(predict_fn, images: np.ndarray, ok: np.ndarray, batch
 
 
 def actor_identity(precision: str) -> str:
-    """An inference actor's node, process, GPUs and chosen precision, as JSON (for the manifest)."""
-    return json.dumps({"node": ray.get_runtime_context().get_node_id()[:12], "pid": os.getpid(),
-                       "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-                       "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "precision": precision},
-                      sort_keys=True)
+    """An inference actor's node, process, GPUs and chosen precision, as JSON (for the manifest; also traced
+    as ``inference_actor``, so a test sees an actor that got no rows)."""
+    identity = {"node": ray.get_runtime_context().get_node_id()[:12], "pid": os.getpid(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "precision": precision}
+    trace("inference_actor", lambda: identity)
+    return json.dumps(identity, sort_keys=True)
 
 
 def actors_precision(actors: list[dict[str, Any]], requested: str) -> str:
