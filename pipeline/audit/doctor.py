@@ -1,15 +1,9 @@
 """The data set doctor, ``audit_data(cfg)``: over a feature folder (or a data root, extracted first
-as run_all does), it finds exact and near duplicates and the leakage among them, likely wrong
-labels and strays, and writes what ``pipeline.audit.report`` says into ``<output-dir>``::
-
-    settings.json      the settings (written first: the folder is this job's)
-    report.html        the page a person looks at, with thumbs/
-    scores.parquet/csv every photo's scores;  pairs.parquet/csv every duplicate pair
-    suspects.txt       the top suspects' stored paths, for --exclude once a person agrees
-    audit.json         counts, the leakage's effect on accuracy, timings (written last)
-
-The same settings and feature folder reuse a finished audit; other settings are refused,
-naming them, unless ``--overwrite``.
+as run_all does), it finds exact and near duplicates and the leakage among them, likely wrong labels
+and strays, and writes into ``<output-dir>`` ``settings.json`` first (the folder is this job's), the
+tables, ``suspects.txt`` and ``report.html`` (``pipeline.audit.report``), and ``audit.json`` last
+(counts, the leakage's effect on accuracy, timings). The same settings and feature folder reuse a
+finished audit; other settings are refused, naming them, unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -21,7 +15,6 @@ import os
 import time
 from typing import Any, Iterator
 
-
 from pipeline.audit import duplicates, labels, leakage, neighbours, pooled, strays
 from pipeline.audit.findings import Findings, summary_counts
 from pipeline.audit.page import write_outputs
@@ -30,8 +23,8 @@ from pipeline.config import DATA_OPTIONS, AuditConfig, ExtractConfig
 from pipeline.data import outputs, storage
 from pipeline.data.reuse import job_settings, require_same
 from pipeline.data.shards import data_name
-from pipeline.errors import DataError
 from pipeline.options import CONFIG_FILE, write_resolved
+from pipeline.training.top import finished_features
 
 log = logging.getLogger(__name__)
 
@@ -41,28 +34,6 @@ LAYOUT = outputs.Layout("an audit", markers=(SETTINGS, AUDIT_FILE), files=(
     CONFIG_FILE, "report.html", "suspects.txt", "scores.parquet", "scores.csv", "pairs.parquet", "pairs.csv", "thumbs/*"))
 # Neighbours searched per photo: near duplicates are found among them.
 NEIGHBOURS = 10
-
-
-def default_output_dir(data_dir: str) -> str:
-    """``outputs/<name of the data folder>/audit``."""
-    return os.path.join("outputs", data_name(data_dir), "audit")
-
-
-def _features(cfg: AuditConfig) -> str:
-    """The feature folder to audit: ``--features-dir``, else ``--data-dir`` (or the built-in data) extracted."""
-    if cfg.features_dir:
-        return cfg.features_dir
-    options = {name: getattr(cfg, name) for name in DATA_OPTIONS}
-    return run_extraction(ExtractConfig(**options))["output_dir"]
-
-
-def finished_manifest(features_dir: str) -> dict[str, Any]:
-    """The manifest of a finished extraction; DataError for a folder no extraction finished."""
-    location = storage.join(features_dir, storage.MANIFEST)
-    if not storage.exists(location):
-        raise DataError(f"{features_dir} is not a finished extraction (it has no {storage.MANIFEST}): an extraction "
-                        f"into it was interrupted or is updating it; rerun jobs.extract_features to finish it")
-    return storage.read_json(location)
 
 
 def _prepare(directory: str, settings: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
@@ -91,9 +62,10 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 def audit_data(cfg: AuditConfig) -> dict[str, Any]:
     """Audit a feature folder (see the module docstring); return what ``audit.json`` holds."""
     started = time.monotonic()
-    features_dir = _features(cfg)
-    manifest = finished_manifest(features_dir)
-    output_dir = cfg.output_dir or default_output_dir(manifest["data_dir"])
+    features_dir = cfg.features_dir or run_extraction(
+        ExtractConfig(**{name: getattr(cfg, name) for name in DATA_OPTIONS}))["output_dir"]
+    manifest = finished_features(features_dir)
+    output_dir = cfg.output_dir or os.path.join("outputs", data_name(manifest["data_dir"]), "audit")
     top_sha = hashlib.sha256(storage.read_bytes(cfg.top_model)).hexdigest() if cfg.top_model else None
     settings = job_settings(cfg, drop=DATA_OPTIONS + ("features_dir", "top_model"),
                             features=manifest["fingerprint"], top_model_sha256=top_sha)

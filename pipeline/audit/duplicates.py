@@ -1,10 +1,7 @@
-"""Duplicates and leakage: the same file twice (exact), or a re-encoded, resized, cropped or lightly
-edited copy (near: cosine similarity of pooled features at or above a threshold), grouped;
-pairs across splits are leakage, since a validation photo whose copy is trained on inflates
-validation accuracy.
-
-Exact duplicates are found by the sha256 of each file's bytes, read in Ray tasks of
-``HASH_BLOCK`` files; near ones among each photo's nearest neighbours (``neighbours``).
+"""Duplicates and leakage: the same file twice (exact: the sha256 of its bytes, read in Ray tasks of
+``HASH_BLOCK`` files), or a re-encoded, resized, cropped or lightly edited copy (near: cosine similarity
+of pooled features at or above a threshold, among each photo's ``neighbours``), grouped. Pairs across
+splits are leakage: a validation photo whose copy is trained on inflates validation accuracy.
 """
 
 from __future__ import annotations
@@ -83,18 +80,16 @@ def find_duplicates(corpus: Corpus, digests: np.ndarray, sims: np.ndarray, ids: 
 
     n = len(corpus)
     rows, cols = np.nonzero(sims >= threshold)
-    near_a, near_b = rows, ids[rows, cols]
     exact_a, exact_b = _exact_pairs(digests)
-    a = np.concatenate([near_a, exact_a]).astype(np.int64)
-    b = np.concatenate([near_b, exact_b]).astype(np.int64)
+    a = np.concatenate([rows, exact_a]).astype(np.int64)
+    b = np.concatenate([ids[rows, cols], exact_b]).astype(np.int64)
     pairs = np.unique(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1), axis=0)
     a, b = pairs[:, 0], pairs[:, 1]
     similarity = np.einsum("ij,ij->i", corpus.features[a], corpus.features[b])
     exact = (digests[a] == digests[b]) & (digests[a] != "")
     components = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)), directed=False)[1]
     group = np.full(n, -1, np.int64)
-    member = np.zeros(n, bool)
-    member[a], member[b] = True, True
+    member = np.isin(np.arange(n), pairs)
     # Groups numbered 0.. in the order of their first photo, so the same corpus gives the same numbers.
     _, renumbered = np.unique(components[member], return_inverse=True)
     group[member] = renumbered

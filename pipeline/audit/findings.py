@@ -32,8 +32,7 @@ class Findings:
 
 
 def scores_table(corpus: Corpus, f: Findings) -> pa.Table:
-    """One row per photo: its given and suggested class, label quality, stray score, duplicate group,
-    nearest neighbour, leakage, content hash and class probabilities."""
+    """One row per photo: its classes, every check's score and flag, and its class probabilities."""
     classes = np.asarray(corpus.classes, dtype=object)
     has_neighbour = f.ids.shape[1] > 0
     nearest = f.ids[:, 0] if has_neighbour else np.full(len(corpus), -1)

@@ -1,13 +1,10 @@
-"""Likely wrong labels: out-of-sample class probabilities for every photo, from k-fold
-cross-validation of a logistic regression on the pooled features (one Ray task per fold, the
-split drawn ``REPEATS`` times and the probabilities averaged), then confident learning
-(cleanlab): a photo is flagged when its given label is less likely than the class the others'
-labels make it look like, and ranked by its self-confidence, the probability of its given label
-(low: likely wrong).
+"""Likely wrong labels: out-of-sample class probabilities from k-fold cross-validation of a logistic
+regression on the pooled features (one Ray task per fold, the split drawn ``REPEATS`` times and the
+probabilities averaged), then confident learning (cleanlab) flags a photo whose given label is less
+likely than the class the others' labels make it look like, ranked by the given label's probability.
 
-Out of sample matters: a model scores the photos it was fitted on by the labels it was given,
-wrong or not. Logistic regression on 512 pooled numbers fits in seconds per thousand photos and
-is calibrated enough for confident learning's per-class thresholds.
+Out of sample, since a model scores the photos it was fitted on by the labels it was given, wrong or
+not. Logistic regression on 512 pooled numbers is fast and calibrated enough for confident learning.
 """
 
 from __future__ import annotations
@@ -21,15 +18,11 @@ from pipeline.audit.pooled import Corpus
 from pipeline.errors import DataError
 
 SEED = 0
-# Inverse L2 strength of the logistic regression on standardised pooled features, and how many times
-# the k-fold split is redrawn (each photo's probabilities averaged over them): on two development
-# corpora of bench/audit_quality.py (2 % of labels flipped), C 0.02 with 3 draws put 96.4 % and 94.6 %
-# of the flipped photos among the 2 x (number flipped) least likely labels; one draw 96.4 % and 91.1 %,
-# C 0.05 96.4 % and 89.3 %, C 0.2 94.6 % and 85.7 %.
+# Inverse L2 strength on standardised pooled features, and how often the k-fold split is redrawn: on
+# bench/audit_quality.py's corpora, weaker regularisation or one draw ranked fewer flipped labels first.
 REGULARISATION_C = 0.02
 REPEATS = 3
-# The memory a fold task declares per photo of the corpus (bench/audit_quality.py --scale: a fold's
-# process peaked at 1.98 GiB on 200,000 photos, 8.4 KB a photo besides the worker itself), so Ray
+# The memory a fold task declares per photo of the corpus (bench/audit_quality.py --scale), so Ray
 # runs only as many folds at once as a node holds.
 FOLD_BYTES_PER_PHOTO = 10_000
 

@@ -25,9 +25,8 @@ def leaked(corpus: Corpus, dups: Duplicates) -> np.ndarray:
 
 
 def accuracy_effect(corpus: Corpus, leaked_rows: np.ndarray, probs: np.ndarray, source: str) -> list[dict[str, Any]]:
-    """Per held-out split: photos, leaked photos, accuracy on all of them and without the leaked ones.
-
-    ``probs`` holds a row per photo of the corpus (NaN where the source gave none)."""
+    """Per held-out split: photos, leaked photos, and accuracy with and without the leaked ones, from
+    ``probs`` (a row per photo of the corpus, NaN where the source gave none)."""
     rows = []
     for split in sorted(set(corpus.splits.tolist()) - {TRAIN}):
         mine = (corpus.splits == split) & ~np.isnan(probs).any(axis=1)

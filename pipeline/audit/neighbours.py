@@ -1,16 +1,11 @@
 """Each photo's nearest neighbours by cosine similarity (inner products of unit vectors), with faiss.
 
-Why faiss (``faiss-cpu``): maintained, wheels for every platform on PyPI, exact inner-product
-search without building or copying an index (``faiss.knn`` is ``IndexFlatIP``'s search over a
-matrix the task reads straight from Ray's object store), and an inverted-file index
-(``IndexIVFFlat``) for large sets whose search visits ``NPROBE`` of ``4 sqrt(n)`` cells instead of
-every vector. hnswlib would also do, but has no exact mode to check the approximate one against,
-and its graph costs more memory per vector than the inverted lists.
-
-Up to ``FLAT_LIMIT`` photos the search is exact; above it, IVF (duplicates are far closer to
-each other than to anything else, so they share a cell or a probed neighbour cell). Queries are
-searched in chunks, one Ray task each, against one copy of the vectors or the index in the
-object store.
+faiss (``faiss-cpu``: maintained, wheels for every platform) searches exactly up to ``FLAT_LIMIT``
+photos without building or copying an index (``faiss.knn`` over a matrix read straight from Ray's
+object store), and above it with an inverted-file index (``IndexIVFFlat``) that visits ``NPROBE`` of
+``4 sqrt(n)`` cells: duplicates are far closer to each other than to anything else, so they share a
+cell or a probed neighbour cell. hnswlib has no exact mode to check against, and its graph costs
+more memory per vector. Queries run in chunks, one Ray task each, against one copy in the object store.
 """
 
 from __future__ import annotations
@@ -21,18 +16,16 @@ import numpy as np
 import ray
 
 FLAT_LIMIT = 100_000
-# Cells searched per query. On 200,000 generated vectors (bench/audit_quality.py --scale), planted
-# copies at similarity 0.91-0.93 (below the near-duplicate cut-off) were all found at 4, 8 and 16.
+# Cells searched per query (bench/audit_quality.py --scale found every planted copy at 4, 8 and 16).
 NPROBE = 8
 CHUNK_ROWS = 20_000
-# faiss advises 30 to 256 training vectors per cell; 64 and 10 k-means rounds keep training short
-# at a million photos (it cost more than the search itself with faiss's default 25 rounds).
+# Within faiss's advised 30-256 training vectors per cell; 10 k-means rounds, not faiss's 25, so that
+# training at a million photos costs less than the search.
 TRAIN_PER_CELL = 64
 KMEANS_ROUNDS = 10
 SEED = 0
-# The memory an IVF task declares, in multiples of the vectors' bytes (its copy of the index, the
-# vectors it maps, faiss's work; bench/audit_quality.py --scale: 3.3 on 200,000 vectors besides the
-# worker itself): Ray then runs only as many at once as a node holds.
+# The memory an IVF task declares, in multiples of the vectors' bytes (its index copy, the vectors it
+# maps, faiss's work; bench/audit_quality.py --scale), so Ray runs only as many as a node holds.
 TASK_MEMORY_FACTOR = 3.5
 
 
@@ -63,9 +56,7 @@ def ivf_index(vectors: np.ndarray) -> np.ndarray:
     index.cp.niter = KMEANS_ROUNDS
     index.train(np.ascontiguousarray(vectors[np.sort(sample)]))
     index.add(vectors)
-    serialised = faiss.serialize_index(index)
-    del index
-    return serialised
+    return faiss.serialize_index(index)
 
 
 def nearest(vectors: np.ndarray, k: int, flat_limit: int = FLAT_LIMIT) -> tuple[np.ndarray, np.ndarray]:
@@ -89,13 +80,8 @@ def nearest(vectors: np.ndarray, k: int, flat_limit: int = FLAT_LIMIT) -> tuple[
     found = ray.get([task.remote(*args, start, min(start + CHUNK_ROWS, n), k + 1) for start in range(0, n, CHUNK_ROWS)])
     sims = np.concatenate([s for s, _ in found])
     ids = np.concatenate([i for _, i in found]).astype(np.int64)
-    return _without_self(sims, ids, k)
-
-
-def _without_self(sims: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's ``k`` results other than the row itself (its own position, wherever ties put it)."""
-    own = ids == np.arange(len(ids))[:, None]
-    # A row that did not find itself (an approximate search) drops its last result instead.
+    # Each row's own position goes, wherever ties put it; a row that did not find itself (an
+    # approximate search) drops its last result instead.
+    own = ids == np.arange(n)[:, None]
     own[~own.any(axis=1), -1] = True
-    keep = ~own
-    return sims[keep].reshape(len(ids), k), ids[keep].reshape(len(ids), k)
+    return sims[~own].reshape(n, k), ids[~own].reshape(n, k)

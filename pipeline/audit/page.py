@@ -15,6 +15,7 @@ from pipeline.config import AuditConfig
 
 log = logging.getLogger(__name__)
 
+
 def _effect_note(source: str, folds: int) -> str:
     if source == "top model":
         return "from the given top model, run on the stored features of each held-out photo"

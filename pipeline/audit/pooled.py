@@ -1,10 +1,8 @@
-"""The audit's view of a feature folder: every photo of every split as one row, its VGG16
-block-5 map pooled over the spatial grid into one L2-normalised vector.
-
-Mean-pooling the 7x7x512 map (at 224 px; then a square root, see ``pool``) leaves 512 numbers per
-photo that no longer depend on where things sit in the frame, so a cropped, shifted or resized
-copy lands next to its original, and cosine similarity becomes an inner product. Pooling runs in one Ray task per shard: the
-driver holds 2 KB per photo (2 GB at a million photos), never the 100 KB of raw features.
+"""The audit's view of a feature folder: every photo of every split as one row, its VGG16 block-5
+map mean-pooled over the spatial grid (then a square root, see ``pool``) into one unit-length vector
+of 512 numbers that no longer depend on where things sit in the frame, so a cropped, shifted or
+resized copy lands next to its original and cosine similarity is an inner product. Pooling runs in
+one Ray task per shard: the driver holds 2 KB per photo, never the 100 KB of raw features.
 """
 
 from __future__ import annotations
@@ -46,13 +44,10 @@ def normalise(x: np.ndarray) -> np.ndarray:
 
 
 def pool(flat: np.ndarray, shape: list[int]) -> np.ndarray:
-    """Flattened (h, w, c) feature maps, one per row, as the unit-length square roots of their means
-    over the h x w grid.
+    """Flattened (h, w, c) feature maps, one per row, as the unit-length square roots of their grid means.
 
-    The square root (power normalisation) damps the few channels that dominate a mean, which
-    separates edited copies from distinct photos better (bench/audit_calibration.py): at the lowest
-    cut-off above every pair of distinct photos of the shared sample, it keeps 99.8 % of the
-    generated copies (cut-off 0.935), the plain mean 97.9 % (0.94)."""
+    The square root (power normalisation) damps the few channels that dominate a mean, which separates
+    edited copies from distinct photos better than the plain mean (bench/audit_calibration.py)."""
     h, w, c = shape
     return normalise(np.sqrt(np.maximum(flat.reshape(len(flat), h * w, c).mean(axis=1), 0)))
 

@@ -1,7 +1,6 @@
-"""What the doctor writes: ``scores.parquet``/``scores.csv`` (every photo's scores), ``pairs.parquet``/
-``pairs.csv`` (every duplicate pair), ``suspects.txt`` (the top suspects' stored paths, one a line,
-for a user to edit and pass as ``--exclude``) and ``report.html``, one static page whose
-thumbnails (``thumbs/``, small JPEGs made from the original files in Ray tasks) sit beside it.
+"""What the doctor writes: ``scores`` and ``pairs`` (every photo's scores, every duplicate pair) as
+Parquet and CSV, ``suspects.txt`` (the top suspects' stored paths, for a user to edit and pass as
+``--exclude``) and ``report.html``, one static page with its thumbnails (made in Ray tasks) in ``thumbs/``.
 """
 
 from __future__ import annotations
@@ -81,8 +80,7 @@ def write_tables(output_dir: str, scores: pa.Table, pairs: pa.Table) -> None:
 
 
 def write_suspects(output_dir: str, paths: list[str]) -> list[str]:
-    """``suspects.txt``: one stored path a line (a path holding a line break cannot be one; it is
-    left out and returned)."""
+    """``suspects.txt``, one stored path a line; the paths left out because they hold a line break."""
     kept = [p for p in dict.fromkeys(paths) if "\n" not in p and "\r" not in p]
     storage.write_text(storage.join(output_dir, SUSPECTS), "".join(f"{p}\n" for p in kept))
     return [p for p in paths if p not in kept]
@@ -112,7 +110,6 @@ def section(title: str, note: str, rows: list[list[Photo]], thumbs: set[str], la
     items = "".join(f'<div class="finding"><div class="tag">{html.escape(labels[i]) if labels else i + 1}</div>'
                     f'{"".join(_card(p, thumbs) for p in row)}</div>' for i, row in enumerate(rows))
     return f'<h2>{html.escape(title)}</h2><p>{html.escape(note)}</p><div class="items">{items}</div>'
-
 
 
 STYLE = """body{font-family:sans-serif;margin:24px;color:#222;background:#fff}h1{margin-bottom:4px}

@@ -1,12 +1,9 @@
 """Strays: photos of neither class, or out of the data set's distribution.
 
-A photo's stray score says how much farther it sits from its nearest class centre than the
-typical photo does, in robust standard deviations: ``(d - median(d)) / (1.4826 MAD(d))`` with
-``d`` the cosine distance of its pooled features to the closest class mean. A photo of neither
-class is far from every class mean at once. The class means barely move for a few strays, so
-strays that resemble each other are still found, where a nearest-neighbour density misses them
-(on bench/audit_quality.py's development corpus, 10 neighbours found 4 of 28 generated strays
-among the top 56, the class means all 28). It costs one pass over the features.
+A photo's stray score is how much farther than typical it sits from the closest class mean, in
+robust standard deviations: ``(d - median(d)) / (1.4826 MAD(d))``, ``d`` the cosine distance of its
+pooled features to that mean. The class means barely move for a few strays, so strays that resemble
+each other are still found, where a nearest-neighbour density misses most (bench/audit_quality.py).
 """
 
 from __future__ import annotations
@@ -17,8 +14,7 @@ import numpy as np
 
 from pipeline.audit.pooled import Corpus, normalise
 
-# Flagged above this many robust standard deviations (bench/audit_quality.py's development corpus:
-# generated strays scored 5.1 to 10.2; drawings, signs and caged dogs of the sample itself up to 10.9).
+# Flagged above this many robust standard deviations: below every generated stray of bench/audit_quality.py.
 STRAY_CUTOFF = 5.0
 _MAD_TO_SD = 1.4826
 
