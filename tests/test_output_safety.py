@@ -23,12 +23,13 @@ from PIL import Image
 
 from jobs import extract_features, finetune, predict, run_all, train_scratch, train_top
 from pipeline.batch.extract import OUTPUT_LAYOUT
-from pipeline.config import ScratchConfig, TrainTopConfig
+from pipeline.config import FinetuneConfig, ScratchConfig, TrainTopConfig
 from pipeline.data import ledger, locks, outputs, storage
 from pipeline.errors import OutputError
 from pipeline.runall import run_all as run_all_job
 from pipeline.runall import RunAllConfig
 from pipeline.training.jobs import JOB_LAYOUT
+from pipeline.training.finetune import finetune as finetune_job
 from pipeline.training.scratch import train_scratch as train_scratch_job
 from pipeline.training.top import train_top as train_top_job
 
@@ -64,11 +65,12 @@ def snapshot(root) -> dict[str, tuple[int, str]]:
     return found
 
 
-def model_file(path) -> str:
-    """A file that reads as a classifier (its metadata is all ``PredictConfig`` checks)."""
+def model_file(path, **meta) -> str:
+    """A file that reads as a classifier (its metadata is all ``PredictConfig`` checks), with ``meta`` added."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
-        z.writestr("classifier.json", json.dumps({"kind": "top", "classes": ["cats", "dogs"], "image_size": 32}))
+        metadata = {"kind": "top", "classes": ["cats", "dogs"], "image_size": 32, **meta}
+        z.writestr("classifier.json", json.dumps(metadata))
     with open(path, "wb") as f:
         f.write(buf.getvalue())
     return str(path)
@@ -252,6 +254,16 @@ def test_recorded_paths_inside_the_output_are_kept(tmp_path):
         outputs.require_inside("out", "out/../elsewhere", "e")
 
 
+def finetune_config(tmp_path, output_dir: str) -> FinetuneConfig:
+    """Fine-tuning (on the block-4 cache, the default) with what it reads before it takes its lock: a top model
+    file naming its feature folder, and that folder's manifest recording the cache."""
+    features = tmp_path / "features_with_block4"
+    block4 = {"dir": "block4", "shape": [2, 2, 512]}
+    storage.write_json(str(features / "manifest.json"), {"fingerprint": "f", "data_dir": str(tmp_path), "block4": block4})
+    return FinetuneConfig(top_model=model_file(tmp_path / "top.keras", features_dir=str(features)),
+                          output_dir=output_dir)
+
+
 def test_a_training_job_refuses_an_output_another_run_holds(tmp_path):
     features = tmp_path / "features"
     storage.write_json(str(features / "manifest.json"), {"fingerprint": "f", "data_dir": str(tmp_path)})
@@ -264,7 +276,10 @@ def test_a_training_job_refuses_an_output_another_run_holds(tmp_path):
     with locks.output_lock(os.path.join(out, "scratch")):
         with pytest.raises(OutputError, match="is being written by another run"):
             train_scratch_job(ScratchConfig(data_dir=root, output_dir=out))
-    assert not os.path.exists(os.path.join(out, "top", "settings.json"))
+    with locks.output_lock(os.path.join(out, "finetune")):
+        with pytest.raises(OutputError, match="is being written by another run"):
+            finetune_job(finetune_config(tmp_path, out))
+    assert not any(os.path.exists(os.path.join(out, job, "settings.json")) for job in ("top", "scratch", "finetune"))
 
 
 # A concurrent run: another process holds the output's lock until its stdin closes.
@@ -272,17 +287,20 @@ HOLD_LOCK = ("import sys\nfrom pipeline.data import locks\nwith locks.output_loc
              "    print('held', flush=True)\n    sys.stdin.read()\n")
 
 
-def test_a_training_job_refuses_an_output_another_process_holds_naming_it(tmp_path):
+@pytest.mark.parametrize("job", ["top", "finetune"])
+def test_a_training_job_refuses_an_output_another_process_holds_naming_it(tmp_path, job):
     features = tmp_path / "features"
     storage.write_json(str(features / "manifest.json"), {"fingerprint": "f", "data_dir": str(tmp_path)})
     out = str(tmp_path / "out")
-    held = os.path.join(out, "top")
+    held = os.path.join(out, job)
+    start = {"top": lambda: train_top_job(TrainTopConfig(features_dir=str(features), output_dir=out)),
+             "finetune": lambda: finetune_job(finetune_config(tmp_path, out))}[job]
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, held], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True, cwd=REPO)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(OutputError, match=rf"^{re.escape(held)} is being written by another run \(pid {holder.pid} "):
-            train_top_job(TrainTopConfig(features_dir=str(features), output_dir=out))
+            start()
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)

@@ -1,14 +1,19 @@
 """Every input and output as a URI: discovery, inputs, outputs and locks on a real S3 server
-(moto on loopback), compared with the same trees on local disk. No Ray cluster needed."""
+(moto on loopback), compared with the same trees on local disk; and a store that refuses the credentials,
+reported by a job before any work. No Ray cluster needed."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
+import socket
+import threading
 import time
 
 import pytest
+import ray
 
 from pipeline.config import ExtractConfig, PredictConfig
 from pipeline.data import locks, storage
@@ -74,6 +79,75 @@ def test_unusable_data_uris_are_named_before_any_work(s3, uri, message):
 def test_outputs_on_a_missing_bucket_are_refused_before_any_work(s3):
     with pytest.raises(ConfigError, match="--output-dir 's3://nope/x' cannot be written: its bucket 'nope' does not exist"):
         preflight(ExtractConfig(data_dir="s3://data/photos", output_dir="s3://nope/x"))
+
+
+# What an S3 store answers credentials it refuses (a wrong key, a key without access to the bucket).
+ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                 b'<Message>Access Denied</Message><RequestId>0</RequestId></Error>')
+
+
+class _Refusing(http.server.BaseHTTPRequestHandler):
+    """Answers every request 403 AccessDenied, as S3 does, and records what it was asked."""
+
+    def _deny(self):
+        self.server.requests.append((self.command, self.path))
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(403)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(ACCESS_DENIED)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(ACCESS_DENIED)
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _deny
+
+    def log_message(self, *args):
+        pass  # the test reads the requests from server.requests, not from stderr
+
+
+@pytest.fixture
+def refusing_store(monkeypatch):
+    """An S3 endpoint on loopback that refuses every request; the AWS_* environment points at it, with a key
+    pair the test can look for in the job's output. Ray, were the job to reach it, is at a closed port, so a
+    job that got past its preflight fails on Ray instead of starting a cluster in this process."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+    server.requests = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    env = {"AWS_ACCESS_KEY_ID": "AKIAREFUSEDKEY0001", "AWS_SECRET_ACCESS_KEY": "refused/Secret+Key0001",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_address[1]}",
+           "RAY_ADDRESS": closed}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    yield server, env
+    server.shutdown()
+    thread.join()
+    server.server_close()
+
+
+@pytest.mark.parametrize("option", ["--data-dir", "--output-dir"])
+def test_a_store_that_refuses_the_credentials_is_reported_before_any_work(refusing_store, tmp_path, option, capsys):
+    """The extraction job, started as a user starts it, exits 2 naming the URI and the refusal, without the
+    credentials, and Ray is never started; the store was asked (the refusal is the store's, not a guess)."""
+    from jobs import extract_features
+
+    server, env = refusing_store
+    uri = "s3://photos/cats_and_dogs" if option == "--data-dir" else "s3://photos/features"
+    # The other location is local and usable: the refused one alone stops the job.
+    other = ["--output-dir", str(tmp_path / "features")] if option == "--data-dir" else \
+        ["--data-dir", make_real_root(str(tmp_path / "root"), 1)]
+    was_running = ray.is_initialized()
+    assert extract_features.main([option, uri, *other, "--weights", "none"]) == 2
+    assert ray.is_initialized() == was_running, "the refusal came after Ray started"
+    err = capsys.readouterr().err
+    assert f"error: {option} '{uri}' cannot be " in err and "ACCESS_DENIED" in err, err
+    assert "credentials" in err, err  # says what to check
+    assert env["AWS_ACCESS_KEY_ID"] not in err and env["AWS_SECRET_ACCESS_KEY"] not in err, err
+    assert server.requests, "the store was never asked"
+    assert not (tmp_path / "features").exists()
 
 
 def test_prediction_globs_on_s3_match_like_local_globs(s3):
