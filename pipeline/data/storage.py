@@ -119,7 +119,8 @@ def describe_output_problem(uri: str) -> str | None:
         if filesystem.get_file_info(bucket).type == pafs.FileType.NotFound:
             return f"its bucket {bucket!r} does not exist (or these credentials cannot see it)"
     except (OSError, ValueError, pa.ArrowException) as exc:
-        return f"the store cannot be reached: {exc} (check the credentials and endpoint in AWS_*/GOOGLE_* variables)"
+        return f"the store refused or did not answer: {exc} (check the credentials and endpoint in AWS_*/GOOGLE_* " \
+               "variables)"
     return None
 
 
