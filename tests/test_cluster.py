@@ -112,6 +112,7 @@ def test_extraction_writes_shards_to_s3(s3_env, real_root):
     assert len(pq.read_table("shards/runs/1/ledger.parquet", filesystem=s3)) == 40
 
 
+@pytest.mark.slow  # starts a job process (it must fail before any work, but it is a job)
 @pytest.mark.parametrize("where", ["recorded by ray start", "RAY_ADDRESS"])
 def test_an_unreachable_cluster_fails_fast_naming_it(tmp_path, where):
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
