@@ -286,6 +286,39 @@ def test_training_logs_to_mlflow_from_rank_zero(small_features, tmp_path):
     assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.keras"]
 
 
+def test_a_failed_job_marks_its_mlflow_run_failed_and_its_rerun_continues_that_run(small_features, tmp_path,
+                                                                                   monkeypatch):
+    """A worker killed in epoch 2 with no restarts left: the job fails and its run is FAILED, not left
+    RUNNING. The same command again resumes from epoch 1's checkpoint and logs into that same run: one
+    run, FINISHED, each epoch's metrics once."""
+    from mlflow import MlflowClient
+
+    from pipeline.training.jobs import TrainingError
+    from pipeline.training.top import train_top
+
+    uri = (tmp_path / "mlruns").as_uri()
+    cfg = TrainTopConfig(features_dir=small_features["output_dir"], output_dir=str(tmp_path / "run"), epochs=3,
+                         batch_size=8, num_workers=1, precision="float32", max_failures=0, mlflow_uri=uri,
+                         mlflow_experiment="failing")
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("RIC_FAULT_KILL", f"train_epoch2_rank0:1:{marker}")
+    with pytest.raises(TrainingError, match="training failed after 0 restart"):
+        train_top(cfg)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("failing").experiment_id
+    [failed] = client.search_runs([experiment])
+    assert marker.exists() and failed.info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(failed.info.run_id, "val_accuracy")] == [1]
+
+    monkeypatch.delenv("RIC_FAULT_KILL")
+    train_top(cfg)
+    [run] = client.search_runs([experiment])
+    assert run.info.run_id == failed.info.run_id and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2, 3]
+    with open(tmp_path / "run" / "top" / "metrics.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
+
+
 def test_a_training_split_smaller_than_one_batch_is_refused_before_training(small_features, tmp_path):
     """One row short of a batch: every epoch would drop its only (partial) batch and take no step."""
     from pipeline.errors import DataError

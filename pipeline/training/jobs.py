@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from ray.train import TrainingFailedError
 
 from pipeline.batch.cluster import inference_plan
 from pipeline.batch.evaluation import evaluate
@@ -149,13 +150,16 @@ def run(job: Job, settings: LoopSettings, datasets: dict[str, Any], cfg: TrainCo
     handle = tracking.start_run(cfg.mlflow_uri, cfg.mlflow_experiment, directory, storage.basename(directory),
                                 job.settings)
     settings = replace(settings, tracking=handle)
-    result = fit(settings, datasets, cfg.num_workers, cfg.use_gpu, storage.absolute(storage.join(directory, "ray_train")),
-                 name="run", max_failures=cfg.max_failures)
-    if result.error is not None or result.checkpoint is None:
+    try:
+        # Ray Train raises once the restarts are spent; the run then ends FAILED, not left RUNNING.
+        result = fit(settings, datasets, cfg.num_workers, cfg.use_gpu,
+                     storage.absolute(storage.join(directory, "ray_train")), name="run", max_failures=cfg.max_failures)
+    except TrainingFailedError as exc:
         tracking.fail_run(handle)
-    if result.error is not None:
-        raise TrainingError(f"training failed after {cfg.max_failures} restart(s): {result.error}")
+        raise TrainingError(f"training failed after {cfg.max_failures} restart(s) (a rerun resumes from the last "
+                            f"checkpoint): {' '.join(str(exc).split())[:400]}") from exc
     if result.checkpoint is None:
+        tracking.fail_run(handle)
         raise TrainingError("training finished without a checkpoint")
     history = read_checkpoint_state(result.checkpoint)["history"]
     best = max(result.best_checkpoints, key=lambda cm: (cm[1]["val_accuracy"], -cm[1]["val_loss"], cm[1]["epoch"]))
