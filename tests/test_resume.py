@@ -236,6 +236,40 @@ def test_s3_output_resumes_after_sigkill_and_updates_incrementally(ray_cluster, 
     assert_same_rows(rows_of("runs/features", _s3_fs(s3)), clean_rows(root, tmp_path))
 
 
+def _plant_twin(out: str, defect: str) -> None:
+    """Make a finished output hold one committed file twice, as a faulty writer or ledger would."""
+    import pyarrow as pa
+
+    train = os.path.join(out, "train")
+    part = sorted(n for n in os.listdir(train) if n.endswith(".parquet"))[0]
+    if defect == "a row twice in a shard":
+        table = pq.read_table(os.path.join(train, part))
+        pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), os.path.join(train, part))
+        return
+    # "a ledger entry twice": the part's files committed again under another part name. Its data is not
+    # copied, so the shards hold each file once and only the ledger's own check can name the duplicates.
+    import pyarrow.compute as pc
+
+    from pipeline.data import ledger
+
+    folded = pq.read_table(os.path.join(out, "ledger.parquet"))
+    rows = folded.filter(pc.equal(folded.column("part"), part[:-len(".parquet")])).to_pydict()
+    ledger.write_entry(out, part[:-len(".parquet")].replace("-00", "-99", 1), rows)
+
+
+@pytest.mark.parametrize("defect", ["a row twice in a shard", "a ledger entry twice"])
+def test_the_job_refuses_to_finish_an_output_that_holds_a_file_twice(ray_cluster, root, tmp_path, defect):
+    """The audit runs in the job, not only in its tests: an update of an output holding one file
+    twice fails naming the duplicate, and the output stays unfinished (no manifest)."""
+    out = str(tmp_path / "out")
+    run_extraction(ExtractConfig(data_dir=root, output_dir=out, **OPTIONS))
+    _plant_twin(out, defect)
+    shutil.copyfile(real_images("train", "dogs", 1, start=40)[0], os.path.join(root, "train", "dogs", "new.jpg"))
+    with pytest.raises(RuntimeError, match=r"is inconsistent: .*[1-9]\d* duplicated"):
+        run_extraction(ExtractConfig(data_dir=root, output_dir=out, **OPTIONS))
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
+
+
 def test_the_audit_refuses_duplicated_and_missing_rows(tmp_path):
     """What an output must pass before it is marked finished, driven to fail."""
     import pyarrow as pa
