@@ -196,6 +196,30 @@ def test_prediction_folder_output_is_updated_in_place(ray_cluster, root, tmp_pat
                                atol=1e-5)
 
 
+def test_a_prediction_update_over_an_output_that_holds_a_row_twice_fails_unfinished(ray_cluster, root, tmp_path):
+    """Prediction's audit runs in the job too: a row repeated in a committed part fails the update
+    naming the duplicate, and no summary marks the output finished."""
+    import pyarrow as pa
+
+    from pipeline.batch.predict import run_prediction
+    from pipeline.nets import models
+    from pipeline.nets.modelfile import save_classifier
+
+    model = str(tmp_path / "m.keras")
+    save_classifier(models.scratch_cnn(32, 2), model, {"kind": "scratch", "classes": ["cats", "dogs"], "image_size": 32})
+    folder, out = os.path.join(root, "train"), str(tmp_path / "pred")
+    cfg = PredictConfig(model=model, input=folder, output=out, precision="float32", batch_size=2, block_files=2)
+    run_prediction(cfg)
+    parts = os.path.join(out, "predictions")
+    part = os.path.join(parts, sorted(n for n in os.listdir(parts) if n.endswith(".parquet"))[0])
+    table = pq.read_table(part)
+    pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), part)
+    shutil.copyfile(real_images("train", "dogs", 1, start=40)[0], os.path.join(folder, "dogs", "new.jpg"))
+    with pytest.raises(RuntimeError, match=r"is inconsistent: .*\(1 duplicated\)"):
+        run_prediction(cfg)
+    assert not os.path.exists(os.path.join(out, "summary.json"))
+
+
 @pytest.fixture
 def s3():
     with s3_server(("runs",)) as aws:
