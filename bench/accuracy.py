@@ -16,23 +16,25 @@ figure never comes from an earlier code version's model.
 Each model gets two figures per seed: the last epoch's validation accuracy (nothing chose it) and
 the best epoch's (the exported checkpoint, chosen on the same 800 photos, so it flatters). The
 goals are met by the mean over seeds of the last epoch's figure. Prints one row per model and a
-JSON line (with the date, CPU and commit), and writes the JSON to
-``<output-dir>/accuracy-<models>.json``, so a run of some models keeps another run's file.
+JSON line, and writes ``bench/results/accuracy.json`` (date, CPU, commit, command): per model, the
+per-seed last- and best-epoch accuracies, their mean ± sd, the epochs and the job's settings, with
+the seeds, the worker count and the extraction's image size and precision. A run that leaves
+models out (``--skip``) writes ``bench/results/accuracy-<models>.json`` instead, so it never
+replaces a full run's file.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench.result_file import cpu_name  # noqa: E402
+from bench.result_file import write_result  # noqa: E402
 from pipeline.batch.cluster import init_ray  # noqa: E402
 from pipeline.batch.extract import run_extraction  # noqa: E402
 from pipeline.config import ExtractConfig, FinetuneConfig, ScratchConfig, TrainTopConfig  # noqa: E402
@@ -66,35 +68,38 @@ def spread(values: list[float]) -> dict:
             "min": round(min(values), 4), "max": round(max(values), 4)}
 
 
+def trained_precision(summary: dict) -> str | None:
+    """The precision the job's last epoch trained in (``auto`` resolved by the workers), from the
+    metrics.csv beside its model: the summary's settings hold only what was asked."""
+    path = os.path.join(os.path.dirname(summary["model"]), "metrics.csv")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return rows[-1].get("precision") if rows else None
+
+
 def figures(summaries: dict[str, list[dict]]) -> dict:
-    """Per model: last- and best-epoch accuracy over the seeds, minutes, and whether its goal is met."""
+    """Per model: last- and best-epoch accuracy per seed and over the seeds, minutes, whether its goal
+    is met, and the settings the job ran with (its summary's, less the seed: every seed's are the same)."""
     out = {}
     for model, runs in summaries.items():
         last = spread([r["last_epoch_accuracy"] for r in runs])
         goal = GOALS.get(model)
         out[model] = {"last_epoch": last, "best_epoch": spread([r["accuracy"] for r in runs]),
                       "per_seed_last": [r["last_epoch_accuracy"] for r in runs],
+                      "per_seed_best": [r["accuracy"] for r in runs],
+                      "per_seed_best_epoch": [r["best_epoch"] for r in runs],
+                      "per_seed_minutes": [round(r["wall_s"] / 60, 1) for r in runs],
                       "epochs": runs[0]["epochs"], "minutes": round(statistics.fmean(r["wall_s"] for r in runs) / 60, 1),
-                      "goal": goal, "meets_goal": None if goal is None else last["mean"] >= goal}
+                      "goal": goal, "meets_goal": None if goal is None else last["mean"] >= goal,
+                      "trained_precision": trained_precision(runs[0]),
+                      "settings": {k: v for k, v in runs[0].get("settings", {}).items() if k != "seed"}}
     if "finetune" in out and "top" in out:
         above = out["finetune"]["last_epoch"]["mean"] > out["top"]["last_epoch"]["mean"]
         out["finetune"]["above_top"] = above
         out["finetune"]["meets_goal"] = out["finetune"]["meets_goal"] and above
     return out
-
-
-def provenance() -> dict:
-    """When, on what CPU and at which commit (with ``+changes`` for a dirty tree) the figures were made."""
-    def git(*argv: str) -> str:
-        try:
-            return subprocess.run(["git", *argv], capture_output=True, text=True, timeout=30,
-                                  cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        except OSError:
-            return ""
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    return {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cpu_cores": os.cpu_count(),
-            "commit": commit + ("+changes" if dirty else "")}
 
 
 def main() -> None:
@@ -112,14 +117,17 @@ def main() -> None:
         parser.error("fine-tuning starts from the top MLP: --skip top needs --skip finetune,finetune_streamed too")
     init_ray()
     features_dir = os.path.join(args.output_dir, "features")
+    extraction = {}
     if "top" not in skipped:
-        run_extraction(ExtractConfig(data_dir=args.data_dir, output_dir=features_dir, cache_block4=True))
+        manifest = run_extraction(ExtractConfig(data_dir=args.data_dir, output_dir=features_dir, cache_block4=True))
+        extraction = {k: manifest.get(k) for k in ("image_size", "precision", "weights", "counts", "num_rejects")}
     summaries: dict[str, list[dict]] = {m: [] for m in MODELS if m not in skipped}
     for seed in args.seeds:
         for model in summaries:
             run_dir = os.path.join(args.output_dir, f"seed{seed}")
             summaries[model].append(train_seed(model, seed, features_dir, args.data_dir, run_dir, args.num_workers))
-    result = {"seeds": args.seeds, "num_workers": args.num_workers, "models": figures(summaries), **provenance()}
+    result = {"seeds": args.seeds, "num_workers": args.num_workers, "data_dir": args.data_dir,
+              "extraction": extraction, "models": figures(summaries)}
     print(f"{'model':<16} {'last epoch (mean ± sd)':>24} {'best epoch':>11} {'goal':>6} {'met':>5} "
           f"{'reference':>10} {'epochs':>6} {'minutes':>7}")
     for model, f in result["models"].items():
@@ -127,9 +135,9 @@ def main() -> None:
         print(f"{model:<16} {last:>24} {f['best_epoch']['mean']:>11.4f} {str(f['goal'] or '–'):>6} "
               f"{str(f['meets_goal'] if f['goal'] else '–'):>5} {KINDS[model].reference:>10} "
               f"{f['epochs']:>6} {f['minutes']:>7}")
+    # A run of some models is another kind of result: it must not replace the full run's file.
+    write_result("accuracy" if not skipped else f"accuracy-{'-'.join(result['models'])}", result)
     print(json.dumps(result))
-    with open(os.path.join(args.output_dir, f"accuracy-{'-'.join(result['models'])}.json"), "w") as f:
-        json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

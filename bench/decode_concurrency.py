@@ -11,7 +11,9 @@ actors reserve but do no work, so only scheduling can limit decoding. Ray's task
 every decode task's start and end; the script prints the peak and the time-weighted mean of
 decode tasks running at once, against the CPUs the actors leave free. On a machine with fewer
 real cores the tasks run slower, but how many Ray Data starts at once is what is measured.
-The final line holds every figure.
+Images are decoded at extraction's default size and batched as its actors batch them
+(``ExtractConfig``'s defaults). The final line holds every figure; they also go to
+``bench/results/decode_concurrency.json`` (date, CPU, commit, command).
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench.result_file import write_result  # noqa: E402
+from pipeline.config import DEFAULT_BLOCK_FILES, ExtractConfig  # noqa: E402
+
+# The product's defaults, so the decode tasks are the size extraction's are (224 px, not the 150 of earlier runs).
+DEFAULTS = {f: ExtractConfig.__dataclass_fields__[f].default for f in ("image_size", "batch_size", "workers")}
 
 
 class IdleActor:
@@ -50,7 +58,10 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=16)
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--data-dir", default=os.path.join("..", "shared", "data", "cats_vs_dogs_small"))
-    parser.add_argument("--block-files", type=int, default=32, help="files per decode task (more tasks, finer timing)")
+    # Not the product's DEFAULT_BLOCK_FILES (128): the sample's 2800 photos would make only 22 tasks, too few to
+    # time overlaps; how many tasks Ray Data runs at once is bounded by the free CPUs, not by a task's size.
+    parser.add_argument("--block-files", type=int, default=32, help="files per decode task (more tasks, finer timing; "
+                        f"the product's default is {DEFAULT_BLOCK_FILES})")
     args = parser.parse_args()
 
     import ray
@@ -62,11 +73,13 @@ def main() -> None:
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     ray.init(num_cpus=args.cpus, num_gpus=args.gpus, include_dashboard=True, configure_logging=False)
-    plan = inference_plan(cpu_workers=1)
+    plan = inference_plan(cpu_workers=DEFAULTS["workers"])
     index = discover(args.data_dir)
-    ds = decoded_images(index.files.select(["relpath"]), index.root, 150, plan.decode_cpus, args.block_files)
-    ds = ds.map_batches(IdleActor, batch_format="numpy", batch_size=32, compute=ray.data.ActorPoolStrategy(size=plan.actors),
-                        num_cpus=plan.num_cpus, num_gpus=plan.num_gpus)
+    ds = decoded_images(index.files.select(["relpath"]), index.root, DEFAULTS["image_size"], plan.decode_cpus,
+                        args.block_files)
+    ds = ds.map_batches(IdleActor, batch_format="numpy", batch_size=DEFAULTS["batch_size"],
+                        compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.num_cpus,
+                        num_gpus=plan.num_gpus)
     started = time.time()
     rows = sum(len(b["relpath"]) for b in ds.iter_batches(batch_format="numpy", batch_size=None))
     elapsed = time.time() - started
@@ -79,13 +92,15 @@ def main() -> None:
                "decode_cpus_per_task": plan.decode_cpus, "cpus_free_for_decoding": free,
                "decode_tasks": len(tasks), "rows": rows, "seconds": round(elapsed, 1),
                "peak_decode_tasks_at_once": peak, "mean_decode_tasks_at_once": round(mean, 1),
-               "real_cores": os.cpu_count()}
+               "real_cores": os.cpu_count(), "image_size": DEFAULTS["image_size"],
+               "batch_size": DEFAULTS["batch_size"], "block_files": args.block_files, "data_dir": args.data_dir}
     print(f"{args.cpus} CPUs, {args.gpus} GPU(s): {plan.actors} actor(s) reserving {plan.num_cpus} CPU each, "
           f"decode tasks {plan.decode_cpus} CPU each, {free:g} CPUs free for them")
     print(f"{len(tasks)} decode tasks ({rows} images in {elapsed:.1f} s): peak {peak} running at once, "
           f"time-weighted mean {mean:.1f} (the free CPUs allow {int(free // plan.decode_cpus)})")
-    print(json.dumps(figures))
     ray.shutdown()
+    write_result("decode_concurrency", figures)
+    print(json.dumps(figures))  # last: the line that holds every figure
 
 
 if __name__ == "__main__":

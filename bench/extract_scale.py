@@ -12,7 +12,9 @@
 
 Targets (2 cores): first block within 60 s and driver peak RSS <= 512 MiB at a million files;
 at most 2% of the files recomputed; an unchanged rerun <= 15% of a full run.
-Run: ``python bench/extract_scale.py`` (about 20 minutes on 2 cores). Prints one JSON line last.
+The job runs at its defaults. Run: ``python bench/extract_scale.py`` (about 20 minutes on 2
+cores). Prints one JSON line last; the figures also go to ``bench/results/extract_scale.json``
+(date, CPU, commit, command).
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ import pyarrow.parquet as pq
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from bench.result_file import write_result  # noqa: E402
+from pipeline.config import ExtractConfig  # noqa: E402
 from pipeline.data.discover import discover  # noqa: E402
+
+# Files per ledger entry at the job's defaults: how the kill point (75% committed) is counted.
+BLOCK_FILES = ExtractConfig.__dataclass_fields__["block_files"].default
 
 
 def link_root(source: str, root: str, total: int) -> int:
@@ -155,9 +162,8 @@ def resume(work: str, source: str, copies: int) -> dict:
     full_s = run_to_end(root, full_out, os.path.join(work, "full.log"))
     print(f"(b) full run of {total} files: {full_s:.0f}s")
     proc = start_job(root, cut_out, os.path.join(work, "cut.log"))
-    block = 128
     try:
-        while len(entries(cut_out)) * block < 0.75 * total:
+        while len(entries(cut_out)) * BLOCK_FILES < 0.75 * total:
             if proc.poll() is not None:
                 raise SystemExit("the job ended before the test could kill it")
             time.sleep(0.5)
@@ -193,7 +199,9 @@ def main() -> None:
     source = os.path.abspath(args.data_dir)
     shutil.rmtree(args.work_dir, ignore_errors=True)
     os.makedirs(args.work_dir)
-    figures: dict[str, object] = {"cpu_cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+    figures: dict[str, object] = {"cpu_cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
+                                  "data_dir": source, "parts": args.parts, "files": args.files, "copies": args.copies,
+                                  "block_files": BLOCK_FILES}
     try:
         if "million" in args.parts:
             figures["million"] = million(args.work_dir, source, args.files)
@@ -201,7 +209,8 @@ def main() -> None:
             figures["resume"] = resume(args.work_dir, source, args.copies)
     finally:
         shutil.rmtree(args.work_dir, ignore_errors=True)
-    print(json.dumps(figures))
+    write_result("extract_scale", figures)
+    print(json.dumps(figures))  # last: the line that holds every figure
 
 
 if __name__ == "__main__":

@@ -32,7 +32,10 @@ def cpu_name() -> str:
 def commit() -> str:
     """The checked-out commit, with ``+changes`` when the work tree differs from it."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        except OSError:  # no git (a lent GPU machine): the figures must still be written
+            return ""
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")

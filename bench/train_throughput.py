@@ -9,8 +9,10 @@ Each configuration is a real Ray Train run (TensorflowTrainer, MultiWorkerMirror
 on a local Ray cluster. The first epoch includes start-up (graph tracing, pipeline warm-up),
 so with several epochs the figures come from the later ones. Cached fine-tuning adds the
 block-4 cache to the top model's feature folder first if it has none (a one-off extraction,
-not counted). Target: cached fine-tuning >= 5x faster per epoch than streamed. The final
-line holds every figure.
+not counted). Every job runs at its defaults but ``--epochs`` and the worker count (the top
+model and its features carry their own image size, recorded with the figures). Target: cached
+fine-tuning >= 5x faster per epoch than streamed. The final line holds every figure; they also
+go to ``bench/results/train_throughput.json`` (date, CPU, commit, command).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import ray  # noqa: E402
 
-from pipeline.config import FinetuneConfig, ScratchConfig, TrainTopConfig  # noqa: E402
+from bench.result_file import write_result  # noqa: E402
+from pipeline.config import ExtractConfig, FinetuneConfig, ScratchConfig, TrainTopConfig  # noqa: E402
 from pipeline.nets.modelfile import read_metadata  # noqa: E402
 from pipeline.training.finetune import ensure_block4_cache, finetune  # noqa: E402
 from pipeline.training.scratch import train_scratch  # noqa: E402
@@ -41,7 +44,9 @@ def measure(name: str, fn, cfg) -> dict[str, float]:
     seconds = sum(float(r["seconds"]) for r in steady)
     samples = sum(int(r["train_samples"]) for r in steady)
     result = {"samples_per_s": round(samples / seconds, 1), "seconds_per_epoch": round(seconds / len(steady), 1),
-              "first_epoch_seconds": float(rows[0]["seconds"]), "samples_per_epoch": samples // len(steady)}
+              "first_epoch_seconds": float(rows[0]["seconds"]), "samples_per_epoch": samples // len(steady),
+              # What shaped the run: the job's batch, and the precision its workers resolved "auto" to.
+              "num_workers": cfg.num_workers, "batch_size": cfg.batch_size, "precision": rows[-1].get("precision")}
     print(f"{name:<34} {result['samples_per_s']:>8.1f} samples/s {result['seconds_per_epoch']:>8.1f} s/epoch "
           f"(first epoch {result['first_epoch_seconds']:.1f} s)", flush=True)
     return result
@@ -55,9 +60,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
     ray.init(include_dashboard=True, configure_logging=False, log_to_driver=False)
-    figures: dict[str, object] = {"cpu_cores": os.cpu_count(), "epochs": args.epochs}
+    top = read_metadata(args.top_model)
+    figures: dict[str, object] = {"cpu_cores": os.cpu_count(), "epochs": args.epochs,
+                                  "features_dir": args.features_dir, "top_model": args.top_model,
+                                  "data_dir": args.data_dir or top["data_dir"], "image_size": top.get("image_size"),
+                                  "scratch_image_size": ScratchConfig.__dataclass_fields__["image_size"].default}
+    if top.get("image_size") != ExtractConfig.__dataclass_fields__["image_size"].default:
+        print(f"note: the top model is at {top.get('image_size')} px, not extraction's default "
+              f"{ExtractConfig.__dataclass_fields__['image_size'].default}: fine-tuning is measured at its size")
     # Built before any timing, so the one-off cache extraction is not in the figures.
-    ensure_block4_cache(read_metadata(args.top_model)["features_dir"])
+    ensure_block4_cache(top["features_dir"])
     with tempfile.TemporaryDirectory() as tmp:
         for workers in (1, 2):
             figures[f"top_{workers}w"] = measure(f"top MLP, {workers} worker(s)", train_top, TrainTopConfig(
@@ -71,7 +83,7 @@ def main() -> None:
                         top_model=args.top_model, data_dir=None if cached else args.data_dir, cache_block4=cached,
                         output_dir=os.path.join(tmp, f"ft{workers}"), epochs=args.epochs, num_workers=workers))
         figures["scratch_1w"] = measure("small CNN, 1 worker", train_scratch, ScratchConfig(
-            data_dir=args.data_dir or read_metadata(args.top_model)["data_dir"],
+            data_dir=args.data_dir or top["data_dir"],
             output_dir=os.path.join(tmp, "scratch"), epochs=args.epochs))
     for workers in (1, 2):
         streamed = figures[f"finetune_streamed_{workers}w"]["seconds_per_epoch"]
@@ -79,7 +91,8 @@ def main() -> None:
         figures[f"cached_speedup_{workers}w"] = round(streamed / cached, 2)
         print(f"cached fine-tuning, {workers} worker(s): {streamed / cached:.2f}x faster per epoch than streamed "
               f"(target >= 5)")
-    print(json.dumps(figures))
+    write_result("train_throughput", figures)
+    print(json.dumps(figures))  # last: the line that holds every figure
 
 
 if __name__ == "__main__":
