@@ -1,13 +1,13 @@
 """Accuracy of the three models on real photos, over several seeds, against the goals and the
 reference article.
 
-    python bench/accuracy.py [--data-dir ../shared/data/cats_vs_dogs_small] [--num-workers 2]
+    python bench/accuracy.py [--data-dir ../shared/data/cats_vs_dogs_small] [--num-workers 1]
                              [--seeds 0 1 2] [--skip finetune_streamed]
 
 Extracts the photos once (with the block-4 cache, as run_all does; a finished extraction in the
 output folder is reused: it does not depend on the seed), then, for each seed, trains fresh models
-with every job's default settings, as ``python -m jobs.run_all --data-dir DIR --num-workers 2
---seed N`` would: top MLP, fine-tuned VGG16 (on the cached block-4 outputs, the default), small
+with every job's default settings (the default worker count too: 1, 2 and 4 workers train the same
+weights, tests/test_worker_count.py), as ``python -m jobs.run_all --data-dir DIR --seed N`` would: top MLP, fine-tuned VGG16 (on the cached block-4 outputs, the default), small
 CNN; plus fine-tuning on streamed images (``--no-cache-block4``), the costliest, which ``--skip
 finetune_streamed`` leaves out. The small CNN needs no extraction: ``--skip
 top,finetune,finetune_streamed`` runs it alone. Models are always retrained (``overwrite``), so a
@@ -105,7 +105,7 @@ def figures(summaries: dict[str, list[dict]]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=os.path.join("..", "shared", "data", "cats_vs_dogs_small"))
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--num-workers", type=int, default=TrainTopConfig.__dataclass_fields__["num_workers"].default)
     parser.add_argument("--output-dir", default=os.path.join("outputs", "accuracy"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--skip", default="", help=f"comma-separated models to leave out, of {', '.join(MODELS)}")
