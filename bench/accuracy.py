@@ -6,9 +6,9 @@ reference article.
 
 Extracts the photos once (with the block-4 cache, as run_all does; a finished extraction in the
 output folder is reused: it does not depend on the seed), then, for each seed, trains fresh models
-with every job's default settings (the default worker count too: 1, 2 and 4 workers train the same
-weights, tests/test_worker_count.py), as ``python -m jobs.run_all --data-dir DIR --seed N`` would: top MLP, fine-tuned VGG16 (on the cached block-4 outputs, the default), small
-CNN; plus fine-tuning on streamed images (``--no-cache-block4``), the costliest, which ``--skip
+with every job's default settings (the default worker count too: 1, 2 and 4 workers train the
+same weights, tests/test_worker_count.py), as ``python -m jobs.run_all --data-dir DIR --seed N``
+would: top MLP, fine-tuned VGG16 (on the cached block-4 outputs, the default), small CNN; plus fine-tuning on streamed images (``--no-cache-block4``), the costliest, which ``--skip
 finetune_streamed`` leaves out. The small CNN needs no extraction: ``--skip
 top,finetune,finetune_streamed`` runs it alone. Models are always retrained (``overwrite``), so a
 figure never comes from an earlier code version's model.
@@ -91,7 +91,8 @@ def figures(summaries: dict[str, list[dict]]) -> dict:
                       "per_seed_best": [r["accuracy"] for r in runs],
                       "per_seed_best_epoch": [r["best_epoch"] for r in runs],
                       "per_seed_minutes": [round(r["wall_s"] / 60, 1) for r in runs],
-                      "epochs": runs[0]["epochs"], "minutes": round(statistics.fmean(r["wall_s"] for r in runs) / 60, 1),
+                      "epochs": runs[0]["epochs"],
+                      "minutes": round(statistics.fmean(r["wall_s"] for r in runs) / 60, 1),
                       "goal": goal, "meets_goal": None if goal is None else last["mean"] >= goal,
                       "trained_precision": trained_precision(runs[0]),
                       "settings": {k: v for k, v in runs[0].get("settings", {}).items() if k != "seed"}}
