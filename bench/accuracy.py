@@ -8,7 +8,8 @@ Extracts the photos once (with the block-4 cache, as run_all does; a finished ex
 output folder is reused: it does not depend on the seed), then, for each seed, trains fresh models
 with every job's default settings (the default worker count too: 1, 2 and 4 workers train the
 same weights, tests/test_worker_count.py), as ``python -m jobs.run_all --data-dir DIR --seed N``
-would: top MLP, fine-tuned VGG16 (on the cached block-4 outputs, the default), small CNN; plus fine-tuning on streamed images (``--no-cache-block4``), the costliest, which ``--skip
+would: top MLP, fine-tuned VGG16 (on the cached block-4 outputs, the default), small CNN; plus
+fine-tuning on streamed images (``--no-cache-block4``), the costliest, which ``--skip
 finetune_streamed`` leaves out. The small CNN needs no extraction: ``--skip
 top,finetune,finetune_streamed`` runs it alone. Models are always retrained (``overwrite``), so a
 figure never comes from an earlier code version's model.
