@@ -12,9 +12,10 @@ cluster, the job's defaults, ``--num-workers``); printed per stage: wall time, t
 each kind of process of its tree, and the training workers' peaks from the job's summary. The
 small CNN runs ``--scratch-epochs`` epochs, the top MLP and fine-tuning ``--top-epochs`` and
 ``--finetune-epochs`` (their defaults unless given); a stage run with fewer epochs than its
-default gets the default projected from its per-epoch seconds. ``--stages`` runs some stages over the work folder an earlier run left (the
-first stage, ``extract``, starts it afresh), so an hours-long run can be taken in parts; each
-stage's figures carry the command and commit that made them. Figures go to
+default gets the default projected from its per-epoch seconds. ``--stages`` runs some stages over
+the work folder an earlier run left (the first stage, ``extract``, starts it afresh, and refuses a
+folder holding anything this bench does not write), so an hours-long run can be taken in parts;
+each stage's figures carry the command and commit that made them. Figures go to
 ``bench/results/kaggle_scale.json``.
 """
 
@@ -118,6 +119,11 @@ def main() -> None:
     work = args.work_dir
     state = os.path.join(work, "figures.json")
     if "extract" in stages:
+        # A fresh run deletes the folder an earlier run left, and nothing else: not a folder a user named.
+        foreign = set(os.listdir(work)) - {"train", "out", "logs", "figures.json"} if os.path.isdir(work) else set()
+        if foreign:
+            parser.error(f"--work-dir {work} holds {sorted(foreign)[:3]}, which this bench never writes; "
+                         "name an empty or new folder")
         shutil.rmtree(work, ignore_errors=True)
         os.makedirs(os.path.join(work, "logs"))
         figures: dict = {"photos": kaggle_root(os.path.abspath(args.data_dir), os.path.join(work, "train"),
