@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
+import numpy as np
 import pytest
+from PIL import Image
 
 REAL_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cats_vs_dogs_small"))
 
@@ -101,3 +104,25 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(f"{len(RELIABILITY_ROWS)} cases; {len(RELIABILITY_ROWS) - len(counted)} refused before "
                                 f"any work (no rows to lose); over the {len(counted)} that write rows: {dupes} "
                                 f"duplicated rows, {lost} lost rows")
+
+
+def checkpoint_of_epoch(storage_dir: str, epoch: int):
+    """The Ray Train checkpoint of ``epoch`` under a job's ``ray_train`` folder."""
+    from ray.train import Checkpoint
+
+    for folder, _, files in os.walk(storage_dir):
+        if "state.json" in files:
+            with open(os.path.join(folder, "state.json")) as f:
+                if json.load(f)["epoch"] == epoch:
+                    return Checkpoint.from_directory(folder)
+    raise AssertionError(f"no checkpoint of epoch {epoch} under {storage_dir}")
+
+
+def assert_curves_drawn(path: str) -> None:
+    """A job's curves.png is the 1000x400 figure with both series drawn: many pixels of
+    matplotlib's first two line colours (train blue, validation orange), not only a valid file."""
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (1000, 400), (image.format, image.size)
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3).astype(int)
+    for colour in ((31, 119, 180), (255, 127, 14)):
+        assert (np.abs(pixels - colour).sum(axis=1) < 30).sum() > 100, f"no series drawn in {colour}"

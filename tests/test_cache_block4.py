@@ -20,7 +20,7 @@ from pipeline.data.shards import features_as_array, read_split
 from pipeline.errors import ConfigError
 from pipeline.images.decode import load_image
 from pipeline.nets import models, vgg16, weights
-from tests.conftest import real_images
+from tests.conftest import assert_curves_drawn, checkpoint_of_epoch, real_images
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -137,7 +137,8 @@ def test_finetune_on_the_cache_exports_the_model_it_trained(plain_then_cached, r
                                       precision="float32", learning_rate=1e-3))
     job = os.path.join(out, "finetune")
     assert summary["cached_block4"] is True and summary["epochs"] == 2
-    assert summary["model"] == os.path.join(job, "model.keras") and os.path.isfile(os.path.join(job, "curves.png"))
+    assert summary["model"] == os.path.join(job, "model.keras")
+    assert_curves_drawn(os.path.join(job, "curves.png"))
     meta = read_metadata(summary["model"])
     assert meta["kind"] == "finetune" and meta["cached_block4"] and meta["image_size"] == SIZE
     assert meta["features_dir"] == os.path.abspath(manifest["output_dir"])
@@ -145,7 +146,7 @@ def test_finetune_on_the_cache_exports_the_model_it_trained(plain_then_cached, r
     # The exported image model must compute what the trained block-5 model (best epoch) computes on the cache.
     model, _ = load_classifier(summary["model"])
     trained = models.block5_classifier(manifest["block4"]["shape"], 2)
-    load_checkpoint_weights(_checkpoint_of_epoch(os.path.join(job, "ray_train"), summary["best_epoch"]), trained)
+    load_checkpoint_weights(checkpoint_of_epoch(os.path.join(job, "ray_train"), summary["best_epoch"]), trained)
     initial = weights.load_weight_arrays(weights.resolve_weights("torchvision"), SIZE)[-6:]
     # Any change: weights no step touched are bitwise the initial ones. The size depends on the data
     # (here the best epoch is often the first, whose two steps see a top model already near zero loss).
@@ -167,17 +168,6 @@ def test_finetune_on_the_cache_exports_the_model_it_trained(plain_then_cached, r
     assert streamed["model"] == os.path.join(out, "finetune_streamed", "model.keras")
     streamed_meta = read_metadata(streamed["model"])
     assert streamed_meta["data_dir"] == os.path.abspath(real_root) and not streamed_meta["cached_block4"]
-
-
-def _checkpoint_of_epoch(storage_dir: str, epoch: int):
-    from ray.train import Checkpoint
-
-    for folder, _, files in os.walk(storage_dir):
-        if "state.json" in files:
-            with open(os.path.join(folder, "state.json")) as f:
-                if json.load(f)["epoch"] == epoch:
-                    return Checkpoint.from_directory(folder)
-    raise AssertionError(f"no checkpoint of epoch {epoch} under {storage_dir}")
 
 
 def test_cached_finetuning_refuses_other_images(real_root):

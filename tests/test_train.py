@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.batch.extract import run_extraction
@@ -16,6 +17,7 @@ from pipeline.nets import models
 from pipeline.training.checkpoints import TRAINED_FILE, load_checkpoint_weights, read_checkpoint_state
 from pipeline.training.fit import fit
 from pipeline.training.settings import LoopSettings
+from tests.conftest import assert_curves_drawn, checkpoint_of_epoch
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -158,7 +160,7 @@ def test_train_top_job_writes_model_metrics_evaluation_and_curves(small_features
     out = str(tmp_path / "run")
     summary = train_top(TrainTopConfig(features_dir=small_features["output_dir"], output_dir=out, epochs=2,
                                        batch_size=8, precision="float32"))
-    job = os.path.join(out, "top")
+    job, shape = os.path.join(out, "top"), tuple(small_features["feature_shape"])
     meta = read_metadata(os.path.join(job, "model.keras"))
     assert meta["kind"] == "top" and meta["classes"] == ["cats", "dogs"] and meta["image_size"] == 32
     assert meta["preprocessing"] == "torch" and meta["weights"]["source"] == "none"
@@ -176,12 +178,19 @@ def test_train_top_job_writes_model_metrics_evaluation_and_curves(small_features
     assert summary["held_bytes_per_worker"] == rows * int(np.prod(small_features["feature_shape"])) * 4
     with open(os.path.join(job, "evaluation.json")) as f:
         evaluation = json.load(f)
-    assert evaluation["num_samples"] == 20 and evaluation["accuracy"] == summary["accuracy"]
+    # The exported model is the best epoch's: its accuracy, recomputed here from that checkpoint's
+    # weights and the stored validation features, is what the evaluation reports.
+    head = models.top_classifier(shape, 2, "float32")
+    load_checkpoint_weights(checkpoint_of_epoch(os.path.join(job, "ray_train"), summary["best_epoch"]), head)
+    table = pq.read_table(os.path.join(small_features["output_dir"], "validation"), columns=["label", "features"])
+    features = np.stack(table.column("features").to_numpy(zero_copy_only=False)).reshape((-1, *shape))
+    expected = float(((head.predict(features, verbose=0)[:, 0] > 0.5) == table.column("label").to_numpy()).mean())
+    assert evaluation["num_samples"] == 20 and evaluation["accuracy"] == pytest.approx(expected)
+    assert summary["accuracy"] == evaluation["accuracy"]
     assert evaluation["confusion_matrix"]["classes"] == ["cats", "dogs"]
     assert np.array(evaluation["confusion_matrix"]["rows_true_cols_predicted"]).sum() == 20
     assert 0 <= evaluation["roc_auc"] <= 1 and set(evaluation["per_class"]) == {"cats", "dogs"}
-    with open(os.path.join(job, "curves.png"), "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert_curves_drawn(os.path.join(job, "curves.png"))
     # The saved model is image → class: 32x32 RGB in, one sigmoid unit out.
     from pipeline.nets.modelfile import load_classifier
 
