@@ -29,11 +29,12 @@ from pipeline import logs
 from pipeline.batch.cluster import configure_tensorflow_devices
 from pipeline.faults import maybe_fail, trace
 from pipeline.images.augment import GlobalRows
+from pipeline.nets import models
 from pipeline.nets.precision import device_precision
 from pipeline.training import tracking
 from pipeline.training.batches import batch_inputs, epoch_batches
 from pipeline.training.checkpoints import averaged_weights, restore_checkpoint, save_checkpoint
-from pipeline.training.dropout import place
+from pipeline.training.dropout import GlobalDropout, place
 from pipeline.training.kinds import kind_of
 from pipeline.training.settings import LoopSettings
 
@@ -45,7 +46,7 @@ STATS = ("loss_sum", "correct", "samples", "has_next")
 def build_model(s: LoopSettings, base_weights=None, top_weights=None):
     """The Keras model (``kinds``) and optimizer of one training kind (under the current strategy scope)."""
     kind = kind_of(s.kind, s.cached_block4)
-    model = kind.build(s, base_weights, top_weights)
+    model = kind.build(models, GlobalDropout, s, base_weights, top_weights)
     average = {"use_ema": s.ema_momentum > 0, "ema_momentum": s.ema_momentum or 0.99}
     if kind.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(learning_rate=s.learning_rate, momentum=0.9, **average)
