@@ -14,15 +14,12 @@ from pipeline.batch.evaluation import evaluate
 from pipeline.batch.extract import run_extraction
 from pipeline.config import ExtractConfig, TrainTopConfig
 from pipeline.data import outputs, storage
-from pipeline.data.reuse import job_settings
 from pipeline.data.shards import data_name, features_as_array, read_split
 from pipeline.errors import DataError
 from pipeline.nets.weights import load_weight_arrays, resolve_weights
-from pipeline.options import write_resolved
 from pipeline.training.batches import held_bytes
 from pipeline.training.checkpoints import load_checkpoint_weights
-from pipeline.training.jobs import finish, loop_settings, prepare, require_one_batch, run, split_rows
-from pipeline.training.kinds import KINDS
+from pipeline.training.jobs import finish, loop_settings, prepare, run, split_rows
 
 
 def finished_features(features_dir: str) -> dict[str, Any]:
@@ -66,23 +63,18 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     features_dir = cfg.features_dir or default_features(cfg.output_dir)
     manifest = finished_features(features_dir)
     output_dir = cfg.output_dir or os.path.join("outputs", data_name(manifest["data_dir"]))
-    job, reused = prepare("top", storage.join(output_dir, "top"),
-                          job_settings(cfg, drop=("features_dir",), features=manifest["fingerprint"],
-                                       learning_rate=cfg.learning_rate or KINDS["top"].learning_rate),
-                          cfg.overwrite, started)
+    job, reused = prepare(cfg, "train_top", output_dir, started, ("features_dir",), features=manifest["fingerprint"])
     if reused:
         return reused
-    write_resolved(job.directory, "train_top", cfg, output_dir=output_dir)
     # The exported model must carry the weights the features came from: checked before training.
     source = resolve_weights(manifest["weights"]["source"], manifest["preprocessing"])
     if source.sha256 != manifest["weights"]["sha256"]:
         raise DataError(f"the weights {source.name} (sha256 {source.sha256}) differ from those the features were "
                         f"extracted with ({manifest['weights']['sha256']}); re-extract the features")
-    require_one_batch(split_rows(manifest, "train"), cfg.batch_size)
     num_classes = len(manifest["classes"])
     shape = tuple(manifest["feature_shape"])
     datasets, held = _feature_datasets(features_dir, manifest, cfg)
-    settings = loop_settings("top", cfg, num_classes, split_rows(manifest, "train"), feature_shape=shape,
+    settings = loop_settings(cfg, num_classes, split_rows(manifest, "train"), feature_shape=shape,
                              hold_in_memory=held > 0, held_bytes=held)
     trained = run(job, settings, datasets, cfg)
 
