@@ -19,7 +19,6 @@ from pipeline.data.shards import read_split
 from pipeline.errors import DataError, UserError
 from pipeline.nets import vgg16
 from pipeline.nets.modelfile import MODEL_FILE, load_classifier, read_metadata
-from pipeline.training.batches import held_bytes
 from pipeline.training.checkpoints import load_checkpoint_weights
 from pipeline.training.jobs import Job, image_job, loop_settings, prepare, split_rows, train_export_evaluate
 
@@ -101,12 +100,12 @@ def _finetune_cached(job: Job, cfg: FinetuneConfig, manifest: dict[str, Any], fe
                 .select_columns(["path", "label", "block4"])}
     # Caches written before float16 was the default hold float32.
     itemsize = np.dtype(manifest["block4"].get("dtype", "float32")).itemsize
-    held = held_bytes((2 * split_rows(manifest, "train") + split_rows(manifest, "validation"))
-                      * np.prod(block4_shape) * itemsize, cfg.num_workers)
-    settings = loop_settings(cfg, len(classes), split_rows(manifest, "train"), image_size=image_size, augment=True,
+    rows = split_rows(manifest, "train")
+    settings = loop_settings(cfg, len(classes), rows, (2 * rows + split_rows(manifest, "validation"))
+                             * np.prod(block4_shape) * itemsize, image_size=image_size, augment=True,
                              shift=cfg.shift, cached_block4=True, block4_shape=block4_shape,
-                             feature_shape=tuple(vgg16.feature_shape(image_size)), hold_in_memory=held > 0,
-                             held_bytes=held, base_weights=ray.put(models.block5_weights(features)),
+                             feature_shape=tuple(vgg16.feature_shape(image_size)),
+                             base_weights=ray.put(models.block5_weights(features)),
                              top_weights=ray.put(top.get_weights()))
 
     def export(best):

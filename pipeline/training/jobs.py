@@ -81,17 +81,18 @@ def learning_rate(cfg: TrainConfig) -> float:
     return cfg.learning_rate or KINDS[job_folder(cfg)].learning_rate
 
 
-def loop_settings(cfg: TrainConfig, num_classes: int, train_rows: int, **kw: Any) -> LoopSettings:
-    """The workers' settings for the job of ``cfg``: its training options, and ``kw``. DataError when the
-    training split is smaller than one batch: every epoch would take no step (a partial last batch is
-    dropped), and the run would 'finish' having learnt nothing."""
+def loop_settings(cfg: TrainConfig, num_classes: int, train_rows: int, data_bytes: float, **kw: Any) -> LoopSettings:
+    """The workers' settings for the job of ``cfg``: its training options, whether each holds the ``data_bytes``
+    of both splits (``held_bytes``), and ``kw``. DataError when the training split is smaller than one batch: every
+    epoch would take no step (a partial last batch is dropped), and the run would 'finish' having learnt nothing."""
     if train_rows < cfg.batch_size:
         raise DataError(f"the training split has {train_rows} images, fewer than one batch of {cfg.batch_size}: "
                         f"pass --batch-size {max(1, train_rows)} or less, or add images")
     steps = cfg.epochs * (train_rows // cfg.batch_size)
+    held = held_bytes(data_bytes, cfg.num_workers)
     return LoopSettings(kind=KINDS[job_folder(cfg)].name, epochs=cfg.epochs, batch_size=cfg.batch_size,
                         learning_rate=learning_rate(cfg), seed=cfg.seed, precision=cfg.precision,
-                        num_classes=num_classes, dropout=cfg.dropout,
+                        num_classes=num_classes, dropout=cfg.dropout, hold_in_memory=held > 0, held_bytes=held,
                         ema_momentum=ema_momentum(cfg.ema_momentum, steps), **kw)
 
 
@@ -247,18 +248,6 @@ def _image_datasets(files: dict[str, pa.Table], root: str, image_size: int, cfg:
             for split in ("train", "validation")}
 
 
-def _evaluate_model_file(path: str, files: pa.Table, root: str, classes: list[str], image_size: int,
-                         precision: str, batch_size: int, max_pixels: int) -> dict[str, Any]:
-    """Evaluate a saved classifier on ``files`` (``relpath``, ``label``) with the batch-prediction pipeline."""
-    ds = predictions_dataset(path, files.select(["relpath"]), root, image_size, precision, inference_plan(1),
-                             batch_size, max_pixels=max_pixels)
-    paths, probs, rejects = collect_probabilities(ds)
-    if rejects:
-        raise DataError(f"{len(rejects)} validation files could not be decoded during evaluation: {rejects[:3]}")
-    label_of = dict(zip(files.column("relpath").to_pylist(), files.column("label").to_pylist()))
-    return evaluate(np.array([label_of[p] for p in paths]), probs, classes)
-
-
 def image_job(job: Job, cfg: ImageTrainConfig, index: DatasetIndex, image_size: int, metadata: dict[str, Any],
               model_fn, rotation: float = 0.0, base_weights=None, top_weights=None) -> dict[str, Any]:
     """A job on augmented images of ``index``: train (from ``base_weights`` and ``top_weights`` when given),
@@ -266,9 +255,9 @@ def image_job(job: Job, cfg: ImageTrainConfig, index: DatasetIndex, image_size: 
     and the data's)."""
     files = _good_rows(index, image_size, cfg, job.directory)
     # Held images are decoded once, not every epoch, and any worker count trains the same weights.
-    held = held_bytes((len(files["train"]) + len(files["validation"])) * image_size ** 2 * 3, cfg.num_workers)
-    settings = loop_settings(cfg, len(index.classes), len(files["train"]), image_size=image_size, augment=True,
-                             rotation=rotation, shift=cfg.shift, hold_in_memory=held > 0, held_bytes=held,
+    settings = loop_settings(cfg, len(index.classes), len(files["train"]),
+                             (len(files["train"]) + len(files["validation"])) * image_size ** 2 * 3,
+                             image_size=image_size, augment=True, rotation=rotation, shift=cfg.shift,
                              preprocessing=metadata.get("preprocessing", "unit"), base_weights=base_weights,
                              top_weights=top_weights)
 
@@ -279,19 +268,25 @@ def image_job(job: Job, cfg: ImageTrainConfig, index: DatasetIndex, image_size: 
 
     metadata = {**metadata, "data_dir": storage.absolute(index.root), "layout": index.layout,
                 "excluded": index.excluded, "classes": index.classes, "image_size": image_size}
-    return train_export_evaluate(job, cfg, settings, _image_datasets(files, index.root, image_size, cfg, held > 0),
-                                 export, metadata, files["validation"], index.root)
+    datasets = _image_datasets(files, index.root, image_size, cfg, settings.hold_in_memory)
+    return train_export_evaluate(job, cfg, settings, datasets, export, metadata, files["validation"], index.root)
 
 
 def train_export_evaluate(job: Job, cfg: ImageTrainConfig, settings: LoopSettings, datasets: dict[str, Any],
                           export, metadata: dict[str, Any], validation: pa.Table, root: str) -> dict[str, Any]:
-    """Train, turn the best checkpoint into an image → class model (``export``), evaluate it, write the outputs."""
+    """Train, turn the best checkpoint into an image → class model (``export``), evaluate it on ``validation``
+    (``relpath``, ``label`` under ``root``) with the batch-prediction pipeline, write the outputs."""
     trained = run(job, settings, datasets, cfg)
     model = export(trained.best)
     # Save first, then evaluate the saved file: what is measured is what prediction will load.
     with tempfile.TemporaryDirectory(prefix="ric-eval-") as tmp:
         tmp_path = os.path.join(tmp, MODEL_FILE)
         save_classifier(model, tmp_path, {**metadata, "kind": job.kind})
-        evaluation = _evaluate_model_file(tmp_path, validation, root, metadata["classes"], metadata["image_size"],
-                                          settings.precision, cfg.batch_size, cfg.max_pixels)
+        paths, probs, rejects = collect_probabilities(predictions_dataset(
+            tmp_path, validation.select(["relpath"]), root, metadata["image_size"], settings.precision,
+            inference_plan(1), cfg.batch_size, max_pixels=cfg.max_pixels))
+    if rejects:
+        raise DataError(f"{len(rejects)} validation files could not be decoded during evaluation: {rejects[:3]}")
+    label_of = dict(zip(validation.column("relpath").to_pylist(), validation.column("label").to_pylist()))
+    evaluation = evaluate(np.array([label_of[p] for p in paths]), probs, metadata["classes"])
     return finish(job, model, metadata, trained, evaluation)
