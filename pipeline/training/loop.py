@@ -57,9 +57,11 @@ def build_model(s: LoopSettings, base_weights=None, top_weights=None):
 
 
 def per_example_loss(num_classes: int):
-    """Unreduced cross-entropy: binary for two classes (one sigmoid unit), categorical otherwise."""
+    """Unreduced cross-entropy of (labels, outputs): binary for two classes (one sigmoid unit, whose labels
+    become a float column), categorical otherwise."""
     if num_classes == 2:
-        return keras.losses.BinaryCrossentropy(reduction=None)
+        binary = keras.losses.BinaryCrossentropy(reduction=None)
+        return lambda y, out: binary(tf.cast(tf.reshape(y, (-1, 1)), tf.float32), out)
     return keras.losses.SparseCategoricalCrossentropy(reduction=None)
 
 
@@ -68,12 +70,6 @@ def predicted_labels(outputs, num_classes: int):
     if num_classes == 2:
         return tf.cast(outputs[:, 0] > 0.5, tf.int32)
     return tf.cast(tf.argmax(outputs, axis=-1), tf.int32)
-
-
-def _targets(y, num_classes: int):
-    if num_classes == 2:
-        return tf.cast(tf.reshape(y, (-1, 1)), tf.float32)
-    return y
 
 
 @dataclass
@@ -127,7 +123,7 @@ class DistributedSteps:
     def _train_step(self, x, y, has_next):
         with tf.GradientTape() as tape:
             out = self.model(x, training=True)
-            losses = self.loss_fn(_targets(y, self.s.num_classes), out)
+            losses = self.loss_fn(y, out)
             loss = tf.nn.compute_average_loss(losses, global_batch_size=self.s.batch_size)
         grads = tape.gradient(loss, self.model.trainable_variables)
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
@@ -135,7 +131,7 @@ class DistributedSteps:
 
     def _eval_step(self, x, y, has_next):
         out = self.model(x, training=False)
-        return self._stats(y, out, self.loss_fn(_targets(y, self.s.num_classes), out), has_next)
+        return self._stats(y, out, self.loss_fn(y, out), has_next)
 
 
 def run_epoch(steps: DistributedSteps, step_fn, batches: Iterator[dict], world: int,
