@@ -82,9 +82,10 @@ def learning_rate(cfg: TrainConfig) -> float:
 
 
 def loop_settings(cfg: TrainConfig, num_classes: int, train_rows: int, data_bytes: float, **kw: Any) -> LoopSettings:
-    """The workers' settings for the job of ``cfg``: its training options, whether each holds the ``data_bytes``
-    of both splits (``held_bytes``), and ``kw``. DataError when the training split is smaller than one batch: every
-    epoch would take no step (a partial last batch is dropped), and the run would 'finish' having learnt nothing."""
+    """The workers' settings for the job of ``cfg``: its training options, whether each worker holds the data
+    (``data_bytes``, both splits; ``held_bytes``), and ``kw``. DataError when the training split is smaller than one
+    batch: every epoch would take no step (a partial last batch is dropped), and the run would 'finish' having
+    learnt nothing."""
     if train_rows < cfg.batch_size:
         raise DataError(f"the training split has {train_rows} images, fewer than one batch of {cfg.batch_size}: "
                         f"pass --batch-size {max(1, train_rows)} or less, or add images")
