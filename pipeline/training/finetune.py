@@ -15,25 +15,12 @@ from pipeline.batch.extract import run_extraction
 from pipeline.config import ExtractConfig, FinetuneConfig
 from pipeline.data import outputs, storage
 from pipeline.data.discover import DatasetIndex, discover
-from pipeline.data.reuse import job_settings
 from pipeline.data.shards import read_split
 from pipeline.errors import DataError, UserError
 from pipeline.nets import vgg16
 from pipeline.nets.modelfile import MODEL_FILE, load_classifier, read_metadata
-from pipeline.options import write_resolved
-from pipeline.training.batches import held_bytes
 from pipeline.training.checkpoints import load_checkpoint_weights
-from pipeline.training.jobs import (
-    Job,
-    image_job,
-    job_folder,
-    loop_settings,
-    prepare,
-    require_one_batch,
-    split_rows,
-    train_export_evaluate,
-)
-from pipeline.training.kinds import KINDS
+from pipeline.training.jobs import Job, image_job, loop_settings, prepare, split_rows, train_export_evaluate
 
 
 def _top_model(cfg: FinetuneConfig) -> tuple[str, dict[str, Any]]:
@@ -59,26 +46,21 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     started = time.monotonic()
     top_path, meta = _top_model(cfg)
     output_dir = cfg.output_dir or storage.parent(storage.parent(storage.absolute(top_path)))
-    manifest, index = _finetune_data(cfg, meta)
-    recorded = job_settings(cfg, drop=("top_model", "data_dir"),
-                            data=manifest["fingerprint"] if manifest else index.fingerprint(),
-                            top_model_sha256=hashlib.sha256(storage.read_bytes(top_path)).hexdigest(),
-                            learning_rate=cfg.learning_rate or KINDS[job_folder(cfg)].learning_rate)
-    job, reused = prepare("finetune", storage.join(output_dir, job_folder(cfg)), recorded, cfg.overwrite, started)
+    manifest, index, data = _finetune_data(cfg, meta)
+    job, reused = prepare(cfg, "finetune", output_dir, started, ("top_model", "data_dir"),
+                          data=manifest["fingerprint"] if manifest else index.fingerprint(),
+                          top_model_sha256=hashlib.sha256(storage.read_bytes(top_path)).hexdigest())
     if reused:
         return reused
-    write_resolved(job.directory, "finetune", cfg, output_dir=output_dir)
     top_model, _ = load_classifier(top_path)
+    features, top = top_model.get_layer("vgg16_features"), top_model.get_layer("top")
+    image_model = _finetuned_image_model(meta, features.get_weights())
     metadata = {"weights": meta["weights"], "preprocessing": meta["preprocessing"],
                 "top_model": storage.absolute(top_path), "synthetic": meta.get("synthetic", False),
-                "classes": meta["classes"], "image_size": meta["image_size"], "cached_block4": cfg.cache_block4}
+                "classes": meta["classes"], "image_size": meta["image_size"], "cached_block4": cfg.cache_block4, **data}
     if cfg.cache_block4:
-        return _finetune_cached(job, cfg, meta, manifest, top_model, metadata)
-    features, top = top_model.get_layer("vgg16_features"), top_model.get_layer("top")
-    metadata.update(data_dir=storage.absolute(index.root), layout=index.layout,
-                    validation_fraction=_data_options(cfg, meta)[2], excluded=index.excluded)
-    export_model = _finetuned_image_model(meta, features.get_weights())
-    return image_job(job, cfg, index, meta["image_size"], metadata, export_model,
+        return _finetune_cached(job, cfg, manifest, features, top, image_model, metadata)
+    return image_job(job, cfg, index, meta["image_size"], metadata, image_model,
                      base_weights=ray.put(features.get_weights()), top_weights=ray.put(top.get_weights()))
 
 
@@ -101,17 +83,15 @@ def _finetuned_image_model(meta: dict[str, Any], base_weights: list[np.ndarray])
     return build
 
 
-def _finetune_cached(job: Job, cfg: FinetuneConfig, meta: dict[str, Any], manifest: dict[str, Any], top_model,
+def _finetune_cached(job: Job, cfg: FinetuneConfig, manifest: dict[str, Any], features, top, image_model,
                      metadata: dict[str, Any]) -> dict[str, Any]:
-    """Fine-tuning on the block-4 cache of the top model's feature folder (``--cache-block4``)."""
+    """Fine-tuning on the block-4 cache of the top model's feature folder (``--cache-block4``), from the top
+    model's ``features`` and ``top``; ``image_model`` builds the export."""
     from pipeline.nets import models  # Keras (seconds to load): not before the job runs
 
-    features, top = top_model.get_layer("vgg16_features"), top_model.get_layer("top")
-    classes, shape = meta["classes"], tuple(vgg16.feature_shape(meta["image_size"]))
-    features_dir = meta.get("features_dir")
-    require_one_batch(split_rows(manifest, "train"), cfg.batch_size)
+    classes, image_size = metadata["classes"], metadata["image_size"]
     block4_shape = tuple(manifest["block4"]["shape"])
-    cache = storage.join(features_dir, manifest["block4"]["dir"])
+    cache = storage.join(metadata["features_dir"], manifest["block4"]["dir"])
     # Extraction's shards already mix the classes: streamed, a per-epoch block order plus the local
     # shuffle buffer suffice; held, the cache is reshuffled in memory every epoch.
     datasets = {"train": ray.data.read_parquet(storage.join(cache, "train"))
@@ -120,15 +100,13 @@ def _finetune_cached(job: Job, cfg: FinetuneConfig, meta: dict[str, Any], manife
                 .select_columns(["path", "label", "block4"])}
     # Caches written before float16 was the default hold float32.
     itemsize = np.dtype(manifest["block4"].get("dtype", "float32")).itemsize
-    held = held_bytes((2 * split_rows(manifest, "train") + split_rows(manifest, "validation"))
-                      * np.prod(block4_shape) * itemsize, cfg.num_workers)
-    settings = loop_settings("finetune", cfg, len(classes), split_rows(manifest, "train"),
-                             image_size=meta["image_size"], augment=True, shift=cfg.shift,
-                             cached_block4=True, block4_shape=block4_shape, feature_shape=shape,
-                             hold_in_memory=held > 0, held_bytes=held,
+    rows = split_rows(manifest, "train")
+    settings = loop_settings(cfg, len(classes), rows, (2 * rows + split_rows(manifest, "validation"))
+                             * np.prod(block4_shape) * itemsize, image_size=image_size, augment=True,
+                             shift=cfg.shift, cached_block4=True, block4_shape=block4_shape,
+                             feature_shape=tuple(vgg16.feature_shape(image_size)),
                              base_weights=ray.put(models.block5_weights(features)),
                              top_weights=ray.put(top.get_weights()))
-    image_model = _finetuned_image_model(meta, features.get_weights())
 
     def export(best):
         trained = models.block5_classifier(block4_shape, len(classes), "float32")
@@ -138,28 +116,27 @@ def _finetune_cached(job: Job, cfg: FinetuneConfig, meta: dict[str, Any], manife
         return model
 
     validation = read_split(cache, "validation", columns=["path", "label"]).rename_columns(["relpath", "label"])
-    metadata.update(data_dir=manifest["data_dir"], layout=manifest["layout"],
-                    validation_fraction=manifest["config"]["validation_fraction"], features_dir=features_dir)
     return train_export_evaluate(job, cfg, settings, datasets, export, metadata, validation, manifest["data_dir"])
 
 
-def _finetune_data(cfg: FinetuneConfig, meta: dict[str, Any]) -> tuple[dict[str, Any] | None, DatasetIndex | None]:
-    """What fine-tuning trains on: the top model's feature folder with its block-4 cache (its
-    manifest), or the image files (their index: ``--data-dir``, else the top model's data)."""
+def _finetune_data(cfg: FinetuneConfig, meta: dict[str, Any]) -> tuple[dict[str, Any] | None, DatasetIndex | None,
+                                                                        dict[str, Any]]:
+    """What fine-tuning trains on: the top model's feature folder with its block-4 cache (its manifest), or the
+    image files (their index: ``--data-dir``, else the top model's data); and what the model records of it."""
     if cfg.cache_block4:
-        return ensure_block4_cache(meta.get("features_dir")), None
-    data_dir, layout, fraction = _data_options(cfg, meta)
+        manifest = ensure_block4_cache(meta.get("features_dir"))
+        return manifest, None, {"data_dir": manifest["data_dir"], "layout": manifest["layout"],
+                                "validation_fraction": manifest["config"]["validation_fraction"],
+                                "features_dir": meta.get("features_dir")}
+    if cfg.data_dir is not None:
+        data_dir, layout, fraction = cfg.data_dir, cfg.layout, cfg.validation_fraction
+    else:
+        data_dir, layout = meta["data_dir"], meta.get("layout", cfg.layout)
+        fraction = meta.get("validation_fraction", cfg.validation_fraction)
     index = discover(data_dir, layout, fraction, cfg.max_images_per_class, cfg.exclude)
     if index.classes != meta["classes"]:
         raise DataError(f"the top model knows classes {meta['classes']} but {data_dir} has {index.classes}")
-    return None, index
-
-
-def _data_options(cfg: FinetuneConfig, meta: dict[str, Any]) -> tuple[str, str, float]:
-    """(data root, layout, validation fraction): ``--data-dir``'s, else those the top model was trained on."""
-    if cfg.data_dir is not None:
-        return cfg.data_dir, cfg.layout, cfg.validation_fraction
-    return meta["data_dir"], meta.get("layout", cfg.layout), meta.get("validation_fraction", cfg.validation_fraction)
+    return None, index, {"validation_fraction": fraction}
 
 
 def ensure_block4_cache(features_dir: str | None) -> dict[str, Any]:

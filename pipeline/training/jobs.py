@@ -25,11 +25,11 @@ from pipeline.batch.predict import collect_probabilities, predictions_dataset
 from pipeline.config import FinetuneConfig, ImageTrainConfig, ScratchConfig, TrainConfig
 from pipeline.data import outputs, storage
 from pipeline.data.discover import DatasetIndex
-from pipeline.data.reuse import require_same
+from pipeline.data.reuse import job_settings, require_same
 from pipeline.data.shards import REJECT_SCHEMA
 from pipeline.errors import DataError, UserError
 from pipeline.nets.modelfile import MODEL_FILE, SAVED_MODEL_DIR, export_saved_model, save_classifier
-from pipeline.options import CONFIG_FILE
+from pipeline.options import CONFIG_FILE, write_resolved
 from pipeline.training import tracking
 from pipeline.training.batches import held_bytes
 from pipeline.training.checkpoints import load_checkpoint_weights, read_checkpoint_state
@@ -76,20 +76,24 @@ def split_rows(manifest: dict[str, Any], split: str) -> int:
     return sum(manifest["counts"].get(split, {}).values())
 
 
-def require_one_batch(train_rows: int, batch_size: int) -> None:
-    """DataError when the training split is smaller than one batch: every epoch would take no
-    step (a partial last batch is dropped), and the run would 'finish' having learnt nothing."""
-    if train_rows < batch_size:
-        raise DataError(f"the training split has {train_rows} images, fewer than one batch of {batch_size}: "
+def learning_rate(cfg: TrainConfig) -> float:
+    """``--learning-rate``, else the default of the job's kind (``kinds``)."""
+    return cfg.learning_rate or KINDS[job_folder(cfg)].learning_rate
+
+
+def loop_settings(cfg: TrainConfig, num_classes: int, train_rows: int, data_bytes: float, **kw: Any) -> LoopSettings:
+    """The workers' settings for the job of ``cfg``: its training options, whether each worker holds the data
+    (``data_bytes``, both splits; ``held_bytes``), and ``kw``. DataError when the training split is smaller than one
+    batch: every epoch would take no step (a partial last batch is dropped), and the run would 'finish' having
+    learnt nothing."""
+    if train_rows < cfg.batch_size:
+        raise DataError(f"the training split has {train_rows} images, fewer than one batch of {cfg.batch_size}: "
                         f"pass --batch-size {max(1, train_rows)} or less, or add images")
-
-
-def loop_settings(kind: str, cfg: TrainConfig, num_classes: int, train_rows: int, **kw: Any) -> LoopSettings:
-    """The workers' settings for a job of ``kind``: ``cfg``'s training options, and ``kw``."""
     steps = cfg.epochs * (train_rows // cfg.batch_size)
-    return LoopSettings(kind=kind, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                        learning_rate=cfg.learning_rate or kind_of(kind).learning_rate, seed=cfg.seed,
-                        precision=cfg.precision, num_classes=num_classes, dropout=cfg.dropout,
+    held = held_bytes(data_bytes, cfg.num_workers)
+    return LoopSettings(kind=KINDS[job_folder(cfg)].name, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                        learning_rate=learning_rate(cfg), seed=cfg.seed, precision=cfg.precision,
+                        num_classes=num_classes, dropout=cfg.dropout, hold_in_memory=held > 0, held_bytes=held,
                         ema_momentum=ema_momentum(cfg.ema_momentum, steps), **kw)
 
 
@@ -103,13 +107,18 @@ class Job:
     started: float  # time.monotonic() at its start: the summary's wall time counts from it
 
 
-def prepare(kind: str, directory: str, settings: dict[str, Any], overwrite: bool,
-            started: float) -> tuple[Job, dict[str, Any] | None]:
-    """The one reuse rule: a finished job with the same settings is reused (its summary returned), an
-    unfinished one resumed, one with other settings refused, naming them; ``overwrite`` starts afresh.
-    Holds the folder's lock for the rest of the job and refuses files a training job does not write."""
+def prepare(cfg: TrainConfig, name: str, output_dir: str, started: float, drop: tuple[str, ...],
+            **inputs: Any) -> tuple[Job, dict[str, Any] | None]:
+    """The one reuse rule for the job ``jobs.<name>`` of ``cfg`` in its folder under ``output_dir``, its settings
+    ``cfg``'s options (less ``drop``; the learning rate resolved) and ``inputs``: a finished job with the same
+    settings is reused (its summary returned), an unfinished one resumed, one with other settings refused, naming
+    them; ``--overwrite`` starts afresh. Holds the folder's lock for the rest of the job, refuses files a training
+    job does not write and, unless reused, writes its resolved options to ``config.yaml``."""
+    folder = job_folder(cfg)
+    kind, directory = KINDS[folder].name, storage.join(output_dir, folder)
+    settings = job_settings(cfg, drop=drop, learning_rate=learning_rate(cfg), **inputs)
     outputs.hold_lock(directory)
-    outputs.prepare(directory, JOB_LAYOUT, overwrite)
+    outputs.prepare(directory, JOB_LAYOUT, cfg.overwrite)
     recorded_at = storage.join(directory, SETTINGS)
     if storage.exists(recorded_at):
         recorded = storage.read_json(recorded_at)
@@ -117,12 +126,15 @@ def prepare(kind: str, directory: str, settings: dict[str, Any], overwrite: bool
         done = finished_summary(directory)
         if done:
             log.info(f"reusing finished {kind} model in {directory} (same settings and inputs; --overwrite retrains)")
-        else:
-            log.info(f"resuming the unfinished {kind} run in {directory} from its last checkpoint")
-        return Job(kind, directory, recorded, started), done
-    if storage.exists(directory) and (finished_summary(directory) or storage.exists(storage.join(directory, "ray_train"))):
-        require_same(directory, f"a {kind} run", None, settings)
-    storage.write_json(recorded_at, settings)
+            return Job(kind, directory, recorded, started), done
+        log.info(f"resuming the unfinished {kind} run in {directory} from its last checkpoint")
+        settings = recorded
+    else:
+        if storage.exists(directory) and (finished_summary(directory)
+                                          or storage.exists(storage.join(directory, "ray_train"))):
+            require_same(directory, f"a {kind} run", None, settings)
+        storage.write_json(recorded_at, settings)
+    write_resolved(directory, name, cfg, output_dir=output_dir)
     return Job(kind, directory, settings, started), None
 
 
@@ -237,30 +249,16 @@ def _image_datasets(files: dict[str, pa.Table], root: str, image_size: int, cfg:
             for split in ("train", "validation")}
 
 
-def _evaluate_model_file(path: str, files: pa.Table, root: str, classes: list[str], image_size: int,
-                         precision: str, batch_size: int, max_pixels: int) -> dict[str, Any]:
-    """Evaluate a saved classifier on ``files`` (``relpath``, ``label``) with the batch-prediction pipeline."""
-    ds = predictions_dataset(path, files.select(["relpath"]), root, image_size, precision, inference_plan(1),
-                             batch_size, max_pixels=max_pixels)
-    paths, probs, rejects = collect_probabilities(ds)
-    if rejects:
-        raise DataError(f"{len(rejects)} validation files could not be decoded during evaluation: {rejects[:3]}")
-    label_of = dict(zip(files.column("relpath").to_pylist(), files.column("label").to_pylist()))
-    return evaluate(np.array([label_of[p] for p in paths]), probs, classes)
-
-
 def image_job(job: Job, cfg: ImageTrainConfig, index: DatasetIndex, image_size: int, metadata: dict[str, Any],
               model_fn, rotation: float = 0.0, base_weights=None, top_weights=None) -> dict[str, Any]:
     """A job on augmented images of ``index``: train (from ``base_weights`` and ``top_weights`` when given),
-    export (``model_fn()`` with the best checkpoint's weights), evaluate, write the outputs."""
+    export (``model_fn()`` with the best checkpoint's weights), evaluate, write the outputs (``metadata``
+    and the data's)."""
     files = _good_rows(index, image_size, cfg, job.directory)
-    require_one_batch(len(files["train"]), cfg.batch_size)
     # Held images are decoded once, not every epoch, and any worker count trains the same weights.
-    held = held_bytes((len(files["train"]) + len(files["validation"])) * image_size ** 2 * 3, cfg.num_workers)
-    datasets = _image_datasets(files, index.root, image_size, cfg, held > 0)
-    settings = loop_settings(job.kind, cfg, len(index.classes), len(files["train"]), image_size=image_size,
-                             augment=True, rotation=rotation, shift=cfg.shift, hold_in_memory=held > 0,
-                             held_bytes=held,
+    settings = loop_settings(cfg, len(index.classes), len(files["train"]),
+                             (len(files["train"]) + len(files["validation"])) * image_size ** 2 * 3,
+                             image_size=image_size, augment=True, rotation=rotation, shift=cfg.shift,
                              preprocessing=metadata.get("preprocessing", "unit"), base_weights=base_weights,
                              top_weights=top_weights)
 
@@ -269,20 +267,27 @@ def image_job(job: Job, cfg: ImageTrainConfig, index: DatasetIndex, image_size: 
         load_checkpoint_weights(best, model)
         return model
 
-    return train_export_evaluate(job, cfg, settings, datasets, export,
-                                 {**metadata, "classes": index.classes, "image_size": image_size},
-                                 files["validation"], index.root)
+    metadata = {**metadata, "data_dir": storage.absolute(index.root), "layout": index.layout,
+                "excluded": index.excluded, "classes": index.classes, "image_size": image_size}
+    datasets = _image_datasets(files, index.root, image_size, cfg, settings.hold_in_memory)
+    return train_export_evaluate(job, cfg, settings, datasets, export, metadata, files["validation"], index.root)
 
 
 def train_export_evaluate(job: Job, cfg: ImageTrainConfig, settings: LoopSettings, datasets: dict[str, Any],
                           export, metadata: dict[str, Any], validation: pa.Table, root: str) -> dict[str, Any]:
-    """Train, turn the best checkpoint into an image → class model (``export``), evaluate it, write the outputs."""
+    """Train, turn the best checkpoint into an image → class model (``export``), evaluate it on ``validation``
+    (``relpath``, ``label`` under ``root``) with the batch-prediction pipeline, write the outputs."""
     trained = run(job, settings, datasets, cfg)
     model = export(trained.best)
     # Save first, then evaluate the saved file: what is measured is what prediction will load.
     with tempfile.TemporaryDirectory(prefix="ric-eval-") as tmp:
         tmp_path = os.path.join(tmp, MODEL_FILE)
         save_classifier(model, tmp_path, {**metadata, "kind": job.kind})
-        evaluation = _evaluate_model_file(tmp_path, validation, root, metadata["classes"], metadata["image_size"],
-                                          settings.precision, cfg.batch_size, cfg.max_pixels)
+        paths, probs, rejects = collect_probabilities(predictions_dataset(
+            tmp_path, validation.select(["relpath"]), root, metadata["image_size"], settings.precision,
+            inference_plan(1), cfg.batch_size, max_pixels=cfg.max_pixels))
+    if rejects:
+        raise DataError(f"{len(rejects)} validation files could not be decoded during evaluation: {rejects[:3]}")
+    label_of = dict(zip(validation.column("relpath").to_pylist(), validation.column("label").to_pylist()))
+    evaluation = evaluate(np.array([label_of[p] for p in paths]), probs, metadata["classes"])
     return finish(job, model, metadata, trained, evaluation)

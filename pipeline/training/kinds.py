@@ -1,7 +1,8 @@
 """The kinds of model the training jobs make: how each is built and fed, its optimizer, title and the
 reference article's figure. ``KINDS`` is keyed by the job's folder, so fine-tuning has two entries
 (``finetune`` on cached block-4 outputs, ``finetune_streamed`` on images), both of model kind ``finetune``.
-Only workers build models, so Keras (seconds to load) is imported inside the builders.
+Only workers build models, and this module stays light to import: the training loop (worker-only, Keras at
+its top; Keras takes seconds to load) hands the builders ``pipeline.nets.models`` and its dropout layer.
 """
 
 from __future__ import annotations
@@ -55,18 +56,12 @@ def _images(batch: dict[str, Any], s: LoopSettings, rng: np.random.Generator | N
     return augment_batch(images, rng, aug) if rng is not None else images.astype(np.float32)
 
 
-def _top_mlp(s: LoopSettings, base_weights, top_weights):
-    from pipeline.nets import models  # Keras: only workers build (module docstring)
-    from pipeline.training.dropout import GlobalDropout
-
-    return models.top_classifier(s.feature_shape, s.num_classes, s.precision, s.dropout, GlobalDropout)
+def _top_mlp(models, dropout_layer, s: LoopSettings, base_weights, top_weights):
+    return models.top_classifier(s.feature_shape, s.num_classes, s.precision, s.dropout, dropout_layer)
 
 
-def _block5_and_top(s: LoopSettings, base_weights, top_weights):
-    from pipeline.nets import models  # Keras: only workers build (module docstring)
-    from pipeline.training.dropout import GlobalDropout
-
-    model = models.block5_classifier(s.block4_shape, s.num_classes, s.precision, s.dropout, GlobalDropout)
+def _block5_and_top(models, dropout_layer, s: LoopSettings, base_weights, top_weights):
+    model = models.block5_classifier(s.block4_shape, s.num_classes, s.precision, s.dropout, dropout_layer)
     if base_weights is not None:
         model.get_layer("vgg16_block5").set_weights(base_weights)
     if top_weights is not None:
@@ -74,23 +69,17 @@ def _block5_and_top(s: LoopSettings, base_weights, top_weights):
     return model
 
 
-def _vgg16_and_top(s: LoopSettings, base_weights, top_weights):
-    from pipeline.nets import models  # Keras: only workers build (module docstring)
-    from pipeline.training.dropout import GlobalDropout
-
+def _vgg16_and_top(models, dropout_layer, s: LoopSettings, base_weights, top_weights):
     features = models.feature_extractor(s.image_size, base_weights, s.preprocessing, s.precision)
     models.freeze_below_block5(features)
-    top = models.top_classifier(features.output_shape[1:], s.num_classes, s.precision, s.dropout, GlobalDropout)
+    top = models.top_classifier(features.output_shape[1:], s.num_classes, s.precision, s.dropout, dropout_layer)
     if top_weights is not None:
         top.set_weights(top_weights)
     return models.image_classifier(features, top, name="vgg16_finetuned")
 
 
-def _small_cnn(s: LoopSettings, base_weights, top_weights):
-    from pipeline.nets import models  # Keras: only workers build (module docstring)
-    from pipeline.training.dropout import GlobalDropout
-
-    return models.scratch_cnn(s.image_size, s.num_classes, s.precision, s.dropout, GlobalDropout)
+def _small_cnn(models, dropout_layer, s: LoopSettings, base_weights, top_weights):
+    return models.scratch_cnn(s.image_size, s.num_classes, s.precision, s.dropout, dropout_layer)
 
 
 @dataclass(frozen=True)
@@ -101,8 +90,9 @@ class Kind:
     folder: str  # its job's folder under <output-dir>, its key in KINDS
     title: str  # in curves and report.md
     reference: str  # the reference article's validation accuracy
-    # The model under training, from optional starting weights (base, top); under the current strategy scope.
-    build: Callable[[LoopSettings, Any, Any], Any]
+    # The model under training, from pipeline.nets.models, a dropout layer, the settings and optional starting
+    # weights (base, top); under the current strategy scope.
+    build: Callable[[Any, Any, LoopSettings, Any, Any], Any]
     # A batch's model input, augmented when given a generator.
     inputs: Callable[[dict[str, Any], LoopSettings, np.random.Generator | None], np.ndarray]
     columnar: bool  # batches of Arrow columns (features, block-4 maps), not numpy images

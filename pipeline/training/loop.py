@@ -29,11 +29,12 @@ from pipeline import logs
 from pipeline.batch.cluster import configure_tensorflow_devices
 from pipeline.faults import maybe_fail, trace
 from pipeline.images.augment import GlobalRows
+from pipeline.nets import models
 from pipeline.nets.precision import device_precision
 from pipeline.training import tracking
 from pipeline.training.batches import batch_inputs, epoch_batches
 from pipeline.training.checkpoints import averaged_weights, restore_checkpoint, save_checkpoint
-from pipeline.training.dropout import place
+from pipeline.training.dropout import GlobalDropout, place
 from pipeline.training.kinds import kind_of
 from pipeline.training.settings import LoopSettings
 
@@ -45,7 +46,7 @@ STATS = ("loss_sum", "correct", "samples", "has_next")
 def build_model(s: LoopSettings, base_weights=None, top_weights=None):
     """The Keras model (``kinds``) and optimizer of one training kind (under the current strategy scope)."""
     kind = kind_of(s.kind, s.cached_block4)
-    model = kind.build(s, base_weights, top_weights)
+    model = kind.build(models, GlobalDropout, s, base_weights, top_weights)
     average = {"use_ema": s.ema_momentum > 0, "ema_momentum": s.ema_momentum or 0.99}
     if kind.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(learning_rate=s.learning_rate, momentum=0.9, **average)
@@ -56,9 +57,11 @@ def build_model(s: LoopSettings, base_weights=None, top_weights=None):
 
 
 def per_example_loss(num_classes: int):
-    """Unreduced cross-entropy: binary for two classes (one sigmoid unit), categorical otherwise."""
+    """Unreduced cross-entropy of (labels, outputs): binary for two classes (one sigmoid unit, whose labels
+    become a float column), categorical otherwise."""
     if num_classes == 2:
-        return keras.losses.BinaryCrossentropy(reduction=None)
+        binary = keras.losses.BinaryCrossentropy(reduction=None)
+        return lambda y, out: binary(tf.cast(tf.reshape(y, (-1, 1)), tf.float32), out)
     return keras.losses.SparseCategoricalCrossentropy(reduction=None)
 
 
@@ -67,12 +70,6 @@ def predicted_labels(outputs, num_classes: int):
     if num_classes == 2:
         return tf.cast(outputs[:, 0] > 0.5, tf.int32)
     return tf.cast(tf.argmax(outputs, axis=-1), tf.int32)
-
-
-def _targets(y, num_classes: int):
-    if num_classes == 2:
-        return tf.cast(tf.reshape(y, (-1, 1)), tf.float32)
-    return y
 
 
 @dataclass
@@ -126,7 +123,7 @@ class DistributedSteps:
     def _train_step(self, x, y, has_next):
         with tf.GradientTape() as tape:
             out = self.model(x, training=True)
-            losses = self.loss_fn(_targets(y, self.s.num_classes), out)
+            losses = self.loss_fn(y, out)
             loss = tf.nn.compute_average_loss(losses, global_batch_size=self.s.batch_size)
         grads = tape.gradient(loss, self.model.trainable_variables)
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
@@ -134,7 +131,7 @@ class DistributedSteps:
 
     def _eval_step(self, x, y, has_next):
         out = self.model(x, training=False)
-        return self._stats(y, out, self.loss_fn(_targets(y, self.s.num_classes), out), has_next)
+        return self._stats(y, out, self.loss_fn(y, out), has_next)
 
 
 def run_epoch(steps: DistributedSteps, step_fn, batches: Iterator[dict], world: int,

@@ -57,6 +57,7 @@ def write_report(path: str, stages: list[dict[str, Any]], note: str | None, comm
               "| stage | model | val accuracy (best epoch) | val accuracy (last epoch) | val loss | reference article "
               "| epochs | wall time (s) | images/s |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    curves = []
     for st in stages:
         acc, last, loss = (f"{st[key]:.4f}" if st.get(key) is not None else "–"
                            for key in ("accuracy", "last_epoch_accuracy", "loss"))
@@ -64,9 +65,6 @@ def write_report(path: str, stages: list[dict[str, Any]], note: str | None, comm
         lines.append(f"| {st['stage']} | {kind.title if kind else '–'} | {acc} | {last} | {loss} | "
                      f"{kind.reference if kind else '–'} | {st.get('epochs', '–')} | "
                      f"{st.get('wall_s', st['seconds']):.1f} | {st.get('images_per_s', 0):.1f} |")
-    lines.append("")
-    for st in stages:
         if st.get("curves"):
-            lines += [f"## {kind_of(st['kind'], st.get('cached_block4', False)).title}", "", f"![curves]({st['curves']})",
-                      ""]
-    storage.write_text(path, "\n".join(lines))
+            curves += [f"## {kind.title}", "", f"![curves]({st['curves']})", ""]
+    storage.write_text(path, "\n".join([*lines, "", *curves]))

@@ -7,14 +7,11 @@ import time
 from typing import Any
 
 from pipeline.config import ScratchConfig
-from pipeline.data import outputs, storage
+from pipeline.data import outputs
 from pipeline.data.discover import discover
-from pipeline.data.reuse import job_settings
 from pipeline.data.shards import data_name
 from pipeline.data.synthetic import default_data_dir, is_synthetic, note_builtin_data
-from pipeline.options import write_resolved
 from pipeline.training.jobs import image_job, prepare
-from pipeline.training.kinds import KINDS
 
 
 @outputs.holding_locks
@@ -29,15 +26,11 @@ def train_scratch(cfg: ScratchConfig) -> dict[str, Any]:
         note_builtin_data()
     output_dir = cfg.output_dir or os.path.join("outputs", data_name(data_dir))
     index = discover(data_dir, cfg.layout, cfg.validation_fraction, cfg.max_images_per_class, cfg.exclude)
-    settings = job_settings(cfg, drop=("data_dir",), data=index.fingerprint(),
-                            learning_rate=cfg.learning_rate or KINDS["scratch"].learning_rate)
-    job, reused = prepare("scratch", storage.join(output_dir, "scratch"), settings, cfg.overwrite, started)
+    job, reused = prepare(cfg, "train_scratch", output_dir, started, ("data_dir",), data=index.fingerprint())
     if reused:
         return reused
-    write_resolved(job.directory, "train_scratch", cfg, output_dir=output_dir)
-    metadata = {"weights": None, "preprocessing": "unit",
-                "data_dir": storage.absolute(data_dir), "layout": cfg.layout,
-                "validation_fraction": cfg.validation_fraction, "synthetic": synthetic, "excluded": index.excluded}
+    metadata = {"weights": None, "preprocessing": "unit", "validation_fraction": cfg.validation_fraction,
+                "synthetic": synthetic}
     return image_job(job, cfg, index, cfg.image_size, metadata,
                      lambda: models.scratch_cnn(cfg.image_size, len(index.classes), "float32", dropout=cfg.dropout),
                      rotation=cfg.rotation)

@@ -14,15 +14,11 @@ from pipeline.batch.evaluation import evaluate
 from pipeline.batch.extract import run_extraction
 from pipeline.config import ExtractConfig, TrainTopConfig
 from pipeline.data import outputs, storage
-from pipeline.data.reuse import job_settings
 from pipeline.data.shards import data_name, features_as_array, read_split
 from pipeline.errors import DataError
 from pipeline.nets.weights import load_weight_arrays, resolve_weights
-from pipeline.options import write_resolved
-from pipeline.training.batches import held_bytes
 from pipeline.training.checkpoints import load_checkpoint_weights
-from pipeline.training.jobs import finish, loop_settings, prepare, require_one_batch, run, split_rows
-from pipeline.training.kinds import KINDS
+from pipeline.training.jobs import finish, loop_settings, prepare, run, split_rows
 
 
 def finished_features(features_dir: str) -> dict[str, Any]:
@@ -41,20 +37,18 @@ def default_features(output_dir: str | None) -> str:
     return run_extraction(cfg)["output_dir"]
 
 
-def _feature_datasets(features_dir: str, manifest: dict[str, Any], cfg: TrainTopConfig) -> tuple[dict[str, Any], int]:
-    """The top MLP's training and validation datasets and the bytes each worker holds of them (0: streamed)."""
+def _feature_datasets(features_dir: str, seed: int, held: bool) -> dict[str, Any]:
+    """The top MLP's training and validation datasets, which each worker holds whole when ``held``."""
     # The path gives held data an order that does not depend on how Ray read it. Other columns
     # stay unread: an older extraction's train shards may also hold features_flipped.
     columns = ["path", "label", "features"]
     datasets = {split: ray.data.read_parquet(storage.join(features_dir, split)).select_columns(columns)
                 for split in ("train", "validation")}
-    rows = split_rows(manifest, "train") + split_rows(manifest, "validation")
-    held = held_bytes(rows * np.prod(manifest["feature_shape"]) * 4, cfg.num_workers)
     if not held:
         # A seeded global shuffle mixes the classes even of older extractions' class-by-class shards;
         # the local buffer reorders every epoch (held data is reshuffled in memory instead).
-        datasets["train"] = datasets["train"].random_shuffle(seed=cfg.seed)
-    return datasets, held
+        datasets["train"] = datasets["train"].random_shuffle(seed=seed)
+    return datasets
 
 
 @outputs.holding_locks
@@ -66,25 +60,20 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     features_dir = cfg.features_dir or default_features(cfg.output_dir)
     manifest = finished_features(features_dir)
     output_dir = cfg.output_dir or os.path.join("outputs", data_name(manifest["data_dir"]))
-    job, reused = prepare("top", storage.join(output_dir, "top"),
-                          job_settings(cfg, drop=("features_dir",), features=manifest["fingerprint"],
-                                       learning_rate=cfg.learning_rate or KINDS["top"].learning_rate),
-                          cfg.overwrite, started)
+    job, reused = prepare(cfg, "train_top", output_dir, started, ("features_dir",), features=manifest["fingerprint"])
     if reused:
         return reused
-    write_resolved(job.directory, "train_top", cfg, output_dir=output_dir)
     # The exported model must carry the weights the features came from: checked before training.
     source = resolve_weights(manifest["weights"]["source"], manifest["preprocessing"])
     if source.sha256 != manifest["weights"]["sha256"]:
         raise DataError(f"the weights {source.name} (sha256 {source.sha256}) differ from those the features were "
                         f"extracted with ({manifest['weights']['sha256']}); re-extract the features")
-    require_one_batch(split_rows(manifest, "train"), cfg.batch_size)
     num_classes = len(manifest["classes"])
     shape = tuple(manifest["feature_shape"])
-    datasets, held = _feature_datasets(features_dir, manifest, cfg)
-    settings = loop_settings("top", cfg, num_classes, split_rows(manifest, "train"), feature_shape=shape,
-                             hold_in_memory=held > 0, held_bytes=held)
-    trained = run(job, settings, datasets, cfg)
+    rows = split_rows(manifest, "train")
+    settings = loop_settings(cfg, num_classes, rows, (rows + split_rows(manifest, "validation")) * np.prod(shape) * 4,
+                             feature_shape=shape)
+    trained = run(job, settings, _feature_datasets(features_dir, cfg.seed, settings.hold_in_memory), cfg)
 
     top = models.top_classifier(shape, num_classes, "float32", dropout=cfg.dropout)
     load_checkpoint_weights(trained.best, top)
