@@ -118,19 +118,16 @@ def data_parts(output: str, folders: list[str]) -> dict[str, list[str]]:
     return found
 
 
-def remove_unfinished(output: str, live: pa.Table, replaced: set[str], parts: dict[str, list[str]]) -> int:
+def remove_unfinished(output: str, live: pa.Table, replaced: set[str], parts: dict[str, list[str]]) -> None:
     """Delete the files of parts that have no entry (cut off mid-write) or were replaced, and the
-    entries of replaced parts; return how many parts went."""
+    entries of replaced parts."""
     keep = set(live.column("part").unique().to_pylist())
-    gone = 0
     for part, files in parts.items():
         for uri in files:
             if part not in keep or not uri.endswith(f"/{part}.parquet"):
                 _delete(output, uri, f"the unfinished part {part}")
-        gone += part not in keep
     for part in replaced:
         _delete(output, storage.join(output, LEDGER_DIR, f"{part}.parquet"), f"the replaced part {part!r}")
-    return gone
 
 
 @dataclass
