@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 
 from pipeline.data import outputs, storage
 from pipeline.data.reuse import require_same
+from pipeline.data.shards import read_split
 from pipeline.errors import OutputError
 
 log = logging.getLogger(__name__)
@@ -236,7 +237,7 @@ def check_shards(output: str, live: pa.Table, folders: dict[str, str]) -> None:
     good = live.filter(pc.equal(live.column("reason"), ""))
     for folder, split in folders.items():
         expected = _sorted(good.filter(pc.equal(good.column("split"), split)).column("relpath"))
-        shards = storage.read_parquet_files(storage.list_parquet(storage.join(output, folder)), ["path"])
+        shards = read_split(output, folder, ["path"])
         got = _sorted(shards.column("path") if shards is not None else pa.array([], pa.string()))
         if not got.equals(expected):
             dupes = len(got) - pc.count_distinct(got).as_py()
