@@ -13,29 +13,24 @@ from pipeline.redact import redact
 C = TypeVar("C")
 
 
-def run_job(config_cls: type[C], description: str, body: Callable[[C], object],
-            argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` into ``config_cls`` (invalid options exit 2 before any work), then run ``body``."""
-    cfg = parse_config(config_cls, argv, description)
-    # Deferred: the prechecks import every job's modules (training, serving, audit); --help and bad options exit first.
-    from pipeline.prechecks import preflight
-
-    try:
-        preflight(cfg)  # what the options name is checked before the cluster starts
-        init_ray(verbose=cfg.verbose)
-        body(cfg)
-        return 0
-    except UserError as exc:
-        # Messages name locations and URIs, which may carry credentials.
-        print(f"error: {redact(str(exc))}", file=sys.stderr)
-        return 2
-
-
 def entry(config_cls: type[C], description: str, body: Callable[[C], object]) -> Callable[..., int]:
-    """A job module's ``main(argv=None) -> int``: ``run_job`` with the job's config, ``--help`` text and body."""
+    """A job module's ``main(argv=None) -> int`` with the job's config, ``--help`` text and body."""
 
     def main(argv: Sequence[str] | None = None) -> int:
-        """Run the job on ``argv`` (default: the command line); 0 on success, 2 on a user error."""
-        return run_job(config_cls, description, body, argv)
+        """Parse ``argv`` (default: the command line; invalid options exit 2 before any work), then run the job;
+        0 on success, 2 on a user error."""
+        cfg = parse_config(config_cls, argv, description)
+        # Deferred: the prechecks import every job's modules (training, serving, audit); --help and bad options exit.
+        from pipeline.prechecks import preflight
+
+        try:
+            preflight(cfg)  # what the options name is checked before the cluster starts
+            init_ray(verbose=cfg.verbose)
+            body(cfg)
+            return 0
+        except UserError as exc:
+            # Messages name locations and URIs, which may carry credentials.
+            print(f"error: {redact(str(exc))}", file=sys.stderr)
+            return 2
 
     return main

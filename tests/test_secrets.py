@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobs._cli import run_job
+from jobs._cli import entry
 from jobs.extract_features import main as extract_main
 from pipeline.config import LogOptions
 from pipeline.data import storage
@@ -173,7 +173,7 @@ def test_job_error_naming_a_uri_prints_it_redacted(ray_cluster, capsys):
     def body(_cfg):
         raise UserError(f"s3://key:{SECRET}@bucket/out is held by another run")
 
-    assert run_job(_JobCfg, "a job", body, []) == 2
+    assert entry(_JobCfg, "a job", body)([]) == 2
     err = capsys.readouterr().err
     assert "error: s3://key:***@bucket/out is held by another run" in err.splitlines() and SECRET not in err
 

@@ -114,7 +114,7 @@ def test_a_host_beyond_loopback_without_a_token_is_refused_before_anything(host,
     # The model does not exist: the exposure is refused first, naming the options that fix it.
     with pytest.raises(ConfigError, match="--auth-token-file.*IMAGE_CLASSIFIER_TOKEN.*--insecure"):
         preflight(ServeConfig(model="/nonexistent/model.keras", host=host))
-    # The job refuses it before Ray starts: run_job's preflight comes before init_ray.
+    # The job refuses it before Ray starts: its main runs the preflight before init_ray.
     assert serve_main(["--model", "/nonexistent/model.keras", "--host", host]) == 2
     assert "--insecure" in capsys.readouterr().err
 

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 
 from pipeline.data import outputs, storage
 from pipeline.data.reuse import require_same
+from pipeline.data.shards import read_split
 from pipeline.errors import OutputError
 
 log = logging.getLogger(__name__)
@@ -118,19 +119,16 @@ def data_parts(output: str, folders: list[str]) -> dict[str, list[str]]:
     return found
 
 
-def remove_unfinished(output: str, live: pa.Table, replaced: set[str], parts: dict[str, list[str]]) -> int:
+def remove_unfinished(output: str, live: pa.Table, replaced: set[str], parts: dict[str, list[str]]) -> None:
     """Delete the files of parts that have no entry (cut off mid-write) or were replaced, and the
-    entries of replaced parts; return how many parts went."""
+    entries of replaced parts."""
     keep = set(live.column("part").unique().to_pylist())
-    gone = 0
     for part, files in parts.items():
         for uri in files:
             if part not in keep or not uri.endswith(f"/{part}.parquet"):
                 _delete(output, uri, f"the unfinished part {part}")
-        gone += part not in keep
     for part in replaced:
         _delete(output, storage.join(output, LEDGER_DIR, f"{part}.parquet"), f"the replaced part {part!r}")
-    return gone
 
 
 @dataclass
@@ -239,7 +237,7 @@ def check_shards(output: str, live: pa.Table, folders: dict[str, str]) -> None:
     good = live.filter(pc.equal(live.column("reason"), ""))
     for folder, split in folders.items():
         expected = _sorted(good.filter(pc.equal(good.column("split"), split)).column("relpath"))
-        shards = storage.read_parquet_files(storage.list_parquet(storage.join(output, folder)), ["path"])
+        shards = read_split(output, folder, ["path"])
         got = _sorted(shards.column("path") if shards is not None else pa.array([], pa.string()))
         if not got.equals(expected):
             dupes = len(got) - pc.count_distinct(got).as_py()

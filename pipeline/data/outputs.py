@@ -57,25 +57,26 @@ class Layout:
         return name in self.folders or any(fnmatch.fnmatchcase(name, p) for p in prefixes | set(self.files))
 
 
-def _listing(uri: str) -> tuple[list[str], list[str]]:
-    """(files, folders) under ``uri`` relative to it, hidden ones included; empty when it is missing."""
+def _listing(uri: str) -> tuple[list[str], list[str], list[str]]:
+    """(files, folders, links) under ``uri`` relative to it, hidden ones included; empty when it is missing."""
     filesystem, base = storage.split_uri(uri)
     if filesystem.get_file_info(base).type != pafs.FileType.Directory:
-        return [], []
+        return [], [], []
     if isinstance(filesystem, pafs.LocalFileSystem):
         return _local_listing(base)
     infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
     cut = len(base.rstrip("/")) + 1
     files = sorted(i.path[cut:] for i in infos if i.type != pafs.FileType.Directory)
     folders = sorted(i.path[cut:] for i in infos if i.type == pafs.FileType.Directory)
-    return files, folders
+    return files, folders, []
 
 
-def _local_listing(base: str) -> tuple[list[str], list[str]]:
+def _local_listing(base: str) -> tuple[list[str], list[str], list[str]]:
     """``_listing`` of a local folder, links not followed: the project never writes a link, so a
-    link (to a folder or a file) is listed as a file, which no layout allows; a deletion can then
-    never reach through one. Names that are not UTF-8 are listed escaped (``pipeline.names``)."""
-    files, folders = [], []
+    link (to a folder or a file) is listed as a file and as a link, which is refused even under a
+    layout's name; a deletion can then never reach through one. Names that are not UTF-8 are listed
+    escaped (``pipeline.names``)."""
+    files, folders, links = [], [], []
     for top, dirs, names_here in os.walk(base, followlinks=False):
         rel = os.path.relpath(top, base)
         prefix = "" if rel == "." else names.escape(rel) + "/"
@@ -86,7 +87,8 @@ def _local_listing(base: str) -> tuple[list[str], list[str]]:
             else:
                 folders.append(prefix + names.escape(d))
         files += [prefix + names.escape(n) for n in names_here]
-    return sorted(files), sorted(folders)
+        links += [prefix + names.escape(n) for n in names_here if os.path.islink(os.path.join(top, n))]
+    return sorted(files), sorted(folders), sorted(links)
 
 
 def _judge(files: list[str], folders: list[str], layout: Layout) -> tuple[list[str], bool]:
@@ -135,9 +137,9 @@ def prepare(uri: str, layout: Layout, overwrite: bool) -> None:
 
 def _checked(uri: str, layout: Layout) -> list[str]:
     """The files in ``uri``, after refusing a folder that holds anything ``layout`` does not allow."""
-    files, folders = _listing(uri)
+    files, folders, links = _listing(uri)
     foreign, marked = _judge(files, folders, layout)
-    foreign += [f for f in files if _is_link(uri, f) and f not in foreign]
+    foreign += [f for f in links if f not in foreign]
     if foreign:
         raise OutputError(f"{uri} holds files that are not {layout.what} of this project: {_named(foreign)}; "
                           f"nothing was deleted. Choose another output folder (or move those files away)")
@@ -146,11 +148,6 @@ def _checked(uri: str, layout: Layout) -> list[str]:
                           f"{layout.what} of this project writes first; nothing was deleted. Choose another "
                           f"output folder (or delete it yourself)")
     return files
-
-
-def _is_link(uri: str, name: str) -> bool:
-    filesystem, base = storage.split_uri(uri)
-    return isinstance(filesystem, pafs.LocalFileSystem) and os.path.islink(os.path.join(base, names.os_path(name)))
 
 
 def _all_markers(layout: Layout) -> set[str]:

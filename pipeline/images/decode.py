@@ -104,17 +104,13 @@ def _flattened(im: Image.Image) -> Image.Image:
         return _sixteen_to_eight(im)
     if im.mode == "1":
         return im.convert("L")
-    if im.mode == "LA":
-        background = Image.new("L", im.size, 255)
-        background.paste(im, mask=im)  # an LA mask is its alpha band: no copy of it
-        return background
     if im.mode == "P":
         im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
     if im.mode in ("La", "PA", "RGBa"):
         im = im.convert("RGBA")
-    if im.mode == "RGBA":
-        background = Image.new("RGB", im.size, (255, 255, 255))
-        background.paste(im, mask=im)
+    if im.mode in ("LA", "RGBA"):
+        background = Image.new(im.mode[:-1], im.size, "white")
+        background.paste(im, mask=im)  # the mask is the image's alpha band: no copy of it
         return background
     return im if im.mode in ("L", "RGB") else im.convert("RGB")
 
@@ -143,34 +139,24 @@ def _fast_jpeg(data: bytes, im: Image.Image, image_size: int) -> np.ndarray | No
         return None
     scale = _draft_scale(im, image_size)
     width, height = (-(-side // scale) for side in im.size)
-    try:
-        pixels = simplejpeg.decode_jpeg(data, "RGB", min_height=height, min_width=width)
-    except ValueError as exc:
-        _raise_if_cut_short(exc, im)
-        return None  # corrupt or unusual: Pillow decides, as it always has
-    if pixels.shape[:2] != (height, width):
+    pixels = _strict_jpeg(data, im, "RGB", height, width)
+    if pixels is None or pixels.shape[:2] != (height, width):
         return None
     turn = _TURNS.get(im.getexif().get(_EXIF_ORIENTATION, 1))
     return resize_bilinear(turn(pixels) if turn else pixels, (image_size, image_size))
 
 
-def _raise_if_cut_short(exc: ValueError, im: Image.Image) -> None:
-    """Raise "truncated" when libjpeg-turbo's strict mode says the JPEG's data ends before its pixels do."""
-    if "premature end" in str(exc).lower():
-        width, height = im.size
-        raise DecodeError("truncated", f"the data ends before the {width}x{height} pixels its header declares "
-                                       f"(libjpeg-turbo: {exc})") from exc
-
-
-def _check_jpeg_data(data: bytes, im: Image.Image) -> None:
-    """Reject a JPEG whose entropy-coded data stops early, which Pillow decodes into grey pixels (libjpeg only
-    warns, and Pillow discards its warnings): simplejpeg's strict mode makes it an error, and decoding at 1/8
-    scale (DC coefficients only) costs the entropy decoding alone."""
-    colorspace = "CMYK" if im.mode == "CMYK" else "RGB"
+def _strict_jpeg(data: bytes, im: Image.Image, colorspace: str, height: int, width: int) -> np.ndarray | None:
+    """simplejpeg's strict decode at the smallest DCT scale of at least ``width`` x ``height``: "truncated" when
+    libjpeg-turbo says the data ends before its pixels do; None for any other complaint (corrupt or unusual:
+    Pillow decides, as it always has)."""
     try:
-        simplejpeg.decode_jpeg(data, colorspace, min_height=1, min_width=1)
+        return simplejpeg.decode_jpeg(data, colorspace, min_height=height, min_width=width)
     except ValueError as exc:
-        _raise_if_cut_short(exc, im)  # other complaints: Pillow decides, as it always has
+        if "premature end" in str(exc).lower():
+            raise DecodeError("truncated", f"the data ends before the {im.size[0]}x{im.size[1]} pixels its header "
+                                           f"declares (libjpeg-turbo: {exc})") from exc
+        return None
 
 
 def _pillow_decode(im: Image.Image, image_size: int) -> np.ndarray:
@@ -224,7 +210,10 @@ def decode_image(data: bytes, image_size: int, fast_jpeg: bool = True, *, max_pi
                     DECODED_BY["fast"] += 1
                     return fast
                 if im.format in _JPEG_FORMATS:
-                    _check_jpeg_data(data, im)
+                    # Pillow decodes a JPEG whose data stops early into grey pixels (libjpeg only warns, and Pillow
+                    # discards its warnings): the strict decode at 1/8 scale (DC coefficients only) costs the
+                    # entropy decoding alone.
+                    _strict_jpeg(data, im, "CMYK" if im.mode == "CMYK" else "RGB", 1, 1)
                 pixels = _pillow_decode(im, image_size)
                 DECODED_BY["pillow"] += 1
                 return pixels

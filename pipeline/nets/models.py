@@ -117,10 +117,14 @@ def freeze_below_block5(features_model: keras.Model) -> None:
         layer.trainable = layer.name.startswith("block5")
 
 
-def _head(x, num_classes: int):
-    """The output layer: one sigmoid unit for two classes, a softmax for more; float32 always."""
-    units, activation = (1, "sigmoid") if num_classes == 2 else (num_classes, "softmax")
-    return keras.layers.Dense(units, activation=activation, dtype="float32", name="predictions")(x)
+def _dense_head(x, units: int, num_classes: int, dropout: float, dropout_layer: Callable):
+    """What both of the article's models end with: Flatten → Dense(``units``, relu) → dropout → the output layer,
+    one sigmoid unit for two classes, a softmax for more, float32 always."""
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(units, activation="relu", name="fc1")(x)
+    x = dropout_layer(dropout, name="dropout")(x)
+    outputs, activation = (1, "sigmoid") if num_classes == 2 else (num_classes, "softmax")
+    return keras.layers.Dense(outputs, activation=activation, dtype="float32", name="predictions")(x)
 
 
 def top_classifier(input_shape: Sequence[int], num_classes: int, precision: str = "float32",
@@ -130,10 +134,7 @@ def top_classifier(input_shape: Sequence[int], num_classes: int, precision: str 
     either takes the other's weights)."""
     with dtype_policy(precision):
         inputs = keras.Input(tuple(input_shape), name="features")
-        x = keras.layers.Flatten(name="flatten")(inputs)
-        x = keras.layers.Dense(256, activation="relu", name="fc1")(x)
-        x = dropout_layer(dropout, name="dropout")(x)
-        return keras.Model(inputs, _head(x, num_classes), name="top")
+        return keras.Model(inputs, _dense_head(inputs, 256, num_classes, dropout, dropout_layer), name="top")
 
 
 def scratch_cnn(image_size: int, num_classes: int, precision: str = "float32", dropout: float = 0.5,
@@ -145,10 +146,7 @@ def scratch_cnn(image_size: int, num_classes: int, precision: str = "float32", d
         for i, filters in enumerate((32, 32, 64), start=1):
             x = keras.layers.Conv2D(filters, 3, activation="relu", name=f"conv{i}")(x)
             x = keras.layers.MaxPooling2D(2, name=f"pool{i}")(x)
-        x = keras.layers.Flatten(name="flatten")(x)
-        x = keras.layers.Dense(64, activation="relu", name="fc1")(x)
-        x = dropout_layer(dropout, name="dropout")(x)
-        return keras.Model(inputs, _head(x, num_classes), name="scratch_cnn")
+        return keras.Model(inputs, _dense_head(x, 64, num_classes, dropout, dropout_layer), name="scratch_cnn")
 
 
 def image_classifier(features: keras.Model, top: keras.Model, name: str = "vgg16_classifier") -> keras.Model:

@@ -207,7 +207,7 @@ def read_vgg16_weights(path: str) -> list[np.ndarray]:
 
     try:
         with h5py.File(path, "r") as f:
-            found = _keras3_layer_weights(f) if "layers" in f else _legacy_layer_weights(f)
+            found = _layer_weights(f)
     except OSError as exc:
         raise WeightsError(f"{path} is not an HDF5 weights file: {exc}") from exc
     arrays: list[np.ndarray] = []
@@ -223,29 +223,23 @@ def read_vgg16_weights(path: str) -> list[np.ndarray]:
     return arrays
 
 
-def _keras3_layer_weights(f) -> dict[str, list[np.ndarray]]:
-    """``{layer name: [arrays]}`` of a Keras 3 weights file (``.../vars`` groups named by layer)."""
+def _layer_weights(f) -> dict[str, list[np.ndarray]]:
+    """``{layer name: [arrays]}`` of a Keras 3 weights file (``.../vars`` groups named by layer), or of a Keras 2
+    HDF5 weights (or whole-model) file (its ``layer_names`` and their ``weight_names``)."""
     import h5py  # deferred, as in read_vgg16_weights
 
     found: dict[str, list[np.ndarray]] = {}
 
-    def visit(_: str, obj) -> None:
+    def keras3(_: str, obj) -> None:
         if isinstance(obj, h5py.Group) and "name" in obj.attrs and len(obj) and all(k.isdigit() for k in obj):
             found[_text(obj.attrs["name"])] = [obj[k][()] for k in sorted(obj, key=int)]
 
-    f.visititems(visit)
-    return found
-
-
-def _legacy_layer_weights(f) -> dict[str, list[np.ndarray]]:
-    """``{layer name: [arrays]}`` of a Keras 2 HDF5 weights (or whole-model) file."""
+    if "layers" in f:
+        f.visititems(keras3)
+        return found
     group = f["model_weights"] if "model_weights" in f else f
-    if "layer_names" not in group.attrs:
-        return {}
-    found = {}
-    for layer in (_text(n) for n in group.attrs["layer_names"]):
-        g = group[layer]
-        found[layer] = [g[_text(w)][()] for w in g.attrs.get("weight_names", [])]
+    for layer in (_text(n) for n in group.attrs.get("layer_names", [])):
+        found[layer] = [group[layer][_text(w)][()] for w in group[layer].attrs.get("weight_names", [])]
     return found
 
 
