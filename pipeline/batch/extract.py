@@ -10,7 +10,6 @@ interrupted one; a rerun over a changed data root extracts only added and change
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -36,7 +35,7 @@ from pipeline.batch.inference import (
 )
 from pipeline.config import ExtractConfig
 from pipeline.data import ledger, locks, outputs, storage
-from pipeline.data.discover import IMAGE_EXTENSIONS, OPTIONAL_SPLITS, REQUIRED_SPLITS, DatasetIndex, discover
+from pipeline.data.discover import IMAGE_EXTENSIONS, OPTIONAL_SPLITS, REQUIRED_SPLITS, DatasetIndex, resolve_data
 from pipeline.data.reuse import fingerprint, job_settings
 from pipeline.data.shards import (
     BLOCK4_DIR,
@@ -44,10 +43,8 @@ from pipeline.data.shards import (
     FLIPPED_SPLIT,
     REJECT_SCHEMA,
     REJECTS_FILE,
-    data_name,
     feature_schema,
 )
-from pipeline.data.synthetic import default_data_dir, is_synthetic, note_builtin_data
 from pipeline.faults import maybe_fail
 from pipeline.nets import vgg16
 from pipeline.nets.precision import device_precision
@@ -155,11 +152,6 @@ def extraction_settings(cfg: ExtractConfig, weights: WeightsSource) -> dict[str,
                         weights_sha256=weights.sha256, preprocessing=weights.preprocessing)
 
 
-def default_output_dir(data_dir: str) -> str:
-    """``outputs/<name of the data folder>/features``."""
-    return os.path.join("outputs", data_name(data_dir), "features")
-
-
 def _begin(output_dir: str, settings: dict[str, Any], cfg: ExtractConfig) -> tuple[dict[str, Any] | None, str | None]:
     """(the finished manifest, the block-4 cache's dtype; each or None) after refusing an ``output_dir`` of
     other settings. An output keeps its cache's dtype (older ones: float32), so its parts stay one schema."""
@@ -179,12 +171,7 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
     A finished output with the same settings is reused, or updated when the data root changed; an
     unfinished one is resumed; one with other settings is refused, naming them, unless ``cfg.overwrite``."""
     started = time.time()
-    data_dir = cfg.data_dir or default_data_dir()
-    synthetic = is_synthetic(data_dir)
-    if synthetic:
-        note_builtin_data()
-    output_dir = cfg.output_dir or default_output_dir(data_dir)
-    index = discover(data_dir, cfg.layout, cfg.validation_fraction, cfg.max_images_per_class, cfg.exclude)
+    data_dir, synthetic, output_dir, index = resolve_data(cfg, "features")
     listed_s = time.time() - started
     log.info(f"listed {len(index.files)} files under {data_dir} in {listed_s:.1f}s")
     if index.ignored:
