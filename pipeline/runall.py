@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shlex
 import sys
 from typing import Any
@@ -22,8 +21,8 @@ from pipeline.config import (
     TrainTopConfig,
 )
 from pipeline.data import locks, outputs, storage
-from pipeline.data.shards import data_name
-from pipeline.data.synthetic import NOTE, default_data_dir, note_builtin_data
+from pipeline.data.discover import resolve_data
+from pipeline.data.synthetic import NOTE
 from pipeline.nets.modelfile import MODEL_FILE
 from pipeline.options import CONFIG_FILE, check_choice, check_positive, field_help, resolved, write_config
 from pipeline.redact import redact
@@ -119,10 +118,7 @@ def run_all(cfg: RunAllConfig) -> str:
     """Run every stage into ``<output-dir>`` and return the path of ``report.md``. Holds that folder's lock throughout
     (the stages lock their own folders inside it) and refuses one holding what no stage writes (``LAYOUT``); with
     ``--overwrite`` each stage replaces only its own folder. Writes ``config.yaml``, which ``--config`` reads back."""
-    data_dir = cfg.data_dir or default_data_dir()
-    if cfg.data_dir is None:
-        note_builtin_data()
-    output_dir = cfg.output_dir or os.path.join("outputs", data_name(data_dir))
+    data_dir, _, output_dir, _ = resolve_data(cfg, listed=False)
     with locks.output_lock(output_dir):
         outputs.check(output_dir, LAYOUT)
         write_config(storage.join(output_dir, CONFIG_FILE), "run_all", resolved_options(cfg, output_dir))

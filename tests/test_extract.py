@@ -8,6 +8,7 @@ import os
 import pickle
 import shutil
 import tarfile
+import types
 
 import numpy as np
 import pyarrow as pa
@@ -78,15 +79,18 @@ def test_each_actor_records_its_busy_time(torchvision_extraction):
 
 
 def test_a_call_split_over_two_written_blocks_counts_once():
-    from pipeline.batch.inference import merge_tallies, tally_batch
+    from pipeline.batch.inference import CommittingSink, Tally
 
-    def block(rows, start, end, actor='{"node": "n", "pid": 1}'):
-        return tally_batch({"actor": np.array([actor] * rows, object), "decode_node": np.array(["d"] * rows, object),
-                            "call_start": np.full(rows, start), "call_end": np.full(rows, end)})
+    def block(rows, start, end, actor='{"node": "n", "pid": 1, "precision": "float32"}'):
+        return Tally().count({"actor": np.array([actor] * rows, object), "decode_node": np.array(["d"] * rows, object),
+                              "call_start": np.full(rows, start), "call_end": np.full(rows, end)})
 
-    merged = merge_tallies([block(3, 10.0, 12.0), block(2, 10.0, 12.0), block(4, 13.0, 14.0)])
-    assert merged["rows"] == 9
-    (actor,) = merged["actors"]
+    sink = CommittingSink("out", "run")
+    sink.on_write_complete(types.SimpleNamespace(write_returns=[block(3, 10.0, 12.0), block(2, 10.0, 12.0),
+                                                                block(4, 13.0, 14.0)]))
+    merged = sink.tally.report("auto")
+    assert merged["processed"] == 9
+    (actor,) = merged["inference_actors"]
     assert (actor["busy_s"], actor["active_s"], actor["busy_fraction"]) == (3.0, 4.0, 0.75)
 
 

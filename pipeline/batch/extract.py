@@ -10,7 +10,6 @@ interrupted one; a rerun over a changed data root extracts only added and change
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -21,22 +20,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline.batch.cluster import InferencePlan, configure_tensorflow_devices, pin_to_this_node
+from pipeline.batch.cluster import InferencePlan, pin_to_this_node
 from pipeline.batch.inference import (
     CommittingSink,
-    actor_identity,
-    actors_precision,
+    InferenceActor,
+    Tally,
     check_reject_fraction,
+    commit_run,
     decoded_images,
     map_with_actors,
     plan_inference,
-    run_model_on_good_rows,
-    stamp_actor,
-    write_args,
 )
 from pipeline.config import ExtractConfig
 from pipeline.data import ledger, locks, outputs, storage
-from pipeline.data.discover import IMAGE_EXTENSIONS, OPTIONAL_SPLITS, REQUIRED_SPLITS, DatasetIndex, discover
+from pipeline.data.discover import IMAGE_EXTENSIONS, OPTIONAL_SPLITS, REQUIRED_SPLITS, DatasetIndex, resolve_data
 from pipeline.data.reuse import fingerprint, job_settings
 from pipeline.data.shards import (
     BLOCK4_DIR,
@@ -44,15 +41,11 @@ from pipeline.data.shards import (
     FLIPPED_SPLIT,
     REJECT_SCHEMA,
     REJECTS_FILE,
-    data_name,
     feature_schema,
 )
-from pipeline.data.synthetic import default_data_dir, is_synthetic, note_builtin_data
-from pipeline.faults import maybe_fail
 from pipeline.nets import vgg16
-from pipeline.nets.precision import device_precision
 from pipeline.nets.weights import WeightsSource, load_weight_arrays, resolve_weights
-from pipeline.options import CONFIG_FILE, write_resolved
+from pipeline.options import CONFIG_FILE, resolved
 from pipeline.versions import library_versions
 
 log = logging.getLogger(__name__)
@@ -73,42 +66,37 @@ def _rows_of(values: np.ndarray | None, ok: np.ndarray, dim: int) -> np.ndarray:
     return out
 
 
-class FeatureActor:
+class FeatureActor(InferenceActor):
     """A Ray Data actor holding one VGG16 that turns image batches into bottleneck features; with
     ``cache_block4`` also every image's block-4 output, and every training row's mirror image's."""
 
+    FAULT_SITE = "extract"
+
     def __init__(self, image_size: int, weight_arrays: list[np.ndarray] | None, preprocessing: str,
                  precision: str, batch_size: int, cache_block4: bool = False):
-        configure_tensorflow_devices()
+        self.image_size, self.preprocessing, self.cache_block4 = image_size, preprocessing, cache_block4
+        self.feature_dim = int(np.prod(vgg16.feature_shape(image_size)))
+        self.block4_dim = int(np.prod(vgg16.block4_shape(image_size)))
+        super().__init__(weight_arrays, precision, batch_size)
+
+    def load(self, weight_arrays: list[np.ndarray] | None, precision: str) -> Any:
         # Deferred: pipeline.nets.models loads Keras and TensorFlow, which the job's driver need not.
         from pipeline.nets.models import block4_and_features, feature_extractor
 
-        precision = device_precision(precision)
-        if isinstance(weight_arrays, ray.ObjectRef):
-            weight_arrays = ray.get(weight_arrays)
-        build = block4_and_features if cache_block4 else feature_extractor
-        self.model = build(image_size, weight_arrays, preprocessing, precision)
-        self.cache_block4 = cache_block4
-        self.batch_size = batch_size
-        self.feature_dim = int(np.prod(vgg16.feature_shape(image_size)))
-        self.block4_dim = int(np.prod(vgg16.block4_shape(image_size)))
-        self.identity = actor_identity(precision)
+        build = block4_and_features if self.cache_block4 else feature_extractor
+        return build(self.image_size, weight_arrays, self.preprocessing, precision)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        started = time.time()
-        maybe_fail("extract")
-        images = batch.pop("image")
+    def infer(self, batch: dict[str, np.ndarray], images: np.ndarray) -> None:
         ok = batch["reason"] == ""
-        outputs = run_model_on_good_rows(self.model.predict_on_batch, images, ok, self.batch_size)
+        outputs = self.run_model(images, ok)
         if self.cache_block4:
             block4, outputs = outputs if outputs is not None else (None, None)
             batch["block4"] = _rows_of(block4, ok, self.block4_dim)
             # Cached fine-tuning's flip augmentation; the mirror images' features are not kept.
             mirrored = ok & (np.asarray(batch["split"]) == FLIPPED_SPLIT)
-            flipped = run_model_on_good_rows(self.model.predict_on_batch, images[:, :, ::-1], mirrored, self.batch_size)
+            flipped = self.run_model(images[:, :, ::-1], mirrored)
             batch["block4_flipped"] = _rows_of(None if flipped is None else flipped[0], mirrored, self.block4_dim)
         batch["features"] = _rows_of(outputs, ok, self.feature_dim)
-        return stamp_actor(batch, self.identity, started)
 
 
 class FeatureSink(CommittingSink):
@@ -155,11 +143,6 @@ def extraction_settings(cfg: ExtractConfig, weights: WeightsSource) -> dict[str,
                         weights_sha256=weights.sha256, preprocessing=weights.preprocessing)
 
 
-def default_output_dir(data_dir: str) -> str:
-    """``outputs/<name of the data folder>/features``."""
-    return os.path.join("outputs", data_name(data_dir), "features")
-
-
 def _begin(output_dir: str, settings: dict[str, Any], cfg: ExtractConfig) -> tuple[dict[str, Any] | None, str | None]:
     """(the finished manifest, the block-4 cache's dtype; each or None) after refusing an ``output_dir`` of
     other settings. An output keeps its cache's dtype (older ones: float32), so its parts stay one schema."""
@@ -179,12 +162,7 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
     A finished output with the same settings is reused, or updated when the data root changed; an
     unfinished one is resumed; one with other settings is refused, naming them, unless ``cfg.overwrite``."""
     started = time.time()
-    data_dir = cfg.data_dir or default_data_dir()
-    synthetic = is_synthetic(data_dir)
-    if synthetic:
-        note_builtin_data()
-    output_dir = cfg.output_dir or default_output_dir(data_dir)
-    index = discover(data_dir, cfg.layout, cfg.validation_fraction, cfg.max_images_per_class, cfg.exclude)
+    data_dir, synthetic, output_dir, index = resolve_data(cfg, "features")
     listed_s = time.time() - started
     log.info(f"listed {len(index.files)} files under {data_dir} in {listed_s:.1f}s")
     if index.ignored:
@@ -194,31 +172,30 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
     weights = resolve_weights(cfg.weights, cfg.preprocessing)
     settings = extraction_settings(cfg, weights)
     inputs = index.fingerprint()
+    # What the manifest says of this run besides what finishing it finds.
+    about = {"weights": {"source": weights.name, "sha256": weights.sha256}, "preprocessing": weights.preprocessing,
+             "fingerprint": fingerprint({**settings, "inputs": inputs}), "synthetic": synthetic,
+             "data_dir": storage.absolute(data_dir), "output_dir": output_dir, "listing_s": round(listed_s, 2),
+             "ignored_by_extension": index.ignored, "excluded": index.excluded}
     with locks.output_lock(output_dir):
         previous, cache = _begin(output_dir, settings, cfg)
-        if previous is not None and previous.get("inputs") == inputs:
-            log.info(f"reusing finished extraction in {output_dir} (same settings and inputs; --overwrite redoes it)")
-            return previous
-        write_resolved(output_dir, "extract_features", cfg, output_dir=output_dir)
-        ledger.start(output_dir, {"settings": settings, "cache_block4": cache is not None, "block4_dtype": cache})
-        manifest = _extract(cfg, index, weights, output_dir, cache, previous)
-        manifest.update(settings=settings, inputs=inputs, fingerprint=fingerprint({**settings, "inputs": inputs}),
-                        synthetic=synthetic, data_dir=storage.absolute(data_dir), output_dir=output_dir,
-                        listing_s=round(listed_s, 2), ignored_by_extension=index.ignored, excluded=index.excluded)
-        manifest["elapsed_s"] = round(time.time() - started, 2)
-        manifest["images_per_s"] = round(manifest["processed"] / max(manifest["elapsed_s"], 1e-9), 2)
-        storage.write_json(storage.join(output_dir, storage.MANIFEST), manifest)
-    return manifest
+        return commit_run(
+            output_dir, previous, inputs=inputs, marker=storage.MANIFEST, what="extraction",
+            record={"settings": settings, "cache_block4": cache is not None, "block4_dtype": cache},
+            reused=f"extraction in {output_dir} (same settings and inputs; --overwrite redoes it)",
+            config=(storage.join(output_dir, CONFIG_FILE), "extract_features", resolved(cfg, output_dir=output_dir)),
+            listing=index.files, folders=SPLITS + ([storage.join(BLOCK4_DIR, s) for s in SPLITS] if cache else []),
+            process=lambda todo, run_id: _infer(cfg, index.root, todo, weights, output_dir, cache, run_id),
+            finish=lambda live, done: _finish(cfg, index, output_dir, cache, previous, about, live, done),
+            started=started)
 
 
-def _extract(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, output: str, cache: str | None,
-             previous: dict[str, Any] | None) -> dict[str, Any]:
-    """Bring ``output`` up to date with ``index`` (drop the stale, extract the missing, audit); the manifest."""
-    folders = SPLITS + ([storage.join(BLOCK4_DIR, s) for s in SPLITS] if cache else [])
-    live, update, done = ledger.refresh(
-        output, index.files, folders, "updating extraction" if previous else "resuming extraction",
-        lambda todo, run_id: _infer(cfg, index.root, todo, weights, output, cache, run_id))
-    plan, tally = done or (None, CommittingSink.tally)
+def _finish(cfg: ExtractConfig, index: DatasetIndex, output: str, cache: str | None, previous: dict[str, Any] | None,
+            about: dict[str, Any], live: pa.Table,
+            done: tuple[InferencePlan, Tally] | None) -> tuple[dict[str, Any], str]:
+    """Audit ``output``, now up to date with ``index`` (``live``: its ledger; ``done``: what ``_infer`` returned,
+    if it ran), and finish it; its manifest (``about`` added) and where that goes."""
+    plan, tally = done or (None, Tally())
     rejects, counts = _audit(output, index, live, cache)
     check_reject_fraction(rejects, len(index.files), cfg.max_reject_fraction,
                           "The output stays unfinished: fix or remove the files and rerun (only they are redone), "
@@ -230,23 +207,19 @@ def _extract(cfg: ExtractConfig, index: DatasetIndex, weights: WeightsSource, ou
         "kind": "features", "classes": index.classes, "layout": index.layout, "counts": counts,
         "num_images": sum(sum(c.values()) for c in counts.values()), "num_rejects": len(rejects),
         "rejects_by_reason": dict(Counter(rejects.column("reason").to_pylist())),
-        "update": update.counts, "processed": tally["rows"],
-        "image_size": cfg.image_size, "weights": {"source": weights.name, "sha256": weights.sha256},
-        "preprocessing": weights.preprocessing,
-        "precision": actors_precision(tally["actors"], (previous or {}).get("precision", cfg.precision)),
+        "image_size": cfg.image_size, **tally.report((previous or {}).get("precision", cfg.precision)),
         "precision_requested": cfg.precision,
         "feature_shape": list(shape), "feature_column": f"fixed_size_list<float32>[{int(np.prod(shape))}]",
         "block4": {"dir": BLOCK4_DIR, "shape": list(block4_shape), "flipped_split": FLIPPED_SPLIT,
                    "columns": ["block4", "block4_flipped"], "dtype": cache} if cache else None,
-        "inference": asdict(plan) if plan else None, "inference_actors": tally["actors"],
-        "decode_nodes": tally["decode_nodes"], "driver_node": ray.get_runtime_context().get_node_id()[:12],
+        "inference": asdict(plan) if plan else None, "driver_node": ray.get_runtime_context().get_node_id()[:12],
         "config": asdict(cfg), "versions": library_versions(),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **about,
+    }, storage.join(output, storage.MANIFEST)
 
 
 def _infer(cfg: ExtractConfig, root: str, todo: pa.Table, weights: WeightsSource, output: str, cache: str | None,
-           run_id: str) -> tuple[InferencePlan, dict[str, Any]]:
+           run_id: str) -> tuple[InferencePlan, Tally]:
     """Decode and run VGG16 over the ``todo`` files, committing block by block into ``output``."""
     plan = plan_inference(cfg)
     # Listed class by class, the files would make one-class shards; a seeded order mixes
@@ -261,9 +234,7 @@ def _infer(cfg: ExtractConfig, root: str, todo: pa.Table, weights: WeightsSource
         "cache_block4": cache is not None,
     }, plan, cfg.batch_size, cfg.block_files)
     dim, block4_dim = (int(np.prod(s)) for s in (vgg16.feature_shape(cfg.image_size), vgg16.block4_shape(cfg.image_size)))
-    sink = FeatureSink(output, run_id, dim, block4_dim if cache else None, cache or "float32")
-    ds.write_datasink(sink, ray_remote_args=write_args(output))
-    return plan, sink.tally
+    return plan, FeatureSink(output, run_id, dim, block4_dim if cache else None, cache or "float32").commit(ds)
 
 
 def _audit(output: str, index: DatasetIndex, live: pa.Table, cache: str | None) -> tuple[pa.Table, dict[str, dict[str, int]]]:

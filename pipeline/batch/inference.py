@@ -1,5 +1,6 @@
 """The Ray Data plumbing that extraction, prediction and training share: files → decode tasks →
-an actor pool running a model → a sink that tallies who did what.
+an actor pool running a model → a sink that commits each block and tallies who did what; and
+extraction's and prediction's committed-output flow (``commit_run``).
 
 Work is an Arrow table, one row per file (``relpath`` under a ``root``, plus columns carried to the
 sink), cut into blocks of ``--block-files`` files: one decode task, actor call and committed part
@@ -10,10 +11,11 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import time
 from collections import Counter
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -22,13 +24,23 @@ from ray.data import Datasink, Datasource, ReadTask
 from ray.data.block import BlockAccessor, BlockMetadata
 
 from pipeline import names
-from pipeline.batch.cluster import InferencePlan, inference_plan, pin_to_this_node, wait_for_gpus
+from pipeline.batch.cluster import (
+    InferencePlan,
+    configure_tensorflow_devices,
+    inference_plan,
+    pin_to_this_node,
+    wait_for_gpus,
+)
 from pipeline.batch.runahead import ACTOR_TASKS_IN_FLIGHT, cap_run_ahead
 from pipeline.config import DEFAULT_BLOCK_FILES, InferenceOptions
 from pipeline.data import ledger, storage
 from pipeline.errors import DataError
 from pipeline.faults import maybe_fail, trace
 from pipeline.images.decode import MAX_PIXELS, decode_batch
+from pipeline.nets.precision import device_precision
+from pipeline.options import write_config
+
+log = logging.getLogger(__name__)
 
 # What a decode task holds besides its block's pixels: the worker itself (about 110 MiB)
 # and one 12-megapixel photo decoded at full size before it is scaled down.
@@ -108,16 +120,6 @@ def find_rejects(files: pa.Table, root: str, image_size: int, max_pixels: int = 
                       join_type="inner").sort_by("relpath")
 
 
-# Writers reserve a tenth of a CPU (writing is mostly I/O): one asking for a whole CPU waits while decode
-# tasks and actors hold the cores, and nothing is committed until the last file is decoded.
-WRITE_CPUS = 0.1
-
-
-def write_args(output: str) -> dict[str, Any]:
-    """The Ray remote args of the write tasks of a sink writing to ``output``."""
-    return {"num_cpus": WRITE_CPUS, **pin_to_this_node(output)}
-
-
 def check_reject_fraction(rejects: pa.Table, total: int, max_fraction: float, hint: str) -> None:
     """Raise DataError, naming a few of them and ``hint``, when more than ``max_fraction`` of
     ``total`` files (or all of them) are ``rejects`` (a table with ``path`` and ``reason``)."""
@@ -152,55 +154,54 @@ def map_with_actors(ds: ray.data.Dataset, actor_cls: type, constructor_kwargs: d
     )
 
 
-def run_model_on_good_rows(predict_fn, images: np.ndarray, ok: np.ndarray, batch_size: int):
-    """``predict_fn``'s output (an array, or a list for several outputs) for the rows where ``ok``, in
-    batches padded to ``batch_size`` so TF never retraces; None when no row is ok."""
-    good = images[ok]
-    if len(good) == 0:
-        return None
-    pad = (-len(good)) % batch_size
-    if pad:
-        good = np.concatenate([good, np.zeros((pad, *good.shape[1:]), good.dtype)])
-    chunks = [predict_fn(good[i:i + batch_size]) for i in range(0, len(good), batch_size)]
-    n = int(ok.sum())
-    if isinstance(chunks[0], (list, tuple)):
-        return [np.concatenate([np.asarray(c[k], dtype=np.float32) for c in chunks])[:n] for k in range(len(chunks[0]))]
-    return np.concatenate([np.asarray(c, dtype=np.float32) for c in chunks])[:n]
+class InferenceActor:
+    """One model in this process (a Ray Data actor, or a classifier's serving replica) on the devices it got:
+    TensorFlow set up first, the precision resolved for them, then a subclass's ``load(model_data, precision)``
+    builds the model. A call adds a subclass's ``infer(batch, images)`` outputs to the batch and marks each row
+    with the actor and the call's wall-clock span, from which ``Tally`` adds up the actor's busy time."""
 
+    FAULT_SITE: str  # the ``maybe_fail`` site of each call
 
-def actor_identity(precision: str) -> str:
-    """An inference actor's node, process, GPUs and chosen precision, as JSON (for the manifest; also traced
-    as ``inference_actor``, so a test sees an actor that got no rows)."""
-    identity = {"node": ray.get_runtime_context().get_node_id()[:12], "pid": os.getpid(),
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "precision": precision}
-    trace("inference_actor", lambda: identity)
-    return json.dumps(identity, sort_keys=True)
+    def __init__(self, model_data: Any, precision: str, batch_size: int):
+        configure_tensorflow_devices()
+        if isinstance(model_data, ray.ObjectRef):
+            model_data = ray.get(model_data)
+        precision = device_precision(precision)
+        self.model = self.load(model_data, precision)
+        self.batch_size = batch_size
+        # JSON for the manifest; also traced as ``inference_actor``, so a test sees an actor that got no rows.
+        identity = {"node": ray.get_runtime_context().get_node_id()[:12], "pid": os.getpid(),
+                    "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                    "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "precision": precision}
+        trace("inference_actor", lambda: identity)
+        self.identity = json.dumps(identity, sort_keys=True)
 
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.time()
+        maybe_fail(self.FAULT_SITE)
+        self.infer(batch, batch.pop("image"))
+        n = len(batch["relpath"])
+        batch["actor"] = np.full(n, self.identity, dtype=object)
+        batch["call_start"] = np.full(n, started)
+        batch["call_end"] = np.full(n, time.time())
+        return batch
 
-def actors_precision(actors: list[dict[str, Any]], requested: str) -> str:
-    """The precision the inference actors ran at: theirs when they agree, ``mixed`` when they do not."""
-    chosen = {a["precision"] for a in actors}
-    return chosen.pop() if len(chosen) == 1 else ("mixed" if chosen else requested)
-
-
-def stamp_actor(batch: dict[str, np.ndarray], identity: str, started: float) -> dict[str, np.ndarray]:
-    """Mark every row of an actor's output batch with the actor (``actor_identity``) and its call's
-    wall-clock span (``call_start``, ``call_end``), from which sinks add up its ``busy_fraction``."""
-    n = len(batch["relpath"])
-    batch["actor"] = np.full(n, identity, dtype=object)
-    batch["call_start"] = np.full(n, started)
-    batch["call_end"] = np.full(n, time.time())
-    return batch
-
-
-def tally_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """A sink's write result: rows per inference actor and decoding node, each actor's (start, end) calls."""
-    calls: dict[str, set[tuple[float, float]]] = {}
-    for actor, start, end in zip(batch["actor"], batch["call_start"], batch["call_end"]):
-        calls.setdefault(str(actor), set()).add((float(start), float(end)))
-    return {"actors": Counter(str(a) for a in batch["actor"]),
-            "decode_nodes": Counter(str(n) for n in batch["decode_node"]), "calls": calls}
+    def run_model(self, images: np.ndarray, ok: np.ndarray, batch_size: int | None = None):
+        """The model's output (an array, or a list for several outputs) for the rows where ``ok``, in batches
+        padded to ``batch_size`` (default the actor's) so TF never retraces; None when no row is ok."""
+        batch_size = batch_size or self.batch_size
+        good = images[ok]
+        if len(good) == 0:
+            return None
+        pad = (-len(good)) % batch_size
+        if pad:
+            good = np.concatenate([good, np.zeros((pad, *good.shape[1:]), good.dtype)])
+        chunks = [self.model.predict_on_batch(good[i:i + batch_size]) for i in range(0, len(good), batch_size)]
+        n = int(ok.sum())
+        if isinstance(chunks[0], (list, tuple)):
+            return [np.concatenate([np.asarray(c[k], dtype=np.float32) for c in chunks])[:n]
+                    for k in range(len(chunks[0]))]
+        return np.concatenate([np.asarray(c, dtype=np.float32) for c in chunks])[:n]
 
 
 def _busy(spans: set[tuple[float, float]]) -> dict[str, float]:
@@ -210,56 +211,103 @@ def _busy(spans: set[tuple[float, float]]) -> dict[str, float]:
     return {"busy_s": round(busy, 2), "active_s": round(active, 2), "busy_fraction": round(busy / max(active, 1e-9), 3)}
 
 
-def empty_tally() -> dict[str, Any]:
-    """A tally with nothing counted yet (see ``tally_batch``)."""
-    return {"actors": Counter(), "decode_nodes": Counter(), "calls": {}}
+class Tally:
+    """Who did a run's inference: rows per inference actor (its identity) and per decoding node, and each
+    actor's calls as (start, end) spans. Each write task returns one, the sink adds them up; a run that
+    processed nothing has an empty one."""
+
+    def __init__(self) -> None:
+        self.actor_rows: Counter[str] = Counter()
+        self.decode_nodes: Counter[str] = Counter()
+        self.calls: dict[str, set[tuple[float, float]]] = {}
+
+    def count(self, batch: dict[str, np.ndarray]) -> Tally:
+        """Count a batch of rows an ``InferenceActor`` marked; returns this tally."""
+        self.actor_rows.update(str(a) for a in batch["actor"])
+        self.decode_nodes.update(str(n) for n in batch["decode_node"])
+        for actor, start, end in zip(batch["actor"], batch["call_start"], batch["call_end"]):
+            self.calls.setdefault(str(actor), set()).add((float(start), float(end)))
+        return self
+
+    def add(self, other: Tally) -> Tally:
+        """Add ``other`` into this tally and return it; a call split over two blocks counts once."""
+        self.actor_rows.update(other.actor_rows)
+        self.decode_nodes.update(other.decode_nodes)
+        for actor, spans in other.calls.items():
+            self.calls.setdefault(actor, set()).update(spans)
+        return self
+
+    def report(self, requested_precision: str) -> dict[str, Any]:
+        """A manifest's ``precision`` the actors ran at (``mixed`` if they disagree, ``requested_precision`` if none
+        ran), ``inference_actors`` (each one's rows and busy time), rows per ``decode_nodes`` and ``processed``."""
+        actors = [{**json.loads(identity), "rows": rows, **_busy(self.calls[identity])}
+                  for identity, rows in sorted(self.actor_rows.items())]
+        chosen = {a["precision"] for a in actors}
+        return {"precision": chosen.pop() if len(chosen) == 1 else ("mixed" if chosen else requested_precision),
+                "inference_actors": actors, "decode_nodes": dict(sorted(self.decode_nodes.items())),
+                "processed": sum(self.actor_rows.values())}
 
 
-def add_tally(total: dict[str, Any], tally: dict[str, Any]) -> dict[str, Any]:
-    """Add ``tally`` into ``total`` and return it; a call split over two blocks counts once."""
-    total["actors"].update(tally["actors"])
-    total["decode_nodes"].update(tally["decode_nodes"])
-    for actor, spans in tally["calls"].items():
-        total["calls"].setdefault(actor, set()).update(spans)
-    return total
-
-
-def merge_tallies(write_returns: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Rows and busy time per inference actor (with its node, GPUs and precision) and rows per
-    decoding node, from the sinks' write results; ``rows``: all rows written by this run."""
-    total = functools.reduce(add_tally, write_returns, empty_tally())
-    return {"actors": [{**json.loads(identity), "rows": rows, **_busy(total["calls"][identity])}
-                       for identity, rows in sorted(total["actors"].items())],
-            "decode_nodes": dict(sorted(total["decode_nodes"].items())), "rows": sum(total["actors"].values())}
+# Writers reserve a tenth of a CPU (writing is mostly I/O): one asking for a whole CPU waits while decode
+# tasks and actors hold the cores, and nothing is committed until the last file is decoded.
+WRITE_CPUS = 0.1
 
 
 class CommittingSink(Datasink):
     """A Datasink that commits each block to ``output``: its data files (``write_block``), then its
-    ledger entry, rejects included; write tasks' ``tally_batch`` counts are merged into ``self.tally``.
+    ledger entry, rejects included; the write tasks' ``Tally`` objects are added up into ``self.tally``.
     Part names come from the run and the task's index, so a retried task overwrites its own files."""
-
-    tally: dict[str, Any] = {"actors": [], "decode_nodes": {}, "rows": 0}
 
     def __init__(self, output: str, run_id: str):
         self.output = output
         self.run_id = run_id
+        self.tally = Tally()
 
     def write_block(self, part: str, batch: dict[str, np.ndarray], ok: np.ndarray) -> None:
         """Write the data files of one block (``ok``: the rows that decoded)."""
         raise NotImplementedError
 
-    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
-        total = empty_tally()
+    def write(self, blocks: Iterable[Any], ctx: Any) -> Tally:
+        total = Tally()
         for n, block in enumerate(blocks):
             batch = BlockAccessor.for_block(block).to_numpy()
             if len(batch["relpath"]) == 0:
                 continue
             part = ledger.part_name(self.run_id, ctx.task_idx, n)
-            add_tally(total, tally_batch(batch))
+            total.count(batch)
             self.write_block(part, batch, batch["reason"] == "")
             maybe_fail("write")  # tests: a writer that dies between its files and its entry
             ledger.write_entry(self.output, part, batch)
         return total
 
     def on_write_complete(self, write_result) -> None:
-        self.tally = merge_tallies(write_result.write_returns)
+        self.tally = functools.reduce(Tally.add, write_result.write_returns, Tally())
+
+    def commit(self, ds: ray.data.Dataset) -> Tally:
+        """Write ``ds`` through this sink, its write tasks on ``output``'s node when local; the run's tally."""
+        ds.write_datasink(self, ray_remote_args={"num_cpus": WRITE_CPUS, **pin_to_this_node(self.output)})
+        return self.tally
+
+
+def commit_run(work: str, finished: dict[str, Any] | None, *, inputs: str, record: dict[str, Any], marker: str,
+               what: str, reused: str, config: tuple[str, str, dict[str, Any]] | None, listing: pa.Table,
+               folders: list[str], process: Callable[[pa.Table, str], Any],
+               finish: Callable[[pa.Table, Any], tuple[dict[str, Any], str]], started: float) -> dict[str, Any]:
+    """Extraction's and prediction's flow, under the output's lock once ``ledger.open_output`` gave ``work``'s
+    ``finished`` summary: reuse it when of the same ``inputs``; else ``ledger.start`` (``record``: the settings and
+    more), the ``config`` file (uri, job, values), ``ledger.refresh`` (``process`` commits the files to do) and,
+    last, the summary ``finish(live ledger, process's result or None)`` returns with its uri, timing added."""
+    if finished is not None and finished.get("inputs") == inputs:
+        log.info(f"reusing finished {reused}")
+        return finished
+    ledger.start(work, record, marker)
+    if config:
+        write_config(*config)
+    live, update, done = ledger.refresh(work, listing, folders, f"{'updating' if finished else 'resuming'} {what}",
+                                        process)
+    summary, uri = finish(live, done)
+    elapsed = time.time() - started
+    summary.update(settings=record["settings"], inputs=inputs, update=update.counts, elapsed_s=round(elapsed, 2),
+                   images_per_s=round(summary["processed"] / max(elapsed, 1e-9), 2))
+    storage.write_json(uri, summary)
+    return summary

@@ -7,7 +7,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import io
-import logging
 import os
 import tempfile
 import time
@@ -19,18 +18,16 @@ import pyarrow.csv as pacsv
 import ray
 
 from pipeline import names
-from pipeline.batch.cluster import InferencePlan, configure_tensorflow_devices
+from pipeline.batch.cluster import InferencePlan
 from pipeline.batch.evaluation import evaluate
 from pipeline.batch.inference import (
     CommittingSink,
-    actor_identity,
-    actors_precision,
+    InferenceActor,
+    Tally,
+    commit_run,
     decoded_images,
     map_with_actors,
     plan_inference,
-    run_model_on_good_rows,
-    stamp_actor,
-    write_args,
 )
 from pipeline.config import DEFAULT_BLOCK_FILES, OUTPUT_FILE_SUFFIXES, PredictConfig
 from pipeline.data import ledger, locks, outputs, storage
@@ -44,37 +41,28 @@ from pipeline.data.discover import (
 )
 from pipeline.data.shards import REJECTS_FILE
 from pipeline.errors import DataError, OutputError
-from pipeline.faults import maybe_fail
 from pipeline.images.decode import MAX_PIXELS
 from pipeline.nets.modelfile import MODEL_FILE, load_classifier, metadata_in
-from pipeline.nets.precision import device_precision
 from pipeline.options import CONFIG_FILE, resolved, write_config
 from pipeline.redact import redact_values
-
-log = logging.getLogger(__name__)
 
 PARTS_DIR = "predictions"
 
 
-class LoadedClassifier:
+class LoadedClassifier(InferenceActor):
     """A classifier file loaded in this process (a prediction actor or a serving replica): its
     model, classes and image size, and probabilities computed in padded batches of one size."""
 
-    def __init__(self, model_bytes: bytes, precision: str, batch_size: int):
-        configure_tensorflow_devices()
-        if isinstance(model_bytes, ray.ObjectRef):
-            model_bytes = ray.get(model_bytes)
-        precision = device_precision(precision)
+    def load(self, model_bytes: bytes, precision: str) -> Any:
         # The model travels as bytes: processes on other nodes cannot see the driver's file system.
         with tempfile.TemporaryDirectory(prefix="ric-") as tmp:
             path = os.path.join(tmp, MODEL_FILE)
             with open(path, "wb") as f:
                 f.write(model_bytes)
-            self.model, meta = load_classifier(path, precision)
+            model, meta = load_classifier(path, precision)
         self.classes, self.image_size = list(meta["classes"]), int(meta["image_size"])
         self.num_classes = len(self.classes)
-        self.batch_size = batch_size
-        self.identity = actor_identity(precision)
+        return model
 
     def probabilities(self, images: np.ndarray, ok: np.ndarray | None = None, batch_size: int | None = None) -> np.ndarray:
         """``(n, classes)`` probabilities of ``images``, run in batches padded to ``batch_size``
@@ -84,7 +72,7 @@ class LoadedClassifier:
 
         ok = np.ones(len(images), dtype=bool) if ok is None else ok
         out = np.full((len(images), self.num_classes), np.nan, dtype=np.float32)
-        raw = run_model_on_good_rows(self.model.predict_on_batch, images, ok, batch_size or self.batch_size)
+        raw = self.run_model(images, ok, batch_size)
         if raw is not None:
             out[ok] = probabilities(raw, self.num_classes)
         return out
@@ -93,12 +81,10 @@ class LoadedClassifier:
 class ClassifierActor(LoadedClassifier):
     """A Ray Data actor holding one classifier; adds a ``probs`` column (n, classes) to each batch."""
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        started = time.time()
-        maybe_fail("predict")
-        images = batch.pop("image")
+    FAULT_SITE = "predict"
+
+    def infer(self, batch: dict[str, np.ndarray], images: np.ndarray) -> None:
         batch["probs"] = self.probabilities(images, batch["reason"] == "")
-        return stamp_actor(batch, self.identity, started)
 
 
 def predictions_dataset(model: str | bytes, files: pa.Table, root: str, image_size: int, precision: str,
@@ -108,7 +94,7 @@ def predictions_dataset(model: str | bytes, files: pa.Table, root: str, image_si
     plus ``probs``, ``reason`` and ``error``; ``model`` is a model file's location or bytes."""
     model_ref = ray.put(model if isinstance(model, bytes) else storage.read_bytes(model))
     ds = decoded_images(files, root, image_size, plan.decode_cpus, block_files, max_pixels=max_pixels)
-    return map_with_actors(ds, ClassifierActor, {"model_bytes": model_ref, "precision": precision,
+    return map_with_actors(ds, ClassifierActor, {"model_data": model_ref, "precision": precision,
                                                  "batch_size": batch_size}, plan, batch_size, block_files)
 
 
@@ -257,56 +243,31 @@ def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
     work, final, single = _output_targets(cfg.output)
     with locks.output_lock(final):
         check_targets(cfg.output, cfg.overwrite)
-        record, finished = ledger.open_output(work, OUTPUT_LAYOUT, settings, cfg.overwrite, marker=SUMMARY)
-        if finished is not None and finished.get("inputs") == inputs:
-            log.info(f"reusing finished predictions in {final} (same model and inputs; --overwrite redoes them)")
-            return finished
-        ledger.start(work, {"settings": settings}, marker=SUMMARY)
-        if not single:
-            write_config(storage.join(work, CONFIG_FILE), "predict", resolved(cfg))
-        live, update, done = ledger.refresh(
-            work, files, [PARTS_DIR], "updating predictions" if finished else "resuming predictions",
-            lambda todo, run_id: _predict(cfg, model, meta, todo, root, work, run_id))
-        tally = done or CommittingSink.tally
-        table, rejects = _check_predictions(work, live, meta["classes"])
-        summary = _summary(cfg, meta, final, table, rejects, tally)
-        summary.update(settings=settings, inputs=inputs, update=update.counts, processed=tally["rows"])
-        _commit(work, final, single, table, rejects, live)
-        elapsed = time.time() - started
-        summary.update(elapsed_s=round(elapsed, 2), images_per_s=round(tally["rows"] / max(elapsed, 1e-9), 2))
-        if single:
-            # Beside the file only once it is there: an interrupted run leaves nothing beside it.
-            write_config(_side_file(final, ".config.yaml"), "predict", resolved(cfg))
-        storage.write_json(_side_file(final, ".summary.json") if single else storage.join(final, SUMMARY), summary)
-    return summary
+        _, finished = ledger.open_output(work, OUTPUT_LAYOUT, settings, cfg.overwrite, marker=SUMMARY)
+        return commit_run(
+            work, finished, inputs=inputs, record={"settings": settings}, marker=SUMMARY, what="predictions",
+            reused=f"predictions in {final} (same model and inputs; --overwrite redoes them)",
+            config=None if single else (storage.join(work, CONFIG_FILE), "predict", resolved(cfg)),
+            listing=files, folders=[PARTS_DIR],
+            process=lambda todo, run_id: _predict(cfg, model, meta, todo, root, work, run_id),
+            finish=lambda live, tally: _commit(cfg, meta, work, final, single, live, tally or Tally()),
+            started=started)
 
 
 def _predict(cfg: PredictConfig, model: bytes, meta: dict[str, Any], todo: pa.Table, root: str, work: str,
-             run_id: str) -> dict[str, Any]:
+             run_id: str) -> Tally:
     """Run the classifier over the ``todo`` files, committing block by block into ``work``."""
     ds = predictions_dataset(model, todo, root, meta["image_size"], cfg.precision, plan_inference(cfg), cfg.batch_size,
                              cfg.block_files, cfg.max_pixels)
-    sink = PredictionSink(work, run_id, meta["classes"])
-    ds.write_datasink(sink, ray_remote_args=write_args(work))
-    return sink.tally
-
-
-def _check_predictions(work: str, live: pa.Table, classes: list[str]) -> tuple[pa.Table, pa.Table]:
-    """(every prediction sorted by path, the rejects), once each decoded file has exactly one prediction."""
-    ledger.check_shards(work, live, {PARTS_DIR: ""})
-    table = storage.read_parquet_files(storage.list_parquet(storage.join(work, PARTS_DIR)))
-    table = (table if table is not None else prediction_schema(classes).empty_table()).sort_by("path")
-    return table, ledger.rejects(live).drop_columns(["split"])
+    return PredictionSink(work, run_id, meta["classes"]).commit(ds)
 
 
 def _summary(cfg: PredictConfig, meta: dict[str, Any], final: str, table: pa.Table, rejects: pa.Table,
-             tally: dict[str, Any]) -> dict[str, Any]:
+             tally: Tally) -> dict[str, Any]:
     """What a prediction run tells: counts, who ran it, and the evaluation when folders name the classes."""
     classes = meta["classes"]
     summary: dict[str, Any] = {"model": cfg.model, "kind": meta["kind"], "input": cfg.input, "output": final,
-                               "num_images": len(table), "num_rejects": len(rejects),
-                               "precision": actors_precision(tally["actors"], cfg.precision),
-                               "inference_actors": tally["actors"], "decode_nodes": tally["decode_nodes"],
+                               "num_images": len(table), "num_rejects": len(rejects), **tally.report(cfg.precision),
                                "driver_node": ray.get_runtime_context().get_node_id()[:12]}
     paths = table.column("path").to_pylist()
     labels = _true_labels(paths, classes) if paths else None
@@ -316,13 +277,20 @@ def _summary(cfg: PredictConfig, meta: dict[str, Any], final: str, table: pa.Tab
     return summary
 
 
-def _commit(work: str, final: str, single: bool, table: pa.Table, rejects: pa.Table, live: pa.Table) -> None:
-    """Finish the output: a folder keeps its parts and ledger (for the next update); a single
-    file is written whole beside its rejects, and its work folder goes."""
+def _commit(cfg: PredictConfig, meta: dict[str, Any], work: str, final: str, single: bool, live: pa.Table,
+            tally: Tally) -> tuple[dict[str, Any], str]:
+    """Check that each decoded file has exactly one prediction and finish the output; its summary and where that
+    goes. A folder keeps its parts and ledger (for the next update); a single file is written whole (sorted by
+    path) beside its rejects and config, and its work folder goes."""
+    ledger.check_shards(work, live, {PARTS_DIR: ""})
+    table = storage.read_parquet_files(storage.list_parquet(storage.join(work, PARTS_DIR)))
+    table = (table if table is not None else prediction_schema(meta["classes"]).empty_table()).sort_by("path")
+    rejects = ledger.rejects(live).drop_columns(["split"])
+    summary = _summary(cfg, meta, final, table, rejects, tally)
     if not single:
         storage.write_parquet(storage.join(work, REJECTS_FILE), rejects)
         ledger.consolidate(work, live)
-        return
+        return summary, storage.join(final, SUMMARY)
     storage.write_parquet(_side_file(final, ".rejects.parquet"), rejects)
     if final.lower().endswith(".csv"):
         buf = io.BytesIO()
@@ -331,3 +299,6 @@ def _commit(work: str, final: str, single: bool, table: pa.Table, rejects: pa.Ta
     else:
         storage.write_parquet(final, table)
     storage.delete_dir(work)
+    # Beside the file only once it is there: an interrupted run leaves nothing beside it.
+    write_config(_side_file(final, ".config.yaml"), "predict", resolved(cfg))
+    return summary, _side_file(final, ".summary.json")

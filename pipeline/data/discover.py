@@ -23,6 +23,8 @@ import pyarrow.compute as pc
 from pipeline import names
 from pipeline.data import storage
 from pipeline.data.localtree import LocalTree
+from pipeline.data.shards import data_name
+from pipeline.data.synthetic import default_data_dir, is_synthetic, note_builtin_data
 from pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -296,6 +298,21 @@ def discover(root: str, layout: str = "splits", validation_fraction: float = 0.2
     if layout == "kaggle":
         return discover_kaggle(root, validation_fraction, max_per_class, exclusion)
     return discover_splits(root, max_per_class, exclusion)
+
+
+def resolve_data(cfg: Any, *under: str, listed: bool = True) -> tuple[str, bool, str, DatasetIndex | None]:
+    """A job's data root from its options (``config.DataOptions`` and ``output_dir``): that root (the built-in
+    synthetic set when there is no --data-dir), whether it is that set (then noted once), the output folder
+    (default ``outputs/<data folder name>/<under...>``) and, when ``listed``, the root's ``discover`` index."""
+    root = cfg.data_dir or default_data_dir()
+    synthetic = is_synthetic(root)
+    if synthetic:
+        note_builtin_data()
+    output_dir = cfg.output_dir or os.path.join("outputs", data_name(root), *under)
+    if not listed:
+        return root, synthetic, output_dir, None
+    return root, synthetic, output_dir, discover(root, cfg.layout, cfg.validation_fraction, cfg.max_images_per_class,
+                                                 cfg.exclude)
 
 
 UNLABELED_SCHEMA = pa.schema([("relpath", pa.string()), ("stamp", pa.string())])

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 from pipeline.config import ScratchConfig
 from pipeline.data import outputs
-from pipeline.data.discover import discover
-from pipeline.data.shards import data_name
-from pipeline.data.synthetic import default_data_dir, is_synthetic, note_builtin_data
+from pipeline.data.discover import resolve_data
 from pipeline.training.jobs import image_job, prepare
 
 
@@ -20,12 +17,7 @@ def train_scratch(cfg: ScratchConfig) -> dict[str, Any]:
     from pipeline.nets import models  # Keras (seconds to load): not before the job runs
 
     started = time.monotonic()
-    data_dir = cfg.data_dir or default_data_dir()
-    synthetic = is_synthetic(data_dir)
-    if synthetic:
-        note_builtin_data()
-    output_dir = cfg.output_dir or os.path.join("outputs", data_name(data_dir))
-    index = discover(data_dir, cfg.layout, cfg.validation_fraction, cfg.max_images_per_class, cfg.exclude)
+    _, synthetic, output_dir, index = resolve_data(cfg)
     job, reused = prepare(cfg, "train_scratch", output_dir, started, ("data_dir",), data=index.fingerprint())
     if reused:
         return reused
