@@ -259,7 +259,8 @@ def finetune_config(tmp_path, output_dir: str) -> FinetuneConfig:
     file naming its feature folder, and that folder's manifest recording the cache."""
     features = tmp_path / "features_with_block4"
     block4 = {"dir": "block4", "shape": [2, 2, 512]}
-    storage.write_json(str(features / "manifest.json"), {"fingerprint": "f", "data_dir": str(tmp_path), "block4": block4})
+    storage.write_json(str(features / "manifest.json"), {"fingerprint": "f", "data_dir": str(tmp_path), "block4": block4,
+                                                         "layout": "splits", "config": {"validation_fraction": 0.2}})
     return FinetuneConfig(top_model=model_file(tmp_path / "top.keras", features_dir=str(features)),
                           output_dir=output_dir)
 
