@@ -10,16 +10,34 @@ import json
 import sys
 
 
-def logical_gpus(data_dir: str, output_dir: str) -> dict:
-    """Extraction on a CPU-only cluster that declares two logical GPUs."""
+def logical_gpus(data_dir: str, output_dir: str, photo: str) -> dict:
+    """On a CPU-only cluster that declares two logical GPUs: the serving job's deployment of a local
+    model file answering one photo (then stopped), then an extraction. How many ``inference_actor``
+    trace lines serving wrote is returned, so a test can tell its replicas from the extraction's actors."""
+    import os
+    import urllib.request
+
     from pipeline.batch.cluster import init_ray
     from pipeline.batch.extract import run_extraction
-    from pipeline.config import ExtractConfig
+    from pipeline.config import ExtractConfig, ServeConfig
+    from pipeline.nets import models
+    from pipeline.nets.modelfile import save_classifier
+    from pipeline.serving.server import start_server, stop_server
+    from tests.clusters import free_port
 
     init_ray(local=True, num_cpus=2, num_gpus=2, include_dashboard=False)
+    model = os.path.join(os.path.dirname(output_dir), "model.keras")
+    save_classifier(models.scratch_cnn(32, 2), model, {"kind": "scratch", "classes": ["cats", "dogs"], "image_size": 32})
+    url = start_server(ServeConfig(model=model, port=free_port(), precision="float32"))
+    with open(photo, "rb") as f, urllib.request.urlopen(urllib.request.Request(url, data=f.read()), timeout=120) as r:
+        answer = json.loads(r.read())
+    stop_server()
+    with open(os.environ["RIC_FAULT_TRACE"]) as f:
+        serving_traced = sum(1 for line in f if json.loads(line)["site"] == "inference_actor")
     manifest = run_extraction(ExtractConfig(data_dir=data_dir, output_dir=output_dir, weights="none",
                                             image_size=32, precision="float32", batch_size=2, block_files=2))
-    return {"actors": manifest["inference_actors"], "plan": manifest["inference"], "num_images": manifest["num_images"]}
+    return {"actors": manifest["inference_actors"], "plan": manifest["inference"], "num_images": manifest["num_images"],
+            "answer": answer, "serving_traced": serving_traced}
 
 
 def s3_extract(data_dir: str, uri: str) -> dict:

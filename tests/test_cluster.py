@@ -71,23 +71,27 @@ def _isolated(scenario: str, *args: str, env: dict | None = None) -> dict:
 
 
 @pytest.mark.slow  # starts a cluster of its own in a subprocess
-def test_one_inference_actor_per_logical_gpu(real_root, tmp_path):
+def test_one_inference_actor_and_one_serving_replica_per_logical_gpu(real_root, tmp_path):
     traced = tmp_path / "trace.jsonl"
+    photo = os.path.join(real_root, "validation", "cats", sorted(os.listdir(os.path.join(real_root, "validation", "cats")))[0])
     # Ray Data waits for both actors before the first block (an actor still loading when one alone has
     # taken every block would be dropped unseen), and the trace shows every actor that started: on a loaded
     # machine the manifest (actors that wrote rows) may still list only one.
-    result = _isolated("logical_gpus", real_root, str(tmp_path / "out"),
+    result = _isolated("logical_gpus", real_root, str(tmp_path / "out"), photo,
                        env={**os.environ, "RIC_FAULT_TRACE": str(traced),
                             "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300"})
-    assert result["plan"]["actors"] == 2 and result["plan"]["num_gpus"] == 1.0
     started = [json.loads(line) for line in traced.read_text().splitlines()]
     started = [a for a in started if a["site"] == "inference_actor"]
-    assert len(started) == 2, started
-    assert {tuple(a["gpu_ids"]) for a in started} == {("0",), ("1",)}
-    assert {a["cuda_visible_devices"] for a in started} == {"0", "1"}
-    actors = result["actors"]
-    assert {a["pid"] for a in actors} <= {a["pid"] for a in started}
-    assert sum(a["rows"] for a in actors) == result["num_images"] == 40
+    # Serving first: one replica of the local model file per GPU, each on its own, and an answer.
+    replicas, actors = started[:result["serving_traced"]], started[result["serving_traced"]:]
+    assert len(replicas) == 2 and {tuple(a["gpu_ids"]) for a in replicas} == {("0",), ("1",)}, replicas
+    assert result["answer"]["predicted_class"] in ("cats", "dogs")
+    assert result["plan"]["actors"] == 2 and result["plan"]["num_gpus"] == 1.0
+    assert len(actors) == 2, actors
+    assert {tuple(a["gpu_ids"]) for a in actors} == {("0",), ("1",)}
+    assert {a["cuda_visible_devices"] for a in actors} == {"0", "1"}
+    assert {a["pid"] for a in result["actors"]} <= {a["pid"] for a in actors}
+    assert sum(a["rows"] for a in result["actors"]) == result["num_images"] == 40
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from pipeline import logs
-from pipeline.batch.cluster import inference_plan, pin_to_this_node
+from pipeline.batch.cluster import inference_plan
 from pipeline.batch.predict import LoadedClassifier, prediction_table
 from pipeline.config import ServeConfig
 from pipeline.data import storage
@@ -45,9 +45,9 @@ log = logging.getLogger(__name__)
 class ClassifierService:
     """One replica: the model, the decoder, and a batching queue in front of the model."""
 
-    def __init__(self, model: str, precision: str, max_batch_size: int, batch_wait_s: float, limits: Limits,
-                 digest: bytes | None):
-        self.classifier = LoadedClassifier(storage.read_bytes(model), precision, max_batch_size)
+    def __init__(self, model: list[ray.ObjectRef], precision: str, max_batch_size: int, batch_wait_s: float,
+                 limits: Limits, digest: bytes | None):
+        self.classifier = LoadedClassifier(model[0], precision, max_batch_size)
         self.limits = limits
         self.digest = digest
         # Decoders release the GIL, so this pool uses every core. Large images (hundreds of MB each while
@@ -139,14 +139,16 @@ def start_server(cfg: ServeConfig) -> str:
     check_exposure(cfg.host, token, cfg.insecure)  # also when called without the job's preflight
     gpus = int(ray.cluster_resources().get("GPU", 0))
     plan = inference_plan(cfg.replicas or 1, (cfg.replicas or gpus) if gpus else None)
-    # Only this node surely has a local model file.
-    actor_options = {"num_cpus": plan.num_cpus, "num_gpus": plan.num_gpus, **pin_to_this_node(cfg.model)}
+    # The model file travels once, through the object store, so replicas run on any node (each on its GPU),
+    # also those that cannot see a local file; in a list, so the reference reaches them unresolved.
+    model = [ray.put(storage.read_bytes(cfg.model))]
+    actor_options = {"num_cpus": plan.num_cpus, "num_gpus": plan.num_gpus}
     quiet = {"log_level": "DEBUG" if logs.verbose() else "WARNING", "enable_access_log": logs.verbose()}
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=quiet)
     # Room for two full batches per replica: one being computed, the next filling.
     app = ClassifierService.options(num_replicas=plan.actors, ray_actor_options=actor_options,
                                     max_ongoing_requests=2 * cfg.max_batch_size).bind(
-        storage.absolute(cfg.model), cfg.precision, cfg.max_batch_size, cfg.batch_wait_s,
+        model, cfg.precision, cfg.max_batch_size, cfg.batch_wait_s,
         Limits(int(cfg.max_upload_mb * 1024 * 1024), cfg.max_images_per_request, round(cfg.max_image_megapixels * 1e6)),
         token_digest(token))
     serve.run(app, name=APP_NAME, route_prefix="/", logging_config=quiet)
