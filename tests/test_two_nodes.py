@@ -4,6 +4,7 @@ driver and the work except through object storage."""
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data.storage import cache_dir
-from tests.clusters import REPO, cluster_env, local_cluster, s3_keys, s3_read, s3_server, submit, upload_tree
+from tests.clusters import REPO, cluster_env, local_cluster, s3_keys, s3_read, s3_server, upload_tree
 from tests.conftest import make_real_root
 
 pytestmark = pytest.mark.timeout(1800)
@@ -37,29 +38,24 @@ def _files_under(root: str, skip: tuple[str, ...] = ()) -> set[str]:
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     """Head (2 CPUs, no GPU) + a second node (2 CPUs, 2 logical GPUs), nodes and jobs with their own
-    HOME and TMPDIR so that anything they write to local disk can be found; photos on s3://photos/data."""
+    HOME and TMPDIR so that anything they write to local disk can be found; photos on s3://docs/photos
+    (README's s3://BUCKET/photos), their validation split again on s3://docs/new-photos."""
     base = tempfile.mkdtemp(prefix="ric2n", dir="/tmp")
     home, tmp = os.path.join(base, "home"), os.path.join(base, "tmp")
     os.makedirs(home)
     os.makedirs(tmp)
     local = make_real_root(str(tmp_path_factory.mktemp("photos")), PER_CLASS)
-    with s3_server(("photos", "runs", "docs")) as aws:
+    with s3_server(("docs",)) as aws:
         # The weights and the built-in data set come from the usual cache, not a fresh download.
         env = cluster_env({**aws, "HOME": home, "TMPDIR": tmp, "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
                            "RIC_CACHE_DIR": cache_dir()})
-        keys = upload_tree(aws, local, "photos", "data")
+        keys = upload_tree(aws, local, "docs", "photos")
+        upload_tree(aws, os.path.join(local, "validation"), "docs", "new-photos")
         try:
             with local_cluster(os.path.join(base, "ray"), env, worker={"cpus": 2, "gpus": 2}) as cluster:
                 yield {**cluster, "env": env, "aws": aws, "keys": keys, "base": base, "home": home, "tmp": tmp}
         finally:
             shutil.rmtree(base, ignore_errors=True)
-
-
-def _job(two_nodes, *argv: str) -> str:
-    proc = submit(two_nodes["address"], two_nodes["env"], ["python", "-m", *argv])
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "succeeded" in out.lower(), out[-4000:]
-    return out
 
 
 def _s3_table(aws, bucket: str, prefix: str):
@@ -83,56 +79,6 @@ def _uploaded_files() -> set[str]:
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                             capture_output=True, text=True, check=True).stdout.split()
     return {p for p in listed if os.path.isfile(os.path.join(REPO, p))}
-
-
-def test_jobs_run_on_both_nodes_with_every_path_on_s3(two_nodes):
-    aws = two_nodes["aws"]
-    home_before = set(os.listdir(two_nodes["home"]))
-    _job(two_nodes, "jobs.extract_features", "--data-dir", "s3://photos/data", "--output-dir", "s3://runs/r1/features",
-         "--gpus", "2", "--weights", "none", "--image-size", "32", "--batch-size", "2")
-    manifest = json.loads(s3_read(aws, "runs", "r1/features/manifest.json"))
-    actors = manifest["inference_actors"]
-    # A pool of two one-GPU actors, so every actor that ran holds a GPU and sits on the only node
-    # that has them (on 12 photos one actor may take every batch); the driver ran on the head.
-    assert manifest["inference"]["actors"] == 2 and manifest["inference"]["num_gpus"] == 1.0
-    assert actors and all(a["gpu_ids"] in (["0"], ["1"]) for a in actors), actors
-    assert sum(a["rows"] for a in actors) == 4 * PER_CLASS
-    gpu_node = {a["node"] for a in actors}
-    assert len(gpu_node) == 1
-    assert manifest["driver_node"] not in gpu_node and sum(manifest["decode_nodes"].values()) == 4 * PER_CLASS
-    assert set(manifest["decode_nodes"]) <= gpu_node | {manifest["driver_node"]}, manifest["decode_nodes"]
-    assert all(a["precision"] in ("bfloat16", "float32") for a in actors)
-    # Every photo exactly once, compared with the keys uploaded (not with the product's own listing).
-    rows = [p for split in ("train", "validation") for p in _s3_table(aws, "runs", f"r1/features/{split}").column("path").to_pylist()]
-    assert sorted(rows) == two_nodes["keys"] and len(rows) == 4 * PER_CLASS
-
-    _job(two_nodes, "jobs.train_top", "--features-dir", "s3://runs/r1/features", "--output-dir", "s3://runs/r1",
-         "--epochs", "2", "--num-workers", "2", "--batch-size", "2")
-    top = s3_keys(aws, "runs", "r1/top")
-    for name in ("model.keras", "metrics.csv", "evaluation.json", "curves.png", "summary.json"):
-        assert name in top, top
-    assert any(k.startswith("ray_train/") for k in top), top
-
-    _job(two_nodes, "jobs.predict", "--model", "s3://runs/r1/top/model.keras", "--input", "s3://photos/data/validation",
-         "--output", "s3://runs/r1/predictions", "--gpus", "2")
-    summary = json.loads(s3_read(aws, "runs", "r1/predictions/summary.json"))
-    assert summary["num_images"] == 2 * PER_CLASS and summary["evaluation"]["num_samples"] == 2 * PER_CLASS
-    predicted = _s3_table(aws, "runs", "r1/predictions/predictions").column("path").to_pylist()
-    assert sorted(predicted) == sorted(k[len("validation/"):] for k in two_nodes["keys"] if k.startswith("validation/"))
-    assert {a["node"] for a in summary["inference_actors"]} == gpu_node
-
-    # Nothing on local disk: the jobs' working-directory copies hold only what was uploaded, the
-    # nodes' TMPDIR holds only Ray's own folders, and their HOME gained nothing but caches.
-    uploaded = _uploaded_files()
-    for copy in _working_dir_copies(two_nodes["base"]):
-        assert _files_under(copy) - uploaded == set(), copy
-    # TensorFlow's autograph, Ray and multiprocessing keep their own scratch files in the temp folder.
-    scratch = r"__autograph_generated_file\w+\.py|_ray_lockfiles/\w+\.lock|pymp-\w+/listener-\w+"
-    leftovers = {f for f in _files_under(two_nodes["tmp"], skip=(os.path.join(two_nodes["tmp"], "ray"),))
-                 if not re.fullmatch(scratch, f)}
-    assert leftovers == set(), leftovers
-    # Libraries' own cache and config folders (Keras, matplotlib's font cache) are allowed there.
-    assert set(os.listdir(two_nodes["home"])) - home_before - {".cache", ".keras", ".config"} == set()
 
 
 def test_training_beside_another_cluster_keeps_to_its_own(two_nodes, tmp_path):
@@ -171,16 +117,15 @@ def documented_cluster_commands() -> list[str]:
     return commands
 
 
-def test_documented_cluster_commands_run(two_nodes, tmp_path):
+def test_documented_cluster_commands_run_on_both_nodes_with_every_path_on_s3(two_nodes, tmp_path):
+    aws, keys = two_nodes["aws"], two_nodes["keys"]
+    home_before = set(os.listdir(two_nodes["home"]))
     commands = documented_cluster_commands()
     assert any("run_all" in c and "s3://" in c for c in commands) and any("jobs.predict" in c for c in commands)
-    local = make_real_root(str(tmp_path / "photos"), 2)
-    upload_tree(two_nodes["aws"], local, "docs", "photos")
-    upload_tree(two_nodes["aws"], os.path.join(local, "validation"), "docs", "new-photos")
     dashboard = two_nodes["address"].split("://", 1)[1]
     # The documented placeholders, pointed at this test's cluster, bucket and a scratch folder;
-    # its 4 training photos are fewer than the default batch of 32, which training refuses, and
-    # two epochs per model at 64 px show the commands work (the default 50 + 10 + 50 epochs at
+    # its 6 training photos are fewer than the default batch of 32, which training refuses, and
+    # two epochs per model at 64 px show the commands work (the default 50 + 10 + 100 epochs at
     # 224 and 150 px would take most of CI's time).
     concrete_commands = dict.fromkeys(
         c.replace("s3://YOUR-BUCKET/", "s3://docs/").replace("s3://BUCKET/", "s3://docs/")
@@ -191,5 +136,51 @@ def test_documented_cluster_commands_run(two_nodes, tmp_path):
                               text=True, timeout=1200)
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0 and "succeeded" in out.lower(), concrete + "\n" + out[-4000:]
-    assert "model.keras" in s3_keys(two_nodes["aws"], "docs", "runs/1/finetune")
-    assert "summary.json" in s3_keys(two_nodes["aws"], "docs", "predictions/1")
+    # The local cluster's run on the built-in data: each model trained, exported and evaluated on its 32 photos.
+    for kind in ("top", "finetune", "scratch"):
+        with open(os.path.join(tmp_path, "outputs", "cluster-run", kind, "evaluation.json")) as f:
+            assert json.load(f)["num_samples"] == 32, kind
+        assert os.path.getsize(os.path.join(tmp_path, "outputs", "cluster-run", kind, "model.keras")) > 0
+
+    manifest = json.loads(s3_read(aws, "docs", "runs/1/features/manifest.json"))
+    actors = manifest["inference_actors"]
+    # A pool of two one-GPU actors, so every actor that ran holds a GPU and sits on the only node
+    # that has them (on 12 photos one actor may take every batch); the driver ran on the head.
+    assert manifest["inference"]["actors"] == 2 and manifest["inference"]["num_gpus"] == 1.0
+    assert actors and all(a["gpu_ids"] in (["0"], ["1"]) for a in actors), actors
+    assert sum(a["rows"] for a in actors) == 4 * PER_CLASS
+    gpu_node = {a["node"] for a in actors}
+    assert len(gpu_node) == 1
+    assert manifest["driver_node"] not in gpu_node and sum(manifest["decode_nodes"].values()) == 4 * PER_CLASS
+    assert set(manifest["decode_nodes"]) <= gpu_node | {manifest["driver_node"]}, manifest["decode_nodes"]
+    assert all(a["precision"] in ("bfloat16", "float32") for a in actors)
+    # Every photo exactly once, compared with the keys uploaded (not with the product's own listing).
+    rows = [p for split in ("train", "validation") for p in _s3_table(aws, "docs", f"runs/1/features/{split}").column("path").to_pylist()]
+    assert sorted(rows) == keys and len(rows) == 4 * PER_CLASS
+    # Each model's files, its two epochs and its evaluation of the 6 validation photos, all in the bucket.
+    for kind in ("top", "finetune", "scratch"):
+        written = s3_keys(aws, "docs", f"runs/1/{kind}")
+        assert {"model.keras", "curves.png", "summary.json"} <= set(written), (kind, written)
+        assert any(k.startswith("ray_train/") for k in written), written
+        epochs = [r["epoch"] for r in csv.DictReader(io.StringIO(s3_read(aws, "docs", f"runs/1/{kind}/metrics.csv").decode()))]
+        assert epochs == ["1", "2"], (kind, epochs)
+        assert json.loads(s3_read(aws, "docs", f"runs/1/{kind}/evaluation.json"))["num_samples"] == 2 * PER_CLASS
+
+    summary = json.loads(s3_read(aws, "docs", "predictions/1/summary.json"))
+    assert summary["num_images"] == 2 * PER_CLASS and summary["evaluation"]["num_samples"] == 2 * PER_CLASS
+    predicted = _s3_table(aws, "docs", "predictions/1/predictions").column("path").to_pylist()
+    assert sorted(predicted) == sorted(k[len("validation/"):] for k in keys if k.startswith("validation/"))
+    assert {a["node"] for a in summary["inference_actors"]} == gpu_node
+
+    # Nothing on local disk: the jobs' working-directory copies hold only what was uploaded, the
+    # nodes' TMPDIR holds only Ray's own folders, and their HOME gained nothing but caches.
+    uploaded = _uploaded_files()
+    for copy in _working_dir_copies(two_nodes["base"]):
+        assert _files_under(copy) - uploaded == set(), copy
+    # TensorFlow's autograph, Ray and multiprocessing keep their own scratch files in the temp folder.
+    scratch = r"__autograph_generated_file\w+\.py|_ray_lockfiles/\w+\.lock|pymp-\w+/listener-\w+"
+    leftovers = {f for f in _files_under(two_nodes["tmp"], skip=(os.path.join(two_nodes["tmp"], "ray"),))
+                 if not re.fullmatch(scratch, f)}
+    assert leftovers == set(), leftovers
+    # Libraries' own cache and config folders (Keras, matplotlib's font cache) are allowed there.
+    assert set(os.listdir(two_nodes["home"])) - home_before - {".cache", ".keras", ".config"} == set()
