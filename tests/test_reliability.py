@@ -257,7 +257,11 @@ def test_driver_interrupted_during_prediction_then_rerun(ray_cluster, real_root,
 
 
 def test_training_worker_killed_resumes(ray_cluster, real_root, tmp_path, record_case, monkeypatch):
-    """Covered in depth by tests/test_train.py; recorded here for the matrix with the metrics file."""
+    """Rank 1 dies in epoch 2. The restarted group must resume: its first epoch is 2 (the one after
+    the checkpoint of epoch 1), started from the weights the first group started epoch 2 with,
+    i.e. the checkpoint's. A group that started over would start epoch 1 from the initial weights.
+    The fault and the trace of epoch starts are set in this process's environment only (the
+    session's cluster was started without them): the job hands them to its workers."""
     import csv
 
     from pipeline.config import TrainTopConfig
@@ -265,9 +269,10 @@ def test_training_worker_killed_resumes(ray_cluster, real_root, tmp_path, record
 
     features = run_extraction(ExtractConfig(data_dir=real_root, output_dir=str(tmp_path / "f"), weights="none",
                                             image_size=32, precision="float32"))
-    marker = tmp_path / "killed"
-    # Rank 1 dies after its first step of epoch 2 (the job hands the driver's fault to its workers).
+    marker, log = tmp_path / "killed", tmp_path / "epochs.jsonl"
+    # Rank 1 dies after its first step of epoch 2.
     monkeypatch.setenv("RIC_FAULT_KILL", f"train_epoch2_rank1:1:{marker}")
+    monkeypatch.setenv("RIC_FAULT_TRACE", str(log))
     train_top(TrainTopConfig(features_dir=features["output_dir"], output_dir=str(tmp_path / "run"), epochs=3,
                              batch_size=8, num_workers=2, precision="float32", max_failures=2))
     with open(tmp_path / "run" / "top" / "metrics.csv") as f:
@@ -276,3 +281,10 @@ def test_training_worker_killed_resumes(ray_cluster, real_root, tmp_path, record
                 "killed+resumed" if marker.exists() else "not killed", 3, len(epochs),
                 len(epochs) - len(set(epochs)), 3 - len(set(epochs)))
     assert marker.exists() and epochs == [1, 2, 3]
+    starts = [json.loads(line) for line in log.read_text().splitlines()]
+    starts = [s for s in starts if s["site"] == "epoch_start"]
+    for rank in (0, 1):
+        mine = [s for s in starts if s["rank"] == rank]
+        assert [s["epoch"] for s in mine] == [1, 2, 2, 3], f"rank {rank}: {[s['epoch'] for s in mine]}"
+        first, before_kill, after_restart = mine[0]["weights"], mine[1]["weights"], mine[2]["weights"]
+        assert after_restart == before_kill != first, "the restarted group must start from the checkpoint's weights"

@@ -125,34 +125,6 @@ def test_stopped_run_resumes_from_its_latest_checkpoint(small_features, tmp_path
     assert h2[:2] == h1
 
 
-def test_killed_worker_restarts_from_checkpoint_without_duplicate_epochs(small_features, tmp_path, monkeypatch):
-    """Rank 1 dies in epoch 2. The restarted group must resume: its first epoch is 2 (the one after
-    the checkpoint of epoch 1), started from the weights the first group started epoch 2 with,
-    i.e. the checkpoint's. A group that started over would start epoch 1 from the initial weights.
-    The fault and the trace of epoch starts are set in this process's environment only (the
-    session's cluster was started without them): fit hands them to the workers."""
-    import json
-
-    shape = tuple(small_features["feature_shape"])
-    marker, log = tmp_path / "killed", tmp_path / "epochs.jsonl"
-    settings = LoopSettings(kind="top", epochs=3, batch_size=8, learning_rate=1e-3, seed=1, precision="float32",
-                            num_classes=2, feature_shape=shape)
-    monkeypatch.setenv("RIC_FAULT_KILL", f"train_epoch2_rank1:1:{marker}")
-    monkeypatch.setenv("RIC_FAULT_TRACE", str(log))
-    result = fit(settings, _datasets(small_features["output_dir"]), 2, False, str(tmp_path), "faulty", 2)
-    assert marker.exists(), "the fault hook must have killed a worker"
-    assert result.error is None
-    history = read_checkpoint_state(result.checkpoint)["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3]
-    starts = [json.loads(line) for line in log.read_text().splitlines()]
-    assert {s["site"] for s in starts} == {"epoch_start"}
-    for rank in (0, 1):
-        mine = [s for s in starts if s["rank"] == rank]
-        assert [s["epoch"] for s in mine] == [1, 2, 2, 3], f"rank {rank}: {[s['epoch'] for s in mine]}"
-        first, before_kill, after_restart = mine[0]["weights"], mine[1]["weights"], mine[2]["weights"]
-        assert after_restart == before_kill != first, "the restarted group must start from the checkpoint's weights"
-
-
 def test_train_top_job_writes_model_metrics_evaluation_and_curves(small_features, tmp_path):
     from pipeline.nets.modelfile import read_metadata
     from pipeline.training.top import train_top
