@@ -240,38 +240,12 @@ def test_finetune_refuses_a_top_model_of_the_wrong_kind(tmp_path):
         finetune(FinetuneConfig(top_model=path, output_dir=str(tmp_path / "out")))
 
 
-def test_training_logs_to_mlflow_from_rank_zero(small_features, tmp_path):
-    """Parameters, one metric per epoch (two workers, logged once), the final evaluation, the
-    curves and the model, read back with MLflow's client from a local file store."""
-    from mlflow import MlflowClient
-
-    from pipeline.training.top import train_top
-
-    uri = (tmp_path / "mlruns").as_uri()
-    summary = train_top(TrainTopConfig(features_dir=small_features["output_dir"], output_dir=str(tmp_path / "run"),
-                                       epochs=2, batch_size=8, num_workers=2, precision="float32", mlflow_uri=uri,
-                                       mlflow_experiment="cats"))
-    client = MlflowClient(uri)
-    [run] = client.search_runs([client.get_experiment_by_name("cats").experiment_id])
-    assert run.info.run_name == "top" and run.info.status == "FINISHED"
-    assert run.data.params["epochs"] == "2" and run.data.params["batch_size"] == "8"
-    assert run.data.params["features"] == small_features["fingerprint"]
-    with open(tmp_path / "run" / "top" / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    for key in ("loss", "val_loss", "val_accuracy"):
-        history = client.get_metric_history(run.info.run_id, key)
-        assert [(m.step, m.value) for m in history] == [(int(r["epoch"]), pytest.approx(float(r[key]))) for r in rows]
-    assert run.data.metrics["final_accuracy"] == pytest.approx(summary["accuracy"])
-    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"curves.png", "evaluation.json", "metrics.csv", "model"} <= logged
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.keras"]
-
-
 def test_a_failed_job_marks_its_mlflow_run_failed_and_its_rerun_continues_that_run(small_features, tmp_path,
                                                                                    monkeypatch):
     """A worker killed in epoch 2 with no restarts left: the job fails and its run is FAILED, not left
     RUNNING. The same command again resumes from epoch 1's checkpoint and logs into that same run: one
-    run, FINISHED, each epoch's metrics once."""
+    run, FINISHED, with the parameters, each epoch's metrics once (two workers, logged by rank 0), the
+    final evaluation, the curves and the model, read back with MLflow's client from a local file store."""
     from mlflow import MlflowClient
 
     from pipeline.training.jobs import TrainingError
@@ -279,25 +253,34 @@ def test_a_failed_job_marks_its_mlflow_run_failed_and_its_rerun_continues_that_r
 
     uri = (tmp_path / "mlruns").as_uri()
     cfg = TrainTopConfig(features_dir=small_features["output_dir"], output_dir=str(tmp_path / "run"), epochs=3,
-                         batch_size=8, num_workers=1, precision="float32", max_failures=0, mlflow_uri=uri,
-                         mlflow_experiment="failing")
+                         batch_size=8, num_workers=2, precision="float32", max_failures=0, mlflow_uri=uri,
+                         mlflow_experiment="cats")
     marker = tmp_path / "killed"
-    monkeypatch.setenv("RIC_FAULT_KILL", f"train_epoch2_rank0:1:{marker}")
+    monkeypatch.setenv("RIC_FAULT_KILL", f"train_epoch2_rank1:1:{marker}")
     with pytest.raises(TrainingError, match="training failed after 0 restart"):
         train_top(cfg)
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("failing").experiment_id
+    experiment = client.get_experiment_by_name("cats").experiment_id
     [failed] = client.search_runs([experiment])
     assert marker.exists() and failed.info.status == "FAILED"
     assert [m.step for m in client.get_metric_history(failed.info.run_id, "val_accuracy")] == [1]
 
     monkeypatch.delenv("RIC_FAULT_KILL")
-    train_top(cfg)
+    summary = train_top(cfg)
     [run] = client.search_runs([experiment])
-    assert run.info.run_id == failed.info.run_id and run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2, 3]
+    assert run.info.run_id == failed.info.run_id and run.info.status == "FINISHED" and run.info.run_name == "top"
+    assert run.data.params["epochs"] == "3" and run.data.params["batch_size"] == "8"
+    assert run.data.params["features"] == small_features["fingerprint"]
     with open(tmp_path / "run" / "top" / "metrics.csv") as f:
-        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    for key in ("loss", "val_loss", "val_accuracy"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [(m.step, m.value) for m in history] == [(int(r["epoch"]), pytest.approx(float(r[key]))) for r in rows]
+    assert run.data.metrics["final_accuracy"] == pytest.approx(summary["accuracy"])
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"curves.png", "evaluation.json", "metrics.csv", "model"} <= logged
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.keras"]
 
 
 def test_a_training_split_smaller_than_one_batch_is_refused_before_training(small_features, tmp_path):
