@@ -12,6 +12,7 @@ import pyarrow as pa
 import ray
 import ray.train
 
+from pipeline.data import storage
 from pipeline.data.shards import list_rows
 from pipeline.training.kinds import kind_of
 from pipeline.training.settings import LoopSettings
@@ -23,6 +24,14 @@ WORKER_BASE_BYTES = int(1.4 * 2**30)
 HELD_BYTES_FACTOR = 2.25
 # The share of the memory Ray may hand out that workers holding data may take; the rest runs beside them.
 HOLD_SHARE = 0.5
+
+
+def read_shards(split_dir: str, columns: list[str]) -> ray.data.Dataset:
+    """A split's Parquet shards as a dataset of one block per shard, with ``columns``."""
+    # Ray sizes read tasks by the files' size on disk, and features compress about 7x (ReLU zeros): at
+    # 25,000 photos its blocks held ~4,900 rows (490 MiB), each streamed worker mapping one or two at once.
+    shards = max(1, len(storage.list_parquet(split_dir)))
+    return ray.data.read_parquet(split_dir, override_num_blocks=shards).select_columns(columns)
 
 
 def worker_footprint(nbytes: float) -> float:

@@ -19,6 +19,7 @@ from pipeline.data.shards import read_split
 from pipeline.errors import DataError, UserError
 from pipeline.nets import vgg16
 from pipeline.nets.modelfile import MODEL_FILE, load_classifier, read_metadata
+from pipeline.training.batches import read_shards
 from pipeline.training.checkpoints import load_checkpoint_weights
 from pipeline.training.jobs import Job, image_job, loop_settings, prepare, split_rows, train_export_evaluate
 
@@ -94,10 +95,9 @@ def _finetune_cached(job: Job, cfg: FinetuneConfig, manifest: dict[str, Any], fe
     cache = storage.join(metadata["features_dir"], manifest["block4"]["dir"])
     # Extraction's shards already mix the classes: streamed, a per-epoch block order plus the local
     # shuffle buffer suffice; held, the cache is reshuffled in memory every epoch.
-    datasets = {"train": ray.data.read_parquet(storage.join(cache, "train"))
-                .select_columns(["path", "label", "block4", "block4_flipped"]).randomize_block_order(seed=cfg.seed),
-                "validation": ray.data.read_parquet(storage.join(cache, "validation"))
-                .select_columns(["path", "label", "block4"])}
+    datasets = {"train": read_shards(storage.join(cache, "train"), ["path", "label", "block4", "block4_flipped"])
+                .randomize_block_order(seed=cfg.seed),
+                "validation": read_shards(storage.join(cache, "validation"), ["path", "label", "block4"])}
     # Caches written before float16 was the default hold float32.
     itemsize = np.dtype(manifest["block4"].get("dtype", "float32")).itemsize
     rows = split_rows(manifest, "train")

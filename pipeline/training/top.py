@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import numpy as np
-import ray
 
 from pipeline.batch.evaluation import evaluate
 from pipeline.batch.extract import run_extraction
@@ -17,6 +16,7 @@ from pipeline.data import outputs, storage
 from pipeline.data.shards import data_name, features_as_array, read_split
 from pipeline.errors import DataError
 from pipeline.nets.weights import load_weight_arrays, resolve_weights
+from pipeline.training.batches import read_shards
 from pipeline.training.checkpoints import load_checkpoint_weights
 from pipeline.training.jobs import finish, loop_settings, prepare, run, split_rows
 
@@ -42,12 +42,17 @@ def _feature_datasets(features_dir: str, seed: int, held: bool) -> dict[str, Any
     # The path gives held data an order that does not depend on how Ray read it. Other columns
     # stay unread: an older extraction's train shards may also hold features_flipped.
     columns = ["path", "label", "features"]
-    datasets = {split: ray.data.read_parquet(storage.join(features_dir, split)).select_columns(columns)
-                for split in ("train", "validation")}
+    datasets = {split: read_shards(storage.join(features_dir, split), columns) for split in ("train", "validation")}
     if not held:
-        # A seeded global shuffle mixes the classes even of older extractions' class-by-class shards;
-        # the local buffer reorders every epoch (held data is reshuffled in memory instead).
-        datasets["train"] = datasets["train"].random_shuffle(seed=seed)
+        train = datasets["train"]
+        first = storage.list_parquet(storage.join(features_dir, "train"))[:1]
+        if first and len(set(storage.read_parquet(first[0], ["label"]).column("label").to_pylist())) > 1:
+            # Shards that mix the classes (extraction writes rows in a seeded order) need only a block order
+            # and the local buffer: a global shuffle moved every feature through the object store each epoch.
+            datasets["train"] = train.randomize_block_order(seed=seed)
+        else:
+            # An older extraction's class-by-class shards: a seeded global shuffle mixes them.
+            datasets["train"] = train.random_shuffle(seed=seed)
     return datasets
 
 
