@@ -7,10 +7,12 @@ Extracts the data set's features with the block-4 cache (the product's defaults 
 runs the three training jobs as a user does (each on its own local Ray cluster, ``--num-workers``
 workers, the job's defaults but ``--epochs``: a worker's memory is reached within its first two
 epochs and does not grow after them, which the per-epoch peaks in each summary show). For each
-job it prints, per worker: its resident memory before reading data, its peak, the bytes of data
-it held (0: streamed), and whether the peak is within the footprint the hold-or-stream rule
-assumes (``pipeline.training.batches.worker_footprint``: WORKER_BASE_BYTES + HELD_BYTES_FACTOR x
-held); also the peak of each kind of process of the job's tree. The figures go to
+job it prints, per worker: its private memory (``pipeline.training.memory``: its own pages, not
+the object store's or the libraries' it shares) before reading data and at its peak, the same for
+its resident memory (shared pages included), by epoch, the bytes of data it held (0: streamed),
+and whether the private peak is within the footprint the hold-or-stream rule assumes
+(``pipeline.training.batches.worker_footprint``: WORKER_BASE_BYTES + HELD_BYTES_FACTOR x held);
+also the peak of each kind of process of the job's tree. The figures go to
 ``bench/results/train_memory.json`` (date, CPU, commit, command).
 """
 
@@ -40,27 +42,35 @@ def job_figures(name: str, args: list[str], summary_path: str, logs: str) -> dic
         with open(summary_path) as f:
             summary = json.load(f)
         held = summary.get("held_bytes_per_worker", 0)
-        peaks, bases = summary["worker_peak_rss_bytes"], summary.get("worker_base_rss_bytes", [])
-        epochs = [[round(b / GIB, 3) for b in h] for h in summary_per_epoch(summary_path)]
+        peaks, bases = summary["worker_peak_private_bytes"], summary["worker_base_private_bytes"]
+        figures.update({"held_gib_per_worker": round(held / GIB, 3)})
+        for kind in ("private", "rss"):
+            figures.update({
+                f"worker_base_{kind}_gib": _gib(summary[f"worker_base_{kind}_bytes"]),
+                f"worker_peak_{kind}_gib": _gib(summary[f"worker_peak_{kind}_bytes"]),
+                f"worker_peak_{kind}_gib_by_epoch": [_gib(e) for e in
+                                                     summary_per_epoch(summary_path, f"worker_peak_{kind}_bytes")]})
         figures.update({
-            "held_gib_per_worker": round(held / GIB, 3), "worker_base_gib": [round(b / GIB, 3) for b in bases],
-            "worker_peak_gib": [round(p / GIB, 3) for p in peaks], "worker_peak_gib_by_epoch": epochs,
             "footprint_rule_gib": round(worker_footprint(held) / GIB, 3),
             "within_rule": all(p <= worker_footprint(held) for p in peaks),
-            "peak_minus_base_over_held": [round((p - b) / held, 2) for p, b in zip(peaks, bases)] if held else None,
+            "private_peak_minus_base_over_held": [round((p - b) / held, 2) for p, b in zip(peaks, bases)] if held else None,
             "accuracy": summary["accuracy"], "epochs": summary["epochs"]})
     print(f"{name}: {json.dumps(figures)}", flush=True)
     return figures
 
 
-def summary_per_epoch(summary_path: str) -> list[list[int]]:
-    """Each epoch's worker peaks, from the job's metrics.csv beside its summary (one row per
+def _gib(values: list[int]) -> list[float]:
+    return [round(v / GIB, 3) for v in values]
+
+
+def summary_per_epoch(summary_path: str, field: str) -> list[list[int]]:
+    """Each epoch's worker peaks (``field``), from the job's metrics.csv beside its summary (one row per
     epoch; the peaks by rank are a list written as Python prints it)."""
     import csv
 
     with open(os.path.join(os.path.dirname(summary_path), "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
-    return [json.loads(r["worker_peak_rss_bytes"].replace("'", '"')) for r in rows if r.get("worker_peak_rss_bytes")]
+    return [json.loads(r[field].replace("'", '"')) for r in rows if r.get(field)]
 
 
 def main() -> None:

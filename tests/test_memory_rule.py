@@ -1,8 +1,15 @@
 """The hold-or-stream rule counts what a training worker really takes (its measured footprint),
-not the raw bytes of its data."""
+not the raw bytes of its data, and a worker's own memory is measured apart from the pages it shares."""
 
 from __future__ import annotations
 
+import mmap
+import tempfile
+import time
+
+import numpy as np
+
+from pipeline.training.memory import SAMPLE_S, PrivatePeak, private_bytes
 from pipeline.training.batches import HELD_BYTES_FACTOR, HOLD_SHARE, WORKER_BASE_BYTES, fits_in_memory, held_bytes
 
 
@@ -23,3 +30,29 @@ def test_data_that_does_not_fit_is_streamed(ray_cluster):
     # On this cluster (whatever its memory): a worker that would need more than all of it streams.
     assert held_bytes(1e15, 1) == 0
     assert held_bytes(1, 1) == 1
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_private_peak_sees_a_passing_allocation_and_not_shared_pages():
+    size = 256 * 2**20
+    with PrivatePeak() as peak:
+        before = peak.peak()
+        # Shared memory, as the object store's blocks are: resident, touched, but not private.
+        with tempfile.NamedTemporaryFile(dir="/dev/shm") as f:
+            f.truncate(size)
+            shared = mmap.mmap(f.fileno(), size)
+            resident = _resident_bytes()
+            shared[:] = b"\1" * size
+            assert _resident_bytes() - resident > 0.9 * size
+            assert peak.peak() - before < 0.2 * size
+            shared.close()
+        # A private copy that is gone before the peak is next read: the sampler must have seen it.
+        passing = np.ones(size // 8)
+        time.sleep(10 * SAMPLE_S)
+        del passing
+        assert private_bytes() - before < 0.2 * size
+        assert peak.peak() - before > 0.9 * size

@@ -146,6 +146,10 @@ def test_train_top_job_writes_model_metrics_evaluation_and_curves(small_features
     # Memory before reading data, and the data each worker held: every feature row of both splits.
     assert len(summary["worker_base_rss_bytes"]) == 1
     assert 0 < summary["worker_base_rss_bytes"][0] <= summary["worker_peak_rss_bytes"][0]
+    # Private memory (what the rule budgets) is a part of the resident memory, and grows from its base too.
+    private, private_base = summary["worker_peak_private_bytes"], summary["worker_base_private_bytes"]
+    assert len(private) == len(private_base) == 1
+    assert 0 < private_base[0] <= private[0] <= summary["worker_peak_rss_bytes"][0]
     rows = sum(sum(small_features["counts"][split].values()) for split in ("train", "validation"))
     assert summary["held_bytes_per_worker"] == rows * int(np.prod(small_features["feature_shape"])) * 4
     with open(os.path.join(job, "evaluation.json")) as f:

@@ -17,8 +17,9 @@ from pipeline.data.shards import list_rows
 from pipeline.training.kinds import kind_of
 from pipeline.training.settings import LoopSettings
 
-# A training worker's memory: a fixed part (TensorFlow, Ray, model, optimizer), plus at its peak at most
-# HELD_BYTES_FACTOR bytes per byte of data it holds (its copy, Ray's blocks, batches in flight); both
+# A training worker's private memory (``memory``: not the object store's pages, which the node holds once
+# in its own budget): a fixed part (TensorFlow, Ray, model, optimizer, a streamed epoch's buffers), plus at
+# its peak at most HELD_BYTES_FACTOR bytes per byte of data it holds (its copy, batches in flight); both
 # cover every kind bench/train_memory.py measured (bench/results/train_memory*.json).
 WORKER_BASE_BYTES = int(1.4 * 2**30)
 HELD_BYTES_FACTOR = 2.25

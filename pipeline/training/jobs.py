@@ -200,6 +200,9 @@ def finish(job: Job, model, metadata: dict[str, Any], run: TrainedRun, evaluatio
                "epochs": len(history), "best_epoch": run.best_epoch, "seconds": round(seconds, 2),
                "images_per_s": round(samples_per_s, 2), "worker_peak_rss_bytes": worker_peaks(history),
                "worker_base_rss_bytes": worker_peaks(history, "worker_base_rss_bytes"),
+               # What each worker alone took (``memory``): the measure the hold-or-stream rule budgets.
+               "worker_peak_private_bytes": worker_peaks(history, "worker_peak_private_bytes"),
+               "worker_base_private_bytes": worker_peaks(history, "worker_base_private_bytes"),
                "held_bytes_per_worker": run.held_bytes,
                # Epoch seconds leave out start-up, export and the final evaluation; the wall time has them.
                "wall_s": round(time.monotonic() - job.started, 2),
@@ -211,17 +214,20 @@ def finish(job: Job, model, metadata: dict[str, Any], run: TrainedRun, evaluatio
     log.info(f"{kind}: validation accuracy {evaluation['accuracy']:.4f}, loss {evaluation['loss']:.4f} "
           f"after {len(history)} epochs, {seconds:.0f}s of epochs ({samples_per_s:.1f} samples/s), "
           f"{summary['wall_s']:.0f}s in all -> {directory}")
-    log.info("%s: peak resident memory of the training workers by rank: %s (before reading data: %s; data held "
-             "by each: %.2f GiB)", kind,
-             ", ".join(f"{b / 2**30:.2f} GiB" for b in summary["worker_peak_rss_bytes"]) or "not reported",
-             ", ".join(f"{b / 2**30:.2f} GiB" for b in summary["worker_base_rss_bytes"]) or "not reported",
-             run.held_bytes / 2**30)
+    log.info("%s: training workers' peak private memory by rank: %s (before reading data: %s; data held by each: "
+             "%.2f GiB); peak resident memory, shared pages included: %s", kind,
+             *(_gib(summary[f]) for f in ("worker_peak_private_bytes", "worker_base_private_bytes")),
+             run.held_bytes / 2**30, _gib(summary["worker_peak_rss_bytes"]))
     return summary
 
 
+def _gib(values: list[int]) -> str:
+    return ", ".join(f"{b / 2**30:.2f} GiB" for b in values) or "not reported"
+
+
 def worker_peaks(history: list[dict[str, Any]], field: str = "worker_peak_rss_bytes") -> list[int]:
-    """Each training worker's peak resident memory in bytes by rank (``field``: overall, or before it read
-    data), maxed over ``history``'s epochs since a restarted worker is a new process."""
+    """Each training worker's peak memory in bytes by rank (``field``: resident or private, overall or
+    before it read data), maxed over ``history``'s epochs since a restarted worker is a new process."""
     reported = [h[field] for h in history if h.get(field)]
     return [max(ranks) for ranks in zip(*reported)]
 

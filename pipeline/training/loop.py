@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import resource
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from pipeline.training.batches import batch_inputs, epoch_batches
 from pipeline.training.checkpoints import averaged_weights, restore_checkpoint, save_checkpoint
 from pipeline.training.dropout import GlobalDropout, place
 from pipeline.training.kinds import kind_of
+from pipeline.training.memory import PrivatePeak, resident_peak_bytes
 from pipeline.training.settings import LoopSettings
 
 # What each step all-reduces, in order: sums of the loss and of the correct predictions,
@@ -186,18 +186,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     _share_cores(ctx.get_local_world_size())
     keras.utils.set_random_seed(s.seed)  # identical initial weights on every worker
-    steps = DistributedSteps(s, _get(s.base_weights), _get(s.top_weights))
-    # Dropout masks by step and global position (``dropout``); the step count comes back with a checkpoint.
-    place(steps.model, rank, world, s.seed, steps.optimizer.iterations)
-    state = {"epoch": 0, "history": []}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = restore_checkpoint(d, steps.model, steps.optimizer)
+    with PrivatePeak() as private:  # from here: loading the weights is part of a worker's footprint
+        steps = DistributedSteps(s, _get(s.base_weights), _get(s.top_weights))
+        # Dropout masks by step and global position (``dropout``); the step count comes back with a checkpoint.
+        place(steps.model, rank, world, s.seed, steps.optimizer.iterations)
+        state = {"epoch": 0, "history": []}
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                state = restore_checkpoint(d, steps.model, steps.optimizer)
+        _run_epochs(s, steps, state, rank, world, private)
+
+
+def _run_epochs(s: LoopSettings, steps: DistributedSteps, state: dict[str, Any], rank: int, world: int,
+                private: PrivatePeak) -> None:
+    """Train from ``state``'s epoch to the last, evaluating, reporting and checkpointing after each."""
     per_worker = s.batch_size // world  # exact: the configs refuse worker counts that do not divide the batch
     held: dict[str, dict[str, np.ndarray]] = {}
     # A worker's memory before it reads any data: the fixed part of its footprint (libraries, model, optimizer).
-    base_rss = _peak_rss_per_rank(steps, rank, world)
+    base = _memory_per_rank(steps, private, rank, world)
     for epoch in range(state["epoch"], s.epochs):
         # Tests: a restarted worker must resume from the checkpoint's weights, not start over.
         trace("epoch_start", lambda: {"epoch": epoch + 1, "rank": rank, "weights": _digest(steps.model)})
@@ -209,10 +216,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with averaged_weights(steps.model, steps.optimizer) as trained:
             val = run_epoch(steps, steps.evaluate, epoch_batches("validation", s, per_worker, False, None, held),
                             world, None)
+            peak = _memory_per_rank(steps, private, rank, world)
             row = {"epoch": epoch + 1, "loss": train.loss, "accuracy": train.accuracy, "val_loss": val.loss,
                    "val_accuracy": val.accuracy, "train_samples": int(train.samples), "val_samples": int(val.samples),
                    "seconds": round(time.time() - started, 2), "precision": s.precision,
-                   "worker_peak_rss_bytes": _peak_rss_per_rank(steps, rank, world), "worker_base_rss_bytes": base_rss}
+                   "worker_peak_rss_bytes": peak["rss"], "worker_base_rss_bytes": base["rss"],
+                   "worker_peak_private_bytes": peak["private"], "worker_base_private_bytes": base["private"]}
             state = {"epoch": epoch + 1, "history": state["history"] + [row]}
             _report(row, state, steps, rank, trained)
         if rank == 0:
@@ -228,12 +237,14 @@ def _draws(s: LoopSettings, epoch: int, start: int) -> Callable[[int], GlobalRow
     return lambda step: GlobalRows(np.random.default_rng([s.seed, epoch, step]), start, s.batch_size)
 
 
-def _peak_rss_per_rank(steps: DistributedSteps, rank: int, world: int) -> list[int]:
-    """Every worker's peak resident memory so far, in bytes, by rank, all-reduced (each rank fills its
-    slot) since Ray Train keeps only rank 0's report."""
-    mine = np.zeros(world, dtype=np.float64)  # float64: exact for any byte count below 2**53
-    mine[rank] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux counts kB
-    return [int(v) for v in steps.count(tf.constant(mine)).numpy()]
+def _memory_per_rank(steps: DistributedSteps, private: PrivatePeak, rank: int, world: int) -> dict[str, list[int]]:
+    """Every worker's peak resident memory (``rss``, shared pages included) and peak private memory
+    (``private``; ``memory``) so far, in bytes, by rank, all-reduced (each rank fills its slots) since Ray
+    Train keeps only rank 0's report."""
+    mine = np.zeros((2, world), dtype=np.float64)  # float64: exact for any byte count below 2**53
+    mine[:, rank] = resident_peak_bytes(), private.peak()
+    resident, own = steps.count(tf.constant(mine)).numpy()
+    return {"rss": [int(v) for v in resident], "private": [int(v) for v in own]}
 
 
 def _report(row: dict[str, Any], state: dict[str, Any], steps: DistributedSteps, rank: int,
