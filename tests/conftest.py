@@ -26,7 +26,10 @@ def ray_cluster():
     # placement-group cleaner can ask the state API about it.
     # MLflow 3 refuses local file stores unless allowed; the tracking test logs to one from the workers.
     os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
-    init_ray(local=True, num_cpus=2, include_dashboard=True, env_vars={"MLFLOW_ALLOW_FILE_STORE": "true"})
+    # The memory Ray may hand out is fixed: by default it is a share of what is free when the cluster starts, and
+    # a machine busy then (another run, a bench) made the hold-or-stream rule stream tests' tiny training data.
+    init_ray(local=True, num_cpus=2, include_dashboard=True, env_vars={"MLFLOW_ALLOW_FILE_STORE": "true"},
+             _memory=12 * 2**30)
     yield ray
     ray.shutdown()
 
