@@ -1,7 +1,7 @@
 """Training memory at each model's defaults: what a training worker takes, against the data it holds.
 
     python bench/train_memory.py [--data-dir ../shared/data/cats_vs_dogs_small] [--num-workers 2] [--epochs 2]
-        [--jobs top,finetune,scratch] [--keep-features] [--name train_memory]
+        [--jobs top,finetune,scratch] [--hold-data auto] [--keep-features] [--name train_memory]
 
 Extracts the data set's features with the block-4 cache (the product's defaults otherwise), then
 runs the three training jobs as a user does (each on its own local Ray cluster, ``--num-workers``
@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--jobs", default="top,finetune,scratch")
     parser.add_argument("--keep-features", action="store_true",
                         help="keep <work-dir>/features: a finished extraction with the same settings is reused")
+    parser.add_argument("--hold-data", default="auto", choices=("auto", "always", "never"),
+                        help="the training jobs' --hold-data: never measures streaming workers")
     parser.add_argument("--name", default="train_memory", help="the result file: bench/results/<name>.json")
     args = parser.parse_args()
     data, work = os.path.abspath(args.data_dir), args.work_dir
@@ -91,8 +93,9 @@ def main() -> None:
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     logs = os.path.join(work, "logs")
     os.makedirs(logs)
-    common = ["--output-dir", work, "--num-workers", str(args.num_workers), "--epochs", str(args.epochs)]
-    figures: dict = {"num_workers": args.num_workers, "epochs": args.epochs,
+    common = ["--output-dir", work, "--num-workers", str(args.num_workers), "--epochs", str(args.epochs),
+              "--hold-data", args.hold_data]
+    figures: dict = {"num_workers": args.num_workers, "epochs": args.epochs, "hold_data": args.hold_data,
                      "worker_base_bytes_rule": WORKER_BASE_BYTES, "held_bytes_factor_rule": HELD_BYTES_FACTOR}
     figures["extract"] = job_figures("extract", ["jobs.extract_features", "--data-dir", data, "--output-dir",
                                                  os.path.join(work, "features"), "--cache-block4"], "", logs)

@@ -10,6 +10,7 @@ from pipeline.images.decode import MAX_IMAGE_MEGAPIXELS, PILLOW_LIMIT_MEGAPIXELS
 from pipeline.options import check_at_least, check_choices, check_positive, check_range, field_help
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+HOLD_DATA = ("auto", "always", "never")
 PREPROCESSINGS = ("auto", "torch", "caffe")
 NAMED_WEIGHTS = ("torchvision", "keras", "none")
 LAYOUTS = ("splits", "kaggle")
@@ -155,6 +156,10 @@ class TrainConfig(LogOptions):
                                      "evaluation, the checkpoints and the exported model use (lowered so that it spans "
                                      "at most the last tenth of the run's steps); 0: the trained weights themselves")
     seed: int = field_help(0, "seed for initialisation, shuffling and augmentation")
+    hold_data: str = field_help("auto", "each worker holds all the training data in memory (then any worker count "
+                                "takes the same steps) or streams its shard every epoch: auto holds it when the "
+                                "workers' measured footprints fit in half the memory Ray may hand out "
+                                "(docs/architecture.md#hold-or-stream)", HOLD_DATA)
     precision: str = field_help("auto", PRECISION_HELP, PRECISIONS)
     max_failures: int = field_help(2, "worker-group restarts (from the last checkpoint) before giving up")
     overwrite: bool = field_help(False, OVERWRITE_HELP)

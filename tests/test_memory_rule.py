@@ -9,6 +9,9 @@ import time
 
 import numpy as np
 
+from pipeline.config import TrainTopConfig
+from pipeline.data.reuse import differences, job_settings
+from pipeline.training.jobs import loop_settings
 from pipeline.training.memory import SAMPLE_S, PrivatePeak, private_bytes
 from pipeline.training.batches import HELD_BYTES_FACTOR, HOLD_SHARE, WORKER_BASE_BYTES, fits_in_memory, held_bytes
 
@@ -26,10 +29,16 @@ def test_held_data_is_counted_by_the_measured_footprint_not_its_raw_bytes():
     assert not fits_in_memory(largest, workers + 1, memory)
 
 
-def test_data_that_does_not_fit_is_streamed(ray_cluster):
+def test_data_that_does_not_fit_is_streamed_unless_the_user_says_otherwise(ray_cluster):
     # On this cluster (whatever its memory): a worker that would need more than all of it streams.
     assert held_bytes(1e15, 1) == 0
     assert held_bytes(1, 1) == 1
+
+    def held(hold_data: str, nbytes: float) -> int:
+        return loop_settings(TrainTopConfig(hold_data=hold_data, batch_size=8), 2, 64, nbytes).held_bytes
+
+    assert (held("auto", 1e15), held("auto", 1.0)) == (0, 1)
+    assert (held("always", 1e15), held("never", 1.0)) == (int(1e15), 0)
 
 
 def _resident_bytes() -> int:
@@ -56,3 +65,11 @@ def test_private_peak_sees_a_passing_allocation_and_not_shared_pages():
         del passing
         assert private_bytes() - before < 0.2 * size
         assert peak.peak() - before > 0.9 * size
+
+
+def test_an_output_recorded_before_hold_data_existed_counts_as_made_with_auto():
+    now = job_settings(TrainTopConfig(batch_size=8))
+    older = {k: v for k, v in now.items() if k != "hold_data"}
+    assert "hold_data" in now and differences(older, now) == []
+    assert differences(older, job_settings(TrainTopConfig(batch_size=8, hold_data="never"))) == [
+        "hold_data: 'auto' → 'never'"]

@@ -25,6 +25,9 @@ NOT_SETTINGS = frozenset({"output_dir", "overwrite", "max_failures", "gpu_wait_s
 # Options this project no longer has, with the value every output made without them computed:
 # recorded with that value, an option is the same as its absence (recorded otherwise, it differs).
 RETIRED = {"mirror_train": False}
+# Options added since outputs were first recorded, with the value every output made before them computed
+# with: an output that does not record one was made with that value.
+ADDED = {"hold_data": "auto"}
 
 
 def job_settings(cfg: Any, drop: tuple[str, ...] = (), **inputs: Any) -> dict[str, Any]:
@@ -45,6 +48,7 @@ def differences(recorded: dict[str, Any] | None, settings: dict[str, Any]) -> li
         return ["settings: not recorded (made by an older version of this project)"]
     recorded = redact_values(recorded)  # recorded before redaction existed: compare like with like
     recorded = {k: v for k, v in recorded.items() if k not in RETIRED or RETIRED[k] != v}
+    recorded = {**{k: v for k, v in ADDED.items() if k in settings}, **recorded}
     return [f"{key}: {recorded.get(key)!r} → {settings.get(key)!r}"
             for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
 

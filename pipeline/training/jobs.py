@@ -83,14 +83,14 @@ def learning_rate(cfg: TrainConfig) -> float:
 
 def loop_settings(cfg: TrainConfig, num_classes: int, train_rows: int, data_bytes: float, **kw: Any) -> LoopSettings:
     """The workers' settings for the job of ``cfg``: its training options, whether each worker holds the data
-    (``data_bytes``, both splits; ``held_bytes``), and ``kw``. DataError when the training split is smaller than one
+    (``data_bytes``, both splits; ``--hold-data``, by default ``held_bytes``), and ``kw``. DataError when the training split is smaller than one
     batch: every epoch would take no step (a partial last batch is dropped), and the run would 'finish' having
     learnt nothing."""
     if train_rows < cfg.batch_size:
         raise DataError(f"the training split has {train_rows} images, fewer than one batch of {cfg.batch_size}: "
                         f"pass --batch-size {max(1, train_rows)} or less, or add images")
     steps = cfg.epochs * (train_rows // cfg.batch_size)
-    held = held_bytes(data_bytes, cfg.num_workers)
+    held = {"auto": held_bytes(data_bytes, cfg.num_workers), "always": int(data_bytes), "never": 0}[cfg.hold_data]
     return LoopSettings(kind=KINDS[job_folder(cfg)].name, epochs=cfg.epochs, batch_size=cfg.batch_size,
                         learning_rate=learning_rate(cfg), seed=cfg.seed, precision=cfg.precision,
                         num_classes=num_classes, dropout=cfg.dropout, hold_in_memory=held > 0, held_bytes=held,

@@ -226,9 +226,10 @@ def _run_epochs(s: LoopSettings, steps: DistributedSteps, state: dict[str, Any],
             _report(row, state, steps, rank, trained)
         if rank == 0:
             tracking.log_epoch(s.tracking, row)
-            logs.log.info("%s epoch %d/%d: loss %.4f, accuracy %.4f, val_loss %.4f, val_accuracy %.4f, %.1fs",
-                          s.kind, row["epoch"], s.epochs, row["loss"], row["accuracy"], row["val_loss"],
-                          row["val_accuracy"], row["seconds"])
+            logs.log.info("%s epoch %d/%d: loss %.4f, accuracy %.4f, val_loss %.4f, val_accuracy %.4f, %.1fs; workers' "
+                          "peak private memory %s GiB", s.kind, row["epoch"], s.epochs, row["loss"], row["accuracy"],
+                          row["val_loss"], row["val_accuracy"], row["seconds"],
+                          ", ".join(f"{b / 2**30:.2f}" for b in peak["private"]))
 
 
 def _draws(s: LoopSettings, epoch: int, start: int) -> Callable[[int], GlobalRows]:
