@@ -3,7 +3,8 @@ extraction, the top MLP and cached fine-tuning with 2 workers, to the end, on th
 
     python bench/kaggle_scale.py [--photos 25000] [--num-workers 2] [--top-epochs 50]
                                  [--finetune-epochs 10] [--scratch-epochs 2]
-                                 [--stages extract,top,finetune,scratch]
+                                 [--stages extract,top,finetune,scratch] [--no-cache-block4]
+                                 [--name RESULT]
 
 The root is Kaggle's layout (one flat folder of ``cat.<n>.jpg`` and ``dog.<n>.jpg``), made of the
 shared sample's photos copied round robin under new names (copies, not links: listing counts a
@@ -15,8 +16,9 @@ small CNN runs ``--scratch-epochs`` epochs, the top MLP and fine-tuning ``--top-
 default gets the default projected from its per-epoch seconds. ``--stages`` runs some stages over
 the work folder an earlier run left (the first stage, ``extract``, starts it afresh, and refuses a
 folder holding anything this bench does not write), so an hours-long run can be taken in parts;
-each stage's figures carry the command and commit that made them. Figures go to
-``bench/results/kaggle_scale.json``.
+each stage's figures carry the command and commit that made them. ``--no-cache-block4`` extracts
+without the block-4 cache (half the VGG16 passes) for a run of the top MLP alone. Figures go to
+``bench/results/kaggle_scale.json``, or ``--name``'s file.
 """
 
 from __future__ import annotations
@@ -88,8 +90,9 @@ def stage_args(name: str, work: str, args: argparse.Namespace) -> tuple[list[str
     features = os.path.join(out, "features")
     workers = ["--num-workers", str(args.num_workers)]
     if name == "extract":
+        cache = ["--cache-block4"] if args.cache_block4 else []
         return ["jobs.extract_features", "--data-dir", root, "--layout", "kaggle", "--output-dir", features,
-                "--cache-block4"], None
+                *cache], None
     epochs = {"top": args.top_epochs, "finetune": args.finetune_epochs}.get(name)
     epochs_arg = ["--epochs", str(epochs)] if epochs else []
     if name == "top":
@@ -112,10 +115,17 @@ def main() -> None:
     parser.add_argument("--scratch-epochs", type=int, default=2)
     parser.add_argument("--stages", default=",".join(STAGES), help=f"some of {', '.join(STAGES)}")
     parser.add_argument("--work-dir", default="/tmp/ric-kaggle")
+    parser.add_argument("--no-cache-block4", dest="cache_block4", action="store_false",
+                        help="extract without the block-4 cache (half the VGG16 passes; no fine-tuning stage then)")
+    parser.add_argument("--name", default=None,
+                        help="the result file, bench/results/<name>.json (default: kaggle_scale, or "
+                             "kaggle_scale-<photos> for fewer than 25,000)")
     args = parser.parse_args()
     stages = args.stages.split(",")
     if not stages or not set(stages) <= set(STAGES):
         parser.error(f"--stages takes some of {', '.join(STAGES)}, got {args.stages!r}")
+    if not args.cache_block4 and "finetune" in stages:
+        parser.error("--no-cache-block4 leaves fine-tuning without its cache: leave finetune out of --stages")
     work = args.work_dir
     state = os.path.join(work, "figures.json")
     if "extract" in stages:
@@ -138,8 +148,8 @@ def main() -> None:
             with open(state, "w") as f:
                 json.dump(figures, f)
     finally:
-        write_result("kaggle_scale" if sum(figures["photos"].values()) >= 25_000 else
-                     f"kaggle_scale-{sum(figures['photos'].values())}", figures)
+        photos = sum(figures["photos"].values())
+        write_result(args.name or ("kaggle_scale" if photos >= 25_000 else f"kaggle_scale-{photos}"), figures)
     print(json.dumps(figures))
 
 

@@ -19,6 +19,7 @@ also the peak of each kind of process of the job's tree. The figures go to
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -66,8 +67,6 @@ def _gib(values: list[int]) -> list[float]:
 def summary_per_epoch(summary_path: str, field: str) -> list[list[int]]:
     """Each epoch's worker peaks (``field``), from the job's metrics.csv beside its summary (one row per
     epoch; the peaks by rank are a list written as Python prints it)."""
-    import csv
-
     with open(os.path.join(os.path.dirname(summary_path), "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
     return [json.loads(r[field].replace("'", '"')) for r in rows if r.get(field)]
