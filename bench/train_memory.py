@@ -11,7 +11,7 @@ job it prints, per worker: its private memory (``pipeline.training.memory``: its
 the object store's or the libraries' it shares) before reading data and at its peak, the same for
 its resident memory (shared pages included), by epoch, the bytes of data it held (0: streamed),
 and whether the private peak is within the footprint the hold-or-stream rule assumes
-(``pipeline.training.batches.worker_footprint``: WORKER_BASE_BYTES + HELD_BYTES_FACTOR x held);
+(``pipeline.training.batches.worker_footprint``: the kind's fixed part + HELD_BYTES_FACTOR x held);
 also the peak of each kind of process of the job's tree. The figures go to
 ``bench/results/train_memory.json`` (date, CPU, commit, command).
 """
@@ -30,7 +30,8 @@ sys.path.insert(0, REPO)
 
 from bench.process_memory import run_sampled  # noqa: E402
 from bench.result_file import write_result  # noqa: E402
-from pipeline.training.batches import HELD_BYTES_FACTOR, WORKER_BASE_BYTES, worker_footprint  # noqa: E402
+from pipeline.training.batches import HELD_BYTES_FACTOR, worker_footprint  # noqa: E402
+from pipeline.training.kinds import KINDS  # noqa: E402
 
 GIB = 2**30
 
@@ -52,8 +53,10 @@ def job_figures(name: str, args: list[str], summary_path: str, logs: str) -> dic
                 f"worker_peak_{kind}_gib_by_epoch": [_gib(e) for e in
                                                      summary_per_epoch(summary_path, f"worker_peak_{kind}_bytes")]})
         figures.update({
-            "footprint_rule_gib": round(worker_footprint(held) / GIB, 3),
-            "within_rule": all(p <= worker_footprint(held) for p in peaks),
+            # The jobs run in their default modes: fine-tuning on the block-4 cache, KINDS["finetune"].
+            "worker_fixed_gib_rule": KINDS[name].worker_fixed_gib,
+            "footprint_rule_gib": round(worker_footprint(KINDS[name], held) / GIB, 3),
+            "within_rule": all(p <= worker_footprint(KINDS[name], held) for p in peaks),
             "private_peak_minus_base_over_held": [round((p - b) / held, 2) for p, b in zip(peaks, bases)] if held else None,
             "accuracy": summary["accuracy"], "epochs": summary["epochs"]})
     print(f"{name}: {json.dumps(figures)}", flush=True)
@@ -95,7 +98,7 @@ def main() -> None:
     common = ["--output-dir", work, "--num-workers", str(args.num_workers), "--epochs", str(args.epochs),
               "--hold-data", args.hold_data]
     figures: dict = {"num_workers": args.num_workers, "epochs": args.epochs, "hold_data": args.hold_data,
-                     "worker_base_bytes_rule": WORKER_BASE_BYTES, "held_bytes_factor_rule": HELD_BYTES_FACTOR}
+                     "held_bytes_factor_rule": HELD_BYTES_FACTOR}
     figures["extract"] = job_figures("extract", ["jobs.extract_features", "--data-dir", data, "--output-dir",
                                                  os.path.join(work, "features"), "--cache-block4"], "", logs)
     if "top" in args.jobs:

@@ -22,7 +22,6 @@ from pipeline.batch.extract import run_extraction
 from pipeline.config import DATA_OPTIONS, AuditConfig, ExtractConfig
 from pipeline.data import outputs, storage
 from pipeline.data.reuse import job_settings, require_same
-from pipeline.data.shards import data_name
 from pipeline.options import CONFIG_FILE, write_resolved
 from pipeline.training.top import finished_features
 
@@ -65,7 +64,7 @@ def audit_data(cfg: AuditConfig) -> dict[str, Any]:
     features_dir = cfg.features_dir or run_extraction(
         ExtractConfig(**{name: getattr(cfg, name) for name in DATA_OPTIONS}))["output_dir"]
     manifest = finished_features(features_dir)
-    output_dir = cfg.output_dir or os.path.join("outputs", data_name(manifest["data_dir"]), "audit")
+    output_dir = cfg.output_dir or os.path.join("outputs", storage.basename(manifest["data_dir"]), "audit")
     top_sha = hashlib.sha256(storage.read_bytes(cfg.top_model)).hexdigest() if cfg.top_model else None
     settings = job_settings(cfg, drop=DATA_OPTIONS + ("features_dir", "top_model"),
                             features=manifest["fingerprint"], top_model_sha256=top_sha)

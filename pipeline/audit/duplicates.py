@@ -75,6 +75,7 @@ def find_duplicates(corpus: Corpus, digests: np.ndarray, sims: np.ndarray, ids: 
                     threshold: float) -> Duplicates:
     """Pairs that are exact copies or whose similarity is at least ``threshold`` (from each photo's
     neighbours ``sims``/``ids``), grouped into connected components."""
+    # Deferred: scipy's sparse graphs take a fifth of a second to load, for a run that found duplicates.
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 

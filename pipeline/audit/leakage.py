@@ -11,6 +11,7 @@ import numpy as np
 from pipeline.audit.duplicates import Duplicates
 from pipeline.audit.pooled import Corpus, raw_shards
 from pipeline.errors import DataError
+from pipeline.nets.modelfile import load_classifier, read_metadata
 
 TRAIN = "train"
 
@@ -44,7 +45,6 @@ def _share(hits: np.ndarray) -> float | None:
 
 def check_top_model(path: str) -> dict[str, Any]:
     """The metadata of ``--top-model``; DataError unless it is a ``train_top`` model."""
-    from pipeline.nets.modelfile import read_metadata
 
     meta = read_metadata(path)
     if meta["kind"] != "top":
@@ -56,8 +56,7 @@ def check_top_model(path: str) -> dict[str, Any]:
 def top_model_probabilities(path: str, features_dir: str, corpus: Corpus) -> np.ndarray:
     """The held-out photos' class probabilities from the top of a ``train_top`` model, run on their
     stored features (NaN for training photos); DataError for a model of other features."""
-    from pipeline.nets import models
-    from pipeline.nets.modelfile import load_classifier
+    from pipeline.nets import models  # deferred: Keras (seconds to load), only when --top-model is given
 
     meta, manifest = check_top_model(path), corpus.manifest
     same = {"classes": (meta["classes"], manifest["classes"]), "image size": (meta["image_size"], manifest["image_size"]),

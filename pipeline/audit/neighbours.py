@@ -30,14 +30,14 @@ TASK_MEMORY_FACTOR = 3.5
 
 
 def _search_flat(vectors: np.ndarray, start: int, stop: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    import faiss
+    import faiss  # deferred: loaded in the Ray tasks that search; the driver never needs it
 
     return faiss.knn(vectors[start:stop], vectors, k, faiss.METRIC_INNER_PRODUCT)
 
 
 def _search_index(serialised: np.ndarray, vectors: np.ndarray, start: int, stop: int,
                   k: int) -> tuple[np.ndarray, np.ndarray]:
-    import faiss
+    import faiss  # deferred, as in _search_flat
 
     index = faiss.deserialize_index(serialised)
     index.nprobe = NPROBE
@@ -46,7 +46,7 @@ def _search_index(serialised: np.ndarray, vectors: np.ndarray, start: int, stop:
 
 def ivf_index(vectors: np.ndarray) -> np.ndarray:
     """An ``IndexIVFFlat`` over ``vectors`` (inner product), trained on a sample, serialised for the object store."""
-    import faiss
+    import faiss  # deferred, as in _search_flat
 
     n, d = vectors.shape
     cells = max(1, int(4 * math.sqrt(n)))

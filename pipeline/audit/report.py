@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import ray
 
 from pipeline import names
@@ -74,9 +73,7 @@ def write_tables(output_dir: str, scores: pa.Table, pairs: pa.Table) -> None:
     """``scores`` and ``pairs`` as Parquet and CSV."""
     for name, table in (("scores", scores), ("pairs", pairs)):
         storage.write_parquet(storage.join(output_dir, f"{name}.parquet"), table)
-        out = io.BytesIO()
-        pacsv.write_csv(table, out)
-        storage.write_bytes(storage.join(output_dir, f"{name}.csv"), out.getvalue())
+        storage.write_csv(storage.join(output_dir, f"{name}.csv"), table)
 
 
 def write_suspects(output_dir: str, paths: list[str]) -> list[str]:

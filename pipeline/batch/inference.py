@@ -106,16 +106,16 @@ def decoded_images(files: pa.Table, root: str, image_size: int, decode_cpus: flo
 
 def find_rejects(files: pa.Table, root: str, image_size: int, max_pixels: int = MAX_PIXELS) -> pa.Table:
     """Decode every file once with Ray Data; the rows of ``files`` that fail, with ``reason`` and ``error``."""
+    columns = ("relpath", "reason", "error")
+
     def reasons(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         bad = batch["reason"] != ""
-        return {k: batch[k][bad] for k in ("relpath", "reason", "error")}
+        return {k: batch[k][bad] for k in columns}
 
     ds = decoded_images(files.select(["relpath"]), root, image_size, inference_plan(1).decode_cpus, max_pixels=max_pixels)
     found = ds.map_batches(reasons, batch_format="numpy").to_arrow_refs()
     tables = [t for t in ray.get(found) if len(t)]
-    bad = (pa.concat_tables(tables) if tables else
-           pa.table({"relpath": pa.array([], pa.string()), "reason": pa.array([], pa.string()),
-                     "error": pa.array([], pa.string())}))
+    bad = pa.concat_tables(tables) if tables else pa.table({k: pa.array([], pa.string()) for k in columns})
     return files.join(bad.cast(pa.schema([(f.name, pa.string()) for f in bad.schema])), "relpath",
                       join_type="inner").sort_by("relpath")
 
@@ -141,7 +141,7 @@ def plan_inference(options: InferenceOptions) -> InferencePlan:
 def map_with_actors(ds: ray.data.Dataset, actor_cls: type, constructor_kwargs: dict[str, Any],
                     plan: InferencePlan, batch_size: int, block_rows: int = DEFAULT_BLOCK_FILES) -> ray.data.Dataset:
     """Run ``actor_cls`` over ``ds`` (blocks of ``block_rows`` rows) in a pool of ``plan.actors`` actors,
-    each built once, fed at most ``runahead.run_ahead_blocks`` blocks ahead."""
+    each built once, fed at most ``runahead.cap_run_ahead``'s blocks ahead."""
     cap_run_ahead(ds.context, plan.actors, -(-batch_size // block_rows))
     return ds.map_batches(
         actor_cls,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import io
 import os
 import tempfile
 import time
@@ -14,7 +13,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import ray
 
 from pipeline import names
@@ -292,12 +290,7 @@ def _commit(cfg: PredictConfig, meta: dict[str, Any], work: str, final: str, sin
         ledger.consolidate(work, live)
         return summary, storage.join(final, SUMMARY)
     storage.write_parquet(_side_file(final, ".rejects.parquet"), rejects)
-    if final.lower().endswith(".csv"):
-        buf = io.BytesIO()
-        pacsv.write_csv(table, buf)
-        storage.write_bytes(final, buf.getvalue())
-    else:
-        storage.write_parquet(final, table)
+    (storage.write_csv if final.lower().endswith(".csv") else storage.write_parquet)(final, table)
     storage.delete_dir(work)
     # Beside the file only once it is there: an interrupted run leaves nothing beside it.
     write_config(_side_file(final, ".config.yaml"), "predict", resolved(cfg))

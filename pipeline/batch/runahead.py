@@ -23,16 +23,11 @@ RUN_AHEAD_BLOCKS_PER_ACTOR = ACTOR_TASKS_IN_FLIGHT + 1
 RUN_AHEAD_CONFIG_KEY = "pipeline.run_ahead_blocks"
 
 
-def run_ahead_blocks(actors: int, blocks_per_batch: int = 1) -> int:
-    """The live blocks an operator feeding ``actors`` actors may have, in whole batches of ``blocks_per_batch``
-    blocks: a call waits for its whole batch, so a smaller budget would let no call start."""
-    return RUN_AHEAD_BLOCKS_PER_ACTOR * max(blocks_per_batch, 1) * max(actors, 1)
-
-
 def cap_run_ahead(context: DataContext, actors: int, blocks_per_batch: int = 1) -> None:
-    """Install ``RunAheadCap`` in ``context`` (a dataset's own context: other datasets keep
-    theirs) with the budget of a pool of ``actors`` actors; Ray Data's own policies stay."""
-    context.set_config(RUN_AHEAD_CONFIG_KEY, run_ahead_blocks(actors, blocks_per_batch))
+    """Install ``RunAheadCap`` in ``context`` (a dataset's own context: other datasets keep theirs) with the
+    budget of a pool of ``actors`` actors, in whole batches of ``blocks_per_batch`` blocks (a call waits for
+    its whole batch, so a smaller budget would let no call start); Ray Data's own policies stay."""
+    context.set_config(RUN_AHEAD_CONFIG_KEY, RUN_AHEAD_BLOCKS_PER_ACTOR * max(blocks_per_batch, 1) * max(actors, 1))
     context.set_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY, [*ENABLED_BACKPRESSURE_POLICIES, RunAheadCap])
 
 

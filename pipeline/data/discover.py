@@ -23,7 +23,6 @@ import pyarrow.compute as pc
 from pipeline import names
 from pipeline.data import storage
 from pipeline.data.localtree import LocalTree
-from pipeline.data.shards import data_name
 from pipeline.data.synthetic import default_data_dir, is_synthetic, note_builtin_data
 from pipeline.errors import DataError
 
@@ -308,7 +307,7 @@ def resolve_data(cfg: Any, *under: str, listed: bool = True) -> tuple[str, bool,
     synthetic = is_synthetic(root)
     if synthetic:
         note_builtin_data()
-    output_dir = cfg.output_dir or os.path.join("outputs", data_name(root), *under)
+    output_dir = cfg.output_dir or os.path.join("outputs", storage.basename(root), *under)
     if not listed:
         return root, synthetic, output_dir, None
     return root, synthetic, output_dir, discover(root, cfg.layout, cfg.validation_fraction, cfg.max_images_per_class,

@@ -227,18 +227,14 @@ def refresh(output: str, listing: pa.Table, folders: list[str], what: str,
     return live, update, result
 
 
-def _sorted(values: pa.Array | pa.ChunkedArray) -> pa.Array:
-    return pc.take(values, pc.array_sort_indices(values)).combine_chunks() if len(values) else pa.array([], pa.string())
-
-
 def check_shards(output: str, live: pa.Table, folders: dict[str, str]) -> None:
     """Check that each of ``folders`` (folder → the split its rows belong to) holds exactly one
     row per decoded file of that split in the ledger; raises instead of finishing the output."""
     good = live.filter(pc.equal(live.column("reason"), ""))
     for folder, split in folders.items():
-        expected = _sorted(good.filter(pc.equal(good.column("split"), split)).column("relpath"))
+        expected = good.filter(pc.equal(good.column("split"), split)).column("relpath").sort().combine_chunks()
         shards = read_split(output, folder, ["path"])
-        got = _sorted(shards.column("path") if shards is not None else pa.array([], pa.string()))
+        got = shards.column("path").sort().combine_chunks() if shards is not None else pa.array([], pa.string())
         if not got.equals(expected):
             dupes = len(got) - pc.count_distinct(got).as_py()
             raise RuntimeError(f"{storage.join(output, folder)} is inconsistent: {len(got)} rows ({dupes} duplicated) "

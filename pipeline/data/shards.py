@@ -44,8 +44,3 @@ def list_rows(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
 def features_as_array(table: pa.Table, shape: Iterable[int]) -> np.ndarray:
     """The ``features`` column as an ``(n, *shape)`` float32 array."""
     return list_rows(table.column("features")).reshape(len(table), *shape).astype(np.float32, copy=False)
-
-
-def data_name(data_dir: str) -> str:
-    """A run's name: the data folder's name (the last part of a URI)."""
-    return storage.basename(data_dir)

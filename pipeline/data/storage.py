@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
@@ -310,6 +311,16 @@ def read_json(uri: str) -> Any:
 def write_parquet(uri: str, table: pa.Table) -> None:
     """Write one Parquet file, whole."""
     _write_whole(uri, lambda filesystem, path: pq.write_table(table, path, filesystem=filesystem))
+
+
+def write_csv(uri: str, table: pa.Table) -> None:
+    """Write one CSV file (with a header row), whole."""
+
+    def write(filesystem: pafs.FileSystem, path: str) -> None:
+        with filesystem.open_output_stream(path) as f:
+            pacsv.write_csv(table, f)
+
+    _write_whole(uri, write)
 
 
 def list_parquet(uri: str) -> list[str]:

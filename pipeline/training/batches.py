@@ -14,15 +14,14 @@ import ray.train
 
 from pipeline.data import storage
 from pipeline.data.shards import list_rows
-from pipeline.training.kinds import kind_of
+from pipeline.training.kinds import Kind, kind_of
 from pipeline.training.settings import LoopSettings
 
 # A training worker's private memory (``memory``: not the object store's pages, which the node holds once
-# in its own budget): a fixed part (TensorFlow, Ray, model, optimizer, a streamed epoch's buffers), plus at
-# its peak at most HELD_BYTES_FACTOR bytes per byte of data it holds (its copy, batches in flight); both
-# cover every kind bench/train_memory.py measured (bench/results/train_memory*.json).
-WORKER_BASE_BYTES = int(1.4 * 2**30)
-HELD_BYTES_FACTOR = 2.25
+# in its own budget): its kind's fixed part (``Kind.worker_fixed_gib``), plus at its peak at most
+# HELD_BYTES_FACTOR bytes per byte of data it holds (its copy, batches in flight), as bench/train_memory.py
+# measured every kind (bench/results/train_memory*.json; tests/test_memory_rule.py checks).
+HELD_BYTES_FACTOR = 2
 # The share of the memory Ray may hand out that workers holding data may take; the rest runs beside them.
 HOLD_SHARE = 0.5
 
@@ -35,22 +34,22 @@ def read_shards(split_dir: str, columns: list[str]) -> ray.data.Dataset:
     return ray.data.read_parquet(split_dir, override_num_blocks=shards).select_columns(columns)
 
 
-def worker_footprint(nbytes: float) -> float:
-    """The measured peak memory of a training worker that holds ``nbytes`` of data."""
-    return WORKER_BASE_BYTES + HELD_BYTES_FACTOR * nbytes
+def worker_footprint(kind: Kind, nbytes: float) -> float:
+    """The peak private memory of a training worker of ``kind`` that holds ``nbytes`` of data, by measurement."""
+    return kind.worker_fixed_gib * 2**30 + HELD_BYTES_FACTOR * nbytes
 
 
-def fits_in_memory(nbytes: float, workers: int, memory: float | None = None) -> bool:
-    """Whether ``workers`` workers may each hold all ``nbytes`` of training data: their footprints
+def fits_in_memory(kind: Kind, nbytes: float, workers: int, memory: float | None = None) -> bool:
+    """Whether ``workers`` workers of ``kind`` may each hold all ``nbytes`` of training data: their footprints
     together within ``HOLD_SHARE`` of ``memory`` (default: what Ray may hand out cluster-wide)."""
     if memory is None:
         memory = float(ray.cluster_resources().get("memory", 0))
-    return workers * worker_footprint(nbytes) <= HOLD_SHARE * memory
+    return workers * worker_footprint(kind, nbytes) <= HOLD_SHARE * memory
 
 
-def held_bytes(nbytes: float, workers: int) -> int:
-    """``nbytes`` when each worker may hold data of that size, else 0 (streamed)."""
-    return int(nbytes) if fits_in_memory(nbytes, workers) else 0
+def held_bytes(kind: Kind, nbytes: float, workers: int) -> int:
+    """``nbytes`` when each worker of ``kind`` may hold data of that size, else 0 (streamed)."""
+    return int(nbytes) if fits_in_memory(kind, nbytes, workers) else 0
 
 
 def batch_inputs(batch: dict[str, Any], s: LoopSettings, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:

@@ -90,8 +90,9 @@ def loop_settings(cfg: TrainConfig, num_classes: int, train_rows: int, data_byte
         raise DataError(f"the training split has {train_rows} images, fewer than one batch of {cfg.batch_size}: "
                         f"pass --batch-size {max(1, train_rows)} or less, or add images")
     steps = cfg.epochs * (train_rows // cfg.batch_size)
-    held = {"auto": held_bytes(data_bytes, cfg.num_workers), "always": int(data_bytes), "never": 0}[cfg.hold_data]
-    return LoopSettings(kind=KINDS[job_folder(cfg)].name, epochs=cfg.epochs, batch_size=cfg.batch_size,
+    kind = KINDS[job_folder(cfg)]
+    held = {"auto": held_bytes(kind, data_bytes, cfg.num_workers), "always": int(data_bytes), "never": 0}[cfg.hold_data]
+    return LoopSettings(kind=kind.name, epochs=cfg.epochs, batch_size=cfg.batch_size,
                         learning_rate=learning_rate(cfg), seed=cfg.seed, precision=cfg.precision,
                         num_classes=num_classes, dropout=cfg.dropout, hold_in_memory=held > 0, held_bytes=held,
                         ema_momentum=ema_momentum(cfg.ema_momentum, steps), **kw)

@@ -13,7 +13,7 @@ from pipeline.batch.evaluation import evaluate
 from pipeline.batch.extract import run_extraction
 from pipeline.config import ExtractConfig, TrainTopConfig
 from pipeline.data import outputs, storage
-from pipeline.data.shards import data_name, features_as_array
+from pipeline.data.shards import features_as_array
 from pipeline.errors import DataError
 from pipeline.nets.weights import load_weight_arrays, resolve_weights
 from pipeline.training.batches import read_shards
@@ -60,7 +60,7 @@ def _validation_predictions(top, features_dir: str, shape: tuple[int, ...], num_
                             ) -> tuple[np.ndarray, np.ndarray]:
     """The labels of the validation rows and ``top``'s class probabilities for them, read one shard at a
     time: at 25,000 photos the whole split as a table and an array took the driver to 2.9 GiB."""
-    from pipeline.nets import models
+    from pipeline.nets import models  # Keras (seconds to load): not before the job runs
 
     labels, probs = [], []
     for part in storage.list_parquet(storage.join(features_dir, "validation")):
@@ -79,7 +79,7 @@ def train_top(cfg: TrainTopConfig) -> dict[str, Any]:
     started = time.monotonic()
     features_dir = cfg.features_dir or default_features(cfg.output_dir)
     manifest = finished_features(features_dir)
-    output_dir = cfg.output_dir or os.path.join("outputs", data_name(manifest["data_dir"]))
+    output_dir = cfg.output_dir or os.path.join("outputs", storage.basename(manifest["data_dir"]))
     job, reused = prepare(cfg, "train_top", output_dir, started, ("features_dir",), features=manifest["fingerprint"])
     if reused:
         return reused
