@@ -14,8 +14,9 @@ each kind of process of its tree, and the training workers' peaks from the job's
 small CNN runs ``--scratch-epochs`` epochs, the top MLP and fine-tuning ``--top-epochs`` and
 ``--finetune-epochs`` (their defaults unless given); a stage run with fewer epochs than its
 default gets the default projected from its per-epoch seconds. ``--stages`` runs some stages over
-the work folder an earlier run left (the first stage, ``extract``, starts it afresh, and refuses a
-folder holding anything this bench does not write), so an hours-long run can be taken in parts;
+the work folder an earlier run left (a run with ``extract``, or over a folder no run finished a stage
+in, starts it afresh, and refuses a folder holding anything this bench does not write), so an
+hours-long run can be taken in parts, and ``--stages scratch`` (images, no features) alone;
 each stage's figures carry the command and commit that made them. ``--no-cache-block4`` extracts
 without the block-4 cache (half the VGG16 passes) for a run of the top MLP alone. Figures go to
 ``bench/results/kaggle_scale.json``, or ``--name``'s file.
@@ -128,7 +129,7 @@ def main() -> None:
         parser.error("--no-cache-block4 leaves fine-tuning without its cache: leave finetune out of --stages")
     work = args.work_dir
     state = os.path.join(work, "figures.json")
-    if "extract" in stages:
+    if "extract" in stages or not os.path.exists(state):
         # A fresh run deletes the folder an earlier run left, and nothing else: not a folder a user named.
         foreign = set(os.listdir(work)) - {"train", "out", "logs", "figures.json"} if os.path.isdir(work) else set()
         if foreign:

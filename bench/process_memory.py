@@ -77,9 +77,11 @@ class Sampler(threading.Thread):
                 break
             for p in procs:
                 try:
-                    by_kind[kind_of(p, self.driver.pid)].append(p.memory_info().rss)
+                    # Both read before the kind's list is made: a process that ends between them leaves no empty list.
+                    kind, rss = kind_of(p, self.driver.pid), p.memory_info().rss
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
+                by_kind[kind].append(rss)
             self.samples.append((time.time(), self.committed() if self.output else 0, dict(by_kind)))
             self.load.append(os.getloadavg()[0])
             self.stop.wait(self.period)
