@@ -45,7 +45,6 @@ def _share(hits: np.ndarray) -> float | None:
 
 def check_top_model(path: str) -> dict[str, Any]:
     """The metadata of ``--top-model``; DataError unless it is a ``train_top`` model."""
-
     meta = read_metadata(path)
     if meta["kind"] != "top":
         raise DataError(f"--top-model {path} is a {meta['kind']} model; the leakage effect is measured with a "
