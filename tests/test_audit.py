@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import html
+import io
 import os
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import subprocess
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from pipeline.audit import duplicates, labels, leakage, report, strays
 from pipeline.audit.doctor import audit_data
@@ -118,6 +120,18 @@ def test_a_name_in_the_page_is_text_never_markup():
     page = report.section("Strays", "note", [[report.Photo(name, "train", "cats & <b>")]], {name})
     assert "<img src=x" not in page and html.escape(name) in page and "cats &amp; &lt;b&gt;" in page
     assert f'src="thumbs/{report.thumb_name(name)}"' in page
+
+
+def test_thumbnails_open_only_the_decoders_formats(tmp_path):
+    """A TIFF (Pillow opens it; the decoder does not) gets no thumbnail, like an EPS would, which Pillow hands
+    to Ghostscript; a JPEG beside it gets one."""
+    tiff = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(tiff, "TIFF")
+    write(str(tmp_path / "root" / "a.tif"), tiff.getvalue())
+    write(str(tmp_path / "root" / "b.jpg"), jpeg_bytes())
+    made = report._thumb_block(str(tmp_path / "root"), ["a.tif", "b.jpg"], str(tmp_path / "thumbs"), 10**7)
+    assert made == [False, True]
+    assert os.listdir(tmp_path / "thumbs") == [report.thumb_name("b.jpg")]
 
 
 @pytest.mark.parametrize("options, message", [

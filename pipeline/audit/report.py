@@ -16,7 +16,7 @@ import ray
 
 from pipeline import names
 from pipeline.data import storage
-from pipeline.images.decode import DecodeError, read_bytes
+from pipeline.images.decode import FORMATS, DecodeError, read_bytes
 
 THUMBS = "thumbs"
 THUMB_PIXELS = 160
@@ -35,7 +35,8 @@ def thumb_name(path: str) -> str:
 def _thumbnail(data: bytes, max_pixels: int) -> bytes:
     from PIL import Image, ImageOps
 
-    with Image.open(io.BytesIO(data)) as im:
+    # Only the decoder's formats: any other Pillow opens (EPS through Ghostscript, say) is not opened for a page.
+    with Image.open(io.BytesIO(data), formats=FORMATS) as im:
         if im.width * im.height > max_pixels:
             raise DecodeError("too large", f"{im.width}x{im.height}")
         im.draft("RGB", (THUMB_PIXELS, THUMB_PIXELS))
