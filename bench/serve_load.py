@@ -2,7 +2,7 @@
 
     python bench/serve_load.py --model outputs/cats_vs_dogs_small/top/model.keras
                                [--images ../shared/data/cats_vs_dogs_small/validation]
-                               [--requests 500] [--in-flight 16] [--hostile 2]
+                               [--requests 500] [--in-flight 16] [--hostile 2] [--name serve_load]
 
 Starts the application the way ``python -m jobs.serve`` does (in-process Ray, 127.0.0.1 only),
 warms it up with one request per client, then sends ``--requests`` single-image requests from
@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--hostile", type=int, default=0, help="threads sending hostile requests (0: none)")
     parser.add_argument("--max-image-megapixels", type=float, default=MAX_IMAGE_MEGAPIXELS,
                         help="the job's option: 89 lets the 88-Mpx PNG be decoded rather than refused")
+    parser.add_argument("--name", default="serve_load", help="the result file: bench/results/<name>.json")
     args = parser.parse_args()
     bodies = photos(args.images, args.requests)
     init_ray()
@@ -170,7 +171,7 @@ def main() -> None:
                 report(f"normal requests while {args.hostile} threads send hostile ones", figures["under_hostile"])
     finally:
         stop_server()
-    write_result("serve_load", figures)
+    write_result(args.name, figures)
 
 
 def report(title: str, figures: dict) -> None:
