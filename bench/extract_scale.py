@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -98,11 +99,10 @@ def kill(proc: subprocess.Popen) -> None:
 
 
 def listing_seconds(log_path: str) -> float | None:
+    """The listing's seconds from the job's log line ``HH:MM:SS listed N files under ROOT in S.Ss``."""
     with open(log_path) as f:
-        for line in f:
-            if line.startswith("listed ") and " in " in line:
-                return float(line.rsplit(" in ", 1)[1].rstrip("s\n"))
-    return None
+        found = re.search(r"^\S* ?listed \d+ files under .* in ([\d.]+)s$", f.read(), re.MULTILINE)
+    return float(found.group(1)) if found else None
 
 
 def million(work: str, source: str, files: int) -> dict:

@@ -70,29 +70,36 @@ class LocalTree:
             if entry is not None and not self._enter(entry):
                 continue
             try:
+                # Only the names of files are kept while a folder is sorted: a DirEntry with its
+                # cached stat is about 0.5 kB, which made a folder of 400,000 files cost 200 MB.
+                files, folders = [], []
                 with os.scandir(path) as entries:
-                    listed = sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+                    for item in entries:
+                        if item.name.startswith("."):
+                            continue
+                        if item.is_dir():
+                            folders.append(item)
+                        else:
+                            files.append((item.name, item.is_symlink()))
             except OSError as exc:
                 self._report(path, f"cannot be listed ({exc.strerror}); its files are left out")
                 continue
-            folders = []
-            for item in listed:
-                if item.is_dir():
-                    folders.append(item)
-                    continue
-                stamp = self._file_stamp(item)
+            files.sort()
+            for name, is_link in files:
+                stamp = self._file_stamp(os.path.join(path, name), is_link)
                 if stamp is not None:
-                    yield prefix + names.escape(item.name), stamp
+                    yield prefix + names.escape(name), stamp
+            folders.sort(key=lambda e: e.name)
             stack += [(f, f.path, prefix + names.escape(f.name) + "/") for f in reversed(folders)]
 
-    def _file_stamp(self, entry: os.DirEntry) -> str | None:
-        """The stamp of a file entry, or None when the file is listed at another path."""
+    def _file_stamp(self, path: str, is_link: bool) -> str | None:
+        """The stamp of a file, or None when the file is listed at another path."""
         try:
-            st = entry.stat()
+            st = os.stat(path)
         except OSError:
             return "missing"
-        if entry.is_symlink() or st.st_nlink > 1:
-            if entry.is_symlink() and stat.S_ISREG(st.st_mode) and _within(os.path.realpath(entry.path), self.root):
+        if is_link or st.st_nlink > 1:
+            if is_link and stat.S_ISREG(st.st_mode) and _within(os.path.realpath(path), self.root):
                 return None  # its target is listed under its own path (own split and class)
             key = (st.st_dev, st.st_ino)
             if key in self._files:
