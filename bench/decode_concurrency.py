@@ -24,10 +24,16 @@ import os
 import sys
 import time
 
+import ray
+from ray.util.state import list_tasks
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench.result_file import write_result  # noqa: E402
+from pipeline.batch.cluster import inference_plan  # noqa: E402
+from pipeline.batch.inference import decoded_images  # noqa: E402
 from pipeline.config import DEFAULT_BLOCK_FILES, ExtractConfig  # noqa: E402
+from pipeline.data.discover import discover  # noqa: E402
 
 # The product's defaults, so the decode tasks are the size extraction's are (224 px, not the 150 of earlier runs).
 DEFAULTS = {f: ExtractConfig.__dataclass_fields__[f].default for f in ("image_size", "batch_size", "workers")}
@@ -53,6 +59,20 @@ def concurrency(spans: list[tuple[float, float]]) -> tuple[int, float]:
     return peak, weighted / max(events[-1][0] - events[0][0], 1e-9)
 
 
+def finished_decode_tasks(expected: int, timeout_s: float = 60.0) -> list:
+    """The finished decode tasks of this script's own cluster (by its address: another Ray instance on
+    the machine would make the state API's guess fail), polled until all ``expected`` have reached
+    the state API, which hears of a task a moment after it ends."""
+    deadline = time.time() + timeout_s
+    while True:
+        tasks = [t for t in list_tasks(address=ray.get_runtime_context().gcs_address, detail=True, limit=10000,
+                                       filters=[("state", "=", "FINISHED")])
+                 if "ReadImageBlocks" in t.name and t.start_time_ms and t.end_time_ms]
+        if len(tasks) >= expected or time.time() > deadline:
+            return tasks
+        time.sleep(0.5)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpus", type=int, default=16)
@@ -63,13 +83,6 @@ def main() -> None:
     parser.add_argument("--block-files", type=int, default=32, help="files per decode task (more tasks, finer timing; "
                         f"the product's default is {DEFAULT_BLOCK_FILES})")
     args = parser.parse_args()
-
-    import ray
-    from ray.util.state import list_tasks
-
-    from pipeline.batch.cluster import inference_plan
-    from pipeline.batch.inference import decoded_images
-    from pipeline.data.discover import discover
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     ray.init(num_cpus=args.cpus, num_gpus=args.gpus, include_dashboard=True, configure_logging=False)
@@ -83,9 +96,7 @@ def main() -> None:
     started = time.time()
     rows = sum(len(b["relpath"]) for b in ds.iter_batches(batch_format="numpy", batch_size=None))
     elapsed = time.time() - started
-    time.sleep(3)  # task events reach the state API a moment after the tasks end
-    tasks = [t for t in list_tasks(filters=[("state", "=", "FINISHED")], detail=True, limit=10000)
-             if "ReadImageBlocks" in t.name and t.start_time_ms and t.end_time_ms]
+    tasks = finished_decode_tasks(-(-len(index.files) // args.block_files))
     peak, mean = concurrency([(t.start_time_ms / 1e3, t.end_time_ms / 1e3) for t in tasks])
     free = args.cpus - plan.actors * plan.num_cpus
     figures = {"cpus": args.cpus, "gpus": args.gpus, "actors": plan.actors, "actor_cpus": plan.num_cpus,
