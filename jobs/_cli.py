@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 import sys
 from typing import Callable, Sequence, TypeVar
 
@@ -20,6 +22,8 @@ def entry(config_cls: type[C], description: str, body: Callable[[C], object]) ->
         """Parse ``argv`` (default: the command line; invalid options exit 2 before any work), then run the job;
         0 on success, 2 on a user error."""
         cfg = parse_config(config_cls, argv, description)
+        # ``kill -USR1 <pid>`` prints every thread's stack to stderr: how a job that seems stuck is diagnosed.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         # Deferred: the prechecks import every job's modules (training, serving, audit); --help and bad options exit.
         from pipeline.prechecks import preflight
 

@@ -185,15 +185,29 @@ def _wait_for(predicate, proc: subprocess.Popen, seconds: float = 300) -> None:
         time.sleep(0.1)
 
 
-def _stop(proc: subprocess.Popen, sig: int) -> int:
+def _stop(proc: subprocess.Popen, sig: int, log_path: str | None = None) -> int:
     os.killpg(proc.pid, sig)
     try:
         return proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        # Under heavy load a driver once outlived SIGINT by minutes: its threads' stacks go into the
+        # failure, so the next occurrence says where it waited.
+        tail = _stacks(proc, log_path)[-6000:] if log_path else "(no log)"
+        raise AssertionError(f"the job outlived {signal.Signals(sig).name} by 120 s; its log ends:\n{tail}") from None
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # whatever the driver left of its local cluster
         except ProcessLookupError:
             pass
+
+
+def _stacks(proc: subprocess.Popen, log_path: str, seconds: float = 10) -> str:
+    """The job's log once its driver printed every thread's stack (its SIGUSR1 handler, ``jobs._cli``)."""
+    os.kill(proc.pid, signal.SIGUSR1)
+    deadline = time.time() + seconds
+    while "most recent call first" not in (text := open(log_path).read()) and time.time() < deadline:
+        time.sleep(0.1)
+    return text
 
 
 def _committed(out: str) -> int:
@@ -219,8 +233,10 @@ def test_driver_interrupted_during_extraction_then_rerun(ray_cluster, real_root,
             _wait_for(lambda: _committed(out) >= 10, proc)
             with pytest.raises(OutputError, match="being written by another run"):
                 run_extraction(ExtractConfig(data_dir=real_root, output_dir=out, precision="float32", image_size=64))
+            # A job that seems stuck can be asked where it waits: kill -USR1 prints its threads' stacks.
+            assert "in run_extraction" in _stacks(proc, str(tmp_path / "log"))
         finally:
-            code = _stop(proc, sig)
+            code = _stop(proc, sig, str(tmp_path / "log"))
     assert code != 0 and not os.path.exists(os.path.join(out, "manifest.json")), \
         "an interrupted run must not leave a finished-looking output"
     manifest = run_extraction(ExtractConfig(data_dir=real_root, output_dir=out, precision="float32", batch_size=2,
@@ -246,7 +262,7 @@ def test_driver_interrupted_during_prediction_then_rerun(ray_cluster, real_root,
         try:
             _wait_for(lambda: _committed(str(tmp_path / "pred.partial")) >= 5, proc)
         finally:
-            code = _stop(proc, signal.SIGINT)
+            code = _stop(proc, signal.SIGINT, str(tmp_path / "log"))
     assert code != 0 and not os.path.exists(out)
     summary = run_prediction(PredictConfig(model=model, input=real_root, output=out, precision="float32"))
     got = pq.read_table(out).column("path").to_pylist()
