@@ -5,12 +5,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
 from PIL import Image
 
 REAL_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cats_vs_dogs_small"))
+
+
+def pytest_sessionstart(session) -> None:
+    """POSIX shells start a background command with SIGINT ignored, and a child inherits that through
+    exec: run in the background (nohup, a CI runner, ``bench/reliability.py``), the jobs the tests
+    interrupt as Ctrl-C would ignored it and outlived the test. A handler set here is reset to the
+    default in every job started from this process, as in a terminal."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
