@@ -22,8 +22,9 @@ def entry(config_cls: type[C], description: str, body: Callable[[C], object]) ->
         """Parse ``argv`` (default: the command line; invalid options exit 2 before any work), then run the job;
         0 on success, 2 on a user error."""
         cfg = parse_config(config_cls, argv, description)
-        # ``kill -USR1 <pid>`` prints every thread's stack to stderr: how a job that seems stuck is diagnosed.
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        # ``kill -USR1 <pid>`` prints every thread's stack to stderr: how a job that seems stuck is diagnosed. The
+        # process's own stderr, not sys.stderr: a caller that captures output (pytest) replaces that with no file.
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
         # Deferred: the prechecks import every job's modules (training, serving, audit); --help and bad options exit.
         from pipeline.prechecks import preflight
 
