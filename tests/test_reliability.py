@@ -190,8 +190,8 @@ def _stop(proc: subprocess.Popen, sig: int, log_path: str | None = None) -> int:
     try:
         return proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
-        # Under heavy load a driver once outlived SIGINT by minutes: its threads' stacks go into the
-        # failure, so the next occurrence says where it waited.
+        # A driver that outlives its signal (as when it was started with SIGINT ignored, see conftest.py)
+        # puts its threads' stacks into the failure, so the failure says where it waited.
         tail = _stacks(proc, log_path)[-6000:] if log_path else "(no log)"
         raise AssertionError(f"the job outlived {signal.Signals(sig).name} by 120 s; its log ends:\n{tail}") from None
     finally:
