@@ -1,12 +1,16 @@
-"""Local listing: link loops end, links out of the root are followed, one file is one row."""
+"""Local listing: link loops end, links out of the root are followed, one file is one row; a job lists in a task."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import types
 
 import pytest
+import ray
 
+from pipeline.batch.listing import discover_on_this_node
 from pipeline.data import storage
 from pipeline.data.discover import discover
 from pipeline.errors import DataError
@@ -216,3 +220,37 @@ def test_extraction_over_odd_names_and_loops_makes_each_photo_one_row(ray_cluste
             assert path not in got, f"{path!r} is two rows"
             got[path] = cls
     assert got == expected
+
+
+def _mapping_of(address: int) -> str:
+    """The line of /proc/self/maps whose range holds ``address``."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            low, high = (int(x, 16) for x in line.split()[0].split("-"))
+            if low <= address < high:
+                return line
+    raise AssertionError(f"{address:#x} is in no mapping of this process")
+
+
+@pytest.mark.timeout(120)
+def test_the_driver_reads_the_listing_in_the_object_store_where_the_decode_tasks_take_it(ray_cluster, tmp_path):
+    root = str(tmp_path / "root")
+    for split, cls, i in itertools.product(("train", "validation"), ("cats", "dogs"), range(1000)):
+        write(os.path.join(root, split, cls, f"{cls[:-1]}.{i}.jpg"), b"")  # listing reads names, not pixels
+    options = types.SimpleNamespace(layout="splits", validation_fraction=0.2, max_images_per_class=None, exclude=None)
+    index, ref = discover_on_this_node(root, options)
+    assert index.files.equals(discover(root).files) and index.classes == ["cats", "dogs"]
+    # One copy: the driver's table is the object store's (shared memory, as the decode tasks map it), not its own.
+    paths = index.files.column("relpath").chunk(0).buffers()[2]
+    assert "/dev/shm/plasma" in _mapping_of(paths.address)
+    assert ray.get(ref).column("relpath").chunk(0).buffers()[2].address == paths.address
+
+
+@pytest.mark.timeout(120)
+def test_an_error_of_the_listing_task_is_the_data_error_itself(ray_cluster, tmp_path):
+    root = str(tmp_path / "root")
+    write(os.path.join(root, "train", "cats", "a.jpg"), b"")
+    options = types.SimpleNamespace(layout="splits", validation_fraction=0.2, max_images_per_class=None, exclude=None)
+    with pytest.raises(DataError) as raised:
+        discover_on_this_node(root, options)
+    assert type(raised.value) is DataError and "missing: validation" in str(raised.value), raised.value

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import ray
 
 from pipeline.batch.cluster import InferencePlan, pin_to_this_node
+from pipeline.batch.listing import discover_on_this_node
 from pipeline.batch.inference import (
     CommittingSink,
     InferenceActor,
@@ -162,7 +163,8 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
     A finished output with the same settings is reused, or updated when the data root changed; an
     unfinished one is resumed; one with other settings is refused, naming them, unless ``cfg.overwrite``."""
     started = time.time()
-    data_dir, synthetic, output_dir, index = resolve_data(cfg, "features")
+    data_dir, synthetic, output_dir, _ = resolve_data(cfg, "features", listed=False)
+    index, shared_files = discover_on_this_node(data_dir, cfg)
     listed_s = time.time() - started
     log.info(f"listed {len(index.files)} files under {data_dir} in {listed_s:.1f}s")
     if index.ignored:
@@ -185,7 +187,9 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
             reused=f"extraction in {output_dir} (same settings and inputs; --overwrite redoes it)",
             config=(storage.join(output_dir, CONFIG_FILE), "extract_features", resolved(cfg, output_dir=output_dir)),
             listing=index.files, folders=SPLITS + ([storage.join(BLOCK4_DIR, s) for s in SPLITS] if cache else []),
-            process=lambda todo, run_id: _infer(cfg, index.root, todo, weights, output_dir, cache, run_id),
+            # A first run's files to do are the whole listing, already in the object store.
+            process=lambda todo, run_id: _infer(cfg, index.root, todo, weights, output_dir, cache, run_id,
+                                                shared_files if todo is index.files else None),
             finish=lambda live, done: _finish(cfg, index, output_dir, cache, previous, about, live, done),
             started=started)
 
@@ -219,15 +223,16 @@ def _finish(cfg: ExtractConfig, index: DatasetIndex, output: str, cache: str | N
 
 
 def _infer(cfg: ExtractConfig, root: str, todo: pa.Table, weights: WeightsSource, output: str, cache: str | None,
-           run_id: str) -> tuple[InferencePlan, Tally]:
-    """Decode and run VGG16 over the ``todo`` files, committing block by block into ``output``."""
+           run_id: str, todo_ref: ray.ObjectRef | None) -> tuple[InferencePlan, Tally]:
+    """Decode and run VGG16 over the ``todo`` files (``todo_ref``: they are in the object store already),
+    committing block by block into ``output``."""
     plan = plan_inference(cfg)
     # Listed class by class, the files would make one-class shards; a seeded order mixes
     # them, so a reader that streams shards (cached fine-tuning) needs no global shuffle.
     order = np.random.default_rng(ROW_ORDER_SEED).permutation(len(todo))
     # A task on this node, not the driver, puts the weights into the object store: the driver holds only paths.
     arrays = ray.remote(load_weight_arrays).options(num_cpus=0, **pin_to_this_node(".")).remote(weights, cfg.image_size)
-    ds = decoded_images(todo, root, cfg.image_size, plan.decode_cpus, cfg.block_files, order, cfg.max_pixels)
+    ds = decoded_images(todo, root, cfg.image_size, plan.decode_cpus, cfg.block_files, order, cfg.max_pixels, todo_ref)
     ds = map_with_actors(ds, FeatureActor, {
         "image_size": cfg.image_size, "weight_arrays": arrays,
         "preprocessing": weights.preprocessing, "precision": cfg.precision, "batch_size": cfg.batch_size,

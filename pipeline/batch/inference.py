@@ -53,11 +53,11 @@ class ImageBlocks(Datasource):
     million files costs no Python object per file; reading *is* decoding, so no read operator holds a CPU."""
 
     def __init__(self, files: pa.Table, root: str, image_size: int, block_rows: int, order: np.ndarray | None,
-                 max_pixels: int = MAX_PIXELS):
+                 max_pixels: int = MAX_PIXELS, files_ref: ray.ObjectRef | None = None):
         super().__init__()
         self.max_pixels = max_pixels
         self.rows = len(files)
-        self.files = ray.put(files)
+        self.files = files_ref if files_ref is not None else ray.put(files)
         self.order = ray.put(order) if order is not None else None
         self.root, self.image_size, self.block_rows = root, image_size, block_rows
 
@@ -91,12 +91,13 @@ class ImageBlocks(Datasource):
 
 def decoded_images(files: pa.Table, root: str, image_size: int, decode_cpus: float,
                    block_rows: int = DEFAULT_BLOCK_FILES, order: np.ndarray | None = None,
-                   max_pixels: int = MAX_PIXELS) -> ray.data.Dataset:
+                   max_pixels: int = MAX_PIXELS, files_ref: ray.ObjectRef | None = None) -> ray.data.Dataset:
     """A Ray dataset of ``files`` (``relpath`` under ``root``; in the order of the positions ``order`` if
     given) plus each file's ``path``, decoded ``image``, ``reason``, ``error`` and ``decode_node``. Each
     file is decoded on its own, so a bad one becomes a reject row instead of failing its block (unlike
-    ``ray.data.read_images``); local roots are decoded on the driver's node (``pin_to_this_node``)."""
-    source = ImageBlocks(files, root, image_size, block_rows, order, max_pixels)
+    ``ray.data.read_images``); local roots are decoded on the driver's node (``pin_to_this_node``).
+    ``files_ref``: ``files`` already in the object store (``pipeline.batch.listing``), not put there again."""
+    source = ImageBlocks(files, root, image_size, block_rows, order, max_pixels, files_ref)
     # Stating the memory decode tasks need also keeps Ray Data from fusing them (operators whose remote
     # args match) into the inference actors, which would serialise decoding and inference. Twice the
     # pixels: with them once, a 224 px task of streamed fine-tuning was seen using 187.8 MiB against

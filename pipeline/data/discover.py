@@ -2,8 +2,9 @@
 ``pipeline.data.storage`` reads (``s3://bucket/photos``).
 
 Only paths are listed (never pixels), held as Arrow columns with no Python object per file, so the
-driver's memory grows with the paths' total length alone: about 60 MB at a million files (a file's
-full location, ``root`` joined with its ``relpath``, is made only where it is read).
+listing's memory grows with the paths' total length alone: 78 MB at a million files (a file's full
+location, ``root`` joined with its ``relpath``, is made only where it is read). Extraction lists in a task
+(``pipeline.batch.listing``), so its driver holds those columns only as the object store's pages.
 """
 
 from __future__ import annotations
@@ -310,8 +311,12 @@ def resolve_data(cfg: Any, *under: str, listed: bool = True) -> tuple[str, bool,
     output_dir = cfg.output_dir or os.path.join("outputs", storage.basename(root), *under)
     if not listed:
         return root, synthetic, output_dir, None
-    return root, synthetic, output_dir, discover(root, cfg.layout, cfg.validation_fraction, cfg.max_images_per_class,
-                                                 cfg.exclude)
+    return root, synthetic, output_dir, discover_with(root, cfg)
+
+
+def discover_with(root: str, options: Any) -> DatasetIndex:
+    """``discover(root)`` with a job's data options (``config.DataOptions``)."""
+    return discover(root, options.layout, options.validation_fraction, options.max_images_per_class, options.exclude)
 
 
 UNLABELED_SCHEMA = pa.schema([("relpath", pa.string()), ("stamp", pa.string())])
