@@ -27,6 +27,7 @@ from pipeline.batch.inference import (
     map_with_actors,
     plan_inference,
 )
+from pipeline.batch.listing import listed_on_this_node
 from pipeline.config import DEFAULT_BLOCK_FILES, OUTPUT_FILE_SUFFIXES, PredictConfig
 from pipeline.data import ledger, locks, outputs, storage
 from pipeline.data.discover import (
@@ -87,11 +88,13 @@ class ClassifierActor(LoadedClassifier):
 
 def predictions_dataset(model: str | bytes, files: pa.Table, root: str, image_size: int, precision: str,
                         plan: InferencePlan, batch_size: int, block_files: int = DEFAULT_BLOCK_FILES,
-                        max_pixels: int = MAX_PIXELS) -> ray.data.Dataset:
+                        max_pixels: int = MAX_PIXELS, files_ref: ray.ObjectRef | None = None) -> ray.data.Dataset:
     """A dataset of ``files`` (``relpath`` under ``root``, and any other columns, which rows keep)
-    plus ``probs``, ``reason`` and ``error``; ``model`` is a model file's location or bytes."""
+    plus ``probs``, ``reason`` and ``error``; ``model`` is a model file's location or bytes; ``files_ref``:
+    ``files`` already in the object store."""
     model_ref = ray.put(model if isinstance(model, bytes) else storage.read_bytes(model))
-    ds = decoded_images(files, root, image_size, plan.decode_cpus, block_files, max_pixels=max_pixels)
+    ds = decoded_images(files, root, image_size, plan.decode_cpus, block_files, max_pixels=max_pixels,
+                        files_ref=files_ref)
     return map_with_actors(ds, ClassifierActor, {"model_data": model_ref, "precision": precision,
                                                  "batch_size": batch_size}, plan, batch_size, block_files)
 
@@ -158,6 +161,12 @@ def list_inputs(spec: str) -> tuple[str, pa.Table]:
     if not len(files):
         raise DataError(f"no image files match {spec!r}")
     return root, files
+
+
+def _listed_inputs(spec: str) -> tuple[pa.Table, str]:
+    """``list_inputs(spec)`` as the ledger takes it: the files with an empty ``split``, and the root."""
+    root, files = list_inputs(spec)
+    return files.append_column("split", pa.array([""] * len(files), pa.string())), root
 
 
 def _glob_matches(pattern: list[str], parts: list[str]) -> bool:
@@ -233,8 +242,7 @@ def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
     started = time.time()
     model = storage.read_bytes(cfg.model)  # read once: its metadata, its hash and the actors' copy
     meta = metadata_in(model, cfg.model)
-    root, files = list_inputs(cfg.input)
-    files = files.append_column("split", pa.array([""] * len(files), pa.string()))
+    files, files_ref, root = listed_on_this_node(_listed_inputs, cfg.input)
     settings = redact_values({"model_sha256": hashlib.sha256(model).hexdigest(), "input": storage.absolute(cfg.input),
                               "precision": cfg.precision, "max_pixels": cfg.max_pixels})
     inputs = fingerprint_files(files)
@@ -247,16 +255,19 @@ def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
             reused=f"predictions in {final} (same model and inputs; --overwrite redoes them)",
             config=None if single else (storage.join(work, CONFIG_FILE), "predict", resolved(cfg)),
             listing=files, folders=[PARTS_DIR],
-            process=lambda todo, run_id: _predict(cfg, model, meta, todo, root, work, run_id),
+            # A first run's files to do are the whole listing, already in the object store.
+            process=lambda todo, run_id: _predict(cfg, model, meta, todo, root, work, run_id,
+                                                  files_ref if todo is files else None),
             finish=lambda live, tally: _commit(cfg, meta, work, final, single, live, tally or Tally()),
             started=started)
 
 
 def _predict(cfg: PredictConfig, model: bytes, meta: dict[str, Any], todo: pa.Table, root: str, work: str,
-             run_id: str) -> Tally:
-    """Run the classifier over the ``todo`` files, committing block by block into ``work``."""
+             run_id: str, todo_ref: ray.ObjectRef | None) -> Tally:
+    """Run the classifier over the ``todo`` files (``todo_ref``: they are in the object store already),
+    committing block by block into ``work``."""
     ds = predictions_dataset(model, todo, root, meta["image_size"], cfg.precision, plan_inference(cfg), cfg.batch_size,
-                             cfg.block_files, cfg.max_pixels)
+                             cfg.block_files, cfg.max_pixels, todo_ref)
     return PredictionSink(work, run_id, meta["classes"]).commit(ds)
 
 

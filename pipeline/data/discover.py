@@ -3,8 +3,8 @@
 
 Only paths are listed (never pixels), held as Arrow columns with no Python object per file, so the
 listing's memory grows with the paths' total length alone: 78 MB at a million files (a file's full
-location, ``root`` joined with its ``relpath``, is made only where it is read). Extraction lists in a task
-(``pipeline.batch.listing``), so its driver holds those columns only as the object store's pages.
+location, ``root`` joined with its ``relpath``, is made only where it is read). Extraction and prediction
+list in a task (``pipeline.batch.listing``), so their drivers hold those columns only as the object store's pages.
 """
 
 from __future__ import annotations
