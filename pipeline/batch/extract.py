@@ -21,7 +21,6 @@ import pyarrow.compute as pc
 import ray
 
 from pipeline.batch.cluster import InferencePlan, pin_to_this_node
-from pipeline.batch.listing import discover_on_this_node
 from pipeline.batch.inference import (
     CommittingSink,
     InferenceActor,
@@ -32,6 +31,7 @@ from pipeline.batch.inference import (
     map_with_actors,
     plan_inference,
 )
+from pipeline.batch.listing import discover_on_this_node
 from pipeline.config import ExtractConfig
 from pipeline.data import ledger, locks, outputs, storage
 from pipeline.data.discover import IMAGE_EXTENSIONS, OPTIONAL_SPLITS, REQUIRED_SPLITS, DatasetIndex, resolve_data
@@ -186,10 +186,9 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
             record={"settings": settings, "cache_block4": cache is not None, "block4_dtype": cache},
             reused=f"extraction in {output_dir} (same settings and inputs; --overwrite redoes it)",
             config=(storage.join(output_dir, CONFIG_FILE), "extract_features", resolved(cfg, output_dir=output_dir)),
-            listing=index.files, folders=SPLITS + ([storage.join(BLOCK4_DIR, s) for s in SPLITS] if cache else []),
-            # A first run's files to do are the whole listing, already in the object store.
-            process=lambda todo, run_id: _infer(cfg, index.root, todo, weights, output_dir, cache, run_id,
-                                                shared_files if todo is index.files else None),
+            listing=index.files, listing_ref=shared_files,
+            folders=SPLITS + ([storage.join(BLOCK4_DIR, s) for s in SPLITS] if cache else []),
+            process=lambda todo, run_id, ref: _infer(cfg, index.root, todo, weights, output_dir, cache, run_id, ref),
             finish=lambda live, done: _finish(cfg, index, output_dir, cache, previous, about, live, done),
             started=started)
 

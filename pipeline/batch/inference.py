@@ -294,20 +294,23 @@ class CommittingSink(Datasink):
 
 def commit_run(work: str, finished: dict[str, Any] | None, *, inputs: str, record: dict[str, Any], marker: str,
                what: str, reused: str, config: tuple[str, str, dict[str, Any]] | None, listing: pa.Table,
-               folders: list[str], process: Callable[[pa.Table, str], Any],
+               listing_ref: ray.ObjectRef, folders: list[str],
+               process: Callable[[pa.Table, str, ray.ObjectRef | None], Any],
                finish: Callable[[pa.Table, Any], tuple[dict[str, Any], str]], started: float) -> dict[str, Any]:
     """Extraction's and prediction's flow, under the output's lock once ``ledger.open_output`` gave ``work``'s
     ``finished`` summary: reuse it when of the same ``inputs``; else ``ledger.start`` (``record``: the settings and
-    more), the ``config`` file (uri, job, values), ``ledger.refresh`` (``process`` commits the files to do) and,
-    last, the summary ``finish(live ledger, process's result or None)`` returns with its uri, timing added."""
+    more), the ``config`` file (uri, job, values), ``ledger.refresh`` (``process(files to do, run id, their ref)``
+    commits them; the ref is ``listing_ref``, ``listing`` in the object store, when they are all of it, else None)
+    and, last, the summary ``finish(live ledger, process's result or None)`` returns with its uri, timing added."""
     if finished is not None and finished.get("inputs") == inputs:
         log.info(f"reusing finished {reused}")
         return finished
     ledger.start(work, record, marker)
     if config:
         write_config(*config)
+    # A first run's files to do are the listing itself (``ledger.plan`` makes no copy), already in the object store.
     live, update, done = ledger.refresh(work, listing, folders, f"{'updating' if finished else 'resuming'} {what}",
-                                        process)
+                                        lambda todo, run_id: process(todo, run_id, listing_ref if todo is listing else None))
     summary, uri = finish(live, done)
     elapsed = time.time() - started
     summary.update(settings=record["settings"], inputs=inputs, update=update.counts, elapsed_s=round(elapsed, 2),

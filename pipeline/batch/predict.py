@@ -254,10 +254,8 @@ def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
             work, finished, inputs=inputs, record={"settings": settings}, marker=SUMMARY, what="predictions",
             reused=f"predictions in {final} (same model and inputs; --overwrite redoes them)",
             config=None if single else (storage.join(work, CONFIG_FILE), "predict", resolved(cfg)),
-            listing=files, folders=[PARTS_DIR],
-            # A first run's files to do are the whole listing, already in the object store.
-            process=lambda todo, run_id: _predict(cfg, model, meta, todo, root, work, run_id,
-                                                  files_ref if todo is files else None),
+            listing=files, listing_ref=files_ref, folders=[PARTS_DIR],
+            process=lambda todo, run_id, ref: _predict(cfg, model, meta, todo, root, work, run_id, ref),
             finish=lambda live, tally: _commit(cfg, meta, work, final, single, live, tally or Tally()),
             started=started)
 
