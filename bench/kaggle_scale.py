@@ -17,7 +17,10 @@ default gets the default projected from its per-epoch seconds. ``--stages`` runs
 the work folder an earlier run left (a run with ``extract``, or over a folder no run finished a stage
 in, starts it afresh, and refuses a folder holding anything this bench does not write), so an
 hours-long run can be taken in parts, and ``--stages scratch`` (images, no features) alone;
-each stage's figures carry the command and commit that made them. ``--no-cache-block4`` extracts
+each stage's figures carry the command and commit that made them. A training stage stopped part
+way (killed, or the machine gone) resumes from its last checkpoint when run again: its figures are
+then those of the last part (process peaks included), with ``resumed_after_epoch`` and
+``uninterrupted_s``, the seconds of a run that was not stopped (``epoch_seconds``). ``--no-cache-block4`` extracts
 without the block-4 cache (half the VGG16 passes) for a run of the top MLP alone. Figures go to
 ``bench/results/kaggle_scale.json``, or ``--name``'s file.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import json
 import os
 import shutil
@@ -64,24 +68,48 @@ def kaggle_root(source: str, root: str, photos: int) -> dict[str, int]:
 
 def stage(name: str, args: list[str], summary: str | None, logs: str) -> dict:
     """Run one stage: ``train_memory``'s figures (seconds, process peaks, the training workers'
-    memory by epoch against the hold-or-stream rule) with the command, the commit and, for a
-    stage run with fewer epochs than its default, the default's projected seconds."""
+    memory by epoch against the hold-or-stream rule) with the command, the commit, and for a
+    training stage its epochs' seconds: an uninterrupted run's seconds when an earlier part was
+    stopped (the job resumes from its checkpoint), and the default's projected seconds when fewer
+    epochs than its default ran."""
+    done_before = checkpointed_epochs(summary)
     figures = {"command": "python -m " + " ".join(args), "commit": commit(), **job_figures(name, args, summary, logs)}
-    if name in DEFAULT_EPOCHS and figures["epochs"] < DEFAULT_EPOCHS[name]:
-        figures.update(projected(name, figures, summary))
-        print(f"{name}, projected: {json.dumps(figures)}", flush=True)
+    if summary is not None:
+        figures.update(epoch_seconds(name, figures["seconds"], summary, done_before))
+        print(f"{name}, epochs: {json.dumps(figures)}", flush=True)
     return figures
 
 
-def projected(name: str, figures: dict, summary: str) -> dict:
-    """A stage's default epochs from the epochs run: start-up plus the mean epoch's seconds."""
+def checkpointed_epochs(summary: str | None) -> int:
+    """The epochs a stopped run of the stage has checkpointed (0: none), after which its job resumes."""
+    if summary is None or os.path.exists(summary):
+        return 0
+    states = glob.glob(os.path.join(os.path.dirname(summary), "ray_train", "run", "checkpoint_*", "state.json"))
+    epochs = [0]
+    for path in states:
+        with open(path) as f:
+            epochs.append(json.load(f)["epoch"])
+    return max(epochs)
+
+
+def epoch_seconds(name: str, seconds: float, summary: str, done_before: int) -> dict:
+    """A training stage's time by epoch (its metrics.csv). This part's start-up and end (``fixed_s``) is its
+    seconds less those of the epochs it ran itself, the ones after ``done_before``; a run in parts
+    (``resumed_after_epoch``) is given ``uninterrupted_s``, that start-up plus every epoch's seconds, since
+    the part stopped lost its unfinished epoch. With fewer epochs than the default: the default projected
+    from the mean epoch (the first pays for tracing)."""
     with open(os.path.join(os.path.dirname(summary), "metrics.csv")) as f:
         epochs = [float(r["seconds"]) for r in csv.DictReader(f)]
-    per_epoch = sum(epochs[1:] or epochs) / len(epochs[1:] or epochs)  # the first pays for tracing
-    fixed = figures["seconds"] - sum(epochs)
+    fixed = seconds - sum(epochs[done_before:])
+    figures: dict = {"fixed_s": round(fixed), "epochs_s": round(sum(epochs))}
+    if done_before:
+        figures.update(resumed_after_epoch=done_before, uninterrupted_s=round(fixed + sum(epochs)))
     default = DEFAULT_EPOCHS[name]
-    return {"per_epoch_s": round(per_epoch, 1), "fixed_s": round(fixed),
-            f"projected_{default}_epochs_s": round(fixed + epochs[0] + per_epoch * (default - 1))}
+    if len(epochs) < default:
+        per_epoch = sum(epochs[1:] or epochs) / len(epochs[1:] or epochs)
+        figures.update({"per_epoch_s": round(per_epoch, 1),
+                        f"projected_{default}_epochs_s": round(fixed + epochs[0] + per_epoch * (default - 1))})
+    return figures
 
 
 def stage_args(name: str, work: str, args: argparse.Namespace) -> tuple[list[str], str | None]:
