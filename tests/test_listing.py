@@ -7,6 +7,7 @@ import logging
 import os
 import types
 
+import pyarrow as pa
 import pytest
 import ray
 
@@ -254,3 +255,29 @@ def test_an_error_of_the_listing_task_is_the_data_error_itself(ray_cluster, tmp_
     with pytest.raises(DataError) as raised:
         discover_on_this_node(root, options)
     assert type(raised.value) is DataError and "missing: validation" in str(raised.value), raised.value
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_first_extraction_puts_its_listing_in_the_object_store_once(ray_cluster, tmp_path, monkeypatch):
+    """The listing task's object is the decode tasks' source on a first run (no ``ray.put`` of it by the
+    driver); an update puts only its files to do."""
+    from pipeline.batch.extract import run_extraction
+    from pipeline.config import ExtractConfig
+
+    root, out = str(tmp_path / "root"), str(tmp_path / "out")
+    files = _tree(root, per_class=3)
+    put_tables, put = [], ray.put
+
+    def recording_put(value, *args, **kwargs):
+        if isinstance(value, pa.Table):
+            put_tables.append(value.num_rows)
+        return put(value, *args, **kwargs)
+
+    monkeypatch.setattr(ray, "put", recording_put)
+    cfg = ExtractConfig(data_dir=root, output_dir=out, weights="none", image_size=32, precision="float32")
+    assert run_extraction(cfg)["num_images"] == len(files)
+    assert len(files) not in put_tables, put_tables
+    write(os.path.join(root, "train", "cats", "cats.new.jpg"), jpeg_bytes(color=(9, 9, 9)))
+    assert run_extraction(cfg)["num_images"] == len(files) + 1
+    assert put_tables[-1:] == [1], put_tables  # the update's one new file, put for its decode task
