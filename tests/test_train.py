@@ -370,3 +370,20 @@ def test_mlflow_uri_without_mlflow_installed_fails_before_ray_starts(tmp_path):
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert 'error: MLflow tracking needs the mlflow extra: pip install -e ".[mlflow]"' in proc.stderr, proc.stderr[-2000:]
     assert "ray.init called" not in proc.stdout and not out.exists()
+
+
+def test_a_split_is_read_one_block_per_shard_each_epoch(ray_cluster, tmp_path):
+    """Streamed training reads each shard as one block (Ray 2.60's second Parquet reader packs small shards
+    into one block and starts footer-reading actors on every pass)."""
+    import pyarrow as pa
+
+    from pipeline.training.batches import read_shards
+
+    for shard in range(5):
+        pq.write_table(pa.table({"path": [f"{shard}/{i}.jpg" for i in range(4)], "label": [i % 2 for i in range(4)],
+                                 "features": [[float(shard)] * 3] * 4}), str(tmp_path / f"part-{shard}.parquet"))
+    ds = read_shards(str(tmp_path), ["path", "label"])
+    for _ in range(2):  # a streamed worker's epochs each execute the read again
+        blocks = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+        assert sorted(b.num_rows for b in blocks) == [4] * 5
+        assert blocks[0].column_names == ["path", "label"]

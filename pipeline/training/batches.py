@@ -31,7 +31,16 @@ def read_shards(split_dir: str, columns: list[str]) -> ray.data.Dataset:
     # Ray sizes read tasks by the files' size on disk, and features compress about 7x (ReLU zeros): at
     # 25,000 photos its blocks held ~4,900 rows (490 MiB), each streamed worker mapping one or two at once.
     shards = max(1, len(storage.list_parquet(split_dir)))
-    return ray.data.read_parquet(split_dir, override_num_blocks=shards).select_columns(columns)
+    # Ray's first Parquet reader: its second (Ray 2.60's default) ignores the block count, packing the
+    # shards into ~120 MB blocks, and every execution, so every streamed epoch, starts 32 footer-reading
+    # actors, each a new process: on 2 cores a pass over the Kaggle-size features took 31 s, not 9
+    # (bench/results/kaggle_scale.json, docs/performance.md#kaggle-size).
+    context = ray.data.DataContext.get_current()
+    second, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(split_dir, override_num_blocks=shards).select_columns(columns)
+    finally:
+        context.use_datasource_v2 = second
 
 
 def worker_footprint(kind: Kind, nbytes: float) -> float:
