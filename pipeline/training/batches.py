@@ -33,8 +33,8 @@ def read_shards(split_dir: str, columns: list[str]) -> ray.data.Dataset:
     shards = max(1, len(storage.list_parquet(split_dir)))
     # Ray's first Parquet reader: its second (Ray 2.60's default) ignores the block count, packing the
     # shards into ~120 MB blocks, and every execution, so every streamed epoch, starts 32 footer-reading
-    # actors, each a new process: on 2 cores a pass over the Kaggle-size features took 31 s, not 9
-    # (bench/results/kaggle_scale.json, docs/performance.md#kaggle-size).
+    # actors, each a new process: on 2 cores a pass over the Kaggle-size features took 3-4x as long
+    # (bench/results/parquet_reader.json, docs/performance.md#kaggle-size).
     context = ray.data.DataContext.get_current()
     second, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
