@@ -387,3 +387,20 @@ def test_a_split_is_read_one_block_per_shard_each_epoch(ray_cluster, tmp_path):
         blocks = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
         assert sorted(b.num_rows for b in blocks) == [4] * 5
         assert blocks[0].column_names == ["path", "label"]
+
+
+def test_train_top_streams_its_shards_with_two_workers_when_told(small_features, tmp_path):
+    from pipeline.training.top import train_top
+
+    out = str(tmp_path / "run")
+    summary = train_top(TrainTopConfig(features_dir=small_features["output_dir"], output_dir=out, epochs=2,
+                                       batch_size=8, num_workers=2, hold_data="never", precision="float32"))
+    assert summary["held_bytes_per_worker"] == 0 and summary["epochs"] == 2
+    assert len(summary["worker_peak_private_bytes"]) == 2
+    with open(os.path.join(out, "top", "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    train_rows = sum(small_features["counts"]["train"].values())
+    # Each worker streams its own part of the shards, in steps of 4 rows until one of them runs out.
+    assert all(train_rows - 2 * 8 < int(r["train_samples"]) <= train_rows for r in rows), rows
+    with open(os.path.join(out, "top", "evaluation.json")) as f:
+        assert json.load(f)["num_samples"] == 20
