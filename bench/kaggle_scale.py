@@ -42,6 +42,7 @@ from bench.result_file import commit, write_result  # noqa: E402
 from bench.train_memory import job_figures  # noqa: E402
 from pipeline.config import FinetuneConfig, ScratchConfig, TrainTopConfig  # noqa: E402
 from pipeline.data.discover import discover  # noqa: E402
+from pipeline.training.checkpoints import STATE_FILE  # noqa: E402
 
 DEFAULT_EPOCHS = {"top": TrainTopConfig.__dataclass_fields__["epochs"].default,
                   "finetune": FinetuneConfig.__dataclass_fields__["epochs"].default,
@@ -84,7 +85,7 @@ def checkpointed_epochs(summary: str | None) -> int:
     """The epochs a stopped run of the stage has checkpointed (0: none), after which its job resumes."""
     if summary is None or os.path.exists(summary):
         return 0
-    states = glob.glob(os.path.join(os.path.dirname(summary), "ray_train", "run", "checkpoint_*", "state.json"))
+    states = glob.glob(os.path.join(os.path.dirname(summary), "ray_train", "run", "checkpoint_*", STATE_FILE))
     epochs = [0]
     for path in states:
         with open(path) as f:
